@@ -1,0 +1,1 @@
+"""Provisioning: turns a fresh host into an unattended macpacs server (``macpacs install``)."""

@@ -1,0 +1,69 @@
+"""The ``macpacs`` console script: a dispatcher that imports nothing until a command is chosen.
+
+Each part of the product owns its commands. The group maps a command name to the module that
+defines it and imports that module only when the command runs, so that ``macpacs supervise``
+never imports ``pacs_server`` and keeps working when the server's code is broken
+(see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import click
+
+# command name -> "module:attribute" of the click command that implements it
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": ("pacs_server.cli", "serve", "Run the archive in the foreground (DICOM, web, XML-RPC)."),
+    "import": ("pacs_server.cli", "import_", "Import DICOM files from folders into the archive."),
+    "reindex": ("pacs_server.cli", "reindex", "Rebuild the index from the stored files alone."),
+    "nodes": ("pacs_server.cli", "nodes", "Manage the registry of DICOM nodes."),
+    "query": ("pacs_server.cli", "query", "C-FIND on a remote DICOM node."),
+    "retrieve": ("pacs_server.cli", "retrieve", "Retrieve studies from a remote node (C-MOVE or C-GET)."),
+    "send": ("pacs_server.cli", "send", "Send a study, series or instance to a node (C-STORE)."),
+    "users": ("pacs_server.cli", "users", "Manage web admin users."),
+    "install": ("installer.cli", "install", "Turn this host into an unattended macpacs server."),
+    "uninstall": ("installer.cli", "uninstall", "Undo `macpacs install`."),
+    "doctor": ("installer.cli", "doctor", "Check every part of an installation."),
+    "supervise": ("supervisor.cli", "supervise", "Watchdog: restart the server when it hangs."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name in COMMANDS if self._available(name))
+
+    @staticmethod
+    def _available(name: str) -> bool:
+        module = COMMANDS[name][0]
+        return importlib.util.find_spec(module) is not None
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        module_name, attribute, _help = entry
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        command = getattr(module, attribute, None)
+        return command if isinstance(command, click.Command) else None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help text comes from the table so that `macpacs --help` imports no part.
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="macpacs")
+def main() -> None:
+    """macpacs: an unattended DICOM archive (PACS) for a Mac, or any Unix host."""

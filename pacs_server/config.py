@@ -1,0 +1,273 @@
+"""Settings: one TOML file, then environment overrides, then command-line flags.
+
+Every setting has an embedded default that matches what an OsiriX site expects, so that
+``macpacs serve`` with no file at all starts a working archive in ``./macpacs-data``.
+
+Environment overrides are named ``MACPACS_<SECTION>_<KEY>`` in upper case, for example
+``MACPACS_DICOM_PORT=11113`` or ``MACPACS_STORAGE_DATA_DIR=/Volumes/RAID/macpacs``.
+The installer imports this module to write a configuration that the server will accept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, 1..16 chars
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range; the message names it and says why."""
+
+
+@dataclass
+class DicomSettings:
+    """The DICOM listener."""
+
+    ae_title: str = "MACPACS"
+    port: int = 11112
+    bind: str = "0.0.0.0"
+    max_associations: int = 100
+    # Seconds without traffic before an association is aborted (pynetdicom's network timeout).
+    network_timeout: float = 60.0
+    # Seconds to wait for a reply from a peer when we are the client (C-ECHO, C-STORE, ...).
+    client_timeout: float = 30.0
+    # Reject associations whose called AE title is not ours, unless this is true.
+    accept_any_called_ae: bool = False
+    # First install: accept associations from peers that are not registered nodes.
+    accept_unknown_nodes: bool = True
+    # Match PN attributes (PatientName, ReferringPhysicianName) without regard to case.
+    case_insensitive_names: bool = True
+    # Largest number of matches one C-FIND returns before it stops (0: no limit).
+    max_find_results: int = 0
+
+
+@dataclass
+class StorageSettings:
+    """Where files and the index live."""
+
+    data_dir: str = "./macpacs-data"
+    # SQLAlchemy URL of the index. Empty: SQLite file ``index.sqlite`` in ``data_dir``.
+    index_url: str = ""
+    # What a re-sent instance with the same SOP Instance UID but different content does:
+    # "keep" keeps the stored file and acknowledges with a warning, "overwrite" replaces it.
+    on_conflict: str = "keep"
+    # Refuse stores (out of resources) when free space on the data volume falls below this.
+    min_free_mb: int = 500
+
+
+@dataclass
+class WebSettings:
+    """The embedded web server (WADO, DICOMweb, pages, /testdbalive)."""
+
+    port: int = 3333
+    bind: str = "0.0.0.0"
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass
+class XmlRpcSettings:
+    """The OsiriX-compatible XML-RPC interface on its own port."""
+
+    port: int = 8080
+    bind: str = "0.0.0.0"
+    enabled: bool = True
+    # Addresses allowed to call it besides localhost.
+    allowed_hosts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServerSettings:
+    """The process as a whole."""
+
+    # Server mode: no code path ever waits for a person (errors are logged, never asked).
+    server_mode: bool = True
+    pid_file: str = ""  # empty: ``macpacs.pid`` in data_dir
+    log_dir: str = ""  # empty: ``logs`` in data_dir
+    log_level: str = "INFO"
+
+
+@dataclass
+class Settings:
+    """All settings of one archive process."""
+
+    dicom: DicomSettings = field(default_factory=DicomSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    xmlrpc: XmlRpcSettings = field(default_factory=XmlRpcSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    # -- derived paths ---------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir).expanduser().resolve()
+
+    @property
+    def index_url(self) -> str:
+        if self.storage.index_url:
+            return self.storage.index_url
+        return f"sqlite:///{self.data_dir / 'index.sqlite'}"
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.server.pid_file).expanduser() if self.server.pid_file else self.data_dir / "macpacs.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.server.log_dir).expanduser() if self.server.log_dir else self.data_dir / "logs"
+
+    def validate(self) -> Settings:
+        """Raise ConfigError with a message an administrator can act on."""
+        if not AE_TITLE_RE.match(self.dicom.ae_title) or not self.dicom.ae_title.strip():
+            raise ConfigError(
+                f"dicom.ae_title {self.dicom.ae_title!r} is not a valid AE title: "
+                "use 1 to 16 printable ASCII characters, no backslash"
+            )
+        for name, port in (
+            ("dicom.port", self.dicom.port),
+            ("web.port", self.web.port),
+            ("xmlrpc.port", self.xmlrpc.port),
+        ):
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{name} = {port} is not a TCP port (1-65535)")
+        ports = [self.dicom.port, self.web.port] + ([self.xmlrpc.port] if self.xmlrpc.enabled else [])
+        if len(set(ports)) != len(ports):
+            raise ConfigError(f"dicom.port, web.port and xmlrpc.port must differ (got {ports})")
+        if self.storage.on_conflict not in ("keep", "overwrite"):
+            raise ConfigError(
+                f"storage.on_conflict = {self.storage.on_conflict!r}: use \"keep\" or \"overwrite\""
+            )
+        if self.dicom.max_associations < 1:
+            raise ConfigError("dicom.max_associations must be at least 1")
+        if bool(self.web.tls_cert) != bool(self.web.tls_key):
+            raise ConfigError("web.tls_cert and web.tls_key must be set together")
+        return self
+
+
+def _section_classes() -> dict[str, type]:
+    return {
+        "dicom": DicomSettings,
+        "storage": StorageSettings,
+        "web": WebSettings,
+        "xmlrpc": XmlRpcSettings,
+        "server": ServerSettings,
+    }
+
+
+def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
+    """Convert a TOML or environment value to the type of the default, or say what is wrong."""
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a whole number, not {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, not {value!r}") from None
+    if isinstance(default, list):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list):
+            return [str(item) for item in value]
+        raise ConfigError(f"{where} must be a list")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    return value
+
+
+def apply(settings: Settings, values: Mapping[str, Mapping[str, Any]], origin: str) -> None:
+    """Apply ``{section: {key: value}}`` to settings; unknown names are errors, not silently ignored."""
+    classes = _section_classes()
+    for section, items in values.items():
+        if section not in classes:
+            raise ConfigError(f"{origin}: unknown section [{section}] (known: {', '.join(classes)})")
+        if not isinstance(items, Mapping):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        target = getattr(settings, section)
+        known = {f.name for f in fields(target)}
+        for key, value in items.items():
+            if key not in known:
+                raise ConfigError(f"{origin}: unknown setting {section}.{key} (known: {', '.join(sorted(known))})")
+            setattr(target, key, _coerce(section, key, getattr(target, key), value))
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Collect ``MACPACS_<SECTION>_<KEY>`` variables into ``{section: {key: value}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith("MACPACS_"):
+            continue
+        rest = name[len("MACPACS_") :].lower()
+        section, _, key = rest.partition("_")
+        if section in _section_classes() and key:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build settings from defaults, then the TOML file, then the environment, then ``overrides``.
+
+    A relative ``storage.data_dir`` in a file is taken relative to that file, so that a config
+    keeps working whatever directory launchd or a shell starts the server from.
+    """
+    settings = Settings()
+    if path is not None:
+        path = Path(path).expanduser()
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        apply(settings, data, str(path))
+        data_dir = Path(settings.storage.data_dir).expanduser()
+        if "data_dir" in data.get("storage", {}) and not data_dir.is_absolute():
+            settings.storage.data_dir = str((path.parent / data_dir).resolve())
+    apply(settings, env_overrides(os.environ if environ is None else environ), "environment")
+    if overrides:
+        given = {s: {k: v for k, v in items.items() if v is not None} for s, items in overrides.items()}
+        apply(settings, given, "command line")
+    return settings.validate()
+
+
+def to_toml(settings: Settings) -> str:
+    """Render settings as TOML (the installer writes this; ``load`` reads it back unchanged)."""
+    lines: list[str] = []
+    for section, values in dataclasses.asdict(settings).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
