@@ -117,7 +117,9 @@ class Settings:
 
     @property
     def pid_file(self) -> Path:
-        return Path(self.server.pid_file).expanduser() if self.server.pid_file else self.data_dir / "macpacs.pid"
+        if self.server.pid_file:
+            return Path(self.server.pid_file).expanduser()
+        return self.data_dir / "macpacs.pid"
 
     @property
     def log_dir(self) -> Path:
@@ -142,7 +144,7 @@ class Settings:
             raise ConfigError(f"dicom.port, web.port and xmlrpc.port must differ (got {ports})")
         if self.storage.on_conflict not in ("keep", "overwrite"):
             raise ConfigError(
-                f"storage.on_conflict = {self.storage.on_conflict!r}: use \"keep\" or \"overwrite\""
+                f'storage.on_conflict = {self.storage.on_conflict!r}: use "keep" or "overwrite"'
             )
         if self.dicom.max_associations < 1:
             raise ConfigError("dicom.max_associations must be at least 1")
@@ -203,7 +205,8 @@ def apply(settings: Settings, values: Mapping[str, Mapping[str, Any]], origin: s
         known = {f.name for f in fields(target)}
         for key, value in items.items():
             if key not in known:
-                raise ConfigError(f"{origin}: unknown setting {section}.{key} (known: {', '.join(sorted(known))})")
+                choices = ", ".join(sorted(known))
+                raise ConfigError(f"{origin}: unknown setting {section}.{key} (known: {choices})")
             setattr(target, key, _coerce(section, key, getattr(target, key), value))
 
 

@@ -1,0 +1,184 @@
+"""Commands of the archive: ``serve``, ``import``, ``reindex`` (dispatched by ``installer.entry``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import ConfigError, Settings, load
+
+_ingestor: Any = None  # one per import worker process
+
+
+def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--config and --data-dir, shared by every command that opens the archive."""
+    func = click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        help="Data folder (files, index, logs). Default ./macpacs-data.",
+    )(func)
+    func = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        envvar="MACPACS_CONFIG",
+        help="TOML settings file (env MACPACS_CONFIG).",
+    )(func)
+    return func
+
+
+def load_settings(config_path: str | None, **sections: dict[str, Any]) -> Settings:
+    try:
+        return load(config_path, overrides=sections)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+
+
+@click.command()
+@config_options
+@click.option("--ae-title", help="AE title of this archive. Default MACPACS.")
+@click.option("--dicom-port", type=int, help="DICOM listener port. Default 11112.")
+@click.option("--web-port", type=int, help="Web server port (WADO, DICOMweb, pages). Default 3333.")
+@click.option("--xmlrpc-port", type=int, help="OsiriX XML-RPC port. Default 8080.")
+def serve(
+    config_path: str | None,
+    data_dir: str | None,
+    ae_title: str | None,
+    dicom_port: int | None,
+    web_port: int | None,
+    xmlrpc_port: int | None,
+) -> None:
+    """Run the archive in the foreground until SIGTERM or Ctrl-C."""
+    from .server import AlreadyRunning, run
+
+    settings = load_settings(
+        config_path,
+        storage={"data_dir": data_dir},
+        dicom={"ae_title": ae_title, "port": dicom_port},
+        web={"port": web_port},
+        xmlrpc={"port": xmlrpc_port},
+    )
+    try:
+        run(settings)
+    except AlreadyRunning as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise click.ClickException(
+                f"a port is already in use ({exc}). Ports: DICOM {settings.dicom.port}, web {settings.web.port}, "
+                f"XML-RPC {settings.xmlrpc.port}. Stop the other program (lsof -i :PORT shows it) or choose "
+                "other ports with --dicom-port/--web-port/--xmlrpc-port."
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EROFS):
+            raise click.ClickException(
+                f"cannot write to {exc.filename or settings.data_dir}: {exc.strerror}"
+            ) from None
+        raise
+
+
+def _walk(paths: tuple[str, ...]) -> Iterator[Path]:
+    for root in paths:
+        top = Path(root)
+        if top.is_file():
+            yield top
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                yield Path(dirpath) / name
+
+
+def _init_worker(settings: Settings) -> None:
+    global _ingestor
+    _ingestor = _make_ingestor(settings)
+
+
+def _make_ingestor(settings: Settings) -> Any:
+    from .index import Index
+    from .ingest import Ingestor
+    from .storage import FileStore
+
+    index = Index(settings.index_url)
+    index.migrate()
+    return Ingestor(FileStore(settings.data_dir), index, settings.storage)
+
+
+def _import_one(path: Path) -> tuple[str, str, str]:
+    result = _ingestor.ingest_file(path)
+    return str(path), result.outcome.value, result.message
+
+
+@click.command("import")
+@config_options
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Parallel worker processes.",
+)
+def import_(config_path: str | None, data_dir: str | None, paths: tuple[str, ...], jobs: int) -> None:
+    """Import DICOM files from folders (recursively) through the same path as C-STORE.
+
+    Files that are not DICOM are skipped and listed at the end. Re-importing the same files
+    stores nothing twice.
+    """
+    settings = load_settings(config_path, storage={"data_dir": data_dir})
+    files = list(_walk(paths))
+    outcomes: Counter[str] = Counter()
+    problems: list[tuple[str, str, str]] = []
+    global _ingestor
+    with click.progressbar(length=len(files), label=f"Importing {len(files)} files", file=sys.stderr) as bar:
+        if jobs == 1:
+            _ingestor = _make_ingestor(settings)
+            results: Iterator[tuple[str, str, str]] = map(_import_one, files)
+            executor = None
+        else:
+            executor = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(settings,))
+            results = executor.map(_import_one, files, chunksize=16)
+        try:
+            for path, outcome, message in results:
+                outcomes[outcome] += 1
+                if outcome in ("invalid", "unreadable", "out-of-resources", "kept-existing"):
+                    problems.append((path, outcome, message))
+                bar.update(1)
+        finally:
+            if executor is not None:
+                executor.shutdown()
+    for path, outcome, message in problems:
+        label = "skipped (not DICOM)" if outcome == "unreadable" else outcome
+        click.echo(f"{label}: {path}: {message}", err=True)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no files"
+    click.echo(f"Import finished: {summary}.")
+    if outcomes["out-of-resources"]:
+        raise SystemExit(1)
+
+
+@click.command()
+@config_options
+def reindex(config_path: str | None, data_dir: str | None) -> None:
+    """Rebuild the index from the stored files alone (after a restore, or to repair the index)."""
+    from .index import Index
+    from .reindex import reindex as run_reindex
+    from .storage import FileStore
+
+    settings = load_settings(config_path, storage={"data_dir": data_dir})
+    store = FileStore(settings.data_dir)
+    index = Index(settings.index_url)
+    index.migrate()
+    total = sum(1 for _ in store.iter_files())
+    with click.progressbar(length=total, label=f"Reindexing {total} files", file=sys.stderr) as bar:
+        report = run_reindex(store, index, progress=bar.update)
+    for path, reason in report.failed:
+        click.echo(f"skipped: {path}: {reason}", err=True)
+    click.echo(f"Reindex finished: {report.indexed} instances indexed, {len(report.failed)} files skipped.")

@@ -1,0 +1,1 @@
+"""DICOM networking: the pynetdicom application entity and its service handlers."""

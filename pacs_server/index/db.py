@@ -1,0 +1,296 @@
+"""The index database: connection set-up, migrations, the instance upsert, queries and counts.
+
+SQLite (default) runs in WAL mode with ``synchronous=FULL``: a committed row survives a power
+cut, which is what lets a C-STORE be acknowledged right after the commit. Writers are
+serialised by a process lock (SQLite has one writer anyway) so that concurrent associations
+queue instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from . import schema
+from .matcher import Query, build
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+@dataclass
+class InstanceRecord:
+    """Everything the index keeps about one instance, column values grouped by table."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+    metadata: bytes
+    charset: str = ""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """The index's view of an instance already stored."""
+
+    pk: int
+    sop_instance_uid: str
+    storage_key: str
+    digest: str
+    transfer_syntax_uid: str
+    sop_class_uid: str
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    for pragma in (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=FULL",
+        "PRAGMA foreign_keys=ON",
+        f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+        "PRAGMA cache_size=-65536",
+        "PRAGMA case_sensitive_like=ON",
+        "PRAGMA temp_store=MEMORY",
+    ):
+        cursor.execute(pragma)
+    cursor.close()
+
+
+class Index:
+    """One index database, shared by every protocol of the process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            kwargs["pool_size"] = 20
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
+
+    # -- schema -----------------------------------------------------------------------------
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (a no-op when it is already there)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        head = ScriptDirectory.from_config(config).get_current_head()
+        with self.engine.begin() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == head:
+                return
+            log.info("index: migrating schema from %s to %s", current or "empty", head)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- writes -----------------------------------------------------------------------------
+    def lookup(self, sop_instance_uid: str) -> StoredInstance | None:
+        i = schema.instance.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    i.pk, i.sop_instance_uid, i.storage_key, i.digest, i.transfer_syntax_uid, i.sop_class_uid
+                ).where(i.sop_instance_uid == sop_instance_uid)
+            ).first()
+        return StoredInstance(*row) if row else None
+
+    def add_instance(self, record: InstanceRecord, *, replace: bool = False) -> bool:
+        """Insert (or, with ``replace``, update) one instance and its parents in one transaction.
+
+        Returns True when a new instance row was created. Counters and ModalitiesInStudy are
+        maintained here so that queries never count rows.
+        """
+        now = time.time()
+        with self._write_lock:
+            for attempt in range(2):
+                try:
+                    with self.engine.begin() as conn:
+                        return self._upsert(conn, record, now, replace)
+                except IntegrityError:
+                    # Another writer (another process sharing the index) inserted the same
+                    # patient/study/series/instance first: the second attempt finds it.
+                    if attempt:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _upsert(self, conn: Any, rec: InstanceRecord, now: float, replace: bool) -> bool:
+        p, st, se, i = schema.patient, schema.study, schema.series, schema.instance
+        patient_pk = conn.execute(
+            select(p.c.pk).where(
+                p.c.patient_id == rec.patient["patient_id"],
+                p.c.issuer_of_patient_id == rec.patient["issuer_of_patient_id"],
+            )
+        ).scalar()
+        if patient_pk is None:
+            patient_pk = conn.execute(
+                insert(p).values(
+                    **rec.patient,
+                    charset=rec.charset,
+                    created_at=now,
+                    num_studies=0,
+                    num_series=0,
+                    num_instances=0,
+                )
+            ).inserted_primary_key[0]
+
+        study_row = conn.execute(
+            select(st.c.pk, st.c.modalities_in_study).where(st.c.study_uid == rec.study["study_uid"])
+        ).first()
+        if study_row is None:
+            study_pk = conn.execute(
+                insert(st).values(
+                    **rec.study,
+                    patient_pk=patient_pk,
+                    charset=rec.charset,
+                    created_at=now,
+                    updated_at=now,
+                    modalities_in_study="",
+                    num_series=0,
+                    num_instances=0,
+                )
+            ).inserted_primary_key[0]
+            conn.execute(update(p).where(p.c.pk == patient_pk).values(num_studies=p.c.num_studies + 1))
+            modalities = ""
+        else:
+            study_pk, modalities = study_row
+
+        series_pk = conn.execute(select(se.c.pk).where(se.c.series_uid == rec.series["series_uid"])).scalar()
+        if series_pk is None:
+            series_pk = conn.execute(
+                insert(se).values(**rec.series, study_pk=study_pk, created_at=now, num_instances=0)
+            ).inserted_primary_key[0]
+            conn.execute(update(st).where(st.c.pk == study_pk).values(num_series=st.c.num_series + 1))
+            conn.execute(update(p).where(p.c.pk == patient_pk).values(num_series=p.c.num_series + 1))
+        modality = rec.series.get("modality", "")
+        if modality and modality not in modalities.split("\\"):
+            merged = "\\".join(sorted(filter(None, [*modalities.split("\\"), modality])))
+            conn.execute(update(st).where(st.c.pk == study_pk).values(modalities_in_study=merged))
+
+        existing = conn.execute(
+            select(i.c.pk).where(i.c.sop_instance_uid == rec.instance["sop_instance_uid"])
+        ).scalar()
+        if existing is not None:
+            if not replace:
+                return False
+            conn.execute(
+                update(i)
+                .where(i.c.pk == existing)
+                .values(**rec.instance, series_pk=series_pk, received_at=now)
+            )
+            conn.execute(
+                update(schema.instance_metadata)
+                .where(schema.instance_metadata.c.instance_pk == existing)
+                .values(data=rec.metadata, series_pk=series_pk)
+            )
+            conn.execute(update(st).where(st.c.pk == study_pk).values(updated_at=now))
+            return False
+        instance_pk = conn.execute(
+            insert(i).values(**rec.instance, series_pk=series_pk, received_at=now)
+        ).inserted_primary_key[0]
+        conn.execute(
+            insert(schema.instance_metadata).values(
+                instance_pk=instance_pk, series_pk=series_pk, data=rec.metadata
+            )
+        )
+        conn.execute(update(se).where(se.c.pk == series_pk).values(num_instances=se.c.num_instances + 1))
+        conn.execute(
+            update(st).where(st.c.pk == study_pk).values(num_instances=st.c.num_instances + 1, updated_at=now)
+        )
+        conn.execute(update(p).where(p.c.pk == patient_pk).values(num_instances=p.c.num_instances + 1))
+        return True
+
+    def clear(self) -> None:
+        """Empty every table (reindex starts from here)."""
+        with self._write_lock, self.engine.begin() as conn:
+            for table in reversed(schema.metadata.sorted_tables):
+                if table.name in ("instance_metadata", "instance", "series", "study", "patient"):
+                    conn.execute(delete(table))
+
+    # -- reads ------------------------------------------------------------------------------
+    def find(self, query: Query) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
+        """Run a query through the one matcher; returns the keywords and an iterator of rows."""
+        stmt, keywords = build(query, sqlite=self.is_sqlite)
+
+        def rows() -> Iterator[Mapping[str, Any]]:
+            with self.engine.connect() as conn:
+                result = conn.execution_options(yield_per=500).execute(stmt)
+                for row in result:
+                    yield row._mapping
+
+        return keywords, rows()
+
+    def find_all(self, query: Query) -> list[dict[str, Any]]:
+        _keywords, rows = self.find(query)
+        return [dict(row) for row in rows]
+
+    def series_metadata(self, series_uid: str) -> list[bytes]:
+        """The cached metadata blobs of a series' instances, in instance order."""
+        se, i, m = schema.series, schema.instance, schema.instance_metadata
+        stmt = (
+            select(m.c.data)
+            .select_from(m.join(i, i.c.pk == m.c.instance_pk).join(se, se.c.pk == m.c.series_pk))
+            .where(se.c.series_uid == series_uid)
+            .order_by(i.c.instance_number, i.c.pk)
+        )
+        with self.engine.connect() as conn:
+            return [row[0] for row in conn.execute(stmt)]
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {
+                name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+                for name, table in (
+                    ("patients", schema.patient),
+                    ("studies", schema.study),
+                    ("series", schema.series),
+                    ("instances", schema.instance),
+                )
+            }
+
+    def ping(self) -> None:
+        """A real round trip through the pool (for /testdbalive)."""
+        with self.engine.connect() as conn:
+            conn.execute(
+                select(func.count()).select_from(schema.patient).where(schema.patient.c.pk == -1)
+            ).scalar_one()
+
+    # -- bulk (benchmarks, reindex) -----------------------------------------------------------
+    def bulk_load(self, table_rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Insert pre-built rows, parents first, in one transaction (primary keys given by the caller).
+
+        Used to fill an index with millions of synthetic instances for benchmarks.
+        """
+        with self._write_lock, self.engine.begin() as conn:
+            for name in ("patient", "study", "series", "instance", "instance_metadata"):
+                if table_rows.get(name):
+                    conn.execute(insert(schema.metadata.tables[name]), list(table_rows[name]))
+
+
+class _NoLock:
+    """Servers other than SQLite handle concurrent writers themselves."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,203 @@
+"""The one query matcher: a set of DICOM matching keys at a level → an SQL query over the index.
+
+C-FIND, QIDO-RS, the XML-RPC ``DBWindowFind`` and the web study list all come through here,
+so matching follows DICOM PS3.4 C.2.2.2 everywhere: single value, universal (empty or ``*``),
+wildcards ``*`` and ``?``, date and time ranges, lists of UIDs. Values are always bound
+parameters; no SQL is built from text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, or_, select
+
+from . import schema
+from .attributes import BY_KEYWORD, LEVELS, UNIQUE_KEYS, Attr, level_index, normalize_pn
+
+MAX_VALUE_LENGTH = 1024  # longer than any legal matching value; refuse rather than scan with it
+MAX_UIDS_IN_LIST = 5000
+ESCAPE = "!"
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+DATE_RE = re.compile(r"^\d{8}$")
+TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+# Sorts after every character a stored value can hold: closes a prefix range (SQLite only).
+_PREFIX_END = "\U0010ffff"
+
+
+class QueryError(ValueError):
+    """A matching key cannot be used (malformed range, bad UID, oversized value...)."""
+
+
+@dataclass
+class Query:
+    """What to look for: ``keys`` maps a DICOM keyword to its matching value.
+
+    An empty value (or ``None``) asks for the attribute to be returned without matching on it.
+    """
+
+    level: str
+    keys: Mapping[str, str | None] = field(default_factory=dict)
+    case_insensitive_names: bool = True
+    limit: int | None = None
+    offset: int = 0
+
+
+def has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def like_pattern(value: str) -> str:
+    out = []
+    for ch in value:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in ("%", "_", ESCAPE):
+            out.append(ESCAPE + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _wildcard_match(column: Any, value: str, sqlite: bool) -> ColumnElement[bool]:
+    condition = column.like(like_pattern(value), escape=ESCAPE)
+    prefix = re.split(r"[*?]", value, maxsplit=1)[0]
+    if sqlite and prefix:
+        # A range on the literal prefix lets SQLite use the column's index; LIKE keeps it exact.
+        condition = and_(column >= prefix, column < prefix + _PREFIX_END, condition)
+    return condition
+
+
+def _range(column: Any, value: str, pattern: re.Pattern[str], what: str) -> ColumnElement[bool]:
+    if value.count("-") > 1:
+        raise QueryError(f"{what} range {value!r} has more than one '-'")
+    low, sep, high = value.partition("-")
+    for part in (low, high):
+        if part and not pattern.match(part):
+            raise QueryError(f"{what} value {part!r} is not valid (expected {_FORMATS[what]})")
+    if not sep:
+        if what == "time":
+            return and_(column >= low, column < low + "~")
+        return column == low
+    if not low and not high:
+        raise QueryError(f"{what} range {value!r} has no bounds")
+    conditions = [column != ""]
+    if low:
+        conditions.append(column >= low)
+    if high:
+        # An upper bound covers its whole precision: 1200 includes 12:00:30.
+        conditions.append(column < high + "~" if what == "time" else column <= high)
+    return and_(*conditions)
+
+
+_FORMATS = {"date": "YYYYMMDD or YYYYMMDD-YYYYMMDD", "time": "HHMMSS.FFFFFF, optionally a range"}
+
+
+def condition_for(
+    attr: Attr, value: str, table: Any, *, case_insensitive: bool, sqlite: bool
+) -> ColumnElement[bool] | None:
+    """The SQL condition for one matching key, or None for universal matching."""
+    if len(value) > MAX_VALUE_LENGTH:
+        raise QueryError(
+            f"matching value for {attr.keyword} is {len(value)} characters long (limit {MAX_VALUE_LENGTH})"
+        )
+    value = value.strip(" ")
+    if value in ("", "*") or attr.kind == "count":
+        return None
+    column = table.c[attr.column]
+    if attr.kind == "pn":
+        if case_insensitive:
+            column = table.c[attr.column + "_norm"]
+            value = normalize_pn(value)
+        return _wildcard_match(column, value, sqlite) if has_wildcard(value) else column == value
+    if attr.kind == "str":
+        return _wildcard_match(column, value, sqlite) if has_wildcard(value) else column == value
+    if attr.kind == "uid":
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if len(uids) > MAX_UIDS_IN_LIST:
+            raise QueryError(f"{attr.keyword} lists {len(uids)} UIDs (limit {MAX_UIDS_IN_LIST})")
+        for uid in uids:
+            if len(uid) > 64 or not UID_RE.match(uid):
+                raise QueryError(
+                    f"{attr.keyword} {uid[:80]!r} is not a valid UID (digits and dots, up to 64)"
+                )
+        return column == uids[0] if len(uids) == 1 else column.in_(uids)
+    if attr.kind == "date":
+        return _range(column, value, DATE_RE, "date")
+    if attr.kind == "time":
+        return _range(column, value, TIME_RE, "time")
+    if attr.kind == "int":
+        try:
+            return column == int(value)
+        except ValueError:
+            raise QueryError(f"{attr.keyword} {value!r} is not a number") from None
+    if attr.kind == "multi":
+        options = []
+        for item in (v.strip() for v in value.split("\\")):
+            if not item:
+                continue
+            if has_wildcard(item):
+                raise QueryError(f"{attr.keyword} does not take wildcards")
+            lit = like_pattern(item)
+            options += [
+                column == item,
+                column.like(lit + "\\%", escape=ESCAPE),
+                column.like("%\\" + lit, escape=ESCAPE),
+                column.like("%\\" + lit + "\\%", escape=ESCAPE),
+            ]
+        return or_(*options) if options else None
+    raise AssertionError(f"unknown attribute kind {attr.kind}")
+
+
+def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
+    """Translate a Query into a SELECT and the list of keywords its rows carry.
+
+    Keys of levels below the query level cannot be matched and are returned empty by callers;
+    attributes the index does not keep are returned empty too (PS3.4 C.2.2.1.3 allows it).
+    """
+    if query.level not in LEVELS:
+        raise QueryError(f"unknown query level {query.level!r} (use {', '.join(LEVELS)})")
+    depth = level_index(query.level)
+    tables = [schema.LEVEL_TABLES[level] for level in LEVELS[: depth + 1]]
+    joined: Any = tables[0]
+    for parent, child in itertools.pairwise(tables):
+        joined = joined.join(child, child.c[_parent_fk(child)] == parent.c.pk)
+
+    keywords: list[str] = []
+    columns: list[Any] = []
+    conditions: list[ColumnElement[bool]] = []
+    wanted = set(query.keys) | {UNIQUE_KEYS[lvl] for lvl in LEVELS[: depth + 1]}
+    for keyword in sorted(wanted):
+        attr = BY_KEYWORD.get(keyword)
+        if attr is None or level_index(attr.level) > depth:
+            continue
+        table = schema.LEVEL_TABLES[attr.level]
+        keywords.append(keyword)
+        columns.append(table.c[attr.column].label(keyword))
+        value = query.keys.get(keyword)
+        if value:
+            cond = condition_for(
+                attr, value, table, case_insensitive=query.case_insensitive_names, sqlite=sqlite
+            )
+            if cond is not None:
+                conditions.append(cond)
+    charset_table = schema.study if depth >= 1 else schema.patient
+    columns.append(charset_table.c.charset.label("_charset"))
+    level_table = tables[-1]
+    stmt = select(*columns).select_from(joined).where(*conditions).order_by(level_table.c.pk)
+    if query.limit is not None:
+        stmt = stmt.limit(query.limit)
+    if query.offset:
+        stmt = stmt.offset(query.offset)
+    return stmt, keywords
+
+
+def _parent_fk(table: Any) -> str:
+    return {"study": "patient_pk", "series": "study_pk", "instance": "series_pk"}[table.name]

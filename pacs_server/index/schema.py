@@ -1,0 +1,114 @@
+"""Tables of the index: patient → study → series → instance, plus the per-instance metadata cache.
+
+Query columns are generated from ``attributes.ATTRIBUTES`` so that ingest, the matcher and the
+schema cannot drift apart. Changing a table here needs a new Alembic migration in ``migrations/``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+from .attributes import ATTRIBUTES
+
+metadata = MetaData()
+
+
+def _query_columns(level: str) -> list[Column]:
+    columns: list[Column] = []
+    for attr in ATTRIBUTES:
+        if attr.level != level:
+            continue
+        if attr.kind in ("int", "count"):
+            columns.append(
+                Column(
+                    attr.column,
+                    Integer,
+                    nullable=attr.kind != "count",
+                    default=0 if attr.kind == "count" else None,
+                )
+            )
+        else:
+            columns.append(Column(attr.column, String(attr.length), nullable=False, default=""))
+        if attr.kind == "pn":
+            columns.append(Column(attr.column + "_norm", String(attr.length), nullable=False, default=""))
+    return columns
+
+
+patient = Table(
+    "patient",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    *_query_columns("PATIENT"),
+    Column("charset", String(128), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_id_issuer"),
+    Index("ix_patient_name", "patient_name"),
+    Index("ix_patient_name_norm", "patient_name_norm"),
+)
+
+study = Table(
+    "study",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("patient_pk", Integer, ForeignKey("patient.pk", ondelete="CASCADE"), nullable=False),
+    *_query_columns("STUDY"),
+    Column("charset", String(128), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("study_uid", name="uq_study_uid"),
+    Index("ix_study_patient", "patient_pk"),
+    Index("ix_study_date", "study_date"),
+    Index("ix_study_accession", "accession_number"),
+    Index("ix_study_updated", "updated_at"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("study_pk", Integer, ForeignKey("study.pk", ondelete="CASCADE"), nullable=False),
+    *_query_columns("SERIES"),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("series_uid", name="uq_series_uid"),
+    Index("ix_series_study", "study_pk"),
+)
+
+instance = Table(
+    "instance",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("series_pk", Integer, ForeignKey("series.pk", ondelete="CASCADE"), nullable=False),
+    *_query_columns("IMAGE"),
+    Column("transfer_syntax_uid", String(64), nullable=False),
+    Column("storage_key", String(80), nullable=False),
+    Column("file_size", Integer, nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("source_ae", String(16), nullable=False, default=""),
+    UniqueConstraint("sop_instance_uid", name="uq_instance_uid"),
+    Index("ix_instance_series", "series_pk"),
+)
+
+# DICOM JSON of each instance without bulk data (zlib), written at ingest so that metadata
+# requests (WADO-RS /metadata) never re-read files. Kept apart to keep `instance` rows small.
+instance_metadata = Table(
+    "instance_metadata",
+    metadata,
+    Column("instance_pk", Integer, ForeignKey("instance.pk", ondelete="CASCADE"), primary_key=True),
+    Column("series_pk", Integer, ForeignKey("series.pk", ondelete="CASCADE"), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Index("ix_metadata_series", "series_pk"),
+)
+
+LEVEL_TABLES = {"PATIENT": patient, "STUDY": study, "SERIES": series, "IMAGE": instance}

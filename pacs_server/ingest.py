@@ -1,0 +1,332 @@
+"""The one ingest path: bytes in → validated, durable file → index row → acknowledgement.
+
+C-STORE, ``macpacs import`` and (later) STOW-RS and web upload all hand a temporary file in the
+store's ``tmp`` folder to ``Ingestor.ingest``. The file is stored exactly as received (file meta
+plus the encoded dataset, never decoded and re-encoded), fsynced and renamed into place, and
+only then indexed. The caller acknowledges after ``ingest`` returns, so an acknowledged instance
+is on disk and in the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import hashlib
+import io
+import json
+import logging
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from .config import StorageSettings
+from .index import Index, InstanceRecord
+from .index.attributes import ATTRIBUTES, normalize_pn
+from .storage import FileStore, StorageError, storage_key
+
+log = logging.getLogger(__name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+BULK_THRESHOLD = 1024  # bytes: larger binary values are left out of the metadata cache
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same instance, same content: accepted, nothing changed
+    KEPT_EXISTING = "kept-existing"  # same UID, different content, on_conflict = keep
+    OVERWRITTEN = "overwritten"  # same UID, different content, on_conflict = overwrite
+    INVALID = "invalid"  # not a usable DICOM instance
+    UNREADABLE = "unreadable"  # not DICOM at all, or truncated
+    OUT_OF_RESOURCES = "out-of-resources"  # disk full, index unavailable
+
+
+# C-STORE status for each outcome (PS3.4 Annex B.2.3).
+DICOM_STATUS = {
+    Outcome.STORED: 0x0000,
+    Outcome.DUPLICATE: 0x0000,
+    Outcome.KEPT_EXISTING: 0x0000,
+    Outcome.OVERWRITTEN: 0x0000,
+    Outcome.INVALID: 0xA900,  # Data Set does not match SOP Class
+    Outcome.UNREADABLE: 0xC000,  # Cannot understand
+    Outcome.OUT_OF_RESOURCES: 0xA700,  # Out of resources
+}
+
+
+class RejectedInstance(Exception):
+    """The file cannot be stored; ``outcome`` says why, in terms of DICOM status."""
+
+    def __init__(self, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    message: str
+    sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return DICOM_STATUS[self.outcome] == 0x0000
+
+    @property
+    def dicom_status(self) -> int:
+        return DICOM_STATUS[self.outcome]
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    """A file read and checked, with the index record built from it."""
+
+    record: InstanceRecord
+    sop_instance_uid: str
+    sop_class_uid: str
+    digest: str
+
+
+def _dataset_offset(data: bytes) -> int:
+    """Where the dataset starts after the file meta group (for a digest that ignores the meta)."""
+    if len(data) >= 144 and data[132:136] == b"\x02\x00\x00\x00":
+        (group_length,) = struct.unpack_from("<I", data, 140)
+        return min(144 + group_length, len(data))
+    return 0
+
+
+def _check_complete(ds: Dataset) -> None:
+    """A truncated file parses, but its last element is shorter than its declared length."""
+    last = next(reversed(ds.keys()), None) if len(ds) else None
+    if last is None:
+        raise RejectedInstance(Outcome.UNREADABLE, "the file holds no dataset")
+    raw = ds.get_item(last)
+    defined = isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value is not None
+    if defined and len(raw.value) < raw.length:
+        raise RejectedInstance(
+            Outcome.UNREADABLE,
+            f"truncated file: element {raw.tag} declares {raw.length} bytes, only {len(raw.value)} arrived",
+        )
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text[:limit]
+
+
+def _number(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+            value = value[0]
+        return int(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _required_uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    uid = str(value).strip().rstrip("\x00") if value is not None else ""
+    if not uid:
+        raise RejectedInstance(Outcome.INVALID, f"{keyword} is missing")
+    if len(uid) > 64 or not UID_RE.match(uid):
+        raise RejectedInstance(
+            Outcome.INVALID,
+            f"{keyword} {uid[:80]!r} is not a valid UID (digits and dots, at most 64 characters)",
+        )
+    return uid
+
+
+def _metadata(ds: Dataset, sop_uid: str) -> bytes:
+    """DICOM JSON of the instance without bulk data, zlib-compressed, for the metadata cache."""
+
+    def bulk_uri(element: Any) -> str:
+        return f"instances/{sop_uid}/bulk/{element.tag:08X}"
+
+    try:
+        doc = ds.to_json_dict(
+            bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_uri, suppress_invalid_tags=True
+        )
+    except Exception as exc:  # pydicom raises many types on odd values; the file itself is kept
+        log.warning(
+            "metadata cache: cannot convert %s to DICOM JSON (%s); caching an empty document", sop_uid, exc
+        )
+        doc = {}
+    return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+
+
+def read_instance(path: Path, *, source_ae: str = "") -> ParsedInstance:
+    """Read a Part-10 file, check it, and build its index record. Raises RejectedInstance."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RejectedInstance(Outcome.OUT_OF_RESOURCES, f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        raise RejectedInstance(Outcome.UNREADABLE, f"not a DICOM Part-10 file: {exc}") from None
+    except Exception as exc:
+        raise RejectedInstance(
+            Outcome.UNREADABLE, f"cannot parse DICOM file: {type(exc).__name__}: {exc}"
+        ) from None
+    _check_complete(ds)
+    meta = ds.file_meta
+    if not meta.get("TransferSyntaxUID"):
+        raise RejectedInstance(Outcome.INVALID, "file meta information has no TransferSyntaxUID")
+    try:
+        sop_uid = _required_uid(ds, "SOPInstanceUID")
+        sop_class = _required_uid(ds, "SOPClassUID")
+        study_uid = _required_uid(ds, "StudyInstanceUID")
+        series_uid = _required_uid(ds, "SeriesInstanceUID")
+    except RejectedInstance:
+        raise
+    except Exception as exc:  # a value that cannot be decoded at all (bad VR, bad encoding)
+        raise RejectedInstance(Outcome.INVALID, f"unreadable identifying attribute: {exc}") from None
+    meta_uid = str(meta.get("MediaStorageSOPInstanceUID", "")).rstrip("\x00")
+    if meta_uid and meta_uid != sop_uid:
+        raise RejectedInstance(
+            Outcome.INVALID,
+            f"SOPInstanceUID {sop_uid} differs from the file meta's MediaStorageSOPInstanceUID {meta_uid}",
+        )
+
+    tables: dict[str, dict[str, Any]] = {"PATIENT": {}, "STUDY": {}, "SERIES": {}, "IMAGE": {}}
+    for attr in ATTRIBUTES:
+        if attr.kind in ("count", "multi"):
+            continue
+        try:
+            if attr.kind == "int":
+                value: Any = _number(ds, attr.keyword)
+            else:
+                value = _text(ds, attr.keyword, attr.length)
+        except Exception as exc:  # one undecodable optional attribute must not lose the instance
+            log.warning("%s: cannot decode %s (%s); indexed as empty", sop_uid, attr.keyword, exc)
+            value = None if attr.kind == "int" else ""
+        tables[attr.level][attr.column] = value
+        if attr.kind == "pn":
+            tables[attr.level][attr.column + "_norm"] = normalize_pn(value)
+    tables["STUDY"]["study_uid"] = study_uid
+    tables["SERIES"]["series_uid"] = series_uid
+    tables["IMAGE"]["sop_instance_uid"] = sop_uid
+    tables["IMAGE"]["sop_class_uid"] = sop_class
+
+    offset = _dataset_offset(data)
+    digest = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+    tables["IMAGE"].update(
+        transfer_syntax_uid=str(meta.TransferSyntaxUID),
+        storage_key=storage_key(sop_uid),
+        file_size=len(data),
+        digest=digest,
+        source_ae=source_ae[:16],
+    )
+    charset = ds.get("SpecificCharacterSet", "")
+    if isinstance(charset, list | tuple | pydicom.multival.MultiValue):
+        charset = "\\".join(charset)
+    record = InstanceRecord(
+        patient=tables["PATIENT"],
+        study=tables["STUDY"],
+        series=tables["SERIES"],
+        instance=tables["IMAGE"],
+        metadata=_metadata(ds, sop_uid),
+        charset=str(charset),
+    )
+    return ParsedInstance(record=record, sop_instance_uid=sop_uid, sop_class_uid=sop_class, digest=digest)
+
+
+class Ingestor:
+    """Stores and indexes instances; one per process, shared by every protocol."""
+
+    def __init__(self, store: FileStore, index: Index, settings: StorageSettings) -> None:
+        self.store = store
+        self.index = index
+        self.settings = settings
+
+    def ingest(self, temp: Path, *, source_ae: str = "") -> IngestResult:
+        """Take ownership of ``temp`` (a file in the store's tmp folder) and store it.
+
+        Never raises for bad input: the result says what happened and carries the DICOM status.
+        ``temp`` is gone when this returns, moved into the store or deleted.
+        """
+        try:
+            return self._ingest(temp, source_ae)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+    def ingest_file(self, source: Path) -> IngestResult:
+        """Copy an outside file into the store's tmp folder and ingest it (``macpacs import``)."""
+        try:
+            temp = self.store.copy_in(source)
+        except OSError as exc:
+            outcome = (
+                Outcome.OUT_OF_RESOURCES
+                if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+                else Outcome.UNREADABLE
+            )
+            return IngestResult(outcome, f"cannot copy {source}: {exc.strerror}")
+        return self.ingest(temp)
+
+    def _ingest(self, temp: Path, source_ae: str) -> IngestResult:
+        try:
+            parsed = read_instance(temp, source_ae=source_ae)
+        except RejectedInstance as exc:
+            return IngestResult(exc.outcome, str(exc))
+        uid, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
+
+        existing = self.index.lookup(uid)
+        replace = False
+        if existing is not None:
+            if existing.digest == parsed.digest:
+                return IngestResult(Outcome.DUPLICATE, "identical instance already stored", uid, sop_class)
+            if self.settings.on_conflict == "keep":
+                msg = (
+                    "an instance with this SOP Instance UID but different content is stored; "
+                    "kept it (on_conflict = keep)"
+                )
+                return IngestResult(Outcome.KEPT_EXISTING, msg, uid, sop_class)
+            replace = True
+
+        free_mb = self.store.free_bytes() // (1024 * 1024)
+        if free_mb < self.settings.min_free_mb:
+            msg = (
+                f"refused: only {free_mb} MB free on the data volume, below storage.min_free_mb = "
+                f"{self.settings.min_free_mb}; free space or add storage"
+            )
+            return IngestResult(Outcome.OUT_OF_RESOURCES, msg, uid, sop_class)
+        key = parsed.record.instance["storage_key"]
+        try:
+            self.store.commit(temp, key)
+        except StorageError as exc:
+            return IngestResult(Outcome.OUT_OF_RESOURCES, str(exc), uid, sop_class)
+        try:
+            created = self.index.add_instance(parsed.record, replace=replace)
+        except Exception as exc:
+            log.error("index write failed for %s: %s", uid, exc)
+            if not replace:
+                # Not acknowledged, so not kept: the sender will retry.
+                self.store.delete(key)
+            return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
+        if replace:
+            return IngestResult(
+                Outcome.OVERWRITTEN, "replaced the stored instance (on_conflict = overwrite)", uid, sop_class
+            )
+        if not created:
+            return IngestResult(
+                Outcome.DUPLICATE, "stored concurrently by another association", uid, sop_class
+            )
+        return IngestResult(Outcome.STORED, "stored", uid, sop_class)

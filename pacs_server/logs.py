@@ -1,0 +1,28 @@
+"""Logging: one line per event, to a rotated file in the logs folder and to stderr."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup(log_dir: Path, level: str = "INFO") -> Path:
+    """Log to ``<log_dir>/macpacs.log`` (10 MB × 10 files) and stderr; returns the log file path."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "macpacs.log"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024 * 1024, backupCount=10)
+    stream_handler = logging.StreamHandler()
+    for handler in (file_handler, stream_handler):
+        handler.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    # pynetdicom logs every PDU at INFO; our own lines already say what happened.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return path

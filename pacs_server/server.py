@@ -1,0 +1,155 @@
+"""Starts and stops everything of one archive process: index, store, DICOM listener; PID file.
+
+Server mode: nothing here ever waits for a person. A corrupt SQLite index is moved aside and
+rebuilt from the stored files in the background while the listener already accepts stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import psutil
+from sqlalchemy.exc import DatabaseError
+
+from . import logs
+from .config import Settings
+from .dimse.scp import DicomListener
+from .index import Index
+from .ingest import Ingestor
+from .reindex import reindex
+from .storage import FileStore
+
+log = logging.getLogger("macpacs.server")
+
+
+class AlreadyRunning(RuntimeError):
+    """Another archive process owns this data folder."""
+
+
+class PidFile:
+    """``macpacs.pid``: written atomically at start, removed at a clean stop.
+
+    The supervisor reads it to find this process and checks command line and start time, so a
+    stale file left by a crash is harmless; we only refuse to start when its PID is a live macpacs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def acquire(self) -> None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            pid = int(self.path.read_text().strip())
+            if pid != os.getpid() and psutil.pid_exists(pid):
+                with contextlib.suppress(psutil.Error):
+                    cmdline = " ".join(psutil.Process(pid).cmdline())
+                    if "macpacs" in cmdline or "pacs_server" in cmdline:
+                        raise AlreadyRunning(
+                            f"another macpacs server (PID {pid}) uses this data folder; stop it first "
+                            f"or give this one another --data-dir (PID file {self.path})"
+                        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_suffix(".pid.tmp")
+        temp.write_text(f"{os.getpid()}\n")
+        os.replace(temp, self.path)
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if int(self.path.read_text().strip()) == os.getpid():
+                self.path.unlink()
+
+
+def open_index(settings: Settings, store: FileStore) -> Index:
+    """Open and migrate the index; a corrupt SQLite file is moved aside and rebuilt from storage."""
+    index = Index(settings.index_url)
+    try:
+        index.migrate()
+        index.ping()
+        return index
+    except DatabaseError as exc:
+        if not index.is_sqlite:
+            raise
+        index.close()
+        db = settings.data_dir / "index.sqlite"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log.error(
+            "index %s is unreadable (%s): moving it aside as %s.corrupt-%s and rebuilding", db, exc, db, stamp
+        )
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(str(db) + suffix)
+            if part.exists():
+                part.rename(Path(f"{db}.corrupt-{stamp}{suffix}"))
+        index = Index(settings.index_url)
+        index.migrate()
+        threading.Thread(target=reindex, args=(store, index), name="reindex", daemon=True).start()
+        return index
+
+
+class ArchiveServer:
+    """One archive process. ``start`` brings every service up; ``stop`` takes them down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.pid_file = PidFile(settings.pid_file)
+        self._stop = threading.Event()
+        self.store: FileStore | None = None
+        self.index: Index | None = None
+        self.listener: DicomListener | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_file.acquire()
+        self.store = FileStore(s.data_dir)
+        removed = self.store.clean_temp()
+        if removed:
+            log.info("removed %d temporary files left by interrupted transfers", removed)
+        self.index = open_index(s, self.store)
+        ingestor = Ingestor(self.store, self.index, s.storage)
+        self.listener = DicomListener(s, self.index, ingestor)
+        self.listener.start(self.store.tmp_dir)
+        log.info("macpacs serving data in %s (PID %d)", s.data_dir, os.getpid())
+
+    def request_stop(self, *_args: object) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        """Block until SIGTERM/SIGINT (or ``request_stop``), then stop everything."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        while not self._stop.wait(1.0):
+            pass
+        self.stop()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self._stop.set()
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
+        if self.index is not None:
+            self.index.close()
+            self.index = None
+        self.pid_file.release()
+        log.info("macpacs stopped")
+
+
+def run(settings: Settings) -> None:
+    """``macpacs serve``: start, wait for a signal, stop cleanly."""
+    logs.setup(settings.log_dir, settings.server.log_level)
+    server = ArchiveServer(settings)
+    try:
+        server.start()
+    except Exception:
+        server.stop()
+        raise
+    server.wait()
