@@ -78,9 +78,7 @@ def serve(
                 "other ports with --dicom-port/--web-port/--xmlrpc-port."
             ) from None
         if exc.errno in (errno.EACCES, errno.EROFS):
-            raise click.ClickException(
-                f"cannot write to {exc.filename or settings.data_dir}: {exc.strerror}"
-            ) from None
+            raise click.ClickException(f"cannot write to {exc.filename or settings.data_dir}: {exc.strerror}") from None
         raise
 
 

@@ -143,9 +143,7 @@ class Settings:
         if len(set(ports)) != len(ports):
             raise ConfigError(f"dicom.port, web.port and xmlrpc.port must differ (got {ports})")
         if self.storage.on_conflict not in ("keep", "overwrite"):
-            raise ConfigError(
-                f'storage.on_conflict = {self.storage.on_conflict!r}: use "keep" or "overwrite"'
-            )
+            raise ConfigError(f'storage.on_conflict = {self.storage.on_conflict!r}: use "keep" or "overwrite"')
         if self.dicom.max_associations < 1:
             raise ConfigError("dicom.max_associations must be at least 1")
         if bool(self.web.tls_cert) != bool(self.web.tls_key):

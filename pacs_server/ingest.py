@@ -164,9 +164,7 @@ def _metadata(ds: Dataset, sop_uid: str) -> bytes:
             bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_uri, suppress_invalid_tags=True
         )
     except Exception as exc:  # pydicom raises many types on odd values; the file itself is kept
-        log.warning(
-            "metadata cache: cannot convert %s to DICOM JSON (%s); caching an empty document", sop_uid, exc
-        )
+        log.warning("metadata cache: cannot convert %s to DICOM JSON (%s); caching an empty document", sop_uid, exc)
         doc = {}
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
 
@@ -182,9 +180,7 @@ def read_instance(path: Path, *, source_ae: str = "") -> ParsedInstance:
     except InvalidDicomError as exc:
         raise RejectedInstance(Outcome.UNREADABLE, f"not a DICOM Part-10 file: {exc}") from None
     except Exception as exc:
-        raise RejectedInstance(
-            Outcome.UNREADABLE, f"cannot parse DICOM file: {type(exc).__name__}: {exc}"
-        ) from None
+        raise RejectedInstance(Outcome.UNREADABLE, f"cannot parse DICOM file: {type(exc).__name__}: {exc}") from None
     _check_complete(ds)
     meta = ds.file_meta
     if not meta.get("TransferSyntaxUID"):
@@ -326,7 +322,5 @@ class Ingestor:
                 Outcome.OVERWRITTEN, "replaced the stored instance (on_conflict = overwrite)", uid, sop_class
             )
         if not created:
-            return IngestResult(
-                Outcome.DUPLICATE, "stored concurrently by another association", uid, sop_class
-            )
+            return IngestResult(Outcome.DUPLICATE, "stored concurrently by another association", uid, sop_class)
         return IngestResult(Outcome.STORED, "stored", uid, sop_class)

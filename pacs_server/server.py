@@ -78,9 +78,7 @@ def open_index(settings: Settings, store: FileStore) -> Index:
         index.close()
         db = settings.data_dir / "index.sqlite"
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        log.error(
-            "index %s is unreadable (%s): moving it aside as %s.corrupt-%s and rebuilding", db, exc, db, stamp
-        )
+        log.error("index %s is unreadable (%s): moving it aside as %s.corrupt-%s and rebuilding", db, exc, db, stamp)
         for suffix in ("", "-wal", "-shm"):
             part = Path(str(db) + suffix)
             if part.exists():

@@ -110,11 +110,7 @@ def build_response(identifier: Dataset, query: Query, row: Mapping[str, Any], re
         setattr(ds, keyword, value)
     # Keys the index does not keep are returned empty (PS3.4 C.2.2.1.3).
     for element in identifier:
-        if (
-            element.tag not in ds
-            and element.keyword not in ("SpecificCharacterSet",)
-            and element.tag.group != 0x0002
-        ):
+        if element.tag not in ds and element.keyword not in ("SpecificCharacterSet",) and element.tag.group != 0x0002:
             ds.add(DataElement(element.tag, element.VR, [] if element.VR == "SQ" else None))
     charset = _charset_for(row, texts)
     if charset:

@@ -111,19 +111,13 @@ class DicomListener:
         log.info("association accepted from %s", _peer(event))
 
     def _on_rejected(self, event: Any) -> None:
-        log.warning(
-            "association rejected from %s (called AE %r)", _peer(event), event.assoc.acceptor.ae_title
-        )
+        log.warning("association rejected from %s (called AE %r)", _peer(event), event.assoc.acceptor.ae_title)
 
     def _on_closed(self, event: Any) -> None:
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
-        summary = (
-            ", ".join(f"{n} {k}" for k, n in sorted(stats.counts.items()))
-            if stats and stats.counts
-            else "idle"
-        )
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(stats.counts.items())) if stats and stats.counts else "idle"
         level = logging.INFO if how == "released" else logging.WARNING
         log.log(level, "association %s by %s: %s", how, _peer(event), summary)
 

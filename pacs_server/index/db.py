@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,9 @@ class Index:
         i = schema.instance.c
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(
-                    i.pk, i.sop_instance_uid, i.storage_key, i.digest, i.transfer_syntax_uid, i.sop_class_uid
-                ).where(i.sop_instance_uid == sop_instance_uid)
+                select(i.pk, i.sop_instance_uid, i.storage_key, i.digest, i.transfer_syntax_uid, i.sop_class_uid).where(
+                    i.sop_instance_uid == sop_instance_uid
+                )
             ).first()
         return StoredInstance(*row) if row else None
 
@@ -186,16 +186,12 @@ class Index:
             merged = "\\".join(sorted(filter(None, [*modalities.split("\\"), modality])))
             conn.execute(update(st).where(st.c.pk == study_pk).values(modalities_in_study=merged))
 
-        existing = conn.execute(
-            select(i.c.pk).where(i.c.sop_instance_uid == rec.instance["sop_instance_uid"])
-        ).scalar()
+        existing = conn.execute(select(i.c.pk).where(i.c.sop_instance_uid == rec.instance["sop_instance_uid"])).scalar()
         if existing is not None:
             if not replace:
                 return False
             conn.execute(
-                update(i)
-                .where(i.c.pk == existing)
-                .values(**rec.instance, series_pk=series_pk, received_at=now)
+                update(i).where(i.c.pk == existing).values(**rec.instance, series_pk=series_pk, received_at=now)
             )
             conn.execute(
                 update(schema.instance_metadata)
@@ -208,14 +204,10 @@ class Index:
             insert(i).values(**rec.instance, series_pk=series_pk, received_at=now)
         ).inserted_primary_key[0]
         conn.execute(
-            insert(schema.instance_metadata).values(
-                instance_pk=instance_pk, series_pk=series_pk, data=rec.metadata
-            )
+            insert(schema.instance_metadata).values(instance_pk=instance_pk, series_pk=series_pk, data=rec.metadata)
         )
         conn.execute(update(se).where(se.c.pk == series_pk).values(num_instances=se.c.num_instances + 1))
-        conn.execute(
-            update(st).where(st.c.pk == study_pk).values(num_instances=st.c.num_instances + 1, updated_at=now)
-        )
+        conn.execute(update(st).where(st.c.pk == study_pk).values(num_instances=st.c.num_instances + 1, updated_at=now))
         conn.execute(update(p).where(p.c.pk == patient_pk).values(num_instances=p.c.num_instances + 1))
         return True
 
@@ -242,6 +234,19 @@ class Index:
     def find_all(self, query: Query) -> list[dict[str, Any]]:
         _keywords, rows = self.find(query)
         return [dict(row) for row in rows]
+
+    def instances(self, query: Query) -> list[StoredInstance]:
+        """The stored instances under whatever the query matches, at any level, in index order.
+
+        Retrieval (C-MOVE, C-GET, WADO) asks this, so it matches exactly what C-FIND found.
+        """
+        stmt, _keywords = build(replace(query, level="IMAGE"), sqlite=self.is_sqlite)
+        i = schema.instance.c
+        stmt = stmt.with_only_columns(
+            i.pk, i.sop_instance_uid, i.storage_key, i.digest, i.transfer_syntax_uid, i.sop_class_uid
+        )
+        with self.engine.connect() as conn:
+            return [StoredInstance(*row) for row in conn.execute(stmt)]
 
     def series_metadata(self, series_uid: str) -> list[bytes]:
         """The cached metadata blobs of a series' instances, in instance order."""
@@ -270,9 +275,7 @@ class Index:
     def ping(self) -> None:
         """A real round trip through the pool (for /testdbalive)."""
         with self.engine.connect() as conn:
-            conn.execute(
-                select(func.count()).select_from(schema.patient).where(schema.patient.c.pk == -1)
-            ).scalar_one()
+            conn.execute(select(func.count()).select_from(schema.patient).where(schema.patient.c.pk == -1)).scalar_one()
 
     # -- bulk (benchmarks, reindex) -----------------------------------------------------------
     def bulk_load(self, table_rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:

@@ -125,9 +125,7 @@ def condition_for(
             raise QueryError(f"{attr.keyword} lists {len(uids)} UIDs (limit {MAX_UIDS_IN_LIST})")
         for uid in uids:
             if len(uid) > 64 or not UID_RE.match(uid):
-                raise QueryError(
-                    f"{attr.keyword} {uid[:80]!r} is not a valid UID (digits and dots, up to 64)"
-                )
+                raise QueryError(f"{attr.keyword} {uid[:80]!r} is not a valid UID (digits and dots, up to 64)")
         return column == uids[0] if len(uids) == 1 else column.in_(uids)
     if attr.kind == "date":
         return _range(column, value, DATE_RE, "date")
@@ -183,9 +181,7 @@ def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
         columns.append(table.c[attr.column].label(keyword))
         value = query.keys.get(keyword)
         if value:
-            cond = condition_for(
-                attr, value, table, case_insensitive=query.case_insensitive_names, sqlite=sqlite
-            )
+            cond = condition_for(attr, value, table, case_insensitive=query.case_insensitive_names, sqlite=sqlite)
             if cond is not None:
                 conditions.append(cond)
     charset_table = schema.study if depth >= 1 else schema.patient

@@ -7,6 +7,7 @@ schema cannot drift apart. Changing a table here needs a new Alembic migration i
 from __future__ import annotations
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -112,3 +113,49 @@ instance_metadata = Table(
 )
 
 LEVEL_TABLES = {"PATIENT": patient, "STUDY": study, "SERIES": series, "IMAGE": instance}
+
+# DICOM peers: C-MOVE destinations, SCU targets, access control (managed by pacs_server.nodes).
+node = Table(
+    "node",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("ae_title", String(16), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("tls", Boolean, nullable=False, default=False),
+    Column("allow_store", Boolean, nullable=False, default=True),
+    Column("allow_query", Boolean, nullable=False, default=True),
+    Column("allow_retrieve", Boolean, nullable=False, default=True),
+    # "active", or "pending" for a workstation that registered itself and awaits an admin.
+    Column("status", String(16), nullable=False, default="active"),
+    Column("description", String(1024), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("name", name="uq_node_name"),
+    UniqueConstraint("ae_title", name="uq_node_ae_title"),
+)
+
+# Web admin users (passwords hashed) and their API tokens (stored as hashes only).
+web_user = Table(
+    "web_user",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("username", String(64), nullable=False),
+    Column("password_hash", String(255), nullable=False),
+    Column("role", String(16), nullable=False, default="admin"),
+    Column("created_at", Float, nullable=False),
+    Column("failed_logins", Integer, nullable=False, default=0),
+    Column("locked_until", Float, nullable=False, default=0.0),
+    UniqueConstraint("username", name="uq_web_user_username"),
+)
+
+api_token = Table(
+    "api_token",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("user_pk", Integer, ForeignKey("web_user.pk", ondelete="CASCADE"), nullable=False),
+    Column("name", String(64), nullable=False, default=""),
+    Column("token_hash", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("token_hash", name="uq_api_token_hash"),
+)
