@@ -1,0 +1,160 @@
+"""Shared fixtures: free ports, DCMTK tools, and a real ``macpacs serve`` process.
+
+Tests talk to the server only over the network, with DCMTK's tools as the outside client.
+pynetdicom installs console scripts with the same names as DCMTK's into the venv, so tools
+are always called by their absolute Debian path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DCMTK_BIN = Path("/usr/bin")
+ROOT = Path(__file__).resolve().parent.parent
+# The console script installed next to the interpreter running the tests (the venv's).
+MACPACS = str(Path(sys.executable).with_name("macpacs"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dcmtk(tool: str) -> str:
+    """Absolute path of a DCMTK tool; fails loudly when DCMTK is not installed."""
+    path = DCMTK_BIN / tool
+    if not path.exists():
+        pytest.fail(f"DCMTK's {path} is missing: install it with `apt-get install -y dcmtk` (.ci/run does this)")
+    return str(path)
+
+
+def run_tool(tool: str, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a DCMTK tool with TCP_NODELAY=1 (see shared/reference/performance.md)."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.run([dcmtk(tool), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+@dataclass
+class ServerProcess:
+    """A running ``macpacs serve`` on free loopback ports, with its own data folder."""
+
+    data_dir: Path
+    dicom_port: int
+    web_port: int
+    xmlrpc_port: int
+    ae_title: str = "MACPACS"
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return [
+            MACPACS,
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--ae-title",
+            self.ae_title,
+            "--dicom-port",
+            str(self.dicom_port),
+            "--web-port",
+            str(self.web_port),
+            "--xmlrpc-port",
+            str(self.xmlrpc_port),
+            *self.extra_args,
+        ]
+
+    def start(self) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"serve-{self.dicom_port}.out"
+        env = {
+            **os.environ,
+            "MACPACS_DICOM_BIND": "127.0.0.1",
+            "MACPACS_WEB_BIND": "127.0.0.1",
+            "MACPACS_XMLRPC_BIND": "127.0.0.1",
+            **self.env,
+        }
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        wait_for_port(self.dicom_port, proc=self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def dicom_args(self) -> list[str]:
+        return ["-aec", self.ae_title, "127.0.0.1", str(self.dicom_port)]
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[object]:
+    """A factory: ``make_server(**overrides)`` starts a server; all are stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def factory(**kwargs: object) -> ServerProcess:
+        kwargs.setdefault("data_dir", tmp_path / f"data{len(started)}")
+        server = ServerProcess(
+            dicom_port=free_port(),
+            web_port=free_port(),
+            xmlrpc_port=free_port(),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        started.append(server)
+        return server.start()
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: object) -> ServerProcess:
+    return make_server()  # type: ignore[operator]
+
+
+@pytest.fixture(scope="session")
+def pydicom_test_files() -> list[Path]:
+    """pydicom's ~80 real DICOM files (JPEG, JPEG 2000, RLE, big endian, SR, RT, broken ones)."""
+    from pydicom.data import get_testdata_file
+
+    folder = Path(get_testdata_file("CT_small.dcm")).parent
+    return sorted(p for p in folder.iterdir() if p.is_file())
