@@ -25,4 +25,6 @@ def setup(log_dir: Path, level: str = "INFO") -> Path:
     # pynetdicom logs every PDU at INFO; our own lines already say what happened.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # pydicom complains about every odd value it meets; ingest logs what matters in its own words.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     return path

@@ -124,6 +124,23 @@ class ServerProcess:
     def dicom_args(self) -> list[str]:
         return ["-aec", self.ae_title, "127.0.0.1", str(self.dicom_port)]
 
+    def pid_file_path(self) -> Path:
+        return self.data_dir / "macpacs.pid"
+
+
+def findscu(server: ServerProcess, out_dir: Path, *keys: str, model: str = "-S", extra: tuple[str, ...] = ()) -> list:
+    """Run DCMTK findscu and return its responses, read back with pydicom (``-X`` files)."""
+    import pydicom
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("rsp*.dcm"):
+        old.unlink()
+    args = [model, *extra, "-X", "-od", str(out_dir), *server.dicom_args()]
+    for key in keys:
+        args += ["-k", key]
+    run_tool("findscu", *args)
+    return [pydicom.dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[object]:

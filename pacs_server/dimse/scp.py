@@ -9,7 +9,9 @@ fastest pynetdicom path for large instances (shared/reference/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 import threading
 from collections import Counter
@@ -115,11 +117,25 @@ class DicomListener:
 
     def _on_closed(self, event: Any) -> None:
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        if how == "aborted":
+            self._discard_partial(event)
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
         summary = ", ".join(f"{n} {k}" for k, n in sorted(stats.counts.items())) if stats and stats.counts else "idle"
         level = logging.INFO if how == "released" else logging.WARNING
         log.log(level, "association %s by %s: %s", how, _peer(event), summary)
+
+    @staticmethod
+    def _discard_partial(event: Any) -> None:
+        """An abort mid-transfer leaves pynetdicom's half-written temporary file behind: remove it."""
+        message = getattr(event.assoc.dimse, "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is None:
+            return
+        with contextlib.suppress(OSError):
+            partial.close()
+            os.unlink(partial.name)
+        log.warning("discarded a partially received dataset after the abort")
 
     # -- services ---------------------------------------------------------------------------
     def _on_echo(self, event: Any) -> int:
