@@ -96,17 +96,19 @@ def _walk(paths: tuple[str, ...]) -> Iterator[Path]:
 
 def _init_worker(settings: Settings) -> None:
     global _ingestor
-    _ingestor = _make_ingestor(settings)
+    _ingestor = _make_ingestor(settings, migrate=False)  # the parent migrated already
 
 
-def _make_ingestor(settings: Settings) -> Any:
+def _make_ingestor(settings: Settings, *, migrate: bool) -> Any:
     from .index import Index
     from .ingest import Ingestor
     from .storage import FileStore
 
+    store = FileStore(settings.data_dir)  # creates the folders
     index = Index(settings.index_url)
-    index.migrate()
-    return Ingestor(FileStore(settings.data_dir), index, settings.storage)
+    if migrate:
+        index.migrate()
+    return Ingestor(store, index, settings.storage)
 
 
 def _import_one(path: Path) -> tuple[str, str, str]:
@@ -136,9 +138,9 @@ def import_(config_path: str | None, data_dir: str | None, paths: tuple[str, ...
     outcomes: Counter[str] = Counter()
     problems: list[tuple[str, str, str]] = []
     global _ingestor
+    _ingestor = _make_ingestor(settings, migrate=True)
     with click.progressbar(length=len(files), label=f"Importing {len(files)} files", file=sys.stderr) as bar:
         if jobs == 1:
-            _ingestor = _make_ingestor(settings)
             results: Iterator[tuple[str, str, str]] = map(_import_one, files)
             executor = None
         else:
