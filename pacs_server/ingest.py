@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import hashlib
-import io
 import json
 import logging
+import os
 import re
 import struct
 import zlib
@@ -27,6 +26,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from .config import StorageSettings
 from .index import Index, InstanceRecord
@@ -92,15 +92,57 @@ class ParsedInstance:
     record: InstanceRecord
     sop_instance_uid: str
     sop_class_uid: str
-    digest: str
 
 
-def _dataset_offset(data: bytes) -> int:
-    """Where the dataset starts after the file meta group (for a digest that ignores the meta)."""
-    if len(data) >= 144 and data[132:136] == b"\x02\x00\x00\x00":
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset after the file meta group: what a sender put on the wire.
+
+    Two files of the same instance received from different senders differ in their meta
+    (source AE, implementation UID), so re-sends are compared on this part only.
+    """
+    data = path.read_bytes()
+    if len(data) >= 144 and data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00":
         (group_length,) = struct.unpack_from("<I", data, 140)
-        return min(144 + group_length, len(data))
-    return 0
+        return data[144 + group_length :]
+    return data
+
+
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _pixel_data_vr_and_check(fp: Any, ds: Dataset, size: int) -> bytes | None:
+    """Check the pixel data element that ``stop_before_pixels`` left unread; returns its VR.
+
+    Reading only the header keeps ingest cheap for large images, but a truncated transfer must
+    still be caught: the declared length must fit in the file, and encapsulated (undefined
+    length) pixel data must end with its sequence delimiter.
+    """
+    start = fp.tell()
+    header = fp.read(12)
+    if len(header) < 8:
+        return None
+    implicit, little = ds.original_encoding
+    order = "<" if little else ">"
+    vr: bytes | None
+    if implicit:
+        vr, (length,), header_len = None, struct.unpack_from(order + "L", header, 4), 8
+    else:
+        vr = header[4:6]
+        if vr in _LONG_VRS:
+            (length,), header_len = struct.unpack_from(order + "L", header, 8), 12
+        else:
+            (length,), header_len = struct.unpack_from(order + "H", header, 6), 8
+    if length == 0xFFFFFFFF:
+        fp.seek(size - 8)
+        if fp.read(8) != _SEQUENCE_DELIMITER:
+            raise RejectedInstance(Outcome.UNREADABLE, "truncated file: encapsulated pixel data has no end delimiter")
+    elif start + header_len + length > size:
+        raise RejectedInstance(
+            Outcome.UNREADABLE,
+            f"truncated file: pixel data declares {length} bytes, only {size - start - header_len} arrived",
+        )
+    return vr or b"OW"
 
 
 def _check_complete(ds: Dataset) -> None:
@@ -153,8 +195,12 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-def _metadata(ds: Dataset, sop_uid: str) -> bytes:
-    """DICOM JSON of the instance without bulk data, zlib-compressed, for the metadata cache."""
+def _metadata(ds: Dataset, sop_uid: str, pixel_vr: bytes | None) -> bytes:
+    """DICOM JSON of the instance without bulk data, zlib-compressed, for the metadata cache.
+
+    Bulk values become relative BulkDataURIs (``instances/{uid}/bulk/{tag}``); the web layer
+    makes them absolute. Pixel data, which ingest does not read, is listed the same way.
+    """
 
     def bulk_uri(element: Any) -> str:
         return f"instances/{sop_uid}/bulk/{element.tag:08X}"
@@ -166,22 +212,32 @@ def _metadata(ds: Dataset, sop_uid: str) -> bytes:
     except Exception as exc:  # pydicom raises many types on odd values; the file itself is kept
         log.warning("metadata cache: cannot convert %s to DICOM JSON (%s); caching an empty document", sop_uid, exc)
         doc = {}
+    if pixel_vr is not None:
+        doc["7FE00010"] = {
+            "vr": pixel_vr.decode("ascii", "replace"),
+            "BulkDataURI": f"instances/{sop_uid}/bulk/7FE00010",
+        }
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
 
 
 def read_instance(path: Path, *, source_ae: str = "") -> ParsedInstance:
-    """Read a Part-10 file, check it, and build its index record. Raises RejectedInstance."""
+    """Read a Part-10 file's header, check it, and build its index record. Raises RejectedInstance."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            pixel_vr = None if deflated else _pixel_data_vr_and_check(fp, ds, size)
+    except RejectedInstance:
+        raise
     except OSError as exc:
         raise RejectedInstance(Outcome.OUT_OF_RESOURCES, f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as exc:
         raise RejectedInstance(Outcome.UNREADABLE, f"not a DICOM Part-10 file: {exc}") from None
     except Exception as exc:
         raise RejectedInstance(Outcome.UNREADABLE, f"cannot parse DICOM file: {type(exc).__name__}: {exc}") from None
-    _check_complete(ds)
+    if pixel_vr is None:
+        _check_complete(ds)
     meta = ds.file_meta
     if not meta.get("TransferSyntaxUID"):
         raise RejectedInstance(Outcome.INVALID, "file meta information has no TransferSyntaxUID")
@@ -221,13 +277,10 @@ def read_instance(path: Path, *, source_ae: str = "") -> ParsedInstance:
     tables["IMAGE"]["sop_instance_uid"] = sop_uid
     tables["IMAGE"]["sop_class_uid"] = sop_class
 
-    offset = _dataset_offset(data)
-    digest = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
     tables["IMAGE"].update(
         transfer_syntax_uid=str(meta.TransferSyntaxUID),
         storage_key=storage_key(sop_uid),
-        file_size=len(data),
-        digest=digest,
+        file_size=size,
         source_ae=source_ae[:16],
     )
     charset = ds.get("SpecificCharacterSet", "")
@@ -238,10 +291,10 @@ def read_instance(path: Path, *, source_ae: str = "") -> ParsedInstance:
         study=tables["STUDY"],
         series=tables["SERIES"],
         instance=tables["IMAGE"],
-        metadata=_metadata(ds, sop_uid),
+        metadata=_metadata(ds, sop_uid, pixel_vr),
         charset=str(charset),
     )
-    return ParsedInstance(record=record, sop_instance_uid=sop_uid, sop_class_uid=sop_class, digest=digest)
+    return ParsedInstance(record=record, sop_instance_uid=sop_uid, sop_class_uid=sop_class)
 
 
 class Ingestor:
@@ -284,10 +337,13 @@ class Ingestor:
             return IngestResult(exc.outcome, str(exc))
         uid, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
 
-        existing = self.index.lookup(uid)
+        # The stored file is the truth: its path comes from the UID, so a stat tells a re-send.
         replace = False
-        if existing is not None:
-            if existing.digest == parsed.digest:
+        stored = self.store.path(parsed.record.instance["storage_key"])
+        if stored.exists():
+            if dataset_bytes(stored) == dataset_bytes(temp):
+                # Also repairs a crash between the file's rename and the index commit.
+                self.index.add_instance(parsed.record)
                 return IngestResult(Outcome.DUPLICATE, "identical instance already stored", uid, sop_class)
             if self.settings.on_conflict == "keep":
                 msg = (

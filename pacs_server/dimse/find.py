@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from pydicom.charset import convert_encodings, encode_string
@@ -32,6 +32,7 @@ LEVELS_BY_MODEL = {
 # IS attributes kept as integers in the index (US attributes such as Rows stay integers).
 _IS_KEYWORDS = {"SeriesNumber", "InstanceNumber", "AcquisitionNumber", "NumberOfFrames"}
 
+PACE_EVERY = 16
 STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
 STATUS_BAD_IDENTIFIER = 0xA900  # Identifier does not match SOP Class
@@ -127,9 +128,15 @@ def find_responses(
     case_insensitive: bool,
     max_results: int,
     retrieve_ae: str,
-    is_cancelled: Any,
+    is_cancelled: Callable[[], bool],
+    pace: Callable[[], None],
 ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """The generator pynetdicom's C-FIND handler yields: (status, identifier) pairs."""
+    """The generator pynetdicom's C-FIND handler yields: (status, identifier) pairs.
+
+    ``pace`` is called every PACE_EVERY responses and waits until the network has caught up:
+    without it the whole answer is queued in memory at once and a C-CANCEL is only seen after
+    everything was already sent.
+    """
     try:
         query = identifier_to_query(identifier, model, case_insensitive=case_insensitive)
         _keywords, rows = index.find(query)
@@ -150,6 +157,8 @@ def find_responses(
                 return
             yield STATUS_PENDING, build_response(identifier, query, row, retrieve_ae)
             count += 1
+            if count % PACE_EVERY == 0:
+                pace()
             if max_results and count >= max_results:
                 log.info("C-FIND stopped at dicom.max_find_results = %d", max_results)
                 break

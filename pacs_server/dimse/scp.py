@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ..config import Settings
 from ..index import Index
 from ..ingest import Ingestor
+from . import tuning
 from .find import find_responses, status_with_comment
 
 log = logging.getLogger("macpacs.dicom")
@@ -83,7 +85,9 @@ class DicomListener:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(tmp_dir)
         d = self.settings.dicom
+        tuning.shorten_polling(d.reactor_poll_ms)
         handlers = [
+            (evt.EVT_CONN_OPEN, lambda event: tuning.tune_association(event.assoc, d.reactor_poll_ms)),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
@@ -169,4 +173,12 @@ class DicomListener:
             max_results=d.max_find_results,
             retrieve_ae=d.ae_title,
             is_cancelled=lambda: event.is_cancelled,
+            pace=lambda: _wait_until_sent(event.assoc, d.network_timeout),
         )
+
+
+def _wait_until_sent(assoc: Any, timeout: float) -> None:
+    """Block until pynetdicom's outgoing queue is nearly empty (or the association ends)."""
+    deadline = time.monotonic() + timeout
+    while assoc.dul.to_provider_queue.qsize() > 4 and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0005)

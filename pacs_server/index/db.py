@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+PARENT_CACHE_SIZE = 4096  # series whose parents' primary keys are remembered
 
 
 @dataclass
@@ -51,7 +53,6 @@ class StoredInstance:
     pk: int
     sop_instance_uid: str
     storage_key: str
-    digest: str
     transfer_syntax_uid: str
     sop_class_uid: str
 
@@ -85,6 +86,7 @@ class Index:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
+        self._parents: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
 
     # -- schema -----------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -108,7 +110,7 @@ class Index:
         i = schema.instance.c
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(i.pk, i.sop_instance_uid, i.storage_key, i.digest, i.transfer_syntax_uid, i.sop_class_uid).where(
+                select(i.pk, i.sop_instance_uid, i.storage_key, i.transfer_syntax_uid, i.sop_class_uid).where(
                     i.sop_instance_uid == sop_instance_uid
                 )
             ).first()
@@ -118,23 +120,43 @@ class Index:
         """Insert (or, with ``replace``, update) one instance and its parents in one transaction.
 
         Returns True when a new instance row was created. Counters and ModalitiesInStudy are
-        maintained here so that queries never count rows.
+        maintained here so that queries never count rows. The primary keys of recently seen
+        series and their parents are remembered, so that the usual case (the next slice of a
+        series) costs one insert per table; a stale entry (parents deleted meanwhile) fails its
+        foreign key, and the retry looks everything up again.
         """
         now = time.time()
+        series_uid = record.series["series_uid"]
         with self._write_lock:
             for attempt in range(2):
                 try:
                     with self.engine.begin() as conn:
-                        return self._upsert(conn, record, now, replace)
+                        parents = self._parents.get(series_uid) if attempt == 0 else None
+                        if parents is None:
+                            parents = self._find_or_create_parents(conn, record, now)
+                        created = self._upsert(conn, record, now, replace, parents)
+                    self._remember(series_uid, parents)
+                    return created
                 except IntegrityError:
-                    # Another writer (another process sharing the index) inserted the same
-                    # patient/study/series/instance first: the second attempt finds it.
+                    # A stale cached parent, or another process inserted the same rows first.
+                    self._parents.clear()
                     if attempt:
                         raise
         raise AssertionError("unreachable")
 
-    def _upsert(self, conn: Any, rec: InstanceRecord, now: float, replace: bool) -> bool:
-        p, st, se, i = schema.patient, schema.study, schema.series, schema.instance
+    def _remember(self, series_uid: str, parents: tuple[int, int, int]) -> None:
+        self._parents[series_uid] = parents
+        self._parents.move_to_end(series_uid)
+        while len(self._parents) > PARENT_CACHE_SIZE:
+            self._parents.popitem(last=False)
+
+    def forget_parents(self) -> None:
+        """Drop the parent cache (call after deleting patients, studies or series)."""
+        with self._write_lock:
+            self._parents.clear()
+
+    def _find_or_create_parents(self, conn: Any, rec: InstanceRecord, now: float) -> tuple[int, int, int]:
+        p, st, se = schema.patient, schema.study, schema.series
         patient_pk = conn.execute(
             select(p.c.pk).where(
                 p.c.patient_id == rec.patient["patient_id"],
@@ -144,12 +166,7 @@ class Index:
         if patient_pk is None:
             patient_pk = conn.execute(
                 insert(p).values(
-                    **rec.patient,
-                    charset=rec.charset,
-                    created_at=now,
-                    num_studies=0,
-                    num_series=0,
-                    num_instances=0,
+                    **rec.patient, charset=rec.charset, created_at=now, num_studies=0, num_series=0, num_instances=0
                 )
             ).inserted_primary_key[0]
 
@@ -185,7 +202,11 @@ class Index:
         if modality and modality not in modalities.split("\\"):
             merged = "\\".join(sorted(filter(None, [*modalities.split("\\"), modality])))
             conn.execute(update(st).where(st.c.pk == study_pk).values(modalities_in_study=merged))
+        return patient_pk, study_pk, series_pk
 
+    def _upsert(self, conn: Any, rec: InstanceRecord, now: float, replace: bool, parents: tuple[int, int, int]) -> bool:
+        p, st, se, i = schema.patient, schema.study, schema.series, schema.instance
+        patient_pk, study_pk, series_pk = parents
         existing = conn.execute(select(i.c.pk).where(i.c.sop_instance_uid == rec.instance["sop_instance_uid"])).scalar()
         if existing is not None:
             if not replace:
@@ -217,6 +238,7 @@ class Index:
             for table in reversed(schema.metadata.sorted_tables):
                 if table.name in ("instance_metadata", "instance", "series", "study", "patient"):
                     conn.execute(delete(table))
+            self._parents.clear()
 
     # -- reads ------------------------------------------------------------------------------
     def find(self, query: Query) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
@@ -242,9 +264,7 @@ class Index:
         """
         stmt, _keywords = build(replace(query, level="IMAGE"), sqlite=self.is_sqlite)
         i = schema.instance.c
-        stmt = stmt.with_only_columns(
-            i.pk, i.sop_instance_uid, i.storage_key, i.digest, i.transfer_syntax_uid, i.sop_class_uid
-        )
+        stmt = stmt.with_only_columns(i.pk, i.sop_instance_uid, i.storage_key, i.transfer_syntax_uid, i.sop_class_uid)
         with self.engine.connect() as conn:
             return [StoredInstance(*row) for row in conn.execute(stmt)]
 

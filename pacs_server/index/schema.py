@@ -94,7 +94,6 @@ instance = Table(
     Column("transfer_syntax_uid", String(64), nullable=False),
     Column("storage_key", String(80), nullable=False),
     Column("file_size", Integer, nullable=False),
-    Column("digest", String(64), nullable=False),
     Column("received_at", Float, nullable=False),
     Column("source_ae", String(16), nullable=False, default=""),
     UniqueConstraint("sop_instance_uid", name="uq_instance_uid"),

@@ -108,7 +108,6 @@ def upgrade() -> None:
         sa.Column("transfer_syntax_uid", sa.String(length=64), nullable=False),
         sa.Column("storage_key", sa.String(length=80), nullable=False),
         sa.Column("file_size", sa.Integer(), nullable=False),
-        sa.Column("digest", sa.String(length=64), nullable=False),
         sa.Column("received_at", sa.Float(), nullable=False),
         sa.Column("source_ae", sa.String(length=16), nullable=False),
         sa.ForeignKeyConstraint(["series_pk"], ["series.pk"], ondelete="CASCADE"),

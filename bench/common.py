@@ -1,0 +1,232 @@
+"""Shared pieces of the benchmarks: data sets, receivers (macpacs, Orthanc, bare pynetdicom), timing.
+
+Every benchmark runs this server and its comparison points on the same data in one run,
+because the machine is small and noisy: ratios measured together are what we quote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.synthetic import write_series  # noqa: E402
+
+DATA = ROOT / "bench" / "data"
+MACPACS = str(Path(sys.executable).with_name("macpacs"))
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+# 130 surnames, one of them SMITH: "SMITH*" matches 1 patient in 130 (~150 of 20,000).
+SURNAMES = ["SMITH"] + [f"N{chr(65 + i // 26)}{chr(65 + i % 26)}SON" for i in range(129)]
+
+
+def patient_name(n: int) -> str:
+    return f"{SURNAMES[n % len(SURNAMES)]}^P{n:06d}"
+
+
+def study_date(n: int) -> str:
+    """Dates spread evenly over 2010-2024 (day 1-28 of each month)."""
+    return f"{2010 + (n // 336) % 15}{1 + (n // 28) % 12:02d}{1 + n % 28:02d}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def ct_series(count: int = 1000) -> Path:
+    """``count`` CT slices of 512×512 int16 (~525 KB each), generated once and cached."""
+    folder = DATA / f"ct{count}"
+    if not (folder / "done").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_series(folder, count, size=512, patient_name="BENCH^CT", patient_id="BENCHCT")
+        (folder / "done").write_text("")
+    return folder
+
+
+def small_instances(count: int = 5000, per_study: int = 10) -> Path:
+    """``count`` 64×64 instances (~10 KB) spread over studies of ``per_study`` with varied names."""
+    folder = DATA / f"small{count}"
+    if not (folder / "done").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        for n in range(count // per_study):
+            write_series(
+                folder / f"{n:05d}",
+                per_study,
+                size=64,
+                patient_name=patient_name(n),
+                patient_id=f"SP{n:06d}",
+                study_date=study_date(n * 40),
+                accession=f"SA{n:06d}",
+            )
+        (folder / "done").write_text("")
+    return folder
+
+
+def split(folder: Path, parts: int) -> list[list[str]]:
+    """The DICOM files under ``folder`` in ``parts`` interleaved lists (one per association)."""
+    files = sorted(str(p) for p in folder.rglob("*.dcm"))
+    return [files[i::parts] for i in range(parts)]
+
+
+def storescu(port: int, aet: str, files: list[str], nodelay: bool = True) -> None:
+    env = {**os.environ, "TCP_NODELAY": "1"} if nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    proc = subprocess.run(
+        ["/usr/bin/storescu", "-aec", aet, "127.0.0.1", str(port), *files], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu failed: {proc.stderr[-2000:]}")
+
+
+def send_parallel(port: int, aet: str, lists: list[list[str]], nodelay: bool = True) -> float:
+    """Send each list on its own association at once; returns the wall time in seconds."""
+    env = {**os.environ, "TCP_NODELAY": "1"} if nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["/usr/bin/storescu", "-aec", aet, "127.0.0.1", str(port), *files],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for files in lists
+    ]
+    for proc in procs:
+        _out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-2000:]}")
+    return time.perf_counter() - start
+
+
+class Receiver:
+    """A C-STORE receiver process started fresh for a run and stopped after it."""
+
+    name = ""
+    aet = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, fresh: bool = True) -> Receiver:
+        """Start the receiver; ``fresh`` empties its folder first (otherwise its data is kept)."""
+        if fresh:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        # Orthanc links DCMTK, which leaves Nagle on unless TCP_NODELAY=1 (shared/reference/performance.md).
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        with open(self.workdir / "out.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env
+            )
+        wait_port(self.port, timeout=120)
+        return self
+
+    def prepare(self) -> None:
+        """Write config files before start (subclasses)."""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Macpacs(Receiver):
+    name, aet = "macpacs", "MACPACS"
+
+    def __init__(self, workdir: Path, data_dir: Path | None = None) -> None:
+        super().__init__(workdir)
+        self.data_dir = data_dir or workdir / "data"
+        self.web_port, self.xmlrpc_port = free_port(), free_port()
+
+    def command(self) -> list[str]:
+        return [
+            MACPACS,
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--dicom-port",
+            str(self.port),
+            "--web-port",
+            str(self.web_port),
+            "--xmlrpc-port",
+            str(self.xmlrpc_port),
+        ]
+
+
+class Orthanc(Receiver):
+    name, aet = "orthanc", "ORTHANC"
+
+    def __init__(self, workdir: Path, dicomweb: bool = False) -> None:
+        super().__init__(workdir)
+        self.http_port = free_port()
+        self.dicomweb = dicomweb
+
+    def prepare(self) -> None:
+        cfg = {
+            "Name": "bench",
+            "StorageDirectory": str(self.workdir / "db"),
+            "IndexDirectory": str(self.workdir / "db"),
+            "DicomAet": self.aet,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "StorageCompression": False,
+            "ConcurrentJobs": 2,
+            "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")] if self.dicomweb else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (self.workdir / "orthanc.json").write_text(json.dumps(cfg))
+
+    def command(self) -> list[str]:
+        return [ORTHANC, str(self.workdir / "orthanc.json")]
+
+
+class BarePynetdicom(Receiver):
+    name, aet = "bare pynetdicom", "BARE"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "bench" / "bare_scp.py"), str(self.port), str(self.workdir / "out")]
+
+
+def median_rate(runs: list[float], count: int) -> float:
+    return count / statistics.median(runs)
+
+
+def timed(func: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
