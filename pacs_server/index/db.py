@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import schema
@@ -205,9 +205,9 @@ class Index:
         return patient_pk, study_pk, series_pk
 
     def _upsert(self, conn: Any, rec: InstanceRecord, now: float, replace: bool, parents: tuple[int, int, int]) -> bool:
-        p, st, se, i = schema.patient, schema.study, schema.series, schema.instance
+        st, i = schema.study, schema.instance
         patient_pk, study_pk, series_pk = parents
-        existing = conn.execute(select(i.c.pk).where(i.c.sop_instance_uid == rec.instance["sop_instance_uid"])).scalar()
+        existing = conn.execute(_FIND_INSTANCE, {"uid": rec.instance["sop_instance_uid"]}).scalar()
         if existing is not None:
             if not replace:
                 return False
@@ -221,15 +221,14 @@ class Index:
             )
             conn.execute(update(st).where(st.c.pk == study_pk).values(updated_at=now))
             return False
+        # The hot path of every C-STORE: constant statements, so SQLAlchemy compiles each once.
         instance_pk = conn.execute(
-            insert(i).values(**rec.instance, series_pk=series_pk, received_at=now)
+            insert(i), {**rec.instance, "series_pk": series_pk, "received_at": now}
         ).inserted_primary_key[0]
-        conn.execute(
-            insert(schema.instance_metadata).values(instance_pk=instance_pk, series_pk=series_pk, data=rec.metadata)
-        )
-        conn.execute(update(se).where(se.c.pk == series_pk).values(num_instances=se.c.num_instances + 1))
-        conn.execute(update(st).where(st.c.pk == study_pk).values(num_instances=st.c.num_instances + 1, updated_at=now))
-        conn.execute(update(p).where(p.c.pk == patient_pk).values(num_instances=p.c.num_instances + 1))
+        conn.execute(_INSERT_METADATA, {"instance_pk": instance_pk, "series_pk": series_pk, "data": rec.metadata})
+        conn.execute(_COUNT_SERIES, {"pk_": series_pk})
+        conn.execute(_COUNT_STUDY, {"pk_": study_pk, "now": now})
+        conn.execute(_COUNT_PATIENT, {"pk_": patient_pk})
         return True
 
     def clear(self) -> None:
@@ -307,6 +306,25 @@ class Index:
             for name in ("patient", "study", "series", "instance", "instance_metadata"):
                 if table_rows.get(name):
                     conn.execute(insert(schema.metadata.tables[name]), list(table_rows[name]))
+
+
+_FIND_INSTANCE = select(schema.instance.c.pk).where(schema.instance.c.sop_instance_uid == bindparam("uid"))
+_INSERT_METADATA = insert(schema.instance_metadata)
+_COUNT_SERIES = (
+    update(schema.series)
+    .where(schema.series.c.pk == bindparam("pk_"))
+    .values(num_instances=schema.series.c.num_instances + 1)
+)
+_COUNT_STUDY = (
+    update(schema.study)
+    .where(schema.study.c.pk == bindparam("pk_"))
+    .values(num_instances=schema.study.c.num_instances + 1, updated_at=bindparam("now"))
+)
+_COUNT_PATIENT = (
+    update(schema.patient)
+    .where(schema.patient.c.pk == bindparam("pk_"))
+    .values(num_instances=schema.patient.c.num_instances + 1)
+)
 
 
 class _NoLock:
