@@ -1,0 +1,135 @@
+"""``macpacs supervise``: the watchdog's command line (dispatched lazily by ``installer.entry``).
+
+Imports nothing of ``pacs_server``: the watchdog must keep working when the server's code does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from .alerts import Alerter
+from .core import Settings, Supervisor
+from .probes import ProbeRunner, build_probes, parse_dicom
+
+log = logging.getLogger("macpacs.supervisor")
+
+
+def _dicom(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_dicom(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _regex(_ctx: click.Context, _param: click.Parameter, value: str) -> re.Pattern[str]:
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise click.BadParameter(f"not a regular expression: {exc}") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--web-url", help="Full URL of the web server's /testdbalive, e.g. http://127.0.0.1:3333/testdbalive.")
+@click.option("--xmlrpc-url", help="URL of the OsiriX XML-RPC server, e.g. http://127.0.0.1:8080/.")
+@click.option("--dicom", callback=_dicom, metavar="HOST:PORT:AET", help="Also probe the DICOM listener with C-ECHO.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
+              help="Seconds between the starts of two probe rounds.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Hard limit, in seconds, for each probe round.")
+@click.option("--failures", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Consecutive failed rounds before the server is stopped.")
+@click.option("--startup-grace", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds a (re)started server may take to answer before failures count.")
+@click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The server's PID file (<data dir>/macpacs.pid), verified before use.")
+@click.option("--process-match", default=r"macpacs serve\b", show_default=True, callback=_regex,
+              help="Regular expression the server's command line must match (searched in the space-joined argv).")
+@click.option("--mode", type=click.Choice(["kill", "spawn"]), default="kill", show_default=True,
+              help="kill: stop the server and let launchd/systemd restart it. spawn: run the server ourselves "
+              "(the command follows --).")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON status, rewritten atomically after every round.")
+@click.option("--alert-command", help="Shell command run on an alert; JSON on stdin and in $MACPACS_ALERT.")
+@click.option("--alert-webhook", help="URL that receives each alert as a JSON POST.")
+@click.option("--max-restarts", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Restarts allowed within --restart-window; one more is a crash loop: alert and hold off.")
+@click.option("--restart-window", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+              help="Crash-loop window, in minutes.")
+@click.option("--kill-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
+              show_default=True)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def supervise(
+    web_url: str | None,
+    xmlrpc_url: str | None,
+    dicom: str | None,
+    interval: float,
+    timeout: float,
+    failures: int,
+    startup_grace: float,
+    pid_file: Path | None,
+    process_match: re.Pattern[str],
+    mode: str,
+    status_file: Path | None,
+    alert_command: str | None,
+    alert_webhook: str | None,
+    max_restarts: int,
+    restart_window: float,
+    kill_grace: float,
+    log_level: str,
+    command: tuple[str, ...],
+) -> None:
+    """Watchdog: probe the server, and stop it when it hangs so that it comes back.
+
+    \b
+    kill mode (launchd/systemd restarts the server):
+      macpacs supervise --web-url http://127.0.0.1:3333/testdbalive \\
+          --xmlrpc-url http://127.0.0.1:8080/ --pid-file DATA/macpacs.pid
+    spawn mode (no service manager):
+      macpacs supervise --mode spawn --web-url ... -- macpacs serve --data-dir DATA
+    """
+    logging.basicConfig(
+        level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if mode == "spawn" and not command:
+        raise click.UsageError("--mode spawn needs the server's command after --, e.g. -- macpacs serve")
+    if mode == "kill" and command:
+        raise click.UsageError("a command after -- is only for --mode spawn")
+    probes = build_probes(web_url, xmlrpc_url, dicom)
+    if not probes:
+        raise click.UsageError("give at least one of --web-url, --xmlrpc-url, --dicom")
+    if interval < timeout:
+        log.info("--interval %g s is shorter than --timeout %g s: a hung round delays the next one", interval, timeout)
+    settings = Settings(
+        runner=ProbeRunner(probes, timeout),
+        interval=interval,
+        failures=failures,
+        startup_grace=startup_grace,
+        pid_file=pid_file,
+        process_match=process_match,
+        mode=mode,
+        command=list(command),
+        status_file=status_file,
+        max_restarts=max_restarts,
+        restart_window=restart_window * 60,
+        kill_grace=kill_grace,
+    )
+    supervisor = Supervisor(settings, Alerter(alert_command, alert_webhook, timeout=max(timeout, 5.0)))
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        supervisor.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    sys.exit(supervisor.run())

@@ -1,0 +1,330 @@
+"""The watchdog loop: probe, count failed rounds, stop a hung server, let it come back.
+
+States, each change logged as exactly one line:
+
+- ``starting``: the server is given ``--startup-grace`` to answer; failures are not counted.
+- ``healthy``: the last round passed.
+- ``failing``: rounds are failing and being counted towards ``--failures``.
+- ``restarting``: we stopped the server (and, in spawn mode, start it again); failures are not
+  counted until it answers or ``--startup-grace`` runs out.
+- ``crash-loop``: more than ``--max-restarts`` restarts within ``--restart-window``: an alert went
+  out, and nothing is killed or started until the window has room again.
+- ``stopped``: the supervisor itself is exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import process
+from .alerts import Alerter
+from .notify import NOTIFY_VARIABLES, Notifier
+from .probes import ProbeResult, ProbeRunner
+
+log = logging.getLogger("macpacs.supervisor")
+
+DAY = 24 * 3600.0
+
+
+@dataclass
+class Settings:
+    """Everything the supervisor knows about the server: only what its command line told it."""
+
+    runner: ProbeRunner
+    interval: float = 15.0
+    failures: int = 3
+    startup_grace: float = 60.0
+    pid_file: Path | None = None
+    process_match: re.Pattern[str] = field(default_factory=lambda: re.compile(r"macpacs serve\b"))
+    mode: str = "kill"
+    command: list[str] = field(default_factory=list)
+    status_file: Path | None = None
+    max_restarts: int = 5
+    restart_window: float = 600.0  # seconds
+    kill_grace: float = 5.0
+    backoff_max: float = 60.0
+
+
+def _iso(wall: float | None) -> str | None:
+    return None if wall is None else datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
+
+
+def _summary(results: list[ProbeResult]) -> str:
+    return "; ".join(f"{r.probe}: {'ok' if r.ok else r.detail}" for r in results)
+
+
+def write_atomically(path: Path, data: str) -> None:
+    """Readers (status page, ``macpacs doctor``) must never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        alerter: Alerter,
+        notifier: Notifier | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.s = settings
+        self.alerter = alerter
+        self.notifier = notifier or Notifier()
+        self.stop_event = stop or threading.Event()
+        self.state = "starting"
+        self.state_since = time.time()
+        self.consecutive_failures = 0
+        self.restarts: deque[float] = deque()  # wall-clock times of restarts, last 24 h
+        self.results: list[ProbeResult] = []
+        self.last_check: float | None = None
+        self.grace_until = time.monotonic() + settings.startup_grace
+        self.fault_at: float | None = None  # monotonic time of the first failed round of this episode
+        # spawn mode
+        self.child: subprocess.Popen[bytes] | None = None
+        self.respawn_at: float | None = None
+        self.unhealthy_restarts = 0  # restarts since the server was last healthy: the backoff exponent
+        self.crash_loop_alerted = False
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        log.info(
+            "supervising (%s mode): %d probes every %g s, action after %d failed rounds",
+            self.s.mode, len(self.s.runner.probes), self.s.interval, self.s.failures,
+        )
+        if self.s.mode == "spawn":
+            self._spawn(initial=True)
+        self.notifier.ready()
+        if self.notifier.watchdog_seconds and self.notifier.watchdog_seconds < 2 * self.s.interval:
+            log.warning(
+                "WatchdogSec=%gs is shorter than twice --interval %g s: systemd will kill us between probes",
+                self.notifier.watchdog_seconds, self.s.interval,
+            )
+        self._write_status()
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            self.tick()
+            wake = started + self.s.interval
+            if self.respawn_at is not None:
+                wake = min(wake, self.respawn_at)
+            self.stop_event.wait(max(0.0, wake - time.monotonic()))
+        self._shutdown()
+        return 0
+
+    def tick(self) -> None:
+        """One round: notice a dead child, probe, count, maybe act; then write the status file."""
+        if self.s.mode == "spawn" and not self._child_running():
+            self._write_status()
+            return
+        results = self.s.runner.run_round()
+        self.results, self.last_check = results, time.time()
+        if all(r.ok for r in results):
+            self._healthy_round()
+        elif time.monotonic() < self.grace_until and self.state in ("starting", "restarting"):
+            pass  # still inside --startup-grace: not counted
+        else:
+            self._failed_round(results)
+        self._write_status()
+
+    def _healthy_round(self) -> None:
+        self.notifier.watchdog()
+        self.consecutive_failures = 0
+        self.unhealthy_restarts = 0
+        self.crash_loop_alerted = False
+        if self.state != "healthy":
+            detail = "all probes pass"
+            if self.fault_at is not None:
+                detail += f"; {time.monotonic() - self.fault_at:.1f} s after the first failed round"
+            self._transition("healthy", detail)
+            self.fault_at = None
+
+    def _failed_round(self, results: list[ProbeResult]) -> None:
+        self.consecutive_failures += 1
+        if self.fault_at is None:
+            self.fault_at = time.monotonic()
+        if self.state == "crash-loop":
+            if not self._restart_allowed():
+                return
+        elif self.state != "failing":
+            self._transition("failing", _summary(results))
+        else:
+            log.warning("round failed (%d/%d): %s", self.consecutive_failures, self.s.failures, _summary(results))
+        if self.consecutive_failures >= self.s.failures:
+            self._act(f"{self.consecutive_failures} consecutive failed rounds: {_summary(results)}")
+
+    # -- acting --------------------------------------------------------------------------------
+
+    def _restart_allowed(self) -> bool:
+        return self._restart_hold() is None
+
+    def _restart_hold(self) -> float | None:
+        """While the crash-loop limit is reached: the wall time a restart is allowed again (alerts once)."""
+        window_start = time.time() - self.s.restart_window
+        recent = [t for t in self.restarts if t >= window_start]
+        if len(recent) < self.s.max_restarts:
+            return None
+        resume = recent[0] + self.s.restart_window
+        if self.state != "crash-loop":
+            self._transition(
+                "crash-loop",
+                f"{len(recent)} restarts within {self.s.restart_window / 60:g} min: "
+                f"no restart before {_iso(resume)}",
+            )
+        if not self.crash_loop_alerted:
+            self.crash_loop_alerted = True
+            self.alerter.alert(self._alert_payload(
+                f"crash loop: {len(recent)} restarts within {self.s.restart_window / 60:g} min "
+                f"(--max-restarts {self.s.max_restarts}); holding off until {_iso(resume)}"
+            ))
+        return resume
+
+    def _act(self, reason: str) -> None:
+        if not self._restart_allowed():
+            return
+        if self.s.mode == "spawn":
+            target = process.own_process(self.child.pid) if self.child is not None else None
+        else:
+            target = process.find_server(self.s.pid_file, self.s.process_match)
+        self.consecutive_failures = 0
+        if target is None:
+            log.error("server is unhealthy (%s) but no process to stop was found", reason)
+            return
+        outcome = process.terminate(target, self.s.kill_grace, self.child)
+        self.grace_until = time.monotonic() + self.s.startup_grace
+        if self.s.mode == "spawn":
+            self.child = None
+            self._transition("restarting", f"stopped the server ({reason}): {outcome}")
+            self._schedule_respawn()
+        else:
+            self._record_restart()
+            self._transition("restarting", f"stopped the server ({reason}): {outcome}; the service manager restarts it")
+
+    def _record_restart(self) -> None:
+        now = time.time()
+        self.restarts.append(now)
+        while self.restarts and self.restarts[0] < now - DAY:
+            self.restarts.popleft()
+
+    # -- spawn mode ----------------------------------------------------------------------------
+
+    def _child_running(self) -> bool:
+        """In spawn mode: True when a child runs; otherwise handles its exit or a due respawn."""
+        if self.child is not None:
+            code = self.child.poll()
+            if code is None:
+                return True
+            self.child = None
+            self.results, self.last_check = [], time.time()
+            self._transition("restarting", f"server exited with code {code}")
+            self._schedule_respawn()
+            return False
+        if self.respawn_at is None or time.monotonic() < self.respawn_at:
+            return False
+        resume = self._restart_hold()
+        if resume is not None:
+            self.respawn_at = time.monotonic() + max(0.0, resume - time.time())
+            return False
+        self._spawn(initial=False)
+        return self.child is not None
+
+    def _schedule_respawn(self) -> None:
+        # 0 s after a healthy spell, then 1, 2, 4 … s while the server never becomes healthy.
+        delay = 0.0 if self.unhealthy_restarts == 0 else min(self.s.backoff_max, 2.0 ** (self.unhealthy_restarts - 1))
+        self.respawn_at = time.monotonic() + delay
+        if delay:
+            log.info("starting the server again in %g s (restart %d since it was last healthy)",
+                     delay, self.unhealthy_restarts + 1)
+
+    def _spawn(self, *, initial: bool) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in NOTIFY_VARIABLES}
+        try:
+            # Its own session: a Ctrl-C meant for the supervisor does not reach the server behind its back.
+            self.child = subprocess.Popen(self.s.command, env=env, start_new_session=True)
+        except OSError as exc:
+            log.error("cannot start %s: %s", self.s.command[0], exc)
+            self.child = None
+        self.respawn_at = None
+        if not initial:
+            self.unhealthy_restarts += 1
+            self._record_restart()
+            if self.state == "crash-loop":
+                self._transition("restarting", "crash-loop hold-off is over: starting the server again")
+        self.grace_until = time.monotonic() + self.s.startup_grace
+        if self.child is not None:
+            log.info("started the server: PID %d: %s", self.child.pid, " ".join(self.s.command))
+        else:
+            self._schedule_respawn()
+
+    # -- state, status, shutdown ---------------------------------------------------------------
+
+    def _transition(self, state: str, detail: str) -> None:
+        level = logging.INFO if state in ("healthy", "stopped") else logging.WARNING
+        log.log(level, "%s -> %s: %s", self.state, state, detail)
+        self.state, self.state_since = state, time.time()
+
+    def _alert_payload(self, reason: str) -> dict[str, Any]:
+        return {
+            "event": "crash-loop",
+            "reason": reason,
+            "host": socket.gethostname(),
+            "time": _iso(time.time()),
+            "state": self.state,
+            "restarts_24h": len(self.restarts),
+            "last_results": [r.as_dict() for r in self.results],
+        }
+
+    def status(self) -> dict[str, Any]:
+        cutoff = time.time() - DAY
+        return {
+            "state": self.state,
+            "since": _iso(self.state_since),
+            "mode": self.s.mode,
+            "supervisor_pid": os.getpid(),
+            "server_pid": self.child.pid if self.child is not None else None,
+            "last_check": _iso(self.last_check),
+            "results": [r.as_dict() for r in self.results],
+            "healthy": bool(self.results) and all(r.ok for r in self.results),
+            "consecutive_failures": self.consecutive_failures,
+            "failures_before_action": self.s.failures,
+            "restarts_24h": sum(1 for t in self.restarts if t >= cutoff),
+            "last_restart": _iso(self.restarts[-1]) if self.restarts else None,
+        }
+
+    def _write_status(self) -> None:
+        if self.s.status_file is None:
+            return
+        try:
+            write_atomically(self.s.status_file, json.dumps(self.status(), indent=2) + "\n")
+        except OSError as exc:
+            log.warning("cannot write status file %s: %s", self.s.status_file, exc)
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        if self.child is not None:
+            # Spawn mode: we own this server, and nobody else would stop or supervise it.
+            target = process.own_process(self.child.pid)
+            outcome = process.terminate(target, self.s.kill_grace, self.child) if target else "already gone"
+            self._transition("stopped", f"supervisor stopping; stopped the server it started: {outcome}")
+            self.child = None
+        else:
+            self._transition("stopped", "supervisor stopping; the server is left running")
+        self._write_status()
