@@ -231,7 +231,10 @@ class Supervisor:
                 return True
             self.child = None
             self.results, self.last_check = [], time.time()
-            self._transition("restarting", f"server exited with code {code}")
+            if self.state == "restarting":  # died again before becoming healthy: not a new state
+                log.warning("server exited with code %d before answering", code)
+            else:
+                self._transition("restarting", f"server exited with code {code}")
             self._schedule_respawn()
             return False
         if self.respawn_at is None or time.monotonic() < self.respawn_at:

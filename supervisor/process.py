@@ -10,6 +10,7 @@ exactly one process; an ambiguous match kills nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -128,10 +129,11 @@ def terminate(proc: psutil.Process, grace: float, child: subprocess.Popen[bytes]
     start = time.monotonic()
     try:
         proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGCONT)
     except psutil.NoSuchProcess:
         wait(0)
         return f"PID {proc.pid} was already gone"
+    with contextlib.suppress(psutil.NoSuchProcess):  # SIGTERM may have ended it already
+        proc.send_signal(signal.SIGCONT)
     if wait(grace):
         return f"PID {proc.pid} exited {time.monotonic() - start:.1f} s after SIGTERM"
     try:

@@ -1,0 +1,95 @@
+"""Probes against real misbehaving peers: each fault is reported as a failure, on time."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from supervisor.probes import EchoProbe, HttpProbe, ProbeRunner, XmlRpcProbe, build_probes
+
+from .conftest import Peer, free_port, wait_until
+
+
+def start_peer(peer: Peer, procs: list[subprocess.Popen[bytes]], mode: str) -> None:
+    procs.append(subprocess.Popen(peer.argv(mode, pid_file=False)))
+    if mode not in ("refuse", "sleep"):
+        wait_until(lambda: _listening(peer.web) and _listening(peer.xmlrpc), 10)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def runner_for(peer: Peer, timeout: float) -> ProbeRunner:
+    return ProbeRunner(
+        [HttpProbe(f"http://127.0.0.1:{peer.web}/testdbalive"), XmlRpcProbe(f"http://127.0.0.1:{peer.xmlrpc}/")],
+        timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "web", "xmlrpc"),
+    [
+        ("healthy", "HTTP 200", 'error "0"'),
+        ("refuse", "connection refused", "connection refused"),
+        ("hang", "timed out", "timed out"),
+        ("wrongbody", "unexpected body 'Test DB Alive failed'", 'error "0"'),
+        ("xmlrpc-fault", "HTTP 200", "XML-RPC fault 7: database is locked"),
+        ("trickle", "no answer within 0.5 s", "no answer within 0.5 s"),
+    ],
+)
+def test_each_fault_is_reported(peer: Peer, procs: list[subprocess.Popen[bytes]], mode: str, web: str, xmlrpc: str):
+    start_peer(peer, procs, mode)
+    started = time.monotonic()
+    results = runner_for(peer, timeout=0.5).run_round()
+    elapsed = time.monotonic() - started
+    by_name = {r.probe: r for r in results}
+    assert web in by_name["web"].detail
+    assert xmlrpc in by_name["xmlrpc"].detail
+    assert by_name["web"].ok == (web == "HTTP 200")
+    assert by_name["xmlrpc"].ok == (xmlrpc == 'error "0"')
+    # Concurrent probes under one deadline: a round never takes much longer than the timeout.
+    assert elapsed < 0.5 + 0.3
+
+
+def test_a_probe_stuck_past_its_deadline_is_never_started_twice(peer: Peer, procs: list[subprocess.Popen[bytes]]):
+    """A trickling server defeats socket timeouts; stuck probe threads must still stay bounded."""
+    start_peer(peer, procs, "trickle")
+    runner = runner_for(peer, timeout=0.2)
+    rounds = [runner.run_round() for _ in range(8)]
+    stuck = [t for t in threading.enumerate() if t.name.startswith("probe-")]
+    assert len(stuck) <= 2, stuck
+    later = [r.detail for round_ in rounds[1:] for r in round_]
+    assert set(later) == {"previous probe still hung"}
+
+
+def test_c_echo_probe_against_a_real_listener():
+    port = free_port()
+    scp = AE(ae_title="ECHOSCP")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000)])
+    try:
+        ok = ProbeRunner([EchoProbe("127.0.0.1", port, "ECHOSCP")], 5).run_round()[0]
+        assert ok.ok, ok
+        assert ok.detail == "C-ECHO 0x0000"
+    finally:
+        server.shutdown()
+    refused = ProbeRunner([EchoProbe("127.0.0.1", port, "ECHOSCP")], 2).run_round()[0]
+    assert not refused.ok
+    assert "not established" in refused.detail
+
+
+def test_dicom_option_is_parsed():
+    (probe,) = build_probes(None, None, "pacs.example:11112:MACPACS")
+    assert isinstance(probe, EchoProbe)
+    assert (probe.host, probe.port, probe.ae_title) == ("pacs.example", 11112, "MACPACS")
+    with pytest.raises(ValueError, match="HOST:PORT:AET"):
+        build_probes(None, None, "pacs.example:MACPACS")
