@@ -47,7 +47,7 @@ class DicomSettings:
     # Largest number of matches one C-FIND returns before it stops (0: no limit).
     max_find_results: int = 0
     # How often pynetdicom's reactors poll, in ms (its default is 1): see dimse/tuning.py.
-    reactor_poll_ms: float = 0.1
+    reactor_poll_ms: float = 0.25
 
 
 @dataclass

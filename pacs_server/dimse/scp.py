@@ -1,6 +1,6 @@
 """The DICOM listener: one pynetdicom AE serving C-ECHO, C-STORE and C-FIND.
 
-Every Storage SOP Class pynetdicom knows is accepted in every transfer syntax it knows
+Every Storage SOP Class pynetdicom knows (all 170) is accepted in every transfer syntax it knows
 (uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE, HTJ2K...), because files are stored as
 received. Incoming datasets are streamed to a temporary file in the store's ``tmp`` folder
 (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``), which ingest then renames into place: the
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -71,7 +71,7 @@ class DicomListener:
         ae.dimse_timeout = d.client_timeout
         ae.require_called_aet = not d.accept_any_called_ae
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for context in StoragePresentationContexts:
+        for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         for model in (
             PatientRootQueryRetrieveInformationModelFind,
@@ -85,9 +85,10 @@ class DicomListener:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(tmp_dir)
         d = self.settings.dicom
-        tuning.shorten_polling(d.reactor_poll_ms)
+        clock = tuning.install_clock(d.reactor_poll_ms)
         handlers = [
-            (evt.EVT_CONN_OPEN, lambda event: tuning.tune_association(event.assoc, d.reactor_poll_ms)),
+            (evt.EVT_CONN_OPEN, clock.opened),
+            (evt.EVT_CONN_CLOSE, clock.closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
@@ -97,6 +98,7 @@ class DicomListener:
             (evt.EVT_ABORTED, self._on_closed),
         ]
         self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=handlers)
+        tuning.share_contexts(self.server)
         log.info("DICOM listener on %s:%d, AE title %s", d.bind, d.port, d.ae_title)
 
     def stop(self) -> None:
