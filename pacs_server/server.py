@@ -25,6 +25,7 @@ from .index import Index
 from .ingest import Ingestor
 from .reindex import reindex
 from .storage import FileStore
+from .xmlrpc import XmlRpcServer
 
 log = logging.getLogger("macpacs.server")
 
@@ -100,6 +101,7 @@ class ArchiveServer:
         self.store: FileStore | None = None
         self.index: Index | None = None
         self.listener: DicomListener | None = None
+        self.xmlrpc: XmlRpcServer | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -113,6 +115,9 @@ class ArchiveServer:
         ingestor = Ingestor(self.store, self.index, s.storage)
         self.listener = DicomListener(s, self.index, ingestor)
         self.listener.start(self.store.tmp_dir)
+        if s.xmlrpc.enabled:
+            self.xmlrpc = XmlRpcServer(s, self.index, self.store, request_stop=self.request_stop)
+            self.xmlrpc.start()
         log.info("macpacs serving data in %s (PID %d)", s.data_dir, os.getpid())
 
     def request_stop(self, *_args: object) -> None:
@@ -131,6 +136,9 @@ class ArchiveServer:
         self._stop.set()
 
     def stop(self) -> None:
+        if self.xmlrpc is not None:
+            self.xmlrpc.stop()
+            self.xmlrpc = None
         if self.listener is not None:
             self.listener.stop()
             self.listener = None

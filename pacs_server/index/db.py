@@ -239,6 +239,71 @@ class Index:
                     conn.execute(delete(table))
             self._parents.clear()
 
+    def remove_instances(self, instance_pks: Sequence[int]) -> dict[str, int]:
+        """Delete instances, then the series, studies and patients they leave empty, in one transaction.
+
+        Counters and ModalitiesInStudy of what remains are recomputed. Files are the caller's job
+        (``pacs_server.delete``), after this commits. Returns how many rows of each level went.
+        """
+        p, st, se, i, m = schema.patient, schema.study, schema.series, schema.instance, schema.instance_metadata
+        removed = dict.fromkeys(("instances", "series", "studies", "patients"), 0)
+        pks = list(dict.fromkeys(instance_pks))
+        with self._write_lock, self.engine.begin() as conn:
+            series_pks: set[int] = set()
+            for chunk in _chunks(pks):
+                series_pks.update(conn.execute(select(i.c.series_pk).where(i.c.pk.in_(chunk))).scalars())
+                conn.execute(delete(m).where(m.c.instance_pk.in_(chunk)))
+                removed["instances"] += conn.execute(delete(i).where(i.c.pk.in_(chunk))).rowcount
+            study_pks: set[int] = set()
+            for chunk in _chunks(sorted(series_pks)):
+                study_pks.update(conn.execute(select(se.c.study_pk).where(se.c.pk.in_(chunk))).scalars())
+                count = select(func.count()).where(i.c.series_pk == se.c.pk).scalar_subquery()
+                conn.execute(update(se).where(se.c.pk.in_(chunk)).values(num_instances=count))
+                removed["series"] += conn.execute(
+                    delete(se).where(se.c.pk.in_(chunk), se.c.num_instances == 0)
+                ).rowcount
+            patient_pks: set[int] = set()
+            for chunk in _chunks(sorted(study_pks)):
+                patient_pks.update(conn.execute(select(st.c.patient_pk).where(st.c.pk.in_(chunk))).scalars())
+                in_study = se.c.study_pk == st.c.pk
+                conn.execute(
+                    update(st)
+                    .where(st.c.pk.in_(chunk))
+                    .values(
+                        num_series=select(func.count()).where(in_study).scalar_subquery(),
+                        num_instances=select(func.coalesce(func.sum(se.c.num_instances), 0))
+                        .where(in_study)
+                        .scalar_subquery(),
+                    )
+                )
+                removed["studies"] += conn.execute(delete(st).where(st.c.pk.in_(chunk), st.c.num_series == 0)).rowcount
+                modalities: dict[int, set[str]] = {}
+                for study_pk, modality in conn.execute(
+                    select(se.c.study_pk, se.c.modality).where(se.c.study_pk.in_(chunk))
+                ):
+                    modalities.setdefault(study_pk, set()).add(modality)
+                for study_pk, values in modalities.items():
+                    merged = "\\".join(sorted(filter(None, values)))
+                    conn.execute(update(st).where(st.c.pk == study_pk).values(modalities_in_study=merged))
+            for chunk in _chunks(sorted(patient_pks)):
+                of_patient = st.c.patient_pk == p.c.pk
+                conn.execute(
+                    update(p)
+                    .where(p.c.pk.in_(chunk))
+                    .values(
+                        num_studies=select(func.count()).where(of_patient).scalar_subquery(),
+                        num_series=select(func.coalesce(func.sum(st.c.num_series), 0))
+                        .where(of_patient)
+                        .scalar_subquery(),
+                        num_instances=select(func.coalesce(func.sum(st.c.num_instances), 0))
+                        .where(of_patient)
+                        .scalar_subquery(),
+                    )
+                )
+                removed["patients"] += conn.execute(delete(p).where(p.c.pk.in_(chunk), p.c.num_studies == 0)).rowcount
+            self._parents.clear()  # cached parent keys may name rows that are gone
+        return removed
+
     # -- reads ------------------------------------------------------------------------------
     def find(self, query: Query) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
         """Run a query through the one matcher; returns the keywords and an iterator of rows."""
@@ -325,6 +390,12 @@ _COUNT_PATIENT = (
     .where(schema.patient.c.pk == bindparam("pk_"))
     .values(num_instances=schema.patient.c.num_instances + 1)
 )
+
+
+def _chunks(values: Sequence[int], size: int = 500) -> Iterator[list[int]]:
+    """Slices short enough for an ``IN (...)`` list on every database."""
+    for start in range(0, len(values), size):
+        yield list(values[start : start + size])
 
 
 class _NoLock:

@@ -9,12 +9,13 @@ parameters; no SQL is built from text.
 from __future__ import annotations
 
 import itertools
+import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select, true
 
 from . import schema
 from .attributes import BY_KEYWORD, LEVELS, UNIQUE_KEYS, Attr, level_index, normalize_pn
@@ -46,6 +47,58 @@ class Query:
     case_insensitive_names: bool = True
     limit: int | None = None
     offset: int = 0
+    # An extra condition ANDed with ``keys``: the boolean form used by XML-RPC predicates.
+    where: Expr | None = None
+
+
+# -- boolean expressions ------------------------------------------------------------------------
+# DICOM matching keys can only be ANDed; an OsiriX predicate (XML-RPC ``DBWindowFind``) also
+# has OR, NOT, inequalities and substring tests. It arrives here as a tree of these nodes, and
+# each leaf compiles to one SQL condition on the same columns, with bound parameters only.
+
+_ORDER = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+}
+COMPARISONS = (*_ORDER, "like", "contains", "beginswith", "endswith")
+
+
+@dataclass(frozen=True)
+class Match:
+    """One attribute compared with a literal.
+
+    ``like`` takes ``*``/``?`` wildcards; ``contains``/``beginswith``/``endswith`` take the value
+    literally. For a date attribute the value is ``YYYYMMDD`` or ``YYYYMMDDHHMMSS``, and
+    ``time_keyword`` names the time attribute that completes it (StudyDate + StudyTime).
+    """
+
+    keyword: str
+    op: str
+    value: str | int | float
+    case_insensitive: bool = False
+    time_keyword: str | None = None
+
+
+@dataclass(frozen=True)
+class All:
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    item: Expr
+
+
+Expr = Match | All | AnyOf | Not
 
 
 def has_wildcard(value: str) -> bool:
@@ -154,6 +207,94 @@ def condition_for(
     raise AssertionError(f"unknown attribute kind {attr.kind}")
 
 
+def _literal_like(value: str) -> str:
+    """A LIKE pattern matching ``value`` literally (no wildcard of its own)."""
+    return "".join(ESCAPE + ch if ch in ("%", "_", ESCAPE) else ch for ch in value)
+
+
+def _column_for(keyword: str, depth: int) -> tuple[Attr, Any]:
+    attr = BY_KEYWORD.get(keyword)
+    if attr is None:
+        raise QueryError(f"{keyword} is not an attribute the index keeps")
+    if level_index(attr.level) > depth:
+        raise QueryError(f"{keyword} is a {attr.level.lower()}-level attribute; it cannot be matched here")
+    return attr, schema.LEVEL_TABLES[attr.level].c[attr.column]
+
+
+def _date_condition(match: Match, column: Any, depth: int) -> ColumnElement[bool]:
+    value = str(match.value)
+    if not re.fullmatch(r"\d{8}(\d{6})?", value):
+        raise QueryError(f"{match.keyword} needs a date (YYYYMMDD or YYYYMMDDHHMMSS), not {value[:40]!r}")
+    day, clock = value[:8], value[8:]
+    if match.time_keyword is None or (clock == "000000" and match.op in ("ge", "lt")):
+        clock = ""  # from midnight on / before midnight: the day alone decides
+    if match.op not in ("eq", "ne", "lt", "le", "gt", "ge"):
+        raise QueryError(f"{match.keyword} is a date: compare it with ==, !=, <, <=, > or >=")
+    if not clock:
+        cond = _ORDER[match.op](column, day) if match.op != "ne" else column == day
+    elif match.op in ("eq", "ne"):
+        _attr, time_col = _column_for(match.time_keyword or "", depth)
+        cond = and_(column == day, time_col.like(clock + "%"))
+    else:
+        # Stored times have any precision (1015, 101500.25): "~" sorts after all of them.
+        _attr, time_col = _column_for(match.time_keyword or "", depth)
+        bound = clock + "~" if match.op in ("le", "gt") else clock
+        day_op = operator.lt if match.op in ("lt", "le") else operator.gt
+        cond = or_(day_op(column, day), and_(column == day, _ORDER[match.op](time_col, bound)))
+    if match.op == "ne":
+        return not_(cond)
+    return and_(column != "", cond) if match.op in ("lt", "le") else cond
+
+
+def _match_condition(match: Match, depth: int, sqlite: bool) -> ColumnElement[bool]:
+    attr, column = _column_for(match.keyword, depth)
+    if match.op not in COMPARISONS:
+        raise QueryError(f"unknown comparison {match.op!r}")
+    if isinstance(match.value, str) and len(match.value) > MAX_VALUE_LENGTH:
+        raise QueryError(f"value for {attr.keyword} is {len(match.value)} characters long (limit {MAX_VALUE_LENGTH})")
+    if attr.kind == "date":
+        return _date_condition(match, column, depth)
+    if attr.kind in ("int", "count"):
+        if match.op not in ("eq", "ne", "lt", "le", "gt", "ge"):
+            raise QueryError(f"{attr.keyword} is a number: compare it with ==, !=, <, <=, > or >=")
+        try:
+            number: int | float = float(match.value) if "." in str(match.value) else int(match.value)
+        except ValueError:
+            raise QueryError(f"{attr.keyword} {str(match.value)[:40]!r} is not a number") from None
+        value: Any = number
+    else:
+        value = str(match.value)
+        if match.case_insensitive and attr.kind == "pn":
+            column, value = schema.LEVEL_TABLES[attr.level].c[attr.column + "_norm"], value.upper()
+        elif match.case_insensitive:
+            column, value = func.upper(column), value.upper()
+        if attr.kind == "multi" and match.op in ("eq", "ne"):
+            cond = condition_for(attr, value, schema.LEVEL_TABLES[attr.level], case_insensitive=False, sqlite=sqlite)
+            cond = cond if cond is not None else column == ""
+            return not_(cond) if match.op == "ne" else cond
+    op = match.op
+    if op == "like":
+        return _wildcard_match(column, value, sqlite and not match.case_insensitive)
+    if op in ("contains", "beginswith", "endswith"):
+        literal = _literal_like(value)
+        pattern = {"contains": f"%{literal}%", "beginswith": f"{literal}%", "endswith": f"%{literal}"}[op]
+        return column.like(pattern, escape=ESCAPE)
+    return _ORDER[op](column, value)
+
+
+def expression_condition(expr: Expr, depth: int, *, sqlite: bool) -> ColumnElement[bool]:
+    """Compile a boolean expression into one SQL condition over the joined level tables."""
+    if isinstance(expr, Match):
+        return _match_condition(expr, depth, sqlite)
+    if isinstance(expr, All):
+        return and_(true(), *(expression_condition(e, depth, sqlite=sqlite) for e in expr.items))
+    if isinstance(expr, AnyOf):
+        return or_(false(), *(expression_condition(e, depth, sqlite=sqlite) for e in expr.items))
+    if isinstance(expr, Not):
+        return not_(expression_condition(expr.item, depth, sqlite=sqlite))
+    raise QueryError(f"unknown expression {expr!r}")
+
+
 def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
     """Translate a Query into a SELECT and the list of keywords its rows carry.
 
@@ -184,6 +325,8 @@ def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
             cond = condition_for(attr, value, table, case_insensitive=query.case_insensitive_names, sqlite=sqlite)
             if cond is not None:
                 conditions.append(cond)
+    if query.where is not None:
+        conditions.append(expression_condition(query.where, depth, sqlite=sqlite))
     charset_table = schema.study if depth >= 1 else schema.patient
     columns.append(charset_table.c.charset.label("_charset"))
     level_table = tables[-1]

@@ -1,0 +1,62 @@
+"""The one delete path: whatever a query matches → index rows removed → files removed.
+
+XML-RPC ``DBWindowFind`` with ``execute: Delete`` uses it, and so will the web pages. The order is
+chosen so that a crash in the middle never leaves the index pointing at missing files: rows (with
+the parents they leave empty and the counters of the rest) go in one transaction first, files after
+it commits. A crash between the two leaves orphan files only; they cost disk space and are logged,
+and nothing a client can query refers to them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .index import Index, Query
+from .storage import FileStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What one delete removed."""
+
+    instances: int
+    series: int
+    studies: int
+    patients: int
+    files_not_removed: int  # files that were already missing or could not be unlinked
+
+    def __str__(self) -> str:
+        return (
+            f"{self.studies} studies, {self.series} series, {self.instances} instances, "
+            f"{self.patients} patients removed"
+        )
+
+
+def delete_matching(index: Index, store: FileStore, query: Query, *, reason: str = "") -> Deleted:
+    """Remove every instance under what ``query`` matches at its level, and the parents left empty.
+
+    A Series query removes those series only, never their whole study; an Image query removes
+    single instances. ``reason`` (who asked) goes into the log line.
+    """
+    victims = index.instances(query)
+    if not victims:
+        return Deleted(0, 0, 0, 0, 0)
+    removed = index.remove_instances([v.pk for v in victims])
+    not_removed = 0
+    for victim in victims:
+        path = store.path(victim.storage_key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            not_removed += 1
+        except OSError as exc:
+            not_removed += 1
+            log.error("delete: could not remove file %s of instance %s: %s", path, victim.sop_instance_uid, exc)
+    result = Deleted(removed["instances"], removed["series"], removed["studies"], removed["patients"], not_removed)
+    log.warning("delete%s: %s", f" ({reason})" if reason else "", result)
+    if not_removed:
+        log.warning("delete: %d files were already missing or could not be removed", not_removed)
+    return result

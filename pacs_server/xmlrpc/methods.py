@@ -1,0 +1,163 @@
+"""The OsiriX XML-RPC methods, with OsiriX's parameter names, reply shapes and error codes.
+
+Every method takes one struct and answers a struct whose ``error`` is a string code (``"0"``
+success, ``"-1"`` nothing found, ...). A call OsiriX would refuse with ``ReturnWithCode(400)``
+raises BadRequest, which the server turns into HTTP 400. There is no GUI: the methods that open
+viewers in OsiriX (DisplayStudy, DisplaySeries, DisplayStudyList...) return what they would show.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..delete import delete_matching
+from ..index import Index, Query, QueryError
+from ..index.matcher import All, Expr, Match
+from ..predicate import PredicateError, parse
+from ..storage import FileStore
+from . import osirix
+
+log = logging.getLogger("macpacs.xmlrpc")
+
+MAX_ELEMENTS = 100_000  # a reply larger than this is refused: narrow the predicate
+EXECUTE = {"": "Select", "nothing": "Select", "select": "Select", "open": "Select", "delete": "Delete"}
+
+
+class BadRequest(ValueError):
+    """The call cannot be served as asked (OsiriX's ReturnWithCode(400)); the message says why."""
+
+
+def _struct(params: tuple[Any, ...]) -> dict[str, Any]:
+    """OsiriX methods take one struct; anything else counts as an empty one."""
+    return params[0] if params and isinstance(params[0], dict) else {}
+
+
+def _text(args: dict[str, Any], *names: str) -> str:
+    """The first non-empty parameter among ``names`` (OsiriX accepts PatientID and patientID)."""
+    for name in names:
+        value = args.get(name)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return ""
+
+
+class OsirixMethods:
+    """The methods registered on the XML-RPC dispatcher; ``caller`` is set per request."""
+
+    def __init__(self, index: Index, store: FileStore, request_stop: Callable[[], None]) -> None:
+        self.index = index
+        self.store = store
+        self.request_stop = request_stop
+        self.local = threading.local()
+
+    @property
+    def caller(self) -> str:
+        return getattr(self.local, "caller", "?")
+
+    def table(self) -> dict[str, Callable[..., Any]]:
+        """Method name (as OsiriX spells it) → function."""
+        return {
+            "DBWindowFind": self.DBWindowFind,
+            "FindObject": self.DBWindowFind,
+            "DisplayStudy": self.DisplayStudy,
+            "DisplaySeries": self.DisplaySeries,
+            "DisplayStudyListByPatientName": self.DisplayStudyListByPatientName,
+            "DisplayStudyListByPatientId": self.DisplayStudyListByPatientId,
+            "KillOsiriX": self.KillOsiriX,
+        }
+
+    # -- queries ---------------------------------------------------------------------------------
+    def _select(self, entity: str, where: Expr) -> list[dict[str, str]]:
+        query = Query(
+            level=osirix.LEVEL_OF[entity],
+            keys=dict.fromkeys(osirix.keywords(entity)),
+            where=where,
+            limit=MAX_ELEMENTS + 1,
+        )
+        try:
+            rows = self.index.find_all(query)
+        except QueryError as exc:
+            raise BadRequest(f"predicate cannot be used: {exc}") from None
+        if len(rows) > MAX_ELEMENTS:
+            raise BadRequest(f"more than {MAX_ELEMENTS} {entity} elements match; narrow the predicate")
+        return [osirix.element(entity, row) for row in rows]
+
+    def DBWindowFind(self, *params: Any) -> dict[str, Any]:
+        """``{request, table, execute}`` → ``{error: "0", elements: [...]}``.
+
+        Unlike OsiriX, which answers ``-1`` when nothing matches, an empty result is ``"0"`` with
+        no elements: the watchdog's probe (a predicate matching nothing) relies on it.
+        """
+        args = _struct(params)
+        request = str(args.get("request") or "")
+        if not request.strip() or not str(args.get("table") or "").strip():
+            raise BadRequest("DBWindowFind needs request (a predicate) and table (Study, Series or Image)")
+        execute = EXECUTE.get(str(args.get("execute") or "").strip().lower())
+        if execute is None:
+            raise BadRequest(f"execute {str(args.get('execute'))[:40]!r} is not one of Select, Open, Delete, Nothing")
+        try:
+            entity = osirix.table_name(args.get("table"))
+            where = osirix.to_expression(entity, parse(request))
+        except PredicateError as exc:
+            raise BadRequest(f"predicate error: {exc}") from None
+        elements = self._select(entity, where)
+        if execute == "Delete" and elements:
+            query = Query(level=osirix.LEVEL_OF[entity], where=where)
+            delete_matching(self.index, self.store, query, reason=f"XML-RPC DBWindowFind from {self.caller}")
+        return {"error": "0", "elements": elements}
+
+    def DisplayStudy(self, *params: Any) -> dict[str, Any]:
+        """``{PatientID, StudyInstanceUID, AccessionNumber, StudyID}`` (any of them) → the studies."""
+        args = _struct(params)
+        pairs = (
+            ("PatientID", _text(args, "PatientID", "patientID")),
+            ("StudyInstanceUID", _text(args, "StudyInstanceUID", "studyInstanceUID")),
+            ("AccessionNumber", _text(args, "AccessionNumber", "accessionNumber")),
+            ("StudyID", _text(args, "StudyID", "studyID")),
+        )
+        return self._display(
+            "Study", pairs, "DisplayStudy needs PatientID, StudyInstanceUID, AccessionNumber or StudyID"
+        )
+
+    def DisplaySeries(self, *params: Any) -> dict[str, Any]:
+        """``{PatientID, SeriesInstanceUID}`` (either) → the series."""
+        args = _struct(params)
+        pairs = (
+            ("PatientID", _text(args, "PatientID", "patientID")),
+            ("SeriesInstanceUID", _text(args, "SeriesInstanceUID", "seriesInstanceUID")),
+        )
+        return self._display("Series", pairs, "DisplaySeries needs PatientID or SeriesInstanceUID")
+
+    def _display(self, entity: str, pairs: tuple[tuple[str, str], ...], missing: str) -> dict[str, Any]:
+        matches = tuple(Match(keyword, "eq", value) for keyword, value in pairs if value)
+        if not matches:
+            raise BadRequest(missing)
+        elements = self._select(entity, All(matches))
+        if not elements:
+            return {"error": "-1"}  # as OsiriX: nothing to display
+        return {"error": "0", "elements": elements}
+
+    def DisplayStudyListByPatientName(self, *params: Any) -> dict[str, Any]:
+        """``{PatientName}``: OsiriX filters its study list by it; we return that list."""
+        name = _text(_struct(params), "PatientName")
+        if not name:
+            raise BadRequest("DisplayStudyListByPatientName needs PatientName")
+        return {"error": "0", "elements": self._select("Study", Match("PatientName", "contains", name, True))}
+
+    def DisplayStudyListByPatientId(self, *params: Any) -> dict[str, Any]:
+        """``{PatientID}``: the studies of that patient."""
+        patient_id = _text(_struct(params), "PatientID")
+        if not patient_id:
+            raise BadRequest("DisplayStudyListByPatientId needs PatientID")
+        return {"error": "0", "elements": self._select("Study", Match("PatientID", "eq", patient_id))}
+
+    def KillOsiriX(self, *params: Any) -> dict[str, Any]:
+        """A graceful shutdown, as OsiriX's quit; the reply goes out before the server stops."""
+        log.warning("XML-RPC KillOsiriX from %s: stopping the server", self.caller)
+        timer = threading.Timer(0.3, self.request_stop)
+        timer.daemon = True
+        timer.start()
+        return {"error": "0"}
