@@ -72,6 +72,15 @@ class WebSettings:
     bind: str = "0.0.0.0"
     tls_cert: str = ""
     tls_key: str = ""
+    # Reading (DICOMweb, WADO, JSON API) without logging in: "localhost" (only from this
+    # machine), "all" or "off". Admin pages always need a login.
+    anonymous_read: str = "localhost"
+    # Origins allowed to call the web APIs from a browser page elsewhere (CORS); "*" for any.
+    cors_origins: list[str] = field(default_factory=list)
+    # Largest STOW-RS / upload request body, in MB (HTTP 413 above it).
+    max_upload_mb: int = 4096
+    # How long a browser login lasts.
+    session_hours: float = 12.0
 
 
 @dataclass
@@ -94,6 +103,8 @@ class ServerSettings:
     pid_file: str = ""  # empty: ``macpacs.pid`` in data_dir
     log_dir: str = ""  # empty: ``logs`` in data_dir
     log_level: str = "INFO"
+    # The watchdog's --status-file (JSON), shown on the web status page; empty: not shown.
+    supervisor_status_file: str = ""
 
 
 @dataclass
@@ -148,6 +159,10 @@ class Settings:
             raise ConfigError(f'storage.on_conflict = {self.storage.on_conflict!r}: use "keep" or "overwrite"')
         if self.dicom.max_associations < 1:
             raise ConfigError("dicom.max_associations must be at least 1")
+        if self.web.anonymous_read not in ("localhost", "all", "off"):
+            raise ConfigError(f'web.anonymous_read = {self.web.anonymous_read!r}: use "localhost", "all" or "off"')
+        if self.web.max_upload_mb < 1:
+            raise ConfigError("web.max_upload_mb must be at least 1")
         if bool(self.web.tls_cert) != bool(self.web.tls_key):
             raise ConfigError("web.tls_cert and web.tls_key must be set together")
         return self

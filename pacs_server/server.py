@@ -25,6 +25,8 @@ from .index import Index
 from .ingest import Ingestor
 from .reindex import reindex
 from .storage import FileStore
+from .web.context import WebContext
+from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
 log = logging.getLogger("macpacs.server")
@@ -101,6 +103,7 @@ class ArchiveServer:
         self.store: FileStore | None = None
         self.index: Index | None = None
         self.listener: DicomListener | None = None
+        self.web: WebListener | None = None
         self.xmlrpc: XmlRpcServer | None = None
 
     def start(self) -> None:
@@ -115,6 +118,10 @@ class ArchiveServer:
         ingestor = Ingestor(self.store, self.index, s.storage)
         self.listener = DicomListener(s, self.index, ingestor)
         self.listener.start(self.store.tmp_dir)
+        self.web = WebListener(
+            WebContext(s, self.index, self.store, ingestor, self.started_at, request_stop=self.request_stop)
+        )
+        self.web.start()
         if s.xmlrpc.enabled:
             self.xmlrpc = XmlRpcServer(s, self.index, self.store, request_stop=self.request_stop)
             self.xmlrpc.start()

@@ -1,0 +1,77 @@
+"""The web application: one FastAPI app on the web port (default 3333).
+
+``create_app(ctx)`` assembles the routers: health (``/testdbalive``, ``/health``), WADO-URI
+(``/wado``), DICOMweb (``/dicom-web``), the JSON API (``/api``), and the browser pages. The
+OpenAPI document is at ``/openapi.json`` (browsable at ``/api/docs``).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from ..index import QueryError
+from ..retrieve import FileMissing
+from ..users import Users
+from . import api, debug, health, wado_uri
+from .auth import Authenticator, load_secret
+from .context import WebContext
+from .dicomweb import router as dicomweb_router
+
+
+def _version() -> str:
+    try:
+        return version("macpacs")
+    except PackageNotFoundError:
+        return "0"
+
+
+def create_app(ctx: WebContext) -> FastAPI:
+    settings = ctx.settings
+    app = FastAPI(
+        title="macpacs",
+        version=_version(),
+        description="DICOM archive: WADO-URI, DICOMweb (QIDO-RS, WADO-RS, STOW-RS), JSON API, health.",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.ctx = ctx
+    app.state.users = Users(ctx.index)
+    app.state.auth = Authenticator(
+        app.state.users,
+        load_secret(settings.data_dir),
+        anonymous_read=settings.web.anonymous_read,
+        session_hours=settings.web.session_hours,
+        secure=bool(settings.web.tls_cert),
+    )
+    if settings.web.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.web.cors_origins,
+            allow_credentials="*" not in settings.web.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Content-Type", "Content-Location", "Warning", "X-Total-Count"],
+        )
+
+    @app.exception_handler(QueryError)
+    async def _bad_query(_request: Request, exc: QueryError) -> JSONResponse:
+        return JSONResponse({"detail": f"invalid query: {exc}"}, status_code=400)
+
+    @app.exception_handler(FileMissing)
+    async def _missing_file(_request: Request, exc: FileMissing) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc}; restore the file or run `macpacs reindex`"}, status_code=500)
+
+    app.include_router(health.router)
+    app.include_router(wado_uri.router)
+    app.include_router(dicomweb_router, prefix="/dicom-web")
+    app.include_router(api.router, prefix="/api")
+    if debug.enabled():
+        app.include_router(debug.router)
+
+    # Browser pages (login, study list, viewer, settings) and their static files: pages.py.
+    # -- pages: include_router / static mount go here --
+    return app

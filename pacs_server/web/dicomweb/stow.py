@@ -1,0 +1,265 @@
+"""STOW-RS (PS3.18 10.5): ``POST /dicom-web/studies[/{study}]`` through the one ingest path.
+
+The multipart/related body is streamed part by part into temporary files in the store's ``tmp``
+folder (never held in memory), then each ``application/dicom`` part goes through
+``Ingestor.ingest`` exactly like a C-STORE. The answer lists stored instances in
+ReferencedSOPSequence (with WarningReason when the archive kept a different stored copy) and
+refused ones in FailedSOPSequence with the DICOM failure reason; the human-readable reasons are
+in ``Warning`` headers and the log. 200: all stored; 202: some refused or with warnings;
+409: none stored. A body over ``web.max_upload_mb`` is refused with 413, malformed multipart
+with 400, other media types with 415; nothing is kept from a refused request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ...index import Query
+from ...ingest import IngestResult, Outcome
+from ..auth import Principal, require_read
+from ..context import WebContext
+from ..lookup import check_uid
+from .common import DICOM_JSON, base_url
+
+log = logging.getLogger("macpacs.web.stow")
+router = APIRouter(tags=["STOW-RS"])
+
+MAX_PARTS = 100_000
+WARNING_ELEMENTS_DISCARDED = 0xB006  # the stored copy was kept, the new one discarded
+FAILURE_STUDY_MISMATCH = 0xA900  # instance does not belong to the study of the request URL
+
+
+@dataclass
+class Part:
+    path: Path
+    headers: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+
+
+class _Receiver:
+    """python-multipart callbacks writing each part into its own temporary file."""
+
+    def __init__(self, ctx: WebContext) -> None:
+        self.ctx = ctx
+        self.parts: list[Part] = []
+        self._fh: BinaryIO | None = None
+        self._field = b""
+        self._value = b""
+        self.finished = False
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self.part_begin,
+            "on_part_data": self.part_data,
+            "on_part_end": self.part_end,
+            "on_header_field": self.header_field,
+            "on_header_value": self.header_value,
+            "on_header_end": self.header_end,
+            "on_end": self.end,
+        }
+
+    def part_begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise HTTPException(413, f"more than {MAX_PARTS} parts in one request")
+        part = Part(self.ctx.store.new_temp())
+        self.parts.append(part)
+        self._fh = open(part.path, "wb")  # noqa: SIM115 - closed in part_end / close
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        assert self._fh is not None
+        self._fh.write(data[start:end])
+        self.parts[-1].size += end - start
+
+    def part_end(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def header_end(self) -> None:
+        name = self._field.decode("latin-1").strip().lower()
+        self.parts[-1].headers[name] = self._value.decode("latin-1").strip()
+        self._field = self._value = b""
+
+    def end(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        self.part_end()
+
+    def discard(self) -> None:
+        self.close()
+        for part in self.parts:
+            with contextlib.suppress(FileNotFoundError):
+                part.path.unlink()
+
+
+async def _receive(request: Request, ctx: WebContext) -> _Receiver:
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/related":
+        raise HTTPException(415, 'STOW-RS takes multipart/related; type="application/dicom" with a boundary parameter')
+    part_type = params.get(b"type", b"application/dicom").decode("latin-1").lower()
+    if part_type not in ("application/dicom", ""):
+        raise HTTPException(415, f"part type {part_type!r} is not supported: send application/dicom parts")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise HTTPException(400, "multipart/related without a boundary parameter")
+    limit = ctx.settings.web.max_upload_mb * 1024 * 1024
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {int(declared)} bytes exceeds web.max_upload_mb = {limit >> 20}")
+    receiver = _Receiver(ctx)
+    try:
+        parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=32, max_header_size=16384)
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise HTTPException(413, f"request body exceeds web.max_upload_mb = {limit >> 20}")
+            await run_in_threadpool(parser.write, chunk)
+        parser.finalize()
+        receiver.close()
+        if not receiver.finished or not receiver.parts:
+            raise HTTPException(400, "malformed multipart body: no parts, or the closing boundary is missing")
+    except HTTPException:
+        receiver.discard()
+        raise
+    except Exception as exc:  # python-multipart raises its own errors on malformed bodies
+        receiver.discard()
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    return receiver
+
+
+def _study_of(path: Path) -> str:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        return str(ds.get("StudyInstanceUID", "")).strip().rstrip("\x00")
+    except Exception:
+        return ""  # ingest explains what is wrong with the file
+
+
+def _uids(path: Path) -> tuple[str, str]:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+    except Exception:
+        return "", ""
+
+
+def _store(ctx: WebContext, parts: list[Part], study: str | None, source: str) -> list[tuple[IngestResult, int]]:
+    """Ingest each part; returns each result with the failure reason to report (0 when stored)."""
+    results: list[tuple[IngestResult, int]] = []
+    for part in parts:
+        if study is not None:
+            found = _study_of(part.path)
+            if found and found != study:
+                sop_class, sop_uid = _uids(part.path)
+                part.path.unlink()
+                message = f"instance belongs to study {found}, not to {study} named in the URL"
+                results.append((IngestResult(Outcome.INVALID, message, sop_uid, sop_class), FAILURE_STUDY_MISMATCH))
+                continue
+        result = ctx.ingestor.ingest(part.path, source_ae=source)
+        results.append((result, result.dicom_status))
+    return results
+
+
+def _uid_element(value: str) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+async def _stow(request: Request, study: str | None) -> JSONResponse:
+    ctx: WebContext = request.app.state.ctx
+    if study is not None:
+        study = check_uid(study, "study UID")
+    receiver = await _receive(request, ctx)
+    wrong = [p for p in receiver.parts if p.content_type != "application/dicom"]
+    if wrong:
+        receiver.discard()
+        raise HTTPException(415, f"part of type {wrong[0].content_type!r}: only application/dicom parts are accepted")
+    results = await run_in_threadpool(_store, ctx, receiver.parts, study, "STOW-RS")
+    base = base_url(request)
+    stored, failed, warnings = [], [], []
+    studies = set()
+    for result, failure in results:
+        item = {
+            "00081150": _uid_element(result.sop_class_uid),
+            "00081155": _uid_element(result.sop_instance_uid),
+        }
+        if result.ok:
+            uid = result.sop_instance_uid
+            inst = await run_in_threadpool(_location, ctx, uid)
+            if inst:
+                studies.add(inst[0])
+                item["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{inst[0]}/series/{inst[1]}/instances/{uid}"]}
+            if result.outcome is Outcome.KEPT_EXISTING:
+                item["00081196"] = {"vr": "US", "Value": [WARNING_ELEMENTS_DISCARDED]}
+                warnings.append(f"{uid}: {result.message}")
+            stored.append(item)
+        else:
+            item["00081197"] = {"vr": "US", "Value": [failure]}
+            failed.append(item)
+            warnings.append(f"{result.sop_instance_uid or 'part'}: {result.message}")
+            log.warning("STOW-RS refused %s: %s", result.sop_instance_uid or "a part", result.message)
+    body: dict[str, Any] = {}
+    if study or len(studies) == 1:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{study or next(iter(studies))}"]}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": stored}
+    status = 200 if not failed and not warnings else (409 if not stored else 202)
+    headers = {}
+    if warnings:
+        text = "; ".join(warnings).replace('"', "'")
+        headers["Warning"] = f'299 macpacs "{text[:2000]}"'
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def _location(ctx: WebContext, sop_uid: str) -> tuple[str, str] | None:
+    rows = ctx.index.find_all(Query(level="IMAGE", keys={"SOPInstanceUID": sop_uid}))
+    return (rows[0]["StudyInstanceUID"], rows[0]["SeriesInstanceUID"]) if rows else None
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {DICOM_JSON: {}}},
+    202: {"content": {DICOM_JSON: {}}},
+    400: {},
+    409: {"content": {DICOM_JSON: {}}},
+    413: {},
+    415: {},
+}
+
+
+@router.post("/studies", responses=_RESPONSES)
+async def store_instances(request: Request, _who: Principal = Depends(require_read)) -> JSONResponse:  # noqa: B008
+    """Store instances (multipart/related; type="application/dicom")."""
+    return await _stow(request, None)
+
+
+@router.post("/studies/{study}", responses=_RESPONSES)
+async def store_study_instances(
+    request: Request,
+    study: str,
+    _who: Principal = Depends(require_read),  # noqa: B008
+) -> JSONResponse:
+    """Store instances of one study; instances of other studies are refused."""
+    return await _stow(request, study)

@@ -1,0 +1,114 @@
+"""``/testdbalive`` (the OsiriX watchdog probe) and ``/health`` (JSON for people and scripts).
+
+A probe that says "alive" while the archive cannot store is worse than none, so the check does
+what a C-STORE needs: a write transaction on the index through the server's own connection pool
+(with SQLite in WAL mode a plain read is *not* blocked by another process holding an exclusive
+lock, so a read alone would report success on a stuck database), and a file written, fsynced and
+removed in the store's temporary folder. The in-process index writer lock is taken too, so a
+writer hung inside this process also fails the probe instead of passing it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sqlalchemy import update
+
+from ..index.db import SQLITE_BUSY_TIMEOUT_MS
+from ..index.schema import web_user
+from .context import WebContext
+
+ALIVE_BODY = "Test DB Alive succeeded"
+BUSY_TIMEOUT_MS = 2000  # how long the probe waits for a locked SQLite database before failing
+WRITER_LOCK_TIMEOUT_S = 5.0
+
+router = APIRouter(tags=["health"])
+
+
+class HealthError(RuntimeError):
+    """One part of the archive failed its check; the message says which and why."""
+
+
+def check_index(ctx: WebContext) -> None:
+    """A no-op write transaction: takes the database's write lock, changes nothing."""
+    index = ctx.index
+    lock = getattr(index, "_write_lock", None)
+    if lock is not None and not lock.acquire(timeout=WRITER_LOCK_TIMEOUT_S):
+        raise HealthError(f"index writer busy for more than {WRITER_LOCK_TIMEOUT_S:.0f} s")
+    try:
+        with index.engine.connect() as conn:
+            if index.is_sqlite:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                conn.commit()
+            try:
+                # Matches no row, but a write statement must hold the database's write lock.
+                conn.execute(update(web_user).where(web_user.c.pk == -1).values(failed_logins=0))
+            finally:
+                conn.rollback()
+                if index.is_sqlite:
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                    conn.commit()
+    except HealthError:
+        raise
+    except Exception as exc:
+        raise HealthError(f"index: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_storage(ctx: WebContext) -> None:
+    """Write, fsync and remove a small file where incoming instances are written."""
+    path = ctx.store.tmp_dir / f"alive-{os.getpid()}-{threading.get_ident()}.probe"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"alive")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(path)
+    except OSError as exc:
+        raise HealthError(f"storage folder {ctx.store.tmp_dir} not writable: {exc.strerror}") from None
+
+
+@router.get("/testdbalive", response_class=Response, responses={200: {"content": {"text/html": {}}}, 500: {}})
+def testdbalive(request: Request) -> Response:
+    """OsiriX watchdog probe: 200 ``Test DB Alive succeeded`` when index and storage can be written."""
+    ctx: WebContext = request.app.state.ctx
+    try:
+        check_index(ctx)
+        check_storage(ctx)
+    except HealthError as exc:
+        return PlainTextResponse(f"Test DB Alive failed: {exc}", status_code=500)
+    return Response(ALIVE_BODY, media_type="text/html")
+
+
+@router.get("/health")
+def health(request: Request) -> JSONResponse:
+    """JSON status: index and storage checks, uptime, free space. 503 when a check fails."""
+    ctx: WebContext = request.app.state.ctx
+    body: dict[str, Any] = {
+        "status": "ok",
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - ctx.started_at, 1),
+        "ae_title": ctx.settings.dicom.ae_title,
+        "dicom_port": ctx.settings.dicom.port,
+    }
+    for name, check in (("index", check_index), ("storage", check_storage)):
+        try:
+            check(ctx)
+            body[name] = "ok"
+        except HealthError as exc:
+            body[name] = str(exc)
+            body["status"] = "failing"
+    try:
+        body["free_mb"] = ctx.store.free_bytes() // (1024 * 1024)
+    except OSError:
+        body["free_mb"] = None
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
