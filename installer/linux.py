@@ -1,0 +1,81 @@
+"""Linux: the server and the supervisor as systemd system units.
+
+Reference, "systemd (Linux port)": Restart=always (restarts after SIGKILL too), WatchdogSec with
+the supervisor's sd_notify pings (NotifyAccess=all), StartLimit* in [Unit]. With --root the units
+are written and enabled offline (`systemctl --root=DIR enable`), never started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import render
+from .layout import SERVER_UNIT, SUPERVISOR_UNIT, SYSTEMD_DIR
+from .steps import Check, Context, InstallError, Step
+
+UNITS = (SERVER_UNIT, SUPERVISOR_UNIT)
+
+
+def unit_files(ctx: Context) -> list[tuple[str, Path, str]]:
+    """(unit name, path, content) of both units."""
+    eff, layout, user = ctx.effective, ctx.layout, ctx.options.user
+    server = render.systemd_unit(SERVER_UNIT, layout, user, render.server_argv(layout))
+    supervisor = render.systemd_unit(
+        SUPERVISOR_UNIT, layout, user,
+        render.supervisor_argv(layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port))
+    return [(SERVER_UNIT, SYSTEMD_DIR / SERVER_UNIT, server),
+            (SUPERVISOR_UNIT, SYSTEMD_DIR / SUPERVISOR_UNIT, supervisor)]
+
+
+class Systemd(Step):
+    key = "systemd"
+    title = "systemd: server and supervisor units"
+
+    def skip_reason(self, ctx: Context) -> str | None:
+        return None if ctx.options.target == "linux" else "not Linux"
+
+    def systemctl(self, ctx: Context, *args: str) -> list[str]:
+        root = [f"--root={ctx.host.root}"] if ctx.host.root is not None else []
+        return ["systemctl", *root, *args]
+
+    def check(self, ctx: Context) -> Check:
+        if not all(ctx.host.read_text(path) == text for _u, path, text in unit_files(ctx)):
+            return Check(False, "unit files missing or different")
+        enabled = ctx.host.run(self.systemctl(ctx, "is-enabled", *UNITS))
+        if not enabled.ok:
+            return Check(False, "not enabled")
+        if ctx.host.root is not None:
+            ctx.not_started = "--root: enabled offline, not started"
+            return Check(True, f"{', '.join(UNITS)} enabled (offline, --root)")
+        active = ctx.host.run(self.systemctl(ctx, "is-active", *UNITS))
+        if not active.ok:
+            return Check(False, "not running")
+        return Check(True, f"{', '.join(UNITS)} enabled and running")
+
+    def apply(self, ctx: Context) -> None:
+        for _unit, path, text in unit_files(ctx):
+            ctx.host.write(path, text, mode=0o644, owner=(0, 0))
+        if ctx.host.root is not None:
+            self._run(ctx, "enable", *UNITS)
+            ctx.not_started = "--root: enabled offline, not started"
+            return
+        self._run(ctx, "daemon-reload")
+        self._run(ctx, "enable", *UNITS)
+        # restart, not start: a changed unit file must take effect now
+        self._run(ctx, "restart", *UNITS)
+
+    def _run(self, ctx: Context, *args: str) -> None:
+        res = ctx.host.run(self.systemctl(ctx, *args), changes=True)
+        if not res.ok and not res.skipped:
+            raise InstallError(f"`{' '.join(self.systemctl(ctx, *args))}` failed: {res.output}\n"
+                               f"`journalctl -u {SERVER_UNIT}` shows why; then run `macpacs install` again.")
+
+    def undo(self, ctx: Context) -> None:
+        if ctx.host.root is not None:
+            ctx.host.run(self.systemctl(ctx, "disable", *UNITS), changes=True)
+        else:
+            ctx.host.run(self.systemctl(ctx, "disable", "--now", *UNITS), changes=True)
+        for _unit, path, _text in unit_files(ctx):
+            ctx.host.remove(path)
+        if ctx.host.root is None:
+            ctx.host.run(self.systemctl(ctx, "daemon-reload"), changes=True)
