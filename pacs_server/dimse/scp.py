@@ -1,4 +1,11 @@
-"""The DICOM listener: one pynetdicom AE serving C-ECHO, C-STORE and C-FIND.
+"""The DICOM listener: one pynetdicom AE serving C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET.
+
+Access control happens when an association is requested (``_on_requested``): a wrong called AE
+title is rejected unless ``dicom.accept_any_called_ae`` (pynetdicom does that check), and with
+``dicom.accept_unknown_nodes = false`` a peer whose calling AE title and address do not match an
+active registered node is rejected with reason "calling AE title not recognised". The matched
+node is kept on the association; each service then checks that node's allowed operations and
+answers 0x0124 (refused: not authorized) when it lacks the right.
 
 Every Storage SOP Class pynetdicom knows (all 170) is accepted in every transfer syntax it knows
 (uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE, HTJ2K...), because files are stored as
@@ -23,7 +30,11 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
@@ -31,8 +42,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ..config import Settings
 from ..index import Index
 from ..ingest import Ingestor
-from . import tuning
+from ..nodes import Node, NodeRegistry
+from . import subops, tuning
 from .find import find_responses, status_with_comment
+from .get import get_responses
+from .move import MoveRequest, move_responses
 
 log = logging.getLogger("macpacs.dicom")
 
@@ -57,6 +71,8 @@ class DicomListener:
         self.settings = settings
         self.index = index
         self.ingestor = ingestor
+        self.store = ingestor.store
+        self.registry = NodeRegistry(index)
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
@@ -69,13 +85,19 @@ class DicomListener:
         ae.network_timeout = d.network_timeout
         ae.acse_timeout = d.client_timeout
         ae.dimse_timeout = d.client_timeout
+        ae.connection_timeout = d.client_timeout  # C-MOVE destinations we connect to
         ae.require_called_aet = not d.accept_any_called_ae
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            # Both roles: peers store to us, and a C-GET requestor asks to be the Storage SCP.
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         for model in (
             PatientRootQueryRetrieveInformationModelFind,
             StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelMove,
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelGet,
         ):
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
         return ae
@@ -84,6 +106,7 @@ class DicomListener:
         # Incoming datasets go straight to a file on the data volume, so ingest can rename it.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(tmp_dir)
+        subops.install()
         d = self.settings.dicom
         clock = tuning.install_clock(d.reactor_poll_ms)
         handlers = [
@@ -92,6 +115,9 @@ class DicomListener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
@@ -112,6 +138,40 @@ class DicomListener:
             stats = self._stats.get(id(event.assoc))
             if stats is not None:
                 stats.counts[what] += 1
+
+    def _on_requested(self, event: Any) -> None:
+        """Access control at association time (see the module docstring)."""
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        node = self.registry.access_for(calling, assoc.requestor.address)
+        assoc.macpacs_node = node
+        if node is None and not self.settings.dicom.accept_unknown_nodes:
+            registered = self.registry.by_ae_title(calling)
+            if registered is None:
+                why = "is not a registered node"
+            elif registered.status != "active":
+                why = f"is node {registered.name!r}, awaiting approval (status {registered.status})"
+            else:
+                why = f"is node {registered.name!r}, registered at {registered.host}, not this address"
+            log.warning(
+                "association from %s@%s:%d rejected: calling AE title %r %s and dicom.accept_unknown_nodes is false",
+                calling,
+                assoc.requestor.address,
+                assoc.requestor.port,
+                calling,
+                why,
+            )
+            # Permanent, by the service user, "calling AE title not recognised".
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _refusal(self, event: Any, operation: str) -> str | None:
+        """Why the peer of ``event`` may not perform ``operation``, or None when it may."""
+        node: Node | None = getattr(event.assoc, "macpacs_node", None)
+        if node is None or node.allows(operation):
+            return None
+        message = f"node {node.name} ({node.ae_title}) is not allowed to {operation}"
+        log.warning("%s refused from %s: %s (change it with `macpacs nodes edit`)", operation, _peer(event), message)
+        return message
 
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
@@ -149,6 +209,10 @@ class DicomListener:
         return 0x0000
 
     def _on_store(self, event: Any) -> Any:
+        refused = self._refusal(event, "store")
+        if refused:
+            self._count(event, "refused")
+            return status_with_comment(subops.STATUS_NOT_AUTHORIZED, refused)
         result = self.ingestor.ingest(Path(event.dataset_path), source_ae=event.assoc.requestor.ae_title)
         self._count(event, result.outcome.value)
         if result.ok:
@@ -166,6 +230,10 @@ class DicomListener:
 
     def _on_find(self, event: Any) -> Any:
         self._count(event, "find")
+        refused = self._refusal(event, "query")
+        if refused:
+            yield status_with_comment(subops.STATUS_NOT_AUTHORIZED, refused), None
+            return
         d = self.settings.dicom
         yield from find_responses(
             self.index,
@@ -176,6 +244,45 @@ class DicomListener:
             retrieve_ae=d.ae_title,
             is_cancelled=lambda: event.is_cancelled,
             pace=lambda: _wait_until_sent(event.assoc, d.network_timeout),
+        )
+
+    def _on_move(self, event: Any) -> Any:
+        self._count(event, "move")
+        refused = self._refusal(event, "retrieve")
+        if refused:
+            return iter([subops.Response(subops.STATUS_NOT_AUTHORIZED, comment=refused)])
+        request = MoveRequest(
+            requestor=_peer(event),
+            requestor_ae=str(event.assoc.requestor.ae_title).strip(),
+            destination=str(event.request.MoveDestination).strip(),
+            identifier=event.identifier,
+            model=str(event.request.AffectedSOPClassUID),
+            message_id=int(event.request.MessageID),
+            is_cancelled=lambda: event.is_cancelled,
+        )
+        return move_responses(
+            request,
+            ae=self.ae,
+            index=self.index,
+            store=self.store,
+            registry=self.registry,
+            case_insensitive=self.settings.dicom.case_insensitive_names,
+        )
+
+    def _on_get(self, event: Any) -> Any:
+        self._count(event, "get")
+        refused = self._refusal(event, "retrieve")
+        if refused:
+            return iter([subops.Response(subops.STATUS_NOT_AUTHORIZED, comment=refused)])
+        return get_responses(
+            event.assoc,
+            event.identifier,
+            str(event.request.AffectedSOPClassUID),
+            int(event.request.MessageID),
+            lambda: event.is_cancelled,
+            index=self.index,
+            store=self.store,
+            case_insensitive=self.settings.dicom.case_insensitive_names,
         )
 
 

@@ -1,0 +1,507 @@
+"""C-STORE sub-operations, shared by C-MOVE, C-GET and ``macpacs send``.
+
+Stored instances go out exactly as they were received: the file is streamed from disk
+(pynetdicom's ``STORE_SEND_CHUNKED_DATASET``, no decode) under a presentation context whose
+transfer syntax is the stored one. When the peer accepted only uncompressed transfer syntaxes
+for that SOP class, pydicom decompresses the instance first; when that is impossible, the
+sub-operation fails and is counted as failed (PS3.4 C.4.2.3).
+
+pynetdicom's own C-MOVE/C-GET SCP needs decoded datasets, proposes every context of the AE on
+a single association and cannot go past 128 contexts, so ``install`` replaces its service class
+for the Query/Retrieve models with ``RetrieveServiceClass``: a thin adapter that sends the
+responses our handlers (``move.py``, ``get.py``) yield.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pynetdicom.association
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import encode
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.status import code_to_category
+from pynetdicom.transport import AssociationSocket
+
+from ..index import StoredInstance
+from ..index.attributes import UNIQUE_KEYS
+from ..nodes import Node
+from ..retrieve import FileMissing, instance_path, locate
+from ..storage import FileStore
+from .find import IdentifierError, identifier_to_query
+
+log = logging.getLogger("macpacs.retrieve")
+
+MAX_CONTEXTS = 128  # presentation contexts in one association (odd IDs 1..255)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+STATUS_SUCCESS = 0x0000
+STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
+STATUS_WARNING = 0xB000  # sub-operations complete, one or more failures or warnings
+STATUS_ALL_FAILED = 0xA702  # unable to perform sub-operations
+STATUS_UNKNOWN_DESTINATION = 0xA801
+STATUS_BAD_IDENTIFIER = 0xA900
+STATUS_UNABLE = 0xC000  # unable to process
+STATUS_NOT_AUTHORIZED = 0x0124  # refused: not authorized (PS3.7 C.5.x general status)
+PENDING_EVERY = 0.05  # seconds between two pending responses (they are optional; each costs a message)
+
+
+@dataclass
+class Progress:
+    """Sub-operation counts of one retrieve or send."""
+
+    total: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.completed - self.failed - self.warning
+
+    def fail(self, uid: str) -> None:
+        self.failed += 1
+        self.failed_uids.append(uid)
+
+    def fail_rest(self, uids: Iterable[str]) -> None:
+        for uid in uids:
+            self.fail(uid)
+
+    def final_status(self) -> int:
+        """Success, warning (some failed or warned) or failure (all failed), PS3.4 C.4.2.1.5."""
+        if not self.failed and not self.warning:
+            return STATUS_SUCCESS
+        if self.failed == self.total:
+            return STATUS_ALL_FAILED
+        return STATUS_WARNING
+
+    def summary(self) -> str:
+        return f"{self.completed} completed, {self.warning} warning, {self.failed} failed, {self.remaining} remaining"
+
+
+@dataclass
+class Response:
+    """One C-MOVE/C-GET response for ``RetrieveServiceClass`` to send."""
+
+    status: int
+    progress: Progress | None = None
+    comment: str = ""
+    final: bool = True
+
+    @classmethod
+    def pending(cls, progress: Progress) -> Response:
+        return cls(STATUS_PENDING, progress, final=False)
+
+
+# -- presentation contexts --------------------------------------------------------------------
+def plan_contexts(instances: Sequence[StoredInstance]) -> list[list[PresentationContext]]:
+    """Contexts for exactly the SOP classes being sent, packed into associations of ≤128.
+
+    Each (SOP class, stored transfer syntax) pair gets its own single-syntax context, so the
+    peer cannot pick a different syntax than the file's; each SOP class also gets a context
+    with the uncompressed syntaxes not already proposed, used when the peer refuses the stored one.
+    """
+    by_class: dict[str, list[str]] = {}
+    for inst in instances:
+        syntaxes = by_class.setdefault(inst.sop_class_uid, [])
+        if inst.transfer_syntax_uid not in syntaxes:
+            syntaxes.append(inst.transfer_syntax_uid)
+    groups: list[list[PresentationContext]] = [[]]
+    for sop_class, syntaxes in by_class.items():
+        contexts = [build_context(sop_class, [ts]) for ts in syntaxes]
+        fallback = [ts for ts in UNCOMPRESSED if ts not in syntaxes]
+        if fallback:
+            contexts.append(build_context(sop_class, fallback))
+        if len(groups[-1]) + len(contexts) > MAX_CONTEXTS:
+            groups.append([])
+        groups[-1].extend(contexts)
+    return [g for g in groups if g]
+
+
+def classes_of(contexts: Iterable[PresentationContext]) -> set[str]:
+    return {str(cx.abstract_syntax) for cx in contexts}
+
+
+# -- sending one instance ---------------------------------------------------------------------
+class SubOperationError(Exception):
+    """One instance could not be sent (no usable context, unreadable file, conversion impossible)."""
+
+
+class AssociationLost(Exception):
+    """The peer released or aborted the association in the middle of the sub-operations."""
+
+
+def accepted_syntaxes(assoc: Any, *, as_scu: bool = True) -> dict[str, set[str]]:
+    """SOP class → transfer syntaxes we may send with on this association."""
+    out: dict[str, set[str]] = {}
+    for cx in assoc.accepted_contexts:
+        if as_scu and assoc.is_acceptor and not cx.as_scu:
+            continue
+        out.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+    return out
+
+
+def send_instance(
+    assoc: Any,
+    store: FileStore,
+    inst: StoredInstance,
+    accepted: dict[str, set[str]],
+    *,
+    msg_id: int,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> int:
+    """Send one stored instance with C-STORE; returns the peer's status.
+
+    Raises SubOperationError when it cannot be sent at all and AssociationLost when the
+    association went away.
+    """
+    syntaxes = accepted.get(inst.sop_class_uid, set())
+    try:
+        path = instance_path(store, inst)
+    except FileMissing as exc:
+        raise SubOperationError(str(exc)) from None
+    if inst.transfer_syntax_uid in syntaxes:
+        payload: Path | Dataset = path
+    elif syntaxes & set(UNCOMPRESSED):
+        payload = _converted(path, inst, syntaxes)
+    else:
+        raise SubOperationError(
+            f"the peer accepted no presentation context for SOP class {inst.sop_class_uid} "
+            f"in {UID(inst.transfer_syntax_uid).name} or an uncompressed transfer syntax"
+        )
+    if not assoc.is_established:
+        raise AssociationLost("the association ended before this sub-operation")
+    try:
+        status = assoc.send_c_store(payload, msg_id=msg_id, originator_aet=originator_aet, originator_id=originator_id)
+    except (RuntimeError, ValueError) as exc:
+        if not assoc.is_established:
+            raise AssociationLost(str(exc)) from None
+        raise SubOperationError(f"C-STORE could not be sent: {exc}") from None
+    if "Status" not in status:
+        # No response: the association was aborted or the DIMSE timeout expired.
+        if not assoc.is_established:
+            raise AssociationLost("the peer aborted the association")
+        raise SubOperationError("no C-STORE response before the DIMSE timeout")
+    return int(status.Status)
+
+
+def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> Dataset:
+    """The instance decoded and, if compressed, decompressed, for an uncompressed context."""
+    try:
+        ds = pydicom.dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+    except Exception as exc:
+        raise SubOperationError(
+            f"instance {inst.sop_instance_uid} is stored as {UID(inst.transfer_syntax_uid).name}, which the peer "
+            f"refused, and cannot be converted: {exc}"
+        ) from None
+    target = ExplicitVRLittleEndian if ExplicitVRLittleEndian in syntaxes else ImplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = target
+    ds.set_original_encoding(target.is_implicit_VR, True)
+    return ds
+
+
+def status_kind(status: int) -> str:
+    """'completed', 'warning' or 'failed' for a C-STORE response status."""
+    category = code_to_category(status)
+    if category == "Success":
+        return "completed"
+    if category == "Warning":
+        return "warning"
+    return "failed"
+
+
+def record(progress: Progress, inst: StoredInstance, status: int) -> None:
+    kind = status_kind(status)
+    if kind == "completed":
+        progress.completed += 1
+    elif kind == "warning":
+        progress.warning += 1
+    else:
+        progress.fail(inst.sop_instance_uid)
+        log.warning("C-STORE of %s refused by the peer with status 0x%04X", inst.sop_instance_uid, status)
+
+
+class Pacer:
+    """Yields a pending response at most every PENDING_EVERY seconds (and for the first sub-operation)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= PENDING_EVERY:
+            self.last = now
+            return True
+        return False
+
+
+# -- the service class adapter ---------------------------------------------------------------
+class RetrieveServiceClass(QueryRetrieveServiceClass):
+    """Query/Retrieve service class whose C-MOVE and C-GET are served by our handlers.
+
+    The handler bound to EVT_C_MOVE / EVT_C_GET returns an iterator of ``Response``; this
+    class only turns each into a DIMSE response on the requestor's association.
+    """
+
+    def _move_scp(self, req: C_MOVE, context: Any) -> None:
+        self._serve(req, context, evt.EVT_C_MOVE, C_MOVE())
+
+    def _get_scp(self, req: C_GET, context: Any) -> None:
+        self._serve(req, context, evt.EVT_C_GET, C_GET())
+
+    def _serve(self, req: Any, context: Any, event: Any, rsp: Any) -> None:
+        cx_id = context.context_id
+        rsp.MessageID = req.MessageID
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        try:
+            responses = evt.trigger(
+                self.assoc, event, {"request": req, "context": context.as_tuple, "_is_cancelled": self.is_cancelled}
+            )
+            for response in responses:
+                if not self.assoc.is_established:
+                    return
+                self._send(rsp, response, context, cx_id)
+                if response.final:
+                    return
+        except Exception:
+            log.exception("retrieve handler failed")
+            if self.assoc.is_established:
+                self._send(rsp, Response(STATUS_UNABLE, comment="internal error, see the server log"), context, cx_id)
+
+    def _send(self, rsp: Any, response: Response, context: Any, cx_id: int) -> None:
+        rsp.Status = response.status
+        rsp.Identifier = None
+        rsp.ErrorComment = response.comment[:64] if response.comment and response.status not in (0, 0xFF00) else None
+        p = response.progress
+        in_progress = response.status in (STATUS_PENDING, STATUS_CANCEL)
+        rsp.NumberOfRemainingSuboperations = p.remaining if p is not None and in_progress else None
+        rsp.NumberOfCompletedSuboperations = p.completed if p is not None else None
+        rsp.NumberOfFailedSuboperations = p.failed if p is not None else None
+        rsp.NumberOfWarningSuboperations = p.warning if p is not None else None
+        if p is not None and response.final and p.failed_uids:
+            ts = context.transfer_syntax[0]
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = p.failed_uids
+            rsp.Identifier = BytesIO(encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated))
+        self.dimse.send_msg(rsp, cx_id)
+
+
+_original_lookup = uid_to_service_class
+
+
+def _lookup(uid: str) -> type:
+    service_class = _original_lookup(uid)
+    return RetrieveServiceClass if service_class is QueryRetrieveServiceClass else service_class
+
+
+def install() -> None:
+    """Route C-MOVE/C-GET to RetrieveServiceClass and send files without decoding them."""
+    pynetdicom.association.uid_to_service_class = _lookup  # type: ignore[assignment]
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    tcp_nodelay()
+
+
+_original_socket_init = AssociationSocket.__init__
+
+
+def _socket_init(self: AssociationSocket, *args: Any, **kwargs: Any) -> None:
+    _original_socket_init(self, *args, **kwargs)
+    if self.socket is not None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def tcp_nodelay() -> None:
+    """Turn Nagle's algorithm off on every pynetdicom socket, accepted or opened.
+
+    pynetdicom leaves it on. When we send a dataset and wait for the C-STORE response, the last
+    partial segment then waits for the peer's delayed ACK: ~40 ms per instance (a C-MOVE of 20
+    small instances took 1 s instead of 0.1 s). See shared/reference/performance.md.
+    """
+    AssociationSocket.__init__ = _socket_init  # type: ignore[method-assign]
+
+
+def send_all(
+    assoc: Any,
+    store: FileStore,
+    instances: Sequence[StoredInstance],
+    progress: Progress,
+    *,
+    first_msg_id: int = 1,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+    is_cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[StoredInstance]:
+    """Send ``instances`` over ``assoc``, updating ``progress``; yields each instance once sent.
+
+    Stops early (leaving the rest as remaining) when ``is_cancelled`` turns true, and raises
+    AssociationLost when the peer goes away.
+    """
+    accepted = accepted_syntaxes(assoc)
+    msg_id = first_msg_id
+    for inst in instances:
+        if is_cancelled():
+            return
+        try:
+            status = send_instance(
+                assoc,
+                store,
+                inst,
+                accepted,
+                msg_id=msg_id,
+                originator_aet=originator_aet,
+                originator_id=originator_id,
+            )
+            record(progress, inst, status)
+        except SubOperationError as exc:
+            log.warning("sub-operation for %s failed: %s", inst.sop_instance_uid, exc)
+            progress.fail(inst.sop_instance_uid)
+        msg_id = msg_id % 65535 + 1
+        yield inst
+
+
+# -- what to retrieve ---------------------------------------------------------------------------
+# C-MOVE/C-GET model → the C-FIND model of the same root (same levels).
+FIND_MODEL = {
+    "1.2.840.10008.5.1.4.1.2.1.2": "1.2.840.10008.5.1.4.1.2.1.1",  # Patient Root MOVE
+    "1.2.840.10008.5.1.4.1.2.1.3": "1.2.840.10008.5.1.4.1.2.1.1",  # Patient Root GET
+    "1.2.840.10008.5.1.4.1.2.2.2": "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root MOVE
+    "1.2.840.10008.5.1.4.1.2.2.3": "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root GET
+}
+
+
+def match_instances(index: Any, identifier: Dataset, model: str, *, case_insensitive: bool) -> list[StoredInstance]:
+    """The stored instances a C-MOVE/C-GET identifier asks for, through the one retrieve path.
+
+    The unique key of the retrieve level must be given, without wildcards (PS3.4 C.4.2.2.1);
+    otherwise IdentifierError with status 0xA900.
+    """
+    query = identifier_to_query(identifier, FIND_MODEL.get(str(model), str(model)), case_insensitive=case_insensitive)
+    unique = UNIQUE_KEYS[query.level]
+    value = (query.keys.get(unique) or "").strip()
+    if not value or "*" in value or "?" in value:
+        raise IdentifierError(
+            STATUS_BAD_IDENTIFIER,
+            f"a retrieve at {query.level} level needs {unique} (no wildcards)",
+        )
+    return locate(index, query.keys, case_insensitive=case_insensitive)
+
+
+# -- associations we open ------------------------------------------------------------------------
+class PeerError(RuntimeError):
+    """A node could not be reached, refused the association or did not answer; the message says which."""
+
+
+REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "our calling AE title is not recognised: register us on that node",
+    (1, 7): "its called AE title is not the one registered here",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded (too many associations)",
+}
+
+
+def associate(ae: Any, node: Node, contexts: list[PresentationContext], **kwargs: Any) -> Any:
+    """An established association with ``node`` proposing ``contexts``, or PeerError saying why not."""
+    where = f"node {node.name} ({node.ae_title}@{node.host}:{node.port})"
+    if node.tls:
+        tls = ssl.create_default_context()
+        kwargs["tls_args"] = (tls, node.host)
+    try:
+        assoc = ae.associate(node.host, node.port, contexts=contexts, ae_title=node.ae_title, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PeerError(f"{where}: cannot connect: {exc}") from None
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        reason = REJECT_REASONS.get((rsp.result_source, rsp.diagnostic), f"diagnostic {rsp.diagnostic}")
+        raise PeerError(f"{where} rejected the association: {reason}")
+    raise PeerError(f"{where}: {_unreachable(node, ae.connection_timeout or ae.acse_timeout)}")
+
+
+def _unreachable(node: Node, timeout: float | None) -> str:
+    """Why a TCP connection to the node fails (refused, timed out, unknown host), in words."""
+    try:
+        with socket.create_connection((node.host, node.port), timeout=timeout or 10):
+            return f"the association was aborted or not answered within {timeout} s (dicom.client_timeout)"
+    except TimeoutError:
+        return f"no answer within {timeout} s (dicom.client_timeout): host down or port filtered"
+    except ConnectionRefusedError:
+        return "connection refused: nothing listens on that port"
+    except socket.gaierror as exc:
+        return f"unknown host name ({exc.strerror})"
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or exc})"
+
+
+def send_to_node(
+    ae: Any,
+    node: Node,
+    store: FileStore,
+    instances: list[StoredInstance],
+    progress: Progress,
+    is_cancelled: Callable[[], bool] = lambda: False,
+    originator: tuple[str, int] | None = None,
+) -> Iterator[Response]:
+    """C-STORE ``instances`` to ``node`` on one association per group of ≤128 contexts.
+
+    Yields pending responses as it goes. A destination that cannot be reached or refuses the
+    association fails the instances of that association; one that aborts half-way fails the
+    rest. The archive itself is only read.
+    """
+    pacer = Pacer()
+    originator_aet, originator_id = originator if originator else (None, None)
+    for contexts in plan_contexts(instances):
+        classes = classes_of(contexts)
+        batch = [inst for inst in instances if inst.sop_class_uid in classes]
+        if is_cancelled():
+            return
+        try:
+            assoc = associate(ae, node, contexts)
+        except PeerError as exc:
+            log.error("cannot send %d instances: %s", len(batch), exc)
+            progress.fail_rest(inst.sop_instance_uid for inst in batch)
+            continue
+        sent = 0
+        try:
+            for _inst in send_all(
+                assoc,
+                store,
+                batch,
+                progress,
+                originator_aet=originator_aet,
+                originator_id=originator_id,
+                is_cancelled=is_cancelled,
+            ):
+                sent += 1
+                if pacer.due():
+                    yield Response.pending(progress)
+        except AssociationLost as exc:
+            log.error("%s ended the association after %d of %d instances: %s", node.name, sent, len(batch), exc)
+            progress.fail_rest(inst.sop_instance_uid for inst in batch[sent:])
+        finally:
+            if assoc.is_established:
+                assoc.release()
