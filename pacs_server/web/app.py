@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from ..index import QueryError
 from ..retrieve import FileMissing
 from ..users import Users
-from . import api, debug, health, wado_uri
+from . import api, debug, health, pages, wado_uri
 from .auth import Authenticator, load_secret
 from .context import WebContext
 from .dicomweb import router as dicomweb_router
@@ -73,5 +73,5 @@ def create_app(ctx: WebContext) -> FastAPI:
         app.include_router(debug.router)
 
     # Browser pages (login, study list, viewer, settings) and their static files: pages.py.
-    # -- pages: include_router / static mount go here --
+    pages.install(app, ctx)
     return app

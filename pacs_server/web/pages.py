@@ -106,8 +106,14 @@ def _admin(request: Request) -> tuple[User | None, Response | None]:
     if user is None:
         return None, _login_redirect(request, user)
     if not user.is_admin:
-        return user, render(request, "message.html", user, status_code=403, title="Admins only",
-                            text=f"User {user.username} is not an admin: this page needs an admin login.")
+        return user, render(
+            request,
+            "message.html",
+            user,
+            status_code=403,
+            title="Admins only",
+            text=f"User {user.username} is not an admin: this page needs an admin login.",
+        )
     return user, None
 
 
@@ -154,8 +160,15 @@ def login(
     except HTTPException as exc:
         error = "Wrong user name or password." if exc.status_code == 401 else str(exc.detail)
         log.warning("web login failed for %r from %s (%s)", username, client_address(request), exc.detail)
-        return render(request, "login.html", None, status_code=exc.status_code, error=error,
-                      username=username, next=_safe_next(next))
+        return render(
+            request,
+            "login.html",
+            None,
+            status_code=exc.status_code,
+            error=error,
+            username=username,
+            next=_safe_next(next),
+        )
     response = RedirectResponse(_safe_next(next), status_code=303)
     issue_session(request, response, user.username)
     log.info("web login: %s from %s", user.username, client_address(request))
@@ -186,7 +199,11 @@ def studies_page(request: Request) -> Response:
 
 def _not_found(request: Request, user: User | None, uid: str) -> HTMLResponse:
     return render(
-        request, "message.html", user, status_code=404, title="Study not found",
+        request,
+        "message.html",
+        user,
+        status_code=404,
+        title="Study not found",
         text=f"Study {uid} is not in the archive (it may have been deleted).",
     )
 
@@ -199,9 +216,7 @@ def study_page(request: Request, study_uid: str) -> Response:
     ctx = _ctx(request)
     names = ctx.settings.dicom.case_insensitive_names
     try:
-        found = ctx.index.find_all(
-            Query("STUDY", {**dict.fromkeys(STUDY_KEYS), "StudyInstanceUID": study_uid}, names)
-        )
+        found = ctx.index.find_all(Query("STUDY", {**dict.fromkeys(STUDY_KEYS), "StudyInstanceUID": study_uid}, names))
         series = ctx.index.find_all(
             Query("SERIES", {**dict.fromkeys(SERIES_KEYS), "StudyInstanceUID": study_uid}, names)
         )
@@ -250,8 +265,15 @@ def register_page(request: Request) -> HTMLResponse:
     user = current_user(request)
     ctx = _ctx(request)
     form = {"ae_title": "", "host": client_address(request), "port": "11112", "name": "", "description": ""}
-    return render(request, "register.html", user, form=form, accept_unknown=ctx.settings.dicom.accept_unknown_nodes,
-                  locations_line=_locations_line(request), active="register")
+    return render(
+        request,
+        "register.html",
+        user,
+        form=form,
+        accept_unknown=ctx.settings.dicom.accept_unknown_nodes,
+        locations_line=_locations_line(request),
+        active="register",
+    )
 
 
 @router.post("/register")
@@ -275,21 +297,37 @@ def register(
     trusted = ctx.settings.dicom.accept_unknown_nodes or (user is not None and user.is_admin)
 
     def answer(text: str, kind: str, code: int) -> HTMLResponse:
-        return render(request, "register.html", user, status_code=code, form=form, result=text, result_kind=kind,
-                      accept_unknown=ctx.settings.dicom.accept_unknown_nodes,
-                      locations_line=_locations_line(request), active="register")
+        return render(
+            request,
+            "register.html",
+            user,
+            status_code=code,
+            form=form,
+            result=text,
+            result_kind=kind,
+            accept_unknown=ctx.settings.dicom.accept_unknown_nodes,
+            locations_line=_locations_line(request),
+            active="register",
+        )
 
     try:
         port_number = int(port)
     except ValueError:
-        return answer(f"Port {port!r} is not a number: enter the TCP port of the workstation's DICOM listener.",
-                      "error", 400)
+        return answer(
+            f"Port {port!r} is not a number: enter the TCP port of the workstation's DICOM listener.", "error", 400
+        )
     registry = NodeRegistry(ctx.index)
     try:
-        node = validate(Node(
-            name=(name or ae_title).strip(), ae_title=ae_title, host=host, port=port_number,
-            status="active" if trusted else "pending", description=description.strip(),
-        ))
+        node = validate(
+            Node(
+                name=(name or ae_title).strip(),
+                ae_title=ae_title,
+                host=host,
+                port=port_number,
+                status="active" if trusted else "pending",
+                description=description.strip(),
+            )
+        )
         for other in registry.list():
             if other.ae_title == node.ae_title or other.name == node.name:
                 raise NodeError(
@@ -305,7 +343,8 @@ def register(
         return answer(
             f"C-ECHO to {node.ae_title} at {node.host}:{node.port} failed: {exc}. Start the workstation's DICOM "
             "listener, check the AE title, port and firewall, then try again. Nothing was saved.",
-            "error", 502,
+            "error",
+            502,
         )
     try:
         registry.add(node)
@@ -314,8 +353,10 @@ def register(
     by = user.username if user else "anonymous"
     log.info("workstation %s@%s:%d registered by %s (%s)", node.ae_title, node.host, node.port, by, node.status)
     if node.status == "pending":
-        text = (f"C-ECHO OK ({ms:.0f} ms). {node.ae_title} is registered and waits for an administrator's "
-                "approval on the DICOM nodes page.")
+        text = (
+            f"C-ECHO OK ({ms:.0f} ms). {node.ae_title} is registered and waits for an administrator's "
+            "approval on the DICOM nodes page."
+        )
     else:
         text = f"C-ECHO OK ({ms:.0f} ms). {node.ae_title} at {node.host}:{node.port} is registered and active."
     return answer(text, "ok", 200)

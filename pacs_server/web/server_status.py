@@ -112,7 +112,9 @@ def collect(ctx: WebContext, host: str) -> dict[str, Any]:
             db = data_dir / "index.sqlite"
             wal = Path(str(db) + "-wal")
             sizes = db.stat().st_size if db.exists() else 0
-            index_detail += f"; SQLite {human_bytes(sizes)}, WAL {human_bytes(wal.stat().st_size if wal.exists() else 0)}"
+            index_detail += (
+                f"; SQLite {human_bytes(sizes)}, WAL {human_bytes(wal.stat().st_size if wal.exists() else 0)}"
+            )
     except Exception as exc:  # the page must render to say what is wrong
         index_ok, index_detail = False, f"{type(exc).__name__}: {exc}"
     try:

@@ -1,0 +1,436 @@
+"""JSON endpoints of the pages under ``/api/ui``: study search, nodes, send, delete, ZIP, status.
+
+Each is a thin adapter over the archive's one way of doing the job: the study search goes
+through the one matcher (``index.matcher.build``; the page adds sorting, paging and the total),
+nodes through ``nodes.NodeRegistry`` and ``dimse.scu.echo`` (as ``macpacs nodes`` does), sending
+through ``dimse.scu.send``, delete through ``delete.delete_matching``, and the ZIP reads files
+through ``retrieve``. State-changing calls need the page's CSRF token in ``X-CSRF-Token``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import re
+import secrets
+import threading
+import time
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from ..delete import delete_matching
+from ..dimse import scu
+from ..dimse.subops import PeerError, Progress
+from ..index import Query, QueryError
+from ..index.matcher import build
+from ..nodes import Node, NodeError, NodeRegistry
+from ..retrieve import FileMissing, instance_path
+from . import server_status
+from .auth import Principal, require_admin, require_read
+from .context import WebContext
+from .csrf import require_csrf_header
+
+log = logging.getLogger("macpacs.web.ui")
+router = APIRouter(tags=["pages"])
+READER = Depends(require_read)
+ADMIN = Depends(require_admin)
+CSRF = [Depends(require_csrf_header)]
+
+STUDY_FIELDS = (
+    "StudyInstanceUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+SORTABLE = set(STUDY_FIELDS) - {"StudyInstanceUID"}
+MAX_PAGE = 500
+DATE_RE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
+
+
+def _ctx(request: Request) -> WebContext:
+    return request.app.state.ctx
+
+
+def _contains(text: str) -> str:
+    """User text → a DICOM wildcard match: as typed when it has wildcards, else "contains"."""
+    text = text.strip()
+    return text if ("*" in text or "?" in text) else f"*{text}*"
+
+
+def _prefix(text: str) -> str:
+    text = text.strip()
+    return text if ("*" in text or "?" in text) else f"{text}*"
+
+
+def _day(value: str, what: str) -> str:
+    if not DATE_RE.match(value):
+        raise HTTPException(400, f"{what} {value[:20]!r} is not a date (YYYY-MM-DD)")
+    return value.replace("-", "")
+
+
+# -- study list --------------------------------------------------------------------------------------
+@router.get("/studies")
+def search_studies(
+    request: Request,
+    name: str = "",
+    patient_id: str = "",
+    accession: str = "",
+    description: str = "",
+    modality: str = "",
+    date_from: str = "",
+    date_to: str = "",
+    sort: str = "StudyDate",
+    order: str = "desc",
+    limit: int = 50,
+    offset: int = 0,
+    _who: Principal = READER,
+) -> dict[str, Any]:
+    """Studies matching the search form, one page of them, sorted, with the total count."""
+    if sort not in SORTABLE:
+        raise HTTPException(400, f"cannot sort by {sort[:40]!r} (use one of {', '.join(sorted(SORTABLE))})")
+    if order not in ("asc", "desc"):
+        raise HTTPException(400, 'order must be "asc" or "desc"')
+    if not 1 <= limit <= MAX_PAGE or offset < 0:
+        raise HTTPException(400, f"limit must be 1-{MAX_PAGE} and offset at least 0")
+    keys: dict[str, str | None] = dict.fromkeys(STUDY_FIELDS)
+    if name.strip():
+        keys["PatientName"] = _contains(name)
+    if patient_id.strip():
+        keys["PatientID"] = _prefix(patient_id)
+    if accession.strip():
+        keys["AccessionNumber"] = _prefix(accession)
+    if description.strip():
+        keys["StudyDescription"] = _contains(description)
+    if modality.strip():
+        keys["ModalitiesInStudy"] = modality.strip().upper()
+    if date_from or date_to:
+        low = _day(date_from, "from date") if date_from else ""
+        high = _day(date_to, "to date") if date_to else ""
+        keys["StudyDate"] = low if low and low == high else f"{low}-{high}"
+    ctx = _ctx(request)
+    query = Query("STUDY", keys, case_insensitive_names=ctx.settings.dicom.case_insensitive_names)
+    try:
+        stmt, keywords = build(query, sqlite=ctx.index.is_sqlite)
+    except QueryError as exc:
+        raise HTTPException(400, f"invalid search: {exc}") from None
+    column = stmt.selected_columns[sort]
+    ordering = [column.desc() if order == "desc" else column.asc()]
+    if sort == "StudyDate":
+        time_column = stmt.selected_columns["StudyTime"]
+        ordering.append(time_column.desc() if order == "desc" else time_column.asc())
+    with ctx.index.engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
+        page = conn.execute(stmt.order_by(None).order_by(*ordering).limit(limit).offset(offset)).mappings().all()
+    studies = [{k: row[k] for k in keywords} for row in page]
+    return {"total": total, "offset": offset, "limit": limit, "studies": studies}
+
+
+# -- delete, ZIP -------------------------------------------------------------------------------------
+def _study_query(uid: str, level: str = "STUDY", **more: str) -> Query:
+    return Query(level, {"StudyInstanceUID": uid, **more})
+
+
+@router.delete("/studies/{study_uid}", dependencies=CSRF)
+def delete_study(
+    request: Request,
+    study_uid: str,
+    who: Principal = ADMIN,
+) -> dict[str, Any]:
+    ctx = _ctx(request)
+    try:
+        result = delete_matching(ctx.index, ctx.store, _study_query(study_uid), reason=f"web, {who.name}")
+    except QueryError as exc:
+        raise HTTPException(400, f"invalid study UID: {exc}") from None
+    if not result.instances:
+        raise HTTPException(404, f"study {study_uid} is not in the archive (already deleted?)")
+    return {
+        "message": f"Study deleted: {result.instances} images in {result.series} series removed.",
+        **dataclasses.asdict(result),
+    }
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _folder(*parts: Any) -> str:
+    """A file-system-safe folder name from DICOM text (never a path separator or '..')."""
+    text = "_".join(str(p) for p in parts if p not in (None, ""))
+    return _UNSAFE.sub("_", text).strip("._")[:60] or "unnamed"
+
+
+class _Sink(io.RawIOBase):
+    """Where zipfile writes; the response takes what accumulated after each file chunk."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.chunks.append(bytes(data))
+        self.position += len(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        out = b"".join(self.chunks)
+        self.chunks.clear()
+        return out
+
+
+@router.get("/studies/{study_uid}/zip")
+def study_zip(
+    request: Request,
+    study_uid: str,
+    _who: Principal = READER,
+) -> StreamingResponse:
+    """The study's files as received, in Patient/Study/Series folders (no DICOMDIR), streamed."""
+    ctx = _ctx(request)
+    try:
+        study = ctx.index.find_all(
+            Query(
+                "STUDY",
+                {
+                    "StudyInstanceUID": study_uid,
+                    "PatientName": None,
+                    "PatientID": None,
+                    "StudyDate": None,
+                    "StudyDescription": None,
+                },
+            )
+        )
+        series = ctx.index.find_all(
+            Query(
+                "SERIES",
+                {"StudyInstanceUID": study_uid, "SeriesNumber": None, "SeriesDescription": None, "Modality": None},
+            )
+        )
+    except QueryError as exc:
+        raise HTTPException(400, f"invalid study UID: {exc}") from None
+    if not study:
+        raise HTTPException(404, f"study {study_uid} is not in the archive")
+    s = study[0]
+    top = f"{_folder(s['PatientName'], s['PatientID'])}/{_folder(s['StudyDate'], s['StudyDescription'])}"
+    plan = []
+    for se in series:
+        folder = _folder(
+            f"{se['SeriesNumber'] or 0:03d}" if se["SeriesNumber"] is not None else "",
+            se["Modality"],
+            se["SeriesDescription"],
+        )
+        instances = ctx.index.instances(_study_query(study_uid, "SERIES", SeriesInstanceUID=se["SeriesInstanceUID"]))
+        plan.append((f"{top}/{folder}", instances))
+
+    def stream() -> Iterator[bytes]:
+        sink = _Sink()
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for folder, instances in plan:
+                for n, inst in enumerate(instances, 1):
+                    try:
+                        path = instance_path(ctx.store, inst)
+                    except FileMissing:
+                        continue  # logged by retrieve; the rest of the study still downloads
+                    with open(path, "rb") as src, archive.open(f"{folder}/IM{n:05d}.dcm", "w", force_zip64=True) as dst:
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+                            yield sink.take()
+                    yield sink.take()
+        yield sink.take()
+
+    name = _folder(s["PatientName"], s["StudyDate"]) + ".zip"
+    return StreamingResponse(
+        stream(), media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+    )
+
+
+# -- send to a node ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SendJob:
+    id: str
+    node: str
+    study: str
+    state: str = "queued"  # queued, running, done, failed
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    message: str = ""
+    started: float = dataclasses.field(default_factory=time.time)
+
+
+class SendJobs:
+    """Sends started from the study page, remembered for progress polling (the newest 200)."""
+
+    def __init__(self) -> None:
+        self._jobs: OrderedDict[str, SendJob] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, job: SendJob) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > 200:
+                self._jobs.popitem(last=False)
+
+    def get(self, job_id: str) -> SendJob | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+
+class SendRequest(BaseModel):
+    node: str = Field(max_length=64)
+
+
+def _run_send(ctx: WebContext, job: SendJob, node: Node) -> None:
+    def progress(p: Progress) -> None:
+        job.total = p.total
+        job.done = p.completed + p.warning
+        job.failed = p.failed
+
+    job.state = "running"
+    try:
+        result = scu.send(node, ctx.settings, ctx.index, ctx.store, {"StudyInstanceUID": job.study}, progress)
+    except (PeerError, OSError, RuntimeError) as exc:
+        job.state, job.message = "failed", f"Sending to {node.name} failed: {exc}"
+        return
+    progress(result)
+    if result.total == 0:
+        job.state, job.message = "failed", "This study has no images left in the archive (deleted meanwhile?)."
+    elif result.failed:
+        job.state = "failed"
+        job.message = f"{result.failed} of {result.total} images were not accepted by {node.name}: {result.summary()}"
+    else:
+        job.state, job.message = "done", f"Sent {result.total} images to {node.name}."
+
+
+@router.post("/studies/{study_uid}/send", dependencies=CSRF)
+def send_study(
+    request: Request,
+    study_uid: str,
+    body: SendRequest,
+    who: Principal = READER,
+) -> dict[str, Any]:
+    ctx = _ctx(request)
+    try:
+        node = NodeRegistry(ctx.index).get(body.node)
+    except NodeError as exc:
+        raise HTTPException(404, str(exc)) from None
+    if node.status != "active":
+        raise HTTPException(409, f"node {node.name} awaits approval: an admin must activate it first")
+    job = SendJob(id=secrets.token_urlsafe(12), node=node.name, study=study_uid)
+    request.app.state.send_jobs.add(job)
+    log.info("web: %s sends study %s to %s", who.name, study_uid, node.name)
+    threading.Thread(target=_run_send, args=(ctx, job, node), name=f"send-{job.id}", daemon=True).start()
+    return dataclasses.asdict(job)
+
+
+@router.get("/jobs/{job_id}")
+def send_progress(request: Request, job_id: str, _who: Principal = READER) -> dict[str, Any]:
+    job = request.app.state.send_jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, "no such send job (the server may have restarted)")
+    return dataclasses.asdict(job)
+
+
+# -- nodes ----------------------------------------------------------------------------------------------
+class NodeBody(BaseModel):
+    name: str = Field(max_length=64)
+    ae_title: str = Field(max_length=64)
+    host: str = Field(max_length=255)
+    port: int
+    status: str = "active"
+    description: str = Field("", max_length=1024)
+    allow_store: bool = True
+    allow_query: bool = True
+    allow_retrieve: bool = True
+
+
+class NodeChanges(BaseModel):
+    name: str | None = Field(None, max_length=64)
+    ae_title: str | None = Field(None, max_length=64)
+    host: str | None = Field(None, max_length=255)
+    port: int | None = None
+    status: str | None = None
+    description: str | None = Field(None, max_length=1024)
+    allow_store: bool | None = None
+    allow_query: bool | None = None
+    allow_retrieve: bool | None = None
+
+
+def _node_json(node: Node) -> dict[str, Any]:
+    return {**dataclasses.asdict(node), "rights": node.rights}
+
+
+@router.get("/nodes")
+def list_nodes(request: Request, _who: Principal = ADMIN) -> list[dict[str, Any]]:
+    return [_node_json(n) for n in NodeRegistry(_ctx(request).index).list()]
+
+
+@router.post("/nodes", dependencies=CSRF)
+def add_node(request: Request, body: NodeBody, who: Principal = ADMIN) -> dict[str, Any]:
+    try:
+        node = NodeRegistry(_ctx(request).index).add(Node(**body.model_dump()))
+    except NodeError as exc:
+        raise HTTPException(400, str(exc)) from None
+    log.info("web: %s added node %s (%s@%s:%d)", who.name, node.name, node.ae_title, node.host, node.port)
+    return _node_json(node)
+
+
+@router.put("/nodes/{name}", dependencies=CSRF)
+def edit_node(request: Request, name: str, body: NodeChanges, who: Principal = ADMIN) -> dict[str, Any]:
+    changes = {k: v for k, v in body.model_dump().items() if v is not None}
+    try:
+        node = NodeRegistry(_ctx(request).index).edit(name, **changes)
+    except NodeError as exc:
+        raise HTTPException(404 if "no DICOM node named" in str(exc) else 400, str(exc)) from None
+    log.info("web: %s changed node %s: %s", who.name, name, ", ".join(sorted(changes)))
+    return _node_json(node)
+
+
+@router.delete("/nodes/{name}", dependencies=CSRF)
+def remove_node(request: Request, name: str, who: Principal = ADMIN) -> dict[str, str]:
+    try:
+        NodeRegistry(_ctx(request).index).remove(name)
+    except NodeError as exc:
+        raise HTTPException(404, str(exc)) from None
+    log.info("web: %s removed node %s", who.name, name)
+    return {"message": f"node {name} removed"}
+
+
+@router.post("/nodes/{name}/echo", dependencies=CSRF)
+def echo_node(request: Request, name: str, _who: Principal = ADMIN) -> dict[str, Any]:
+    """C-ECHO a node: ``ok`` with the round trip in ms, or the reason it failed (still HTTP 200)."""
+    ctx = _ctx(request)
+    try:
+        node = NodeRegistry(ctx.index).get(name)
+    except NodeError as exc:
+        raise HTTPException(404, str(exc)) from None
+    try:
+        ms = scu.echo(node, ctx.settings)
+    except (PeerError, OSError, RuntimeError) as exc:
+        return {
+            "ok": False,
+            "ms": None,
+            "message": f"Failed: {exc} ({node.ae_title}@{node.host}:{node.port}; is its DICOM listener running?)",
+        }
+    return {"ok": True, "ms": ms, "message": f"C-ECHO OK in {ms:.1f} ms"}
+
+
+@router.get("/status")
+def server_state(request: Request, _who: Principal = READER) -> dict[str, Any]:
+    """What the status page shows, as JSON (for scripts and monitoring)."""
+    return server_status.collect(_ctx(request), request.url.hostname or "localhost")
