@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .index import Index, Query
 from .storage import FileStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("macpacs.delete")
 
 
 @dataclass(frozen=True)

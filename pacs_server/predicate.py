@@ -296,6 +296,7 @@ class _Parser:
                     f"at character {op_tok.pos + 1}: unknown modifier [{flags}] (use [c], [d] or [cd])"
                 )
             case_insensitive = "c" in flags  # [d]: diacritics are not folded; see docs/xmlrpc.md
+        right_tok = self.tok
         right_key, right_value = self._operand()
         if left_key is not None and right_key is None:
             return Comparison(left_key, op, right_value, case_insensitive)
@@ -304,8 +305,9 @@ class _Parser:
         if left_key is None and right_key is not None:
             raise PredicateError(f"at character {start.pos + 1}: put the attribute name on the left of {op}")
         if left_key is None:
+            both = f"{start.text} {op_tok.text} {right_tok.text}"
             raise PredicateError(
-                f"at character {start.pos + 1}: comparison between two constants ({start.text} {op_tok.text} ...); "
+                f"at character {start.pos + 1}: comparison between two constants ({both}); "
                 "one side must be an attribute name such as name or patientID"
             )
         raise PredicateError(
