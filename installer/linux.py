@@ -35,7 +35,7 @@ class Systemd(Step):
         return None if ctx.options.target == "linux" else "not Linux"
 
     def systemctl(self, ctx: Context, *args: str) -> list[str]:
-        root = [f"--root={ctx.host.root}"] if ctx.host.root is not None else []
+        root = [f"--root={ctx.host.root}"] if ctx.options.root is not None else []
         return ["systemctl", *root, *args]
 
     def check(self, ctx: Context) -> Check:
@@ -44,7 +44,7 @@ class Systemd(Step):
         enabled = ctx.host.run(self.systemctl(ctx, "is-enabled", *UNITS))
         if not enabled.ok:
             return Check(False, "not enabled")
-        if ctx.host.root is not None:
+        if ctx.options.root is not None:
             ctx.not_started = "--root: enabled offline, not started"
             return Check(True, f"{', '.join(UNITS)} enabled (offline, --root)")
         active = ctx.host.run(self.systemctl(ctx, "is-active", *UNITS))
@@ -55,7 +55,7 @@ class Systemd(Step):
     def apply(self, ctx: Context) -> None:
         for _unit, path, text in unit_files(ctx):
             ctx.host.write(path, text, mode=0o644, owner=(0, 0))
-        if ctx.host.root is not None:
+        if ctx.options.root is not None:
             self._run(ctx, "enable", *UNITS)
             ctx.not_started = "--root: enabled offline, not started"
             return
@@ -71,11 +71,11 @@ class Systemd(Step):
                                f"`journalctl -u {SERVER_UNIT}` shows why; then run `macpacs install` again.")
 
     def undo(self, ctx: Context) -> None:
-        if ctx.host.root is not None:
+        if ctx.options.root is not None:
             ctx.host.run(self.systemctl(ctx, "disable", *UNITS), changes=True)
         else:
             ctx.host.run(self.systemctl(ctx, "disable", "--now", *UNITS), changes=True)
         for _unit, path, _text in unit_files(ctx):
             ctx.host.remove(path)
-        if ctx.host.root is None:
+        if ctx.options.root is None:
             ctx.host.run(self.systemctl(ctx, "daemon-reload"), changes=True)

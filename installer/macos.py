@@ -79,8 +79,9 @@ class Power(Step):
             ctx.host.say("    power settings were already as wanted before install: left as they are")
             return
         argv = ["pmset", "-a"]
-        for name, value in previous.items():
-            argv += [name, str(value)]
+        for name in POWER:  # a fixed order (the state file sorts its keys)
+            if name in previous:
+                argv += [name, str(previous[name])]
         ctx.host.run(argv, changes=True)
 
 
