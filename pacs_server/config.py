@@ -81,6 +81,9 @@ class WebSettings:
     max_upload_mb: int = 4096
     # How long a browser login lasts.
     session_hours: float = 12.0
+    # URL clients use to reach this server when it differs (reverse proxy), e.g.
+    # "https://pacs.example.org"; links in DICOMweb answers start with it. Empty: as reached.
+    public_url: str = ""
 
 
 @dataclass

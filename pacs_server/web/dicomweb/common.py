@@ -15,8 +15,20 @@ _FLOAT_VRS = {"DS", "FL", "FD"}
 
 
 def base_url(request: Request) -> str:
-    """``http(s)://host:port/dicom-web``, as the client reached us."""
-    return str(request.base_url).rstrip("/") + "/dicom-web"
+    """``http(s)://host:port/dicom-web`` for links in answers (RetrieveURL, BulkDataURI).
+
+    ``web.public_url`` when set (behind a reverse proxy); otherwise as the client reached us.
+    Some clients (dicomweb-client) send a Host header without the port: the port we listen
+    on is added then, so that links work.
+    """
+    public = request.app.state.ctx.settings.web.public_url
+    if public:
+        return public.rstrip("/") + "/dicom-web"
+    url = request.base_url
+    server = request.scope.get("server")
+    if url.port is None and server and server[1] not in (80, 443):
+        url = url.replace(port=server[1])
+    return str(url).rstrip("/") + "/dicom-web"
 
 
 def tag_hex(keyword: str) -> str:
