@@ -123,7 +123,7 @@ class ArchiveServer:
         )
         self.web.start()
         if s.xmlrpc.enabled:
-            self.xmlrpc = XmlRpcServer(s, self.index, self.store, request_stop=self.request_stop)
+            self.xmlrpc = XmlRpcServer(s, self.index, self.store, ingestor, request_stop=self.request_stop)
             self.xmlrpc.start()
         log.info("macpacs serving data in %s (PID %d)", s.data_dir, os.getpid())
 

@@ -13,9 +13,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+from ..config import Settings
 from ..delete import delete_matching
+from ..dimse import scu
 from ..index import Index, Query, QueryError
 from ..index.matcher import All, Expr, Match
+from ..ingest import Ingestor
+from ..nodes import Node, NodeError, NodeRegistry
 from ..predicate import PredicateError, parse
 from ..storage import FileStore
 from . import osirix
@@ -24,6 +30,8 @@ log = logging.getLogger("macpacs.xmlrpc")
 
 MAX_ELEMENTS = 100_000  # a reply larger than this is refused: narrow the predicate
 EXECUTE = {"": "Select", "nothing": "Select", "select": "Select", "open": "Select", "delete": "Delete"}
+CGET_RETRIEVE_MODE = 1  # OsiriX's retrieveMode values: 0 C-MOVE, 1 C-GET, 2 WADO
+MAX_FILTERS = 9  # filterKey/filterValue, filterKey2/filterValue2 ... filterKey9/filterValue9
 
 
 class BadRequest(ValueError):
@@ -47,9 +55,14 @@ def _text(args: dict[str, Any], *names: str) -> str:
 class OsirixMethods:
     """The methods registered on the XML-RPC dispatcher; ``caller`` is set per request."""
 
-    def __init__(self, index: Index, store: FileStore, request_stop: Callable[[], None]) -> None:
+    def __init__(
+        self, settings: Settings, index: Index, store: FileStore, ingestor: Ingestor, request_stop: Callable[[], None]
+    ) -> None:
+        self.settings = settings
         self.index = index
         self.store = store
+        self.ingestor = ingestor
+        self.nodes = NodeRegistry(index)
         self.request_stop = request_stop
         self.local = threading.local()
 
@@ -67,6 +80,8 @@ class OsirixMethods:
             "DisplayStudyListByPatientName": self.DisplayStudyListByPatientName,
             "DisplayStudyListByPatientId": self.DisplayStudyListByPatientId,
             "KillOsiriX": self.KillOsiriX,
+            "Retrieve": self.Retrieve,
+            "CMove": self.CMove,
         }
 
     # -- queries ---------------------------------------------------------------------------------
@@ -161,3 +176,103 @@ class OsirixMethods:
         timer.daemon = True
         timer.start()
         return {"error": "0"}
+
+    # -- query/retrieve from other nodes ---------------------------------------------------------------
+    def Retrieve(self, *params: Any) -> dict[str, Any]:
+        """``{serverName, filterKey, filterValue, ... filterKey9, filterValue9, retrieveMode}``.
+
+        Queries the node for studies matching the filters (DICOM keywords), answers at once and
+        retrieves them in the background, as OsiriX does: ``"0"`` started, ``"-2"`` unknown
+        server, ``"-3"`` nothing found, ``"-1"`` the query failed.
+        """
+        args = _struct(params)
+        server_name = _text(args, "serverName")
+        if not server_name:
+            raise BadRequest("Retrieve needs serverName (a DICOM node registered with `macpacs nodes add`)")
+        filters: dict[str, str] = {}
+        for i in range(1, MAX_FILTERS + 1):
+            suffix = "" if i == 1 else str(i)
+            key, value = args.get(f"filterKey{suffix}"), args.get(f"filterValue{suffix}")
+            if key is None or value is None:
+                continue
+            key = str(key).strip()
+            if not key or tag_for_keyword(key) is None or dictionary_VR(key) == "SQ":
+                raise BadRequest(
+                    f"filterKey{suffix} {key[:40]!r} is not a DICOM keyword (e.g. PatientID, AccessionNumber)"
+                )
+            filters[key] = str(value)
+        node = self._node(server_name)
+        if node is None:
+            return {"error": "-2"}
+        try:
+            studies = scu.query(node, self.settings, "STUDY", filters)
+        except Exception as exc:  # refused, unreachable, timed out: OsiriX's -1
+            log.error("XML-RPC Retrieve from %s: query on %s failed: %s", self.caller, node.name, exc)
+            return {"error": "-1"}
+        uids = [str(ds.get("StudyInstanceUID", "")) for ds in studies if ds.get("StudyInstanceUID")]
+        if not uids:
+            log.info("XML-RPC Retrieve from %s: nothing on %s matches %s", self.caller, node.name, filters)
+            return {"error": "-3"}
+        method = "get" if str(args.get("retrieveMode", "")).strip() == str(CGET_RETRIEVE_MODE) else "move"
+        self._retrieve_in_background(node, uids, method)
+        return {"error": "0"}
+
+    def CMove(self, *params: Any) -> dict[str, Any]:
+        """``{accessionNumber, server}``: query the node for that accession number and C-MOVE it here.
+
+        Answers ``"0"`` at once (the work runs in the background, as in OsiriX) or ``"-1"`` for
+        an unknown server.
+        """
+        args = _struct(params)
+        accession, server_name = _text(args, "accessionNumber"), _text(args, "server")
+        if not accession or not server_name:
+            raise BadRequest("CMove needs accessionNumber and server (a registered DICOM node)")
+        node = self._node(server_name)
+        if node is None:
+            return {"error": "-1"}
+
+        def work() -> None:
+            try:
+                studies = scu.query(node, self.settings, "STUDY", {"AccessionNumber": accession})
+            except Exception as exc:
+                log.error("XML-RPC CMove: query for accession %s on %s failed: %s", accession, node.name, exc)
+                return
+            uids = [str(ds.StudyInstanceUID) for ds in studies if ds.get("StudyInstanceUID")]
+            if not uids:
+                log.warning("XML-RPC CMove: no study with accession number %s on %s", accession, node.name)
+            self._retrieve(node, uids, "move")
+
+        self._background(work, f"cmove-{node.name}")
+        return {"error": "0"}
+
+    def _node(self, name: str) -> Node | None:
+        try:
+            return self.nodes.get(name)
+        except NodeError as exc:
+            log.warning("XML-RPC from %s: %s", self.caller, exc)
+            return None
+
+    def _retrieve_in_background(self, node: Node, uids: list[str], method: str) -> None:
+        self._background(lambda: self._retrieve(node, uids, method), f"retrieve-{node.name}")
+
+    def _retrieve(self, node: Node, uids: list[str], method: str) -> None:
+        for uid in uids:
+            try:
+                result = scu.retrieve(
+                    node, self.settings, "STUDY", {"StudyInstanceUID": uid}, method=method, ingestor=self.ingestor
+                )
+            except Exception as exc:
+                log.error("XML-RPC retrieve of study %s from %s failed: %s", uid, node.name, exc)
+                continue
+            if not result.ok:
+                log.error(
+                    "XML-RPC retrieve of study %s from %s: status 0x%04X %s",
+                    uid,
+                    node.name,
+                    result.status,
+                    result.comment,
+                )
+
+    @staticmethod
+    def _background(work: Callable[[], None], name: str) -> None:
+        threading.Thread(target=work, name=f"xmlrpc-{name}", daemon=True).start()

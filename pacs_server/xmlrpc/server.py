@@ -28,6 +28,7 @@ from defusedxml.xmlrpc import DefusedExpatParser
 
 from ..config import Settings
 from ..index import Index
+from ..ingest import Ingestor
 from ..storage import FileStore
 from .methods import BadRequest, OsirixMethods
 
@@ -139,9 +140,11 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 class XmlRpcServer:
     """The XML-RPC interface of one archive process: ``start`` in a thread, ``stop`` cleanly."""
 
-    def __init__(self, settings: Settings, index: Index, store: FileStore, request_stop: Callable[[], None]) -> None:
+    def __init__(
+        self, settings: Settings, index: Index, store: FileStore, ingestor: Ingestor, request_stop: Callable[[], None]
+    ) -> None:
         self.settings = settings
-        self.methods = OsirixMethods(index, store, request_stop)
+        self.methods = OsirixMethods(settings, index, store, ingestor, request_stop)
         self.dispatcher = Dispatcher(self.methods.table())
         self.networks = allowed_networks(settings.xmlrpc.allowed_hosts)
         self._httpd: _HttpServer | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import subprocess
 import time
 import xmlrpc.client
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from supervisor.probes import XMLRPC_PARAMS, XmlRpcProbe
-from tests.conftest import ServerProcess, findscu, free_port, run_tool, wait_for_port
+from tests.conftest import MACPACS, ServerProcess, findscu, free_port, run_tool, wait_for_port
 from tests.synthetic import write_series
 
 STUDIES = [
@@ -515,3 +516,82 @@ def test_disabled(tmp_path: Path) -> None:
             socket.create_connection(("127.0.0.1", server.xmlrpc_port), timeout=2).close()
     finally:
         server.stop()
+
+
+# -- Retrieve and CMove: our archive (A) pulls from another macpacs (B) ---------------------------------
+
+
+def add_node(server: ServerProcess, name: str, peer: ServerProcess) -> None:
+    subprocess.run(
+        [
+            MACPACS,
+            "nodes",
+            "add",
+            name,
+            "--data-dir",
+            str(server.data_dir),
+            "--ae-title",
+            peer.ae_title,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(peer.dicom_port),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def wait_for_images(server: ServerProcess, patient_id: str, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = find(server, f'patientID == "{patient_id}"')["elements"]
+        if found and found[0]["numberOfImages"] == str(count):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{patient_id}: {count} images did not arrive within {timeout} s\n{server.log()[-3000:]}")
+
+
+def test_retrieve_and_cmove_from_another_node(tmp_path: Path) -> None:
+    ours = ServerProcess(tmp_path / "a" / "data", free_port(), free_port(), free_port(), ae_title="PACSA").start()
+    remote = ServerProcess(tmp_path / "b" / "data", free_port(), free_port(), free_port(), ae_title="PACSB").start()
+    try:
+        wait_for_port(ours.xmlrpc_port, proc=ours.proc)
+        load(remote, tmp_path / "b")
+        add_node(ours, "Remote", remote)
+        add_node(remote, "ArchiveA", ours)  # C-MOVE destination PACSA
+        unreachable = ServerProcess(tmp_path / "c", free_port(), 0, 0, ae_title="GONE")
+        add_node(ours, "Gone", unreachable)
+        p = proxy(ours)
+
+        assert p.Retrieve({"serverName": "Remote", "filterKey": "PatientID", "filterValue": "PID001"}) == {"error": "0"}
+        wait_for_images(ours, "PID001", 3)
+        # Several filters, C-GET (retrieveMode 1): no registration needed, instances come back on the association.
+        assert p.retrieve(
+            {
+                "serverName": "Remote",
+                "filterKey": "PatientName",
+                "filterValue": "DOE*",
+                "filterKey2": "StudyDate",
+                "filterValue2": "20240220",
+                "retrieveMode": 1,
+            }
+        ) == {"error": "0"}
+        wait_for_images(ours, "PID002", 2)
+        assert p.CMove({"accessionNumber": "ACC003", "server": "Remote"}) == {"error": "0"}
+        wait_for_images(ours, "PID003", 6)
+
+        assert p.Retrieve({"serverName": "Nowhere", "filterKey": "PatientID", "filterValue": "1"}) == {"error": "-2"}
+        assert p.Retrieve({"serverName": "Remote", "filterKey": "PatientID", "filterValue": "NOBODY"}) == {
+            "error": "-3"
+        }
+        assert p.Retrieve({"serverName": "Gone", "filterKey": "PatientID", "filterValue": "PID004"}) == {"error": "-1"}
+        assert p.CMove({"accessionNumber": "ACC004", "server": "Nowhere"}) == {"error": "-1"}
+        assert refused(ours, {"filterKey": "PatientID", "filterValue": "1"}, "Retrieve").errcode == 400
+        error = refused(ours, {"serverName": "Remote", "filterKey": "Patient'ID", "filterValue": "1"}, "Retrieve")
+        assert error.errcode == 400 and "not a DICOM keyword" in error.errmsg
+        assert refused(ours, {"accessionNumber": "", "server": "Remote"}, "CMove").errcode == 400
+    finally:
+        ours.stop()
+        remote.stop()
