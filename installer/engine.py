@@ -65,7 +65,8 @@ def install(ctx: Context, confirm: Callable[[Context], bool] | None = None) -> N
     """
     opts = ctx.options
     todo = steps()
-    header = f"macpacs install: target {opts.target}, mode {opts.mode}, user {opts.user}"
+    mode = f", mode {opts.mode}" if opts.target == "macos" else ""
+    header = f"macpacs install: target {opts.target}{mode}, user {opts.user}"
     if opts.root is not None:
         header += f", into --root {opts.root}"
     if opts.dry_run:

@@ -93,7 +93,7 @@ class Host:
         if self.dry_run:
             self.say(f"    > write {path} (mode {mode:04o}{who}):")
             if secret:
-                self.say(f"      <{len(data)} bytes derived from the password: not shown>")
+                self.say("      <derived from the password: not shown>")
             else:
                 for line in data.decode("utf-8").splitlines():
                     self.say(f"      | {line}".rstrip())

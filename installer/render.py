@@ -44,6 +44,11 @@ def systemd_quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
 
 
+def systemd_path(path: str) -> str:
+    """A path setting (WorkingDirectory=): no quoting, but ``%`` starts a specifier."""
+    return path.replace("%", "%%")
+
+
 def systemd_argv(argv: list[str]) -> str:
     return " ".join(systemd_quote(a) for a in argv)
 
@@ -58,6 +63,7 @@ def _environment() -> jinja2.Environment:
     env.filters["toml"] = toml_string
     env.filters["systemd_quote"] = systemd_quote
     env.filters["systemd_argv"] = systemd_argv
+    env.filters["systemd_path"] = systemd_path
     return env
 
 
