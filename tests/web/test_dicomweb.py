@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 
 from pacs_server.ingest import dataset_bytes
 
-from .conftest import Loaded, get, uids
+from .conftest import Loaded, get, start_server, uids
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +308,34 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def test_upload_limit_and_cors(tmp_path):
+    server = start_server(
+        tmp_path / "data",
+        env={"MACPACS_WEB_MAX_UPLOAD_MB": "1", "MACPACS_WEB_CORS_ORIGINS": "https://viewer.example.org"},
+    )
+    base = f"http://127.0.0.1:{server.web_port}/dicom-web"
+    try:
+        headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=abc'}
+        big = b"--abc\r\nContent-Type: application/dicom\r\n\r\n" + b"\0" * (2 << 20) + b"\r\n--abc--\r\n"
+        r = requests.post(f"{base}/studies", data=big, headers=headers, timeout=30)
+        assert r.status_code == 413 and "max_upload_mb" in r.text
+
+        def chunks():  # no Content-Length: the limit holds while streaming too
+            yield big[: 1 << 20]
+            yield big[1 << 20 :]
+
+        r = requests.post(f"{base}/studies", data=chunks(), headers=headers, timeout=30)
+        assert r.status_code == 413
+        assert not list((server.data_dir / "tmp").glob("*.part"))
+        preflight = requests.options(
+            f"{base}/studies",
+            headers={"Origin": "https://viewer.example.org", "Access-Control-Request-Method": "GET"},
+            timeout=10,
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://viewer.example.org"
+        other = requests.get(f"{base}/studies", headers={"Origin": "https://evil.example"}, timeout=10)
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        server.stop()
