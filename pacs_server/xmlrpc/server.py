@@ -11,6 +11,7 @@ message too, so that ``xmlrpc.client``'s ProtocolError shows it.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import logging
@@ -35,7 +36,7 @@ from .methods import BadRequest, OsirixMethods
 log = logging.getLogger("macpacs.xmlrpc")
 
 MAX_BODY = 1024 * 1024  # bytes; an OsiriX call is a few hundred
-MAX_CONCURRENT = 32  # calls served at once; more wait in the listen queue
+MAX_CONCURRENT = 32  # calls served at once; more connections are answered 503
 CONNECTION_TIMEOUT = 10.0  # seconds, as OsiriX
 LOCALHOST = ("127.0.0.1/32", "::1/128")
 
@@ -132,9 +133,23 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
         super().__init__(address, _Handler)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Bounded before a thread exists: a flood of connections cannot pile up threads.
+        if not self.slots.acquire(blocking=False):
+            log.warning(
+                "XML-RPC: %d calls in progress; refused a connection from %s", MAX_CONCURRENT, client_address[0]
+            )
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.0 503 XML-RPC server busy, try again\r\nContent-Length: 0\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self.slots:
+        try:
             super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class XmlRpcServer:

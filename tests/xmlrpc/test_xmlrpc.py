@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
+from pacs_server.xmlrpc.server import MAX_CONCURRENT
 from supervisor.probes import XMLRPC_PARAMS, XmlRpcProbe
 from tests.conftest import MACPACS, ServerProcess, findscu, free_port, run_tool, wait_for_port
 from tests.synthetic import write_series
@@ -369,6 +370,26 @@ def test_a_slow_client_does_not_block_others(archive: ServerProcess) -> None:
         started = time.monotonic()
         assert find(archive, XMLRPC_PARAMS["request"])["error"] == "0"
         assert time.monotonic() - started < 5
+
+
+def test_too_many_stuck_clients_get_503_then_service_resumes(archive: ServerProcess) -> None:
+    stuck = []
+    try:
+        for _ in range(MAX_CONCURRENT):
+            sock = socket.create_connection(("127.0.0.1", archive.xmlrpc_port))
+            sock.sendall(b"POST / HTTP/1.0\r\nContent-Length: 500\r\n\r\n<methodCall>")
+            stuck.append(sock)
+        deadline = time.monotonic() + 10
+        while post(archive, call_body("DBWindowFind", XMLRPC_PARAMS))[0] != 503:
+            assert time.monotonic() < deadline, "the server never reported being busy"
+            time.sleep(0.05)
+    finally:
+        for sock in stuck:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while post(archive, call_body("DBWindowFind", XMLRPC_PARAMS))[0] != 200:
+        assert time.monotonic() < deadline, "the server did not recover after the stuck clients left"
+        time.sleep(0.05)
 
 
 # -- the Display methods ---------------------------------------------------------------------------------
