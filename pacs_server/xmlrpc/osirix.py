@@ -8,6 +8,7 @@ strings OsiriX returns as one element of ``elements``.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -158,6 +159,11 @@ def nsdate_text(date: str, time: str | None) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S +0000")
 
 
+# Characters XML 1.0 cannot carry at all (a stray control byte in a PatientName would otherwise
+# make the whole reply unreadable for the client).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def element(entity: str, row: Any) -> dict[str, str]:
     """One result element: OsiriX attribute name → value as a string; empty values left out."""
     out: dict[str, str] = {}
@@ -168,5 +174,5 @@ def element(entity: str, row: Any) -> dict[str, str]:
         if BY_KEYWORD[keyword].kind == "date":
             out[name] = nsdate_text(str(value), row.get(time_keyword) if time_keyword else None)
         else:
-            out[name] = str(value)
+            out[name] = _NOT_XML.sub("\ufffd", str(value))
     return out

@@ -252,3 +252,8 @@ def test_elements_use_osirix_names_and_strings() -> None:
     assert out["date"] == nsdate_text("20240115", "101500")
     assert "accessionNumber" not in out and "dateOfBirth" not in out
     assert all(isinstance(v, str) for v in out.values())
+
+
+def test_elements_carry_only_characters_xml_can() -> None:
+    out = element("Study", {"PatientName": "DOE\x01^JO\x1bHN", "StudyDescription": "tab\tok"})
+    assert out == {"name": "DOE\ufffd^JO\ufffdHN", "studyName": "tab\tok"}
