@@ -227,3 +227,14 @@ def test_interrupted_install_is_completed_by_a_rerun(mac):
     assert [a[1] for a in mac.changes()] == ["enable", "bootstrap", "enable", "bootstrap"]
     mac.install()
     assert mac.changes() == []
+
+
+def test_daemon_uninstall_boots_out_of_system_domain(mac):
+    mac.install(mode="daemon", password=None)
+    mac.uninstall(mode="daemon")
+    assert mac.changes() == [
+        ("launchctl", "bootout", "system/org.macpacs.supervisor"),
+        ("launchctl", "bootout", "system/org.macpacs.server"),
+        ("pmset", "-a", "autorestart", "0", "sleep", "1", "disksleep", "10"),
+    ]
+    assert "automatic login was not set by macpacs" in mac.text()
