@@ -44,38 +44,82 @@ def _read_password(password_stdin: bool) -> str | None:
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--user", required=True, help="Account that logs in automatically and runs the server.")
-@click.option("--password-stdin", is_flag=True,
-              help="Read that account's password from stdin (one line). Needed for auto-login (--mode agent).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              help=f"Archive data folder, e.g. a RAID volume. Default {DATA_DIR['macos']} (Linux {DATA_DIR['linux']}).")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read that account's password from stdin (one line). Needed for auto-login (--mode agent).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Archive data folder, e.g. a RAID volume. Default {DATA_DIR['macos']} (Linux {DATA_DIR['linux']}).",
+)
 @click.option("--ae-title", default="MACPACS", show_default=True, help="AE title of the archive.")
 @click.option("--dicom-port", type=click.IntRange(1, 65535), default=11112, show_default=True)
 @click.option("--web-port", type=click.IntRange(1, 65535), default=3333, show_default=True)
 @click.option("--xmlrpc-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--mode", type=click.Choice(["agent", "daemon"]), default="agent", show_default=True,
-              help="agent: LaunchAgents in the auto-logged-in user's session; daemon: LaunchDaemons at boot, "
-              "no auto-login. Linux always uses system units.")
+@click.option(
+    "--mode",
+    type=click.Choice(["agent", "daemon"]),
+    default="agent",
+    show_default=True,
+    help="agent: LaunchAgents in the auto-logged-in user's session; daemon: LaunchDaemons at boot, "
+    "no auto-login. Linux always uses system units.",
+)
 @click.option("--target", type=click.Choice(["macos", "linux"]), help="Default: this machine's OS.")
 @click.option("--dry-run", is_flag=True, help="Print every check, command (password masked) and file; change nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed when stdin is not a terminal).")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-              help="Install under this folder instead of / (packaging, tests); services are not started.")
-@click.option("--source", type=click.Path(exists=True, path_type=Path),
-              help="macpacs wheel or source folder to install. Default: the source tree this runs from.")
-@click.option("--pip-option", "pip_options", multiple=True,
-              help="Extra pip install option, repeatable (e.g. --pip-option=--no-index --pip-option=--find-links=DIR).")
-@click.option("--wait-timeout", type=float, default=120.0, show_default=True,
-              help="Seconds to wait for /testdbalive after starting the services.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Install under this folder instead of / (packaging, tests); services are not started.",
+)
+@click.option(
+    "--source",
+    type=click.Path(exists=True, path_type=Path),
+    help="macpacs wheel or source folder to install. Default: the source tree this runs from.",
+)
+@click.option(
+    "--pip-option",
+    "pip_options",
+    multiple=True,
+    help="Extra pip install option, repeatable (e.g. --pip-option=--no-index --pip-option=--find-links=DIR).",
+)
+@click.option(
+    "--wait-timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for /testdbalive after starting the services.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every check command to stderr.")
-def install(user: str, password_stdin: bool, data_dir: Path | None, ae_title: str, dicom_port: int, web_port: int,
-            xmlrpc_port: int, mode: str, target: str | None, dry_run: bool, yes: bool, root: Path | None,
-            source: Path | None, pip_options: tuple[str, ...], wait_timeout: float, verbose: bool) -> None:
+def install(
+    user: str,
+    password_stdin: bool,
+    data_dir: Path | None,
+    ae_title: str,
+    dicom_port: int,
+    web_port: int,
+    xmlrpc_port: int,
+    mode: str,
+    target: str | None,
+    dry_run: bool,
+    yes: bool,
+    root: Path | None,
+    source: Path | None,
+    pip_options: tuple[str, ...],
+    wait_timeout: float,
+    verbose: bool,
+) -> None:
     """Turn this host into an unattended macpacs server (run with sudo).
 
     \b
@@ -88,10 +132,21 @@ def install(user: str, password_stdin: bool, data_dir: Path | None, ae_title: st
     if not yes and not dry_run and not sys.stdin.isatty():
         raise click.UsageError("stdin is not a terminal, so nobody can confirm: add --yes")
     options = Options(
-        user=user, target=target, mode=mode, data_dir=data_dir.absolute() if data_dir else None, ae_title=ae_title,
-        dicom_port=dicom_port, web_port=web_port, xmlrpc_port=xmlrpc_port, dry_run=dry_run, yes=yes,
-        root=root.absolute() if root else None, source=source.absolute() if source else None,
-        pip_options=pip_options, wait_timeout=wait_timeout, password=_read_password(password_stdin),
+        user=user,
+        target=target,
+        mode=mode,
+        data_dir=data_dir.absolute() if data_dir else None,
+        ae_title=ae_title,
+        dicom_port=dicom_port,
+        web_port=web_port,
+        xmlrpc_port=xmlrpc_port,
+        dry_run=dry_run,
+        yes=yes,
+        root=root.absolute() if root else None,
+        source=source.absolute() if source else None,
+        pip_options=pip_options,
+        wait_timeout=wait_timeout,
+        password=_read_password(password_stdin),
     )
     if options.auto_login and options.password is None and not dry_run and sys.stdin.isatty():
         options.password = click.prompt(f"Password of {user} (for automatic login)", hide_input=True)
@@ -105,12 +160,19 @@ def install(user: str, password_stdin: bool, data_dir: Path | None, ae_title: st
 
 
 def _confirm_install(ctx: Context) -> bool:
-    return click.confirm("Preflight passed. Apply the steps above (power, auto-login, application, services)?",
-                         default=True)
+    return click.confirm(
+        "Preflight passed. Apply the steps above (power, auto-login, application, services)?", default=True
+    )
 
 
-def _installed(target: str | None, user: str | None, mode: str | None, root: Path | None, dry_run: bool,
-               data_dir: Path | None = None) -> tuple[Options, bool]:
+def _installed(
+    target: str | None,
+    user: str | None,
+    mode: str | None,
+    root: Path | None,
+    dry_run: bool,
+    data_dir: Path | None = None,
+) -> tuple[Options, bool]:
     """Options of the existing installation, from its state file (flags fill in what is missing)."""
     target, preview = _target(target, dry_run)
     probe = Host(System(subprocess_executor, dry_run=True, out=lambda _s: None), root=root)
@@ -120,9 +182,14 @@ def _installed(target: str | None, user: str | None, mode: str | None, root: Pat
     if not name:
         raise click.UsageError("no install state found: give --user (and --mode) of the installation")
     recorded_dir = recorded.get("data_dir")
-    options = Options(user=name, target=target, mode=mode or recorded.get("mode", "agent"), dry_run=dry_run,
-                      root=root.absolute() if root else None,
-                      data_dir=data_dir or (Path(recorded_dir) if recorded_dir else None))
+    options = Options(
+        user=name,
+        target=target,
+        mode=mode or recorded.get("mode", "agent"),
+        dry_run=dry_run,
+        root=root.absolute() if root else None,
+        data_dir=data_dir or (Path(recorded_dir) if recorded_dir else None),
+    )
     return options, preview
 
 
@@ -135,8 +202,16 @@ def _installed(target: str | None, user: str | None, mode: str | None, root: Pat
 @click.option("--target", type=click.Choice(["macos", "linux"]), help="Default: this machine's OS.")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="The --root given to install.")
 @click.option("-v", "--verbose", is_flag=True)
-def uninstall(purge_data: bool, yes: bool, dry_run: bool, user: str | None, mode: str | None, target: str | None,
-              root: Path | None, verbose: bool) -> None:
+def uninstall(
+    purge_data: bool,
+    yes: bool,
+    dry_run: bool,
+    user: str | None,
+    mode: str | None,
+    target: str | None,
+    root: Path | None,
+    verbose: bool,
+) -> None:
     """Undo `macpacs install` in reverse order; the archive's data is kept unless --purge-data."""
     _logging(verbose)
     options, preview = _installed(target, user, mode, root, dry_run)
@@ -174,4 +249,3 @@ def doctor(user: str | None, mode: str | None, root: Path | None, verbose: bool)
     click.echo(f"{failed} FAIL, {warned} WARN, {len(found) - failed - warned} PASS")
     if failed:
         sys.exit(1)
-

@@ -24,8 +24,13 @@ def diagnose(ctx: Context) -> list[Finding]:
     out: list[Finding] = []
     xmlrpc_enabled = True
     if not host.exists(layout.config_file):
-        out.append(Finding("FAIL", f"no config at {layout.config_file}: macpacs is not installed",
-                           "sudo macpacs install --user USER ... (docs/install-macos.md)"))
+        out.append(
+            Finding(
+                "FAIL",
+                f"no config at {layout.config_file}: macpacs is not installed",
+                "sudo macpacs install --user USER ... (docs/install-macos.md)",
+            )
+        )
     else:
         try:
             settings = pacs_config.load(host.real(layout.config_file), environ={})
@@ -43,13 +48,21 @@ def diagnose(ctx: Context) -> list[Finding]:
     if server_answers(ctx):
         out.append(Finding("PASS", f"{health_url(ctx)} answers"))
     else:
-        out.append(Finding("FAIL", f"{health_url(ctx)} does not answer",
-                           f"look at {layout.log_dir}/server.err.log (journalctl -u {SERVER_UNIT} on Linux)"))
+        out.append(
+            Finding(
+                "FAIL",
+                f"{health_url(ctx)} does not answer",
+                f"look at {layout.log_dir}/server.err.log (journalctl -u {SERVER_UNIT} on Linux)",
+            )
+        )
     if xmlrpc_enabled:
         url = f"http://127.0.0.1:{ctx.effective.xmlrpc_port}/"
         problem = host.xmlrpc_probe(url)
-        out.append(Finding("PASS", f"XML-RPC {url} answers DBWindowFind") if problem is None else
-                   Finding("FAIL", f"XML-RPC {url}: {problem}", "see the server log; is [xmlrpc] enabled?"))
+        out.append(
+            Finding("PASS", f"XML-RPC {url} answers DBWindowFind")
+            if problem is None
+            else Finding("FAIL", f"XML-RPC {url}: {problem}", "see the server log; is [xmlrpc] enabled?")
+        )
     out.append(_supervisor_status(ctx))
     out.append(_disk(ctx))
     return out
@@ -62,8 +75,9 @@ def _macos(ctx: Context) -> list[Finding]:
         out.append(Finding("WARN", "power settings not checked"))
     elif diff:
         wanted = " ".join(f"{k} {POWER[k]}" for k in diff)
-        out.append(Finding("FAIL", f"power: {', '.join(f'{k} is {v}' for k, v in diff.items())}",
-                           f"sudo pmset -a {wanted}"))
+        out.append(
+            Finding("FAIL", f"power: {', '.join(f'{k} is {v}' for k, v in diff.items())}", f"sudo pmset -a {wanted}")
+        )
     else:
         out.append(Finding("PASS", "power: autorestart 1, sleep 0, disksleep 0"))
 
@@ -74,12 +88,20 @@ def _macos(ctx: Context) -> list[Finding]:
         if user == ctx.options.user and ctx.host.exists(KCPASSWORD):
             out.append(Finding("PASS", f"automatic login as {user}"))
         else:
-            out.append(Finding("FAIL", f"automatic login is not set for {ctx.options.user} (login window: {user})",
-                               "run `sudo macpacs install` again, or System Settings > Users & Groups > "
-                               "\"Automatically log in as\""))
-    out.append(Finding("FAIL" if vault_on and ctx.options.mode == "agent" else "WARN" if vault_on else "PASS",
-                       f"FileVault: {vault.output or 'unknown'}",
-                       "turn FileVault off: with it on, the Mac waits for a password after a power cut"))
+            out.append(
+                Finding(
+                    "FAIL",
+                    f"automatic login is not set for {ctx.options.user} (login window: {user})",
+                    'run `sudo macpacs install` again, or System Settings > Users & Groups > "Automatically log in as"',
+                )
+            )
+    out.append(
+        Finding(
+            "FAIL" if vault_on and ctx.options.mode == "agent" else "WARN" if vault_on else "PASS",
+            f"FileVault: {vault.output or 'unknown'}",
+            "turn FileVault off: with it on, the Mac waits for a password after a power cut",
+        )
+    )
     out.extend(_launchd(ctx))
     out.extend(_software_update(ctx))
     return out
@@ -91,15 +113,25 @@ def _launchd(ctx: Context) -> list[Finding]:
     step = Launchd()
     domain = step.domain(ctx)
     if ctx.options.mode == "agent" and not ctx.host.run(["launchctl", "print", domain]).ok:
-        return [Finding("FAIL", f"{ctx.options.user} is not logged in at the console ({domain} does not exist)",
-                        "restart the Mac (automatic login then starts the agents): sudo shutdown -r now")]
+        return [
+            Finding(
+                "FAIL",
+                f"{ctx.options.user} is not logged in at the console ({domain} does not exist)",
+                "restart the Mac (automatic login then starts the agents): sudo shutdown -r now",
+            )
+        ]
     out = []
     for label, path, _text in step.jobs(ctx):
         if step.loaded(ctx, label):
             out.append(Finding("PASS", f"{label} loaded in {domain}"))
         else:
-            out.append(Finding("FAIL", f"{label} is not loaded in {domain}",
-                               f"sudo launchctl bootstrap {domain} {path}  (or run `sudo macpacs install` again)"))
+            out.append(
+                Finding(
+                    "FAIL",
+                    f"{label} is not loaded in {domain}",
+                    f"sudo launchctl bootstrap {domain} {path}  (or run `sudo macpacs install` again)",
+                )
+            )
     return out
 
 
@@ -111,9 +143,14 @@ def _software_update(ctx: Context) -> list[Finding]:
     shown = ", ".join(f"{k} = {v}" for k, v in values.items())
     if values["AutomaticallyInstallMacOSUpdates"] == "0":
         return [Finding("PASS", f"Software Update: {shown}")]
-    return [Finding("WARN", f"Software Update may restart the Mac by itself ({shown})",
-                    "choose when: System Settings > General > Software Update > Automatic Updates > turn off "
-                    "\"Install macOS updates\" and update during maintenance (security responses may stay on)")]
+    return [
+        Finding(
+            "WARN",
+            f"Software Update may restart the Mac by itself ({shown})",
+            "choose when: System Settings > General > Software Update > Automatic Updates > turn off "
+            '"Install macOS updates" and update during maintenance (security responses may stay on)',
+        )
+    ]
 
 
 def _systemd(ctx: Context) -> list[Finding]:
@@ -123,8 +160,13 @@ def _systemd(ctx: Context) -> list[Finding]:
         if res.ok:
             out.append(Finding("PASS", f"{unit} is active"))
         else:
-            out.append(Finding("FAIL", f"{unit} is {res.stdout.strip() or 'not active'}",
-                               f"sudo systemctl restart {unit}; journalctl -u {unit} shows why it stopped"))
+            out.append(
+                Finding(
+                    "FAIL",
+                    f"{unit} is {res.stdout.strip() or 'not active'}",
+                    f"sudo systemctl restart {unit}; journalctl -u {unit} shows why it stopped",
+                )
+            )
     return out
 
 
@@ -132,8 +174,11 @@ def _supervisor_status(ctx: Context) -> Finding:
     path = ctx.layout.status_file
     text = ctx.host.read_text(path)
     if text is None:
-        return Finding("FAIL", f"the supervisor has written no status ({path})",
-                       f"is it running? {SUPERVISOR_UNIT} / org.macpacs.supervisor; its log is in {ctx.layout.log_dir}")
+        return Finding(
+            "FAIL",
+            f"the supervisor has written no status ({path})",
+            f"is it running? {SUPERVISOR_UNIT} / org.macpacs.supervisor; its log is in {ctx.layout.log_dir}",
+        )
     try:
         status = json.loads(text)
         checked = dt.datetime.fromisoformat(status["last_check"])
@@ -143,14 +188,23 @@ def _supervisor_status(ctx: Context) -> Finding:
         return Finding("WARN", f"cannot read the supervisor status {path}")
     restarts = status.get("restarts_24h", 0)
     if age > STALE_STATUS_S:
-        return Finding("FAIL", f"the supervisor's last check was {age:.0f} s ago (state {state})",
-                       "the supervisor is not running: see its log, restart its job/unit")
+        return Finding(
+            "FAIL",
+            f"the supervisor's last check was {age:.0f} s ago (state {state})",
+            "the supervisor is not running: see its log, restart its job/unit",
+        )
     if state != "healthy":
-        return Finding("FAIL", f"supervisor: {state} ({restarts} restarts in 24 h)",
-                       f"see {ctx.layout.log_dir}/supervisor.err.log and the server log")
+        return Finding(
+            "FAIL",
+            f"supervisor: {state} ({restarts} restarts in 24 h)",
+            f"see {ctx.layout.log_dir}/supervisor.err.log and the server log",
+        )
     level = "WARN" if restarts else "PASS"
-    return Finding(level, f"supervisor: healthy, {restarts} restarts in 24 h",
-                   "the server was restarted: look at the supervisor log for why")
+    return Finding(
+        level,
+        f"supervisor: healthy, {restarts} restarts in 24 h",
+        "the server was restarted: look at the supervisor log for why",
+    )
 
 
 def _disk(ctx: Context) -> Finding:

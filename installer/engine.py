@@ -48,9 +48,11 @@ def make_context(options: Options, host: Host, *, preview: bool = False) -> Cont
         if settings is not None:
             found = Effective(settings.dicom.ae_title, settings.dicom.port, settings.web.port, settings.xmlrpc.port)
             if found != effective or Path(settings.storage.data_dir) != layout.data_dir:
-                host.say(f"note: {layout.config_file} exists and is kept: AE {found.ae_title}, DICOM port "
-                         f"{found.dicom_port}, web port {found.web_port}, XML-RPC port {found.xmlrpc_port}, data "
-                         f"{settings.storage.data_dir} (edit it to change them)")
+                host.say(
+                    f"note: {layout.config_file} exists and is kept: AE {found.ae_title}, DICOM port "
+                    f"{found.dicom_port}, web port {found.web_port}, XML-RPC port {found.xmlrpc_port}, data "
+                    f"{settings.storage.data_dir} (edit it to change them)"
+                )
             effective = found
             layout = Layout(options.target, Path(settings.storage.data_dir))
     ctx = Context(options, layout, host, effective, preview=preview)
@@ -100,8 +102,10 @@ def uninstall(ctx: Context, *, purge: bool) -> None:
         ctx.account = lookup_account(ctx)
         if ctx.account is None and ctx.options.target == "macos":
             raise InstallError(f"no account named {ctx.options.user!r}: cannot find its LaunchAgents")
-    ctx.host.say(f"macpacs uninstall: target {ctx.options.target}, mode {ctx.options.mode}, user {ctx.options.user}"
-                 + (" (DRY RUN)" if ctx.options.dry_run else ""))
+    ctx.host.say(
+        f"macpacs uninstall: target {ctx.options.target}, mode {ctx.options.mode}, user {ctx.options.user}"
+        + (" (DRY RUN)" if ctx.options.dry_run else "")
+    )
     todo = list(reversed(steps()))
     for number, step in enumerate(todo, 1):
         if step.key in ("preflight", "wait"):

@@ -21,10 +21,15 @@ def unit_files(ctx: Context) -> list[tuple[str, Path, str]]:
     eff, layout, user = ctx.effective, ctx.layout, ctx.options.user
     server = render.systemd_unit(SERVER_UNIT, layout, user, render.server_argv(layout))
     supervisor = render.systemd_unit(
-        SUPERVISOR_UNIT, layout, user,
-        render.supervisor_argv(layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port))
-    return [(SERVER_UNIT, SYSTEMD_DIR / SERVER_UNIT, server),
-            (SUPERVISOR_UNIT, SYSTEMD_DIR / SUPERVISOR_UNIT, supervisor)]
+        SUPERVISOR_UNIT,
+        layout,
+        user,
+        render.supervisor_argv(layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port),
+    )
+    return [
+        (SERVER_UNIT, SYSTEMD_DIR / SERVER_UNIT, server),
+        (SUPERVISOR_UNIT, SYSTEMD_DIR / SUPERVISOR_UNIT, supervisor),
+    ]
 
 
 class Systemd(Step):
@@ -67,8 +72,10 @@ class Systemd(Step):
     def _run(self, ctx: Context, *args: str) -> None:
         res = ctx.host.run(self.systemctl(ctx, *args), changes=True)
         if not res.ok and not res.skipped:
-            raise InstallError(f"`{' '.join(self.systemctl(ctx, *args))}` failed: {res.output}\n"
-                               f"`journalctl -u {SERVER_UNIT}` shows why; then run `macpacs install` again.")
+            raise InstallError(
+                f"`{' '.join(self.systemctl(ctx, *args))}` failed: {res.output}\n"
+                f"`journalctl -u {SERVER_UNIT}` shows why; then run `macpacs install` again."
+            )
 
     def undo(self, ctx: Context) -> None:
         if ctx.options.root is not None:

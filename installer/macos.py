@@ -45,7 +45,7 @@ class Power(Step):
 
     def skip_reason(self, ctx: Context) -> str | None:
         if ctx.options.target != "macos":
-            return "Linux: power-on after a power cut is a BIOS/UEFI setting (\"AC power recovery\"); set it there"
+            return 'Linux: power-on after a power cut is a BIOS/UEFI setting ("AC power recovery"); set it there'
         return None
 
     def check(self, ctx: Context) -> Check:
@@ -69,8 +69,8 @@ class Power(Step):
         if not res.ok or left:
             raise InstallError(
                 f"pmset did not take the settings {', '.join(left or todo)} ({res.output or 'no output'}).\n"
-                "Set them in System Settings > Energy (\"Start up automatically after a power failure\", "
-                "\"Prevent automatic sleeping\"); `pmset -g cap` lists what this Mac supports."
+                'Set them in System Settings > Energy ("Start up automatically after a power failure", '
+                '"Prevent automatic sleeping"); `pmset -g cap` lists what this Mac supports.'
             )
 
     def undo(self, ctx: Context) -> None:
@@ -127,21 +127,27 @@ class AutoLogin(Step):
         ctx.save_state()
         # `-password -` makes sysadminctl prompt; without a terminal (our seam starts it in a new
         # session) the prompt reads stdin, so the password never appears in argv.
-        res = ctx.host.run(["sysadminctl", "-autologin", "set", "-userName", user, "-password", "-"],
-                           password + "\n", changes=True, secret_input=True)
+        res = ctx.host.run(
+            ["sysadminctl", "-autologin", "set", "-userName", user, "-password", "-"],
+            password + "\n",
+            changes=True,
+            secret_input=True,
+        )
         if ctx.host.dry_run:
             ctx.host.say("    (then verify; if sysadminctl had no effect, as over SSH on Apple silicon:)")
         elif autologin_done(ctx):
             return
         else:
-            ctx.host.say(f"    sysadminctl did not take effect (exit {res.returncode}: {res.output or 'no output'}); "
-                         "writing /etc/kcpassword directly")
+            ctx.host.say(
+                f"    sysadminctl did not take effect (exit {res.returncode}: {res.output or 'no output'}); "
+                "writing /etc/kcpassword directly"
+            )
         ctx.host.write(KCPASSWORD, kcpassword.encode(password), mode=0o600, owner=(0, 0), secret=True)
         ctx.host.run(["defaults", "write", LOGINWINDOW, "autoLoginUser", "-string", user], changes=True)
         if not ctx.host.dry_run and not autologin_done(ctx):
             raise InstallError(
                 "automatic login could not be set. Set it by hand: System Settings > Users & Groups > "
-                f"\"Automatically log in as\" {user}, then run `macpacs install` again."
+                f'"Automatically log in as" {user}, then run `macpacs install` again.'
             )
 
     def undo(self, ctx: Context) -> None:
@@ -188,15 +194,27 @@ class Launchd(Step):
         """(label, plist path, content) for both jobs."""
         eff, layout = ctx.effective, ctx.layout
         user_name = ctx.options.user if ctx.options.mode == "daemon" else None
-        server = render.launchd_plist(layout, SERVER_LABEL, render.server_argv(layout), log_name="server",
-                                      user_name=user_name, exit_timeout=render.SERVER_EXIT_TIMEOUT)
+        server = render.launchd_plist(
+            layout,
+            SERVER_LABEL,
+            render.server_argv(layout),
+            log_name="server",
+            user_name=user_name,
+            exit_timeout=render.SERVER_EXIT_TIMEOUT,
+        )
         supervisor = render.launchd_plist(
-            layout, SUPERVISOR_LABEL,
+            layout,
+            SUPERVISOR_LABEL,
             render.supervisor_argv(layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port),
-            log_name="supervisor", user_name=user_name, exit_timeout=20)
+            log_name="supervisor",
+            user_name=user_name,
+            exit_timeout=20,
+        )
         folder = self.folder(ctx)
-        return [(SERVER_LABEL, folder / f"{SERVER_LABEL}.plist", server),
-                (SUPERVISOR_LABEL, folder / f"{SUPERVISOR_LABEL}.plist", supervisor)]
+        return [
+            (SERVER_LABEL, folder / f"{SERVER_LABEL}.plist", server),
+            (SUPERVISOR_LABEL, folder / f"{SUPERVISOR_LABEL}.plist", supervisor),
+        ]
 
     def domain_ready(self, ctx: Context) -> bool:
         """gui/UID exists only while the user is logged in at the console (reference, launchd)."""
@@ -223,8 +241,10 @@ class Launchd(Step):
     def _why_not_started(self, ctx: Context) -> str:
         if ctx.options.root is not None:
             return "--root: not loaded"
-        return (f"{ctx.options.user} is not logged in at the console, so {self.domain(ctx)} does not exist yet: "
-                "the jobs load at the next login (automatic after a restart: `sudo shutdown -r now`)")
+        return (
+            f"{ctx.options.user} is not logged in at the console, so {self.domain(ctx)} does not exist yet: "
+            "the jobs load at the next login (automatic after a restart: `sudo shutdown -r now`)"
+        )
 
     def apply(self, ctx: Context) -> None:
         if ctx.options.mode == "agent":
@@ -251,8 +271,10 @@ class Launchd(Step):
             if res.returncode != IO_ERROR:
                 break
             self._bootout(ctx, label)  # reference: poll `print` until 113, then retry
-        raise InstallError(f"launchctl bootstrap {self.domain(ctx)} {plist} failed: {res.output}.\n"
-                           f"Check the plist with `plutil -lint {plist}`, then run `macpacs install` again.")
+        raise InstallError(
+            f"launchctl bootstrap {self.domain(ctx)} {plist} failed: {res.output}.\n"
+            f"Check the plist with `plutil -lint {plist}`, then run `macpacs install` again."
+        )
 
     def _bootout(self, ctx: Context, label: str) -> None:
         """bootout is asynchronous: poll `launchctl print` until it says 113 (not loaded)."""

@@ -24,7 +24,7 @@ MIN_MACOS = 11  # Big Sur: sysadminctl -autologin, launchctl bootstrap/bootout, 
 
 def dscl_escape(word: str) -> str:
     """One word of a dscl interactive command: spaces, quotes and backslashes escaped."""
-    return "".join("\\" + c if c in ' \t"\'\\' else c for c in word)
+    return "".join("\\" + c if c in " \t\"'\\" else c for c in word)
 
 
 def password_ok(ctx: Context) -> bool | None:
@@ -61,22 +61,42 @@ def findings(ctx: Context) -> list[Finding]:
         if res.ok:
             out.append(Finding("PASS", f"systemd {res.stdout.split()[1] if res.stdout.split() else ''}".strip()))
         else:
-            out.append(Finding("FAIL", "systemd not found (systemctl --version failed)",
-                               "this installer needs systemd on Linux; on other hosts run `macpacs supervise --mode "
-                               "spawn -- macpacs serve` from your service manager"))
+            out.append(
+                Finding(
+                    "FAIL",
+                    "systemd not found (systemctl --version failed)",
+                    "this installer needs systemd on Linux; on other hosts run `macpacs supervise --mode "
+                    "spawn -- macpacs serve` from your service manager",
+                )
+            )
 
     ctx.account = lookup_account(ctx)
     if ctx.account is None:
         list_cmd = "dscl . -list /Users" if opts.target == "macos" else "getent passwd"
-        out.append(Finding("FAIL", f"no account named {opts.user!r}",
-                           f"create it first (System Settings > Users & Groups), or give --user of an existing "
-                           f"account (`{list_cmd}` lists them)"))
+        out.append(
+            Finding(
+                "FAIL",
+                f"no account named {opts.user!r}",
+                f"create it first (System Settings > Users & Groups), or give --user of an existing "
+                f"account (`{list_cmd}` lists them)",
+            )
+        )
     elif ctx.account.uid == 0 and opts.auto_login:
-        out.append(Finding("FAIL", "--user root: auto-login as root is not possible",
-                           "create a standard account for the server and give it as --user"))
+        out.append(
+            Finding(
+                "FAIL",
+                "--user root: auto-login as root is not possible",
+                "create a standard account for the server and give it as --user",
+            )
+        )
     elif ctx.account.uid == 0:
-        out.append(Finding("WARN", "the server will run as root",
-                           "a dedicated account is safer: useradd --system macpacs, then --user macpacs"))
+        out.append(
+            Finding(
+                "WARN",
+                "the server will run as root",
+                "a dedicated account is safer: useradd --system macpacs, then --user macpacs",
+            )
+        )
     else:
         preview = " (preview: assumed)" if ctx.preview else ""
         out.append(Finding("PASS", f"account {opts.user} (UID {ctx.account.uid}){preview}"))
@@ -91,8 +111,13 @@ def findings(ctx: Context) -> list[Finding]:
     out.append(_existing_config(ctx))
     source = opts.source or default_source()
     if source is None or not source.exists():
-        out.append(Finding("FAIL", f"nothing to install from ({source or 'no source folder'})",
-                           "give --source PATH: a macpacs wheel (.whl) or a source folder with pyproject.toml"))
+        out.append(
+            Finding(
+                "FAIL",
+                f"nothing to install from ({source or 'no source folder'})",
+                "give --source PATH: a macpacs wheel (.whl) or a source folder with pyproject.toml",
+            )
+        )
     else:
         out.append(Finding("PASS", f"installing from {source}"))
     return [f for f in out if f is not None]
@@ -106,8 +131,11 @@ def _macos_version(ctx: Context) -> Finding:
     try:
         major = int(version.split(".")[0])
     except ValueError:
-        return Finding("FAIL", f"this is not macOS (sw_vers: {res.output or 'not found'})",
-                       "use --target linux, or run on the Mac itself")
+        return Finding(
+            "FAIL",
+            f"this is not macOS (sw_vers: {res.output or 'not found'})",
+            "use --target linux, or run on the Mac itself",
+        )
     if major < MIN_MACOS:
         return Finding("FAIL", f"macOS {version} is too old", f"upgrade to macOS {MIN_MACOS} or later")
     return Finding("PASS", f"macOS {version}")
@@ -119,8 +147,10 @@ def _filevault(ctx: Context) -> Finding:
         return Finding("WARN", "FileVault not checked (preview)")
     if "FileVault is Off" in res.stdout:
         return Finding("PASS", "FileVault is off")
-    fix = ("turn FileVault off (System Settings > Privacy & Security > FileVault; decryption takes hours), then "
-           "run the install again. With FileVault on, a Mac waits at the unlock screen after every power cut")
+    fix = (
+        "turn FileVault off (System Settings > Privacy & Security > FileVault; decryption takes hours), then "
+        "run the install again. With FileVault on, a Mac waits at the unlock screen after every power cut"
+    )
     if ctx.options.auto_login:
         return Finding("FAIL", f"FileVault is on ({res.output}): automatic login is impossible", fix)
     return Finding("WARN", f"FileVault is on ({res.output}): after a power cut the Mac waits for a password", fix)
@@ -128,27 +158,35 @@ def _filevault(ctx: Context) -> Finding:
 
 def _password(ctx: Context) -> Finding:
     if not ctx.options.password:
-        return Finding("WARN" if ctx.options.dry_run else "FAIL",
-                       f"no password for {ctx.options.user} (needed for automatic login)",
-                       f"pipe it in: printf '%s\\n' \"$PW\" | sudo macpacs install --user {ctx.options.user} "
-                       "--password-stdin ...; or --mode daemon (no login needed)")
+        return Finding(
+            "WARN" if ctx.options.dry_run else "FAIL",
+            f"no password for {ctx.options.user} (needed for automatic login)",
+            f"pipe it in: printf '%s\\n' \"$PW\" | sudo macpacs install --user {ctx.options.user} "
+            "--password-stdin ...; or --mode daemon (no login needed)",
+        )
     if ctx.account is None:
         return Finding("WARN", "password not checked (unknown account)")
     ok = password_ok(ctx)
     if ok is None:
         return Finding("WARN", "password not checked (preview)")
     if not ok:
-        return Finding("FAIL", f"wrong password for {ctx.options.user} (dscl /Search -authonly refused it)",
-                       "give the account's login password; an account that signs in with its Apple ID (iCloud) "
-                       "password cannot log in automatically: give it a local password first")
+        return Finding(
+            "FAIL",
+            f"wrong password for {ctx.options.user} (dscl /Search -authonly refused it)",
+            "give the account's login password; an account that signs in with its Apple ID (iCloud) "
+            "password cannot log in automatically: give it a local password first",
+        )
     return Finding("PASS", f"password of {ctx.options.user} accepted by dscl")
 
 
 def _ports(ctx: Context) -> list[Finding]:
     eff, out = ctx.effective, []
     ours = None  # computed once: is the thing on our web port an already running macpacs?
-    for name, port, flag in (("DICOM", eff.dicom_port, "--dicom-port"), ("web", eff.web_port, "--web-port"),
-                             ("XML-RPC", eff.xmlrpc_port, "--xmlrpc-port")):
+    for name, port, flag in (
+        ("DICOM", eff.dicom_port, "--dicom-port"),
+        ("web", eff.web_port, "--web-port"),
+        ("XML-RPC", eff.xmlrpc_port, "--xmlrpc-port"),
+    ):
         if ctx.preview or ctx.host.port_free(port):
             out.append(Finding("PASS", f"port {port} ({name}) is free"))
             continue
@@ -157,9 +195,14 @@ def _ports(ctx: Context) -> list[Finding]:
         if ours:
             out.append(Finding("PASS", f"port {port} ({name}) is used by the macpacs already running"))
         else:
-            out.append(Finding("FAIL", f"port {port} ({name}) is in use by another program",
-                               f"`sudo lsof -nP -iTCP:{port} -sTCP:LISTEN` shows which; stop it, or choose another "
-                               f"port with {flag}"))
+            out.append(
+                Finding(
+                    "FAIL",
+                    f"port {port} ({name}) is in use by another program",
+                    f"`sudo lsof -nP -iTCP:{port} -sTCP:LISTEN` shows which; stop it, or choose another "
+                    f"port with {flag}",
+                )
+            )
     return out
 
 
@@ -170,18 +213,31 @@ def _disk(ctx: Context) -> list[Finding]:
     out = []
     problem = ctx.host.writable(data)
     if problem:
-        out.append(Finding("FAIL", f"data folder {data}: {problem}",
-                           "choose a writable volume with --data-dir (a read-only or full volume cannot hold the "
-                           "archive); `diskutil info <volume>` shows whether it is mounted read-only"))
+        out.append(
+            Finding(
+                "FAIL",
+                f"data folder {data}: {problem}",
+                "choose a writable volume with --data-dir (a read-only or full volume cannot hold the "
+                "archive); `diskutil info <volume>` shows whether it is mounted read-only",
+            )
+        )
     else:
         out.append(Finding("PASS", f"data folder {data} is writable"))
     free_gb = ctx.host.disk_free(data) / 1e9
     if free_gb < MIN_FREE_GB:
-        out.append(Finding("FAIL", f"only {free_gb:.1f} GB free for {data}",
-                           "free space or give --data-dir on a larger volume (RAID: docs/install-macos.md)"))
+        out.append(
+            Finding(
+                "FAIL",
+                f"only {free_gb:.1f} GB free for {data}",
+                "free space or give --data-dir on a larger volume (RAID: docs/install-macos.md)",
+            )
+        )
     elif free_gb < WARN_FREE_GB:
-        out.append(Finding("WARN", f"only {free_gb:.0f} GB free for {data}",
-                           "an archive grows every day: plan a larger volume"))
+        out.append(
+            Finding(
+                "WARN", f"only {free_gb:.0f} GB free for {data}", "an archive grows every day: plan a larger volume"
+            )
+        )
     else:
         out.append(Finding("PASS", f"{free_gb:.0f} GB free for {data}"))
     return out
@@ -209,8 +265,9 @@ class Preflight(Step):
             ctx.host.say(finding.line())
         failed = [f for f in found if f.level == "FAIL"]
         if failed:
-            raise InstallError(f"preflight found {len(failed)} problem(s), listed above with their fix. "
-                               "Nothing was changed.")
+            raise InstallError(
+                f"preflight found {len(failed)} problem(s), listed above with their fix. Nothing was changed."
+            )
         return Check(True, "all checks passed")
 
     def apply(self, ctx: Context) -> None:

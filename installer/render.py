@@ -39,7 +39,7 @@ def toml_string(value: object) -> str:
 def systemd_quote(word: str) -> str:
     """One word of a systemd command line or Environment= assignment, quoted when needed."""
     word = word.replace("%", "%%")
-    if word and not any(c in word for c in ' \t"\'\\;$'):
+    if word and not any(c in word for c in " \t\"'\\;$"):
         return word
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
 

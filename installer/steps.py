@@ -96,8 +96,13 @@ class Context:
             "mode": self.options.mode,
             "data_dir": str(self.layout.data_dir),
         }
-        self.host.write(self.layout.state_file, json.dumps(self.state, indent=2, sort_keys=True) + "\n",
-                        mode=0o600, owner=(0, 0), quiet=True)
+        self.host.write(
+            self.layout.state_file,
+            json.dumps(self.state, indent=2, sort_keys=True) + "\n",
+            mode=0o600,
+            owner=(0, 0),
+            quiet=True,
+        )
 
 
 def load_state(host: Host, layout: Layout) -> dict[str, Any]:
@@ -193,15 +198,25 @@ class Application(Step):
             raise InstallError(f"could not create the virtual environment {prefix}: {res.output}")
         with tempfile.TemporaryDirectory(prefix="macpacs-src-") as staging:
             target = _stage(source, Path(staging)) if not ctx.host.dry_run else source
-            pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--upgrade", "--disable-pip-version-check",
-                   *ctx.options.pip_options, str(target)]
+            pip = [
+                str(prefix / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--upgrade",
+                "--disable-pip-version-check",
+                *ctx.options.pip_options,
+                str(target),
+            ]
             if source.is_dir() and ctx.host.dry_run:
                 ctx.host.say(f"    (pip builds from a temporary copy of {source}, so the tree stays clean)")
             res = ctx.host.run(pip, changes=True, timeout=1800)
         if not res.ok and not res.skipped:
-            raise InstallError(f"pip could not install {source} into {prefix}:\n{res.output[-2000:]}\n"
-                               "Check the network (or give --pip-option --no-index --pip-option --find-links=DIR "
-                               "for an offline install), then run `macpacs install` again.")
+            raise InstallError(
+                f"pip could not install {source} into {prefix}:\n{res.output[-2000:]}\n"
+                "Check the network (or give --pip-option --no-index --pip-option --find-links=DIR "
+                "for an offline install), then run `macpacs install` again."
+            )
 
     def undo(self, ctx: Context) -> None:
         ctx.host.remove_tree(ctx.layout.prefix)

@@ -130,7 +130,8 @@ class System:
             log.debug("check: %s", shown)
         result = self.executor(argv, input, timeout)
         # A tool that echoes what it read must not leak a secret through our messages.
-        result = Result(result.argv, result.returncode, self.mask(result.stdout), self.mask(result.stderr),
-                        result.skipped)
+        result = Result(
+            result.argv, result.returncode, self.mask(result.stdout), self.mask(result.stderr), result.skipped
+        )
         log.debug("-> %s %s", result.returncode, result.output[:500])
         return result

@@ -39,8 +39,9 @@ class FakeMac:
     logged_in: bool = True
     teardown_lag: int = 2  # `print` calls that still answer 0 after a bootout
     fail_bootstrap: int = 0  # the next N bootstraps fail with exit 1 (an interrupted install)
-    pmset: dict[str, str] = field(default_factory=lambda: {"autorestart": "0", "sleep": "1", "disksleep": "10",
-                                                           "displaysleep": "10"})
+    pmset: dict[str, str] = field(
+        default_factory=lambda: {"autorestart": "0", "sleep": "1", "disksleep": "10", "displaysleep": "10"}
+    )
     defaults: dict[tuple[str, str], str] = field(default_factory=dict)
     loaded: dict[str, int] = field(default_factory=dict)  # "gui/501/label" -> remaining teardown prints (-1: up)
     installed: bool = False
@@ -72,8 +73,11 @@ class FakeMac:
             words = shlex.split(stdin)  # backslash escapes, as dscl's interactive parser
             if words[:2] == ["-authonly", USER] and words[2:] == [PASSWORD]:
                 return result(argv, 0, "")
-            return result(argv, 0, "Authentication for node /Search failed. (-14090, eDSAuthFailed)\n"
-                                   "DS Error: -14090 (eDSAuthFailed)\n")
+            return result(
+                argv,
+                0,
+                "Authentication for node /Search failed. (-14090, eDSAuthFailed)\nDS Error: -14090 (eDSAuthFailed)\n",
+            )
         return result(argv, 56, err="Data source (x) is not valid.\n")
 
     def _fdesetup(self, argv: list[str], _in: str | None) -> Result:
@@ -82,8 +86,10 @@ class FakeMac:
     def _pmset(self, argv: list[str], _in: str | None) -> Result:
         if argv[1:] == ["-g"]:
             lines = ["System-wide power settings:", "Currently in use:"]
-            lines += [f" {k:<20} {v}" + (" (sleep prevented by powerd)" if k == "sleep" else "")
-                      for k, v in self.pmset.items()]
+            lines += [
+                f" {k:<20} {v}" + (" (sleep prevented by powerd)" if k == "sleep" else "")
+                for k, v in self.pmset.items()
+            ]
             return result(argv, 0, "\n".join(lines) + "\n")
         if argv[1] == "-a":
             pairs = argv[2:]
@@ -122,11 +128,14 @@ class FakeMac:
         verb, target = argv[1], argv[2]
         if verb == "print":
             if target == f"gui/{UID}" or target == "system":
-                return result(argv, 0 if (self.logged_in or target == "system") else 113,
-                              err="" if self.logged_in else "Bad request.\nCould not find domain for user gui\n")
+                return result(
+                    argv,
+                    0 if (self.logged_in or target == "system") else 113,
+                    err="" if self.logged_in else "Bad request.\nCould not find domain for user gui\n",
+                )
             state = self.loaded.get(target)
             if state is None:
-                return result(argv, 113, err=f"Could not find service \"{target}\" in domain\n")
+                return result(argv, 113, err=f'Could not find service "{target}" in domain\n')
             if state > 0:
                 self.loaded[target] = state - 1
                 return result(argv, 0, f"{target} = {{ state = exiting }}\n")

@@ -29,9 +29,18 @@ def test_healthy_install_passes(mac):
     assert [f.what for f in found if f.level != "PASS"] == []
     assert mac.system.changes() == []  # doctor never changes anything
     text = "\n".join(f.what for f in found)
-    for item in ("power: autorestart 1", f"automatic login as {USER}", "FileVault", "org.macpacs.server loaded",
-                 "org.macpacs.supervisor loaded", "/testdbalive answers", "XML-RPC", "supervisor: healthy",
-                 "GB free", "Software Update"):
+    for item in (
+        "power: autorestart 1",
+        f"automatic login as {USER}",
+        "FileVault",
+        "org.macpacs.server loaded",
+        "org.macpacs.supervisor loaded",
+        "/testdbalive answers",
+        "XML-RPC",
+        "supervisor: healthy",
+        "GB free",
+        "Software Update",
+    ):
         assert item in text, item
 
 

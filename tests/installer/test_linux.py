@@ -50,7 +50,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     supervisor = (tmp_path / "macpacs-supervisor.service").read_text()
     assert "Type=notify" in supervisor and "WatchdogSec=180" in supervisor and "NotifyAccess=all" in supervisor
     assert '"127.0.0.1:11112:CT 1"' in supervisor and '"--dicom"' not in supervisor
-    assert f'WorkingDirectory={tmp_path}/data dir %%x' in supervisor
+    assert f"WorkingDirectory={tmp_path}/data dir %%x" in supervisor
 
 
 def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -60,15 +60,36 @@ def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str
 def test_install_into_root_then_serve_from_the_venv_then_uninstall(tmp_path):
     root = tmp_path / "root"
     ports = [free_port(), free_port(), free_port()]
-    args = ["install", "--target", "linux", "--user", "root", "--root", str(root), "--yes", "--ae-title", "LINUXPACS",
-            "--dicom-port", str(ports[0]), "--web-port", str(ports[1]), "--xmlrpc-port", str(ports[2]),
-            "--pip-option=--no-deps"]
+    args = [
+        "install",
+        "--target",
+        "linux",
+        "--user",
+        "root",
+        "--root",
+        str(root),
+        "--yes",
+        "--ae-title",
+        "LINUXPACS",
+        "--dicom-port",
+        str(ports[0]),
+        "--web-port",
+        str(ports[1]),
+        "--xmlrpc-port",
+        str(ports[2]),
+        "--pip-option=--no-deps",
+    ]
     first = run(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    for path in ("usr/local/macpacs/bin/macpacs", "etc/macpacs/macpacs.toml", "etc/macpacs/install-state.json",
-                 "etc/systemd/system/macpacs.service", "etc/systemd/system/macpacs-supervisor.service",
-                 "etc/systemd/system/multi-user.target.wants/macpacs.service",
-                 "etc/systemd/system/multi-user.target.wants/macpacs-supervisor.service"):
+    for path in (
+        "usr/local/macpacs/bin/macpacs",
+        "etc/macpacs/macpacs.toml",
+        "etc/macpacs/install-state.json",
+        "etc/systemd/system/macpacs.service",
+        "etc/systemd/system/macpacs-supervisor.service",
+        "etc/systemd/system/multi-user.target.wants/macpacs.service",
+        "etc/systemd/system/multi-user.target.wants/macpacs-supervisor.service",
+    ):
         assert (root / path).exists() or (root / path).is_symlink(), path
     assert (root / "var/lib/macpacs").is_dir() and (root / "var/log/macpacs").is_dir()
     config = root / "etc/macpacs/macpacs.toml"
@@ -97,18 +118,44 @@ def serve_from_venv(root: Path, tmp_path: Path, ports: list[int]) -> None:
     if not Path(__file__).resolve().parents[2].joinpath("pacs_server", "web").is_dir():
         pytest.skip("pacs_server/web (the web server with /testdbalive) does not exist yet")
     venv_python = root / "usr/local/macpacs/bin/python"
-    purelib = subprocess.run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    purelib = subprocess.run(
+        [str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout.strip()
     Path(purelib, "_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    where = subprocess.run([str(venv_python), "-c", "import pacs_server; print(pacs_server.__file__)"],
-                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    where = subprocess.run(
+        [str(venv_python), "-c", "import pacs_server; print(pacs_server.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
     assert where.startswith(str(root)), f"pacs_server imported from {where}, not from the installed venv"
-    env = {**os.environ, "MACPACS_SERVER_LOG_DIR": str(tmp_path / "logs"), "MACPACS_WEB_BIND": "127.0.0.1",
-           "MACPACS_DICOM_BIND": "127.0.0.1", "MACPACS_XMLRPC_BIND": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "MACPACS_SERVER_LOG_DIR": str(tmp_path / "logs"),
+        "MACPACS_WEB_BIND": "127.0.0.1",
+        "MACPACS_DICOM_BIND": "127.0.0.1",
+        "MACPACS_XMLRPC_BIND": "127.0.0.1",
+    }
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(root / "usr/local/macpacs/bin/macpacs"), "serve", "--config",
-                             str(root / "etc/macpacs/macpacs.toml"), "--data-dir", str(tmp_path / "data")],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            str(root / "usr/local/macpacs/bin/macpacs"),
+            "serve",
+            "--config",
+            str(root / "etc/macpacs/macpacs.toml"),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
     url = f"http://127.0.0.1:{ports[1]}/testdbalive"
     try:
         deadline = time.monotonic() + 90
@@ -137,8 +184,9 @@ def test_doctor_exits_non_zero_on_fail(tmp_path):
 
 
 def test_macos_dry_run_preview_on_linux_masks_password():
-    res = run("install", "--user", "pacs", "--target", "macos", "--dry-run", "--password-stdin",
-              input="hunter2-secret\n")
+    res = run(
+        "install", "--user", "pacs", "--target", "macos", "--dry-run", "--password-stdin", input="hunter2-secret\n"
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "hunter2-secret" not in res.stdout + res.stderr
     assert "sysadminctl -autologin set -userName pacs -password - < (password on stdin, not shown)" in res.stdout
@@ -148,4 +196,3 @@ def test_macos_dry_run_preview_on_linux_masks_password():
 def test_wrong_target_without_dry_run_is_refused():
     res = run("install", "--user", "pacs", "--target", "macos", "--yes")
     assert res.returncode == 2 and "only with --dry-run" in res.stderr
-

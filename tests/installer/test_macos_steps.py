@@ -27,8 +27,15 @@ def test_install_runs_exact_commands_in_order(mac):
         ["pmset", "-a", "autorestart", "1", "sleep", "0", "disksleep", "0"],
         ["sysadminctl", "-autologin", "set", "-userName", USER, "-password", "-"],
         [BASE_PYTHON, "-m", "venv", f"{root}/usr/local/macpacs"],
-        [f"{root}/usr/local/macpacs/bin/python", "-m", "pip", "install", "--upgrade", "--disable-pip-version-check",
-         pip[-1]],
+        [
+            f"{root}/usr/local/macpacs/bin/python",
+            "-m",
+            "pip",
+            "install",
+            "--upgrade",
+            "--disable-pip-version-check",
+            pip[-1],
+        ],
         ["launchctl", "enable", f"gui/{UID}/org.macpacs.server"],
         ["launchctl", "bootstrap", f"gui/{UID}", f"{root}/{AGENTS}/org.macpacs.server.plist"],
         ["launchctl", "enable", f"gui/{UID}/org.macpacs.supervisor"],
@@ -80,8 +87,10 @@ def test_reload_retries_bootstrap_while_bootout_tears_down(mac):
     i = calls.index(("launchctl", "bootout", target))
     # bootout, then `print` polled until 113, then enable + bootstrap
     assert calls[i + 1 : i + 5] == [("launchctl", "print", target)] * 4
-    assert calls[i + 5 : i + 7] == [("launchctl", "enable", target),
-                                    ("launchctl", "bootstrap", f"gui/{UID}", str(plist))]
+    assert calls[i + 5 : i + 7] == [
+        ("launchctl", "enable", target),
+        ("launchctl", "bootstrap", f"gui/{UID}", str(plist)),
+    ]
     assert "<integer>10</integer>" in plist.read_text()
 
 
@@ -104,9 +113,20 @@ def test_plists_keys_and_types(mac):
     mac.install()
     server = plistlib.loads((mac.root / AGENTS / "org.macpacs.server.plist").read_bytes())
     supervisor = plistlib.loads((mac.root / AGENTS / "org.macpacs.supervisor.plist").read_bytes())
-    types = {"Label": str, "ProgramArguments": list, "RunAtLoad": bool, "KeepAlive": bool, "ThrottleInterval": int,
-             "ProcessType": str, "StandardOutPath": str, "StandardErrorPath": str, "SoftResourceLimits": dict,
-             "WorkingDirectory": str, "EnvironmentVariables": dict, "ExitTimeOut": int}
+    types = {
+        "Label": str,
+        "ProgramArguments": list,
+        "RunAtLoad": bool,
+        "KeepAlive": bool,
+        "ThrottleInterval": int,
+        "ProcessType": str,
+        "StandardOutPath": str,
+        "StandardErrorPath": str,
+        "SoftResourceLimits": dict,
+        "WorkingDirectory": str,
+        "EnvironmentVariables": dict,
+        "ExitTimeOut": int,
+    }
     for job in (server, supervisor):
         for key, kind in types.items():
             assert isinstance(job[key], kind), key
@@ -118,13 +138,28 @@ def test_plists_keys_and_types(mac):
         assert job["EnvironmentVariables"]["MACPACS_CONFIG"] == "/usr/local/etc/macpacs/macpacs.toml"
         assert job["LimitLoadToSessionType"] == "Aqua"
         assert "UserName" not in job
-    assert server["ProgramArguments"] == ["/usr/local/macpacs/bin/macpacs", "serve", "--config",
-                                          "/usr/local/etc/macpacs/macpacs.toml"]
+    assert server["ProgramArguments"] == [
+        "/usr/local/macpacs/bin/macpacs",
+        "serve",
+        "--config",
+        "/usr/local/etc/macpacs/macpacs.toml",
+    ]
     assert supervisor["ProgramArguments"] == [
-        "/usr/local/macpacs/bin/macpacs", "supervise",
-        "--web-url", "http://127.0.0.1:3333/testdbalive", "--xmlrpc-url", "http://127.0.0.1:8080/",
-        "--dicom", "127.0.0.1:11112:MACPACS", "--pid-file", "/Users/Shared/macpacs/macpacs.pid",
-        "--status-file", "/Users/Shared/macpacs/supervisor.json", "--mode", "kill"]
+        "/usr/local/macpacs/bin/macpacs",
+        "supervise",
+        "--web-url",
+        "http://127.0.0.1:3333/testdbalive",
+        "--xmlrpc-url",
+        "http://127.0.0.1:8080/",
+        "--dicom",
+        "127.0.0.1:11112:MACPACS",
+        "--pid-file",
+        "/Users/Shared/macpacs/macpacs.pid",
+        "--status-file",
+        "/Users/Shared/macpacs/supervisor.json",
+        "--mode",
+        "kill",
+    ]
     st = (mac.root / AGENTS / "org.macpacs.server.plist").stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UID, GID, 0o644)
 

@@ -37,13 +37,20 @@ class FakeSystemctl:
 def test_systemd_step_argv_idempotence_and_undo(tmp_path: Path):
     fake = FakeSystemctl()
     system = RecordingSystem(fake, out=lambda _s: None)
-    ctx = Context(options(target="linux", user="root", password=None), Layout("linux", Path("/var/lib/macpacs")),
-                  Host(system, root=tmp_path), Effective("MACPACS", 11112, 3333, 8080))
+    ctx = Context(
+        options(target="linux", user="root", password=None),
+        Layout("linux", Path("/var/lib/macpacs")),
+        Host(system, root=tmp_path),
+        Effective("MACPACS", 11112, 3333, 8080),
+    )
     step = Systemd()
     assert not step.check(ctx).done
     step.apply(ctx)
-    assert system.changes() == [("systemctl", "daemon-reload"), ("systemctl", "enable", *UNITS),
-                                ("systemctl", "restart", *UNITS)]
+    assert system.changes() == [
+        ("systemctl", "daemon-reload"),
+        ("systemctl", "enable", *UNITS),
+        ("systemctl", "restart", *UNITS),
+    ]
     assert (tmp_path / "etc/systemd/system/macpacs.service").read_text().startswith("# Written by `macpacs install`")
     system.log.clear()
     assert step.check(ctx).done and system.changes() == []
