@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -88,9 +89,13 @@ class DicomListener:
         ae.connection_timeout = d.client_timeout  # C-MOVE destinations we connect to
         ae.require_called_aet = not d.accept_any_called_ae
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        # pynetdicom accepts the first of *our* syntaxes that the peer proposed: prefer Explicit VR
+        # Little Endian over pynetdicom's default Implicit, so that a peer offering both (storescu,
+        # getscu) sends or receives explicit VRs, and a C-GET needs no conversion of explicit files.
+        syntaxes = [ExplicitVRLittleEndian, *(ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian)]
         for context in AllStoragePresentationContexts:
             # Both roles: peers store to us, and a C-GET requestor asks to be the Storage SCP.
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+            ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
         for model in (
             PatientRootQueryRetrieveInformationModelFind,
             StudyRootQueryRetrieveInformationModelFind,
@@ -258,7 +263,7 @@ class DicomListener:
             identifier=event.identifier,
             model=str(event.request.AffectedSOPClassUID),
             message_id=int(event.request.MessageID),
-            is_cancelled=lambda: event.is_cancelled,
+            is_cancelled=subops.sticky(lambda: event.is_cancelled),
         )
         return move_responses(
             request,
@@ -279,7 +284,7 @@ class DicomListener:
             event.identifier,
             str(event.request.AffectedSOPClassUID),
             int(event.request.MessageID),
-            lambda: event.is_cancelled,
+            subops.sticky(lambda: event.is_cancelled),
             index=self.index,
             store=self.store,
             case_insensitive=self.settings.dicom.case_insensitive_names,

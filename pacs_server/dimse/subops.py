@@ -188,6 +188,7 @@ def send_instance(
         )
     if not assoc.is_established:
         raise AssociationLost("the association ended before this sub-operation")
+    started = time.monotonic()
     try:
         status = assoc.send_c_store(payload, msg_id=msg_id, originator_aet=originator_aet, originator_id=originator_id)
     except (RuntimeError, ValueError) as exc:
@@ -195,10 +196,11 @@ def send_instance(
             raise AssociationLost(str(exc)) from None
         raise SubOperationError(f"C-STORE could not be sent: {exc}") from None
     if "Status" not in status:
-        # No response: the association was aborted or the DIMSE timeout expired.
-        if not assoc.is_established:
-            raise AssociationLost("the peer aborted the association")
-        raise SubOperationError("no C-STORE response before the DIMSE timeout")
+        # No response: the DIMSE timeout expired (then pynetdicom aborts), or the peer aborted.
+        timeout = assoc.dimse_timeout
+        if timeout and time.monotonic() - started >= timeout:
+            raise AssociationLost(f"no C-STORE response within {timeout} s (dicom.client_timeout)")
+        raise AssociationLost("the peer aborted the association")
     return int(status.Status)
 
 
@@ -207,7 +209,7 @@ def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> Dataset:
     try:
         ds = pydicom.dcmread(path)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)  # the same instance, only re-encoded
     except Exception as exc:
         raise SubOperationError(
             f"instance {inst.sop_instance_uid} is stored as {UID(inst.transfer_syntax_uid).name}, which the peer "
@@ -238,6 +240,18 @@ def record(progress: Progress, inst: StoredInstance, status: int) -> None:
     else:
         progress.fail(inst.sop_instance_uid)
         log.warning("C-STORE of %s refused by the peer with status 0x%04X", inst.sop_instance_uid, status)
+
+
+def sticky(check: Callable[[], bool]) -> Callable[[], bool]:
+    """A cancel check that stays true once true (pynetdicom forgets a C-CANCEL after reporting it once)."""
+    seen = False
+
+    def cancelled() -> bool:
+        nonlocal seen
+        seen = seen or check()
+        return seen
+
+    return cancelled
 
 
 class Pacer:
