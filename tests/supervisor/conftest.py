@@ -81,13 +81,28 @@ class Peer:
         return f"peer\\.py .*--tag {self.tag}"
 
     def argv(self, mode: str = "healthy", *extra: str, pid_file: bool = True) -> list[str]:
-        argv = [sys.executable, str(PEER), "--web-port", str(self.web), "--xmlrpc-port", str(self.xmlrpc),
-                "--mode", mode, "--tag", self.tag, *extra]
+        argv = [
+            sys.executable,
+            str(PEER),
+            "--web-port",
+            str(self.web),
+            "--xmlrpc-port",
+            str(self.xmlrpc),
+            "--mode",
+            mode,
+            "--tag",
+            self.tag,
+            *extra,
+        ]
         return [*argv, "--pid-file", str(self.pid_file)] if pid_file else argv
 
     def urls(self) -> list[str]:
-        return ["--web-url", f"http://127.0.0.1:{self.web}/testdbalive",
-                "--xmlrpc-url", f"http://127.0.0.1:{self.xmlrpc}/RPC2"]
+        return [
+            "--web-url",
+            f"http://127.0.0.1:{self.web}/testdbalive",
+            "--xmlrpc-url",
+            f"http://127.0.0.1:{self.xmlrpc}/RPC2",
+        ]
 
     def answers(self) -> bool:
         return alive_answer(self.web)
@@ -96,8 +111,9 @@ class Peer:
 class Launchd:
     """Plays launchd with ``KeepAlive = true``: starts a job and starts it again whenever it exits."""
 
-    def __init__(self, argv: list[str], throttle: float = 0.1) -> None:
+    def __init__(self, argv: list[str], throttle: float = 0.1, env: dict[str, str] | None = None) -> None:
         self.argv = argv
+        self.env = {**os.environ, **(env or {})}
         self.throttle = throttle
         self.pids: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -115,7 +131,9 @@ class Launchd:
             with self._lock:
                 if self._stop.is_set():
                     return
-                self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.proc = subprocess.Popen(
+                    self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env
+                )
                 self.pids.append(self.proc.pid)
             self.proc.wait()
             self._stop.wait(self.throttle)
@@ -179,11 +197,11 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 @pytest.fixture
-def launchd() -> Iterator[Callable[[list[str]], Launchd]]:
+def launchd() -> Iterator[Callable[..., Launchd]]:
     harnesses: list[Launchd] = []
 
-    def start(argv: list[str]) -> Launchd:
-        harnesses.append(Launchd(argv).start())
+    def start(argv: list[str], env: dict[str, str] | None = None) -> Launchd:
+        harnesses.append(Launchd(argv, env=env).start())
         return harnesses[-1]
 
     yield start
@@ -202,7 +220,9 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
                 [MACPACS, "supervise", "--status-file", str(status_path), *args],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         started.append(Supervisor(proc, log_path, status_path))
         return started[-1]
