@@ -154,8 +154,8 @@ class NodeRegistry:
             raise NodeError(f"node {node.name!r} or AE title {node.ae_title!r} is already registered") from exc
         return node
 
-    def edit(self, name: str, **changes: Any) -> Node:
-        """Change fields of the node ``name`` (any of ``Node``'s fields, including ``name``)."""
+    def edit(self, name: str, /, **changes: Any) -> Node:
+        """Change fields of the node ``name`` (any of ``Node``'s fields; ``name=`` renames it)."""
         unknown = set(changes) - set(FIELDS)
         if unknown:
             raise NodeError(f"unknown node field(s): {', '.join(sorted(unknown))} (known: {', '.join(FIELDS)})")

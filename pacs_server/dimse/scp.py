@@ -168,6 +168,9 @@ class DicomListener:
             )
             # Permanent, by the service user, "calling AE title not recognised".
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is out
+            # and the connection closed, else the socket closes first and the peer sees an abort.
+            assoc.kill()
 
     def _refusal(self, event: Any, operation: str) -> str | None:
         """Why the peer of ``event`` may not perform ``operation``, or None when it may."""
