@@ -238,8 +238,26 @@ def retrieve(
     if result.status == 0 and not p.total:
         click.echo("nothing matched on the node")
     if not result.ok:
-        hint = ""
-        if result.status == 0xA801:
-            dest = destination or settings.dicom.ae_title
-            hint = f": {target.name} does not know the destination {dest}; register it there as a DICOM node"
-        raise click.ClickException(f"retrieve incomplete {result.comment}{hint}".strip())
+        raise click.ClickException(_explain(result, target, method, destination or settings.dicom.ae_title))
+
+
+def _explain(result: Any, target: Node, method: str, destination: str) -> str:
+    """A failed retrieve in words, with what to check."""
+    status, p = result.status, result.progress
+    move_hint = (
+        f"; check that {target.name} knows the destination {destination} as a DICOM node" if method == "move" else ""
+    )
+    if status == 0xA801:
+        why = f"{target.name} does not know the destination {destination}; register it there as a DICOM node"
+    elif status == 0xB000:
+        why = f"{p.failed} of {p.total} instances failed"
+    elif status == 0xFE00:
+        why = "cancelled"
+    elif status in (0xA701, 0xA702):
+        why = f"{target.name} could not perform the sub-operations ({p.failed} failed){move_hint}"
+    elif status == 0xA900 or 0xC000 <= status <= 0xCFFF:
+        why = f"{target.name} could not process the request (status 0x{status:04X}){move_hint}"
+    else:
+        why = f"{target.name} answered status 0x{status:04X}"
+    comment = f" ({result.comment})" if result.comment else ""
+    return f"retrieve incomplete: {why}{comment}"

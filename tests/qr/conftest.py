@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
@@ -114,3 +117,73 @@ def corrupt_j2k(folder: Path) -> Path:
     path = folder / "broken.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+class OrthancPeer:
+    """Orthanc (Debian package) on loopback as the remote PACS, with its REST API for driving it."""
+
+    AET = "ORTHANC"
+
+    def __init__(self, workdir: Path, modalities: dict[str, list]) -> None:
+        self.workdir = workdir
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.modalities = modalities
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OrthancPeer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "qr-test",
+            "StorageDirectory": str(self.workdir / "db"),
+            "IndexDirectory": str(self.workdir / "db"),
+            "DicomAet": self.AET,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomCheckModalityHost": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
+            "DicomModalities": self.modalities,
+            "StorageCompression": False,
+            "ConcurrentJobs": 2,
+            "Plugins": [],
+        }
+        (self.workdir / "orthanc.json").write_text(json.dumps(config))
+        # Orthanc links DCMTK, which leaves Nagle on unless TCP_NODELAY=1 (shared/reference/performance.md).
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        with open(self.workdir / "orthanc.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                ["/usr/sbin/Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        wait_for_port(self.http_port, timeout=60, proc=self.proc)
+        wait_for_port(self.dicom_port, timeout=60, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        response = requests.request(
+            method, f"http://127.0.0.1:{self.http_port}{path}", json=body, data=raw, timeout=120
+        )
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def upload(self, paths: list[Path]) -> None:
+        for path in paths:
+            self.rest("POST", "/instances", raw=path.read_bytes())
+
+    def study_instances(self, study_uid: str) -> int:
+        found = self.rest("POST", "/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}})
+        return len(found)
