@@ -70,6 +70,8 @@ def serve(
         run(settings)
     except AlreadyRunning as exc:
         raise click.ClickException(str(exc)) from None
+    except ConfigError as exc:  # found at start, e.g. an unreadable TLS certificate
+        raise click.ClickException(f"configuration error: {exc}") from None
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise click.ClickException(

@@ -218,6 +218,7 @@ class Users:
                     .values(failed_logins=failures, locked_until=locked_until)
                 )
             self._address_failed(address, now)
+            self._forget(username)  # a lock must not be bypassed by a remembered password
             raise AuthFailed("wrong user name or password") from None
         if row.failed_logins:
             with self.index.engine.begin() as conn:

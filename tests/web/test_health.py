@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 import time
 
 import requests
 
-from tests.conftest import run_tool
+from tests.conftest import MACPACS, free_port, run_tool
 
 from .conftest import start_server
 
@@ -101,3 +103,29 @@ def test_debug_fault_switch_absent_by_default(tmp_path):
         assert "/debug" not in requests.get(f"http://127.0.0.1:{server.web_port}/openapi.json", timeout=10).text
     finally:
         server.stop()
+
+
+def test_https_with_configured_certificate_and_clear_error_for_a_bad_one(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    env = {"MACPACS_WEB_TLS_CERT": str(cert), "MACPACS_WEB_TLS_KEY": str(key)}
+    server = start_server(tmp_path / "data", env=env)
+    try:
+        r = requests.get(f"https://127.0.0.1:{server.web_port}/testdbalive", verify=str(cert), timeout=10)
+        assert r.text == "Test DB Alive succeeded"
+    finally:
+        server.stop()
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    proc = subprocess.run(
+        [MACPACS, "serve", "--data-dir", str(tmp_path / "data2"), "--dicom-port", str(free_port()),
+         "--web-port", str(free_port()), "--xmlrpc-port", str(free_port())],
+        env={**os.environ, "MACPACS_WEB_TLS_CERT": str(bad), "MACPACS_WEB_TLS_KEY": str(key)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "web.tls_cert" in proc.stderr and "Traceback" not in proc.stderr

@@ -54,10 +54,17 @@ export function studySeries(study, signal) {
 }
 
 export async function seriesMetadata(study, series, signal) {
-  const response = await fetch(`${BASE}/studies/${enc(study)}/series/${enc(series)}/metadata`, {
-    headers: { Accept: "application/dicom+json" },
-    signal,
-  });
+  const early = window.macpacsEarly;
+  let response;
+  if (early && early.series === series && early.metadata) {
+    response = await early.metadata; // started by the page before the modules loaded
+    early.metadata = null;
+  } else {
+    response = await fetch(`${BASE}/studies/${enc(study)}/series/${enc(series)}/metadata`, {
+      headers: { Accept: "application/dicom+json" },
+      signal,
+    });
+  }
   await check(response, "series");
   return response.json();
 }
@@ -110,6 +117,8 @@ export async function frame(study, series, sop, number, signal) {
   const url = `${BASE}/studies/${enc(study)}/series/${enc(series)}/instances/${enc(sop)}/frames/${number}`;
   const response = await fetch(url, {
     headers: { Accept: `multipart/related; type="application/octet-stream"; transfer-syntax=${EXPLICIT_VR_LE}` },
+    // The viewer keeps frames in memory; writing 500 MB of them to the HTTP cache only costs time.
+    cache: "no-store",
     signal,
   });
   await check(response, "image");

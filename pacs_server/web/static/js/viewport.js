@@ -38,6 +38,7 @@ export class Viewport {
     this.image = null; // ImageData for the current frame size
     this.offscreen = document.createElement("canvas");
     this.pending = false;
+    this.overlayTimer = null;
     this.wheelRest = 0;
     this.bind();
   }
@@ -64,12 +65,25 @@ export class Viewport {
       this.setMessage("");
     } else if (event === "error") {
       this.setMessage(s.error.message, true);
-    } else if (event === "frame" && i === this.index) {
-      this.setMessage("");
-    } else if (event === "frame-error" && i === this.index) {
-      this.setMessage(`Image ${i + 1}: ${s.frames[i].error.message}`, true);
+    } else if (event === "frame" || event === "frame-error") {
+      if (i !== this.index) {
+        // Another slice arrived: only the "loaded" counter changes; redrawing the image for
+        // each of a thousand arrivals would take the main thread from decoding them.
+        this.requestOverlay();
+        return;
+      }
+      if (event === "frame") this.setMessage("");
+      else this.setMessage(`Image ${i + 1}: ${s.frames[i].error.message}`, true);
     }
     this.requestRender();
+  }
+
+  requestOverlay() {
+    if (this.overlayTimer) return;
+    this.overlayTimer = setTimeout(() => {
+      this.overlayTimer = null;
+      this.updateOverlay();
+    }, 250);
   }
 
   get current() {
