@@ -109,7 +109,6 @@ def send(
     on_progress: ProgressCallback | None = None,
 ) -> Progress:
     """C-STORE what ``keys`` match in our archive (a patient, study, series or instance) to ``node``."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
     instances = locate(index, keys, case_insensitive=settings.dicom.case_insensitive_names)
     progress = Progress(len(instances))
     if not instances:

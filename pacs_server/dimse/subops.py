@@ -1,7 +1,7 @@
 """C-STORE sub-operations, shared by C-MOVE, C-GET and ``macpacs send``.
 
-Stored instances go out exactly as they were received: the file is streamed from disk
-(pynetdicom's ``STORE_SEND_CHUNKED_DATASET``, no decode) under a presentation context whose
+Stored instances go out exactly as they were received: the file is streamed from disk after
+its file meta (as pynetdicom's ``STORE_SEND_CHUNKED_DATASET`` does, never decoded) under a presentation context whose
 transfer syntax is the stored one. When the peer accepted only uncompressed transfer syntaxes
 for that SOP class, pydicom decompresses the instance first; when that is impossible, the
 sub-operation fails and is counted as failed (PS3.4 C.4.2.3).
@@ -28,9 +28,9 @@ import pydicom
 import pynetdicom.association
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, evt
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
-from pynetdicom.dsutils import encode
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -147,64 +147,120 @@ class AssociationLost(Exception):
     """The peer released or aborted the association in the middle of the sub-operations."""
 
 
-def accepted_syntaxes(assoc: Any, *, as_scu: bool = True) -> dict[str, set[str]]:
-    """SOP class → transfer syntaxes we may send with on this association."""
-    out: dict[str, set[str]] = {}
+def accepted_contexts(assoc: Any) -> dict[tuple[str, str], int]:
+    """(SOP class, transfer syntax) → ID of a context we may send C-STOREs on over this association."""
+    out: dict[tuple[str, str], int] = {}
     for cx in assoc.accepted_contexts:
-        if as_scu and assoc.is_acceptor and not cx.as_scu:
+        if assoc.is_acceptor and not cx.as_scu:  # C-GET: only contexts where the peer took the SCP role
             continue
-        out.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+        out.setdefault((str(cx.abstract_syntax), str(cx.transfer_syntax[0])), cx.context_id)
     return out
 
 
-def send_instance(
-    assoc: Any,
-    store: FileStore,
-    inst: StoredInstance,
-    accepted: dict[str, set[str]],
-    *,
-    msg_id: int,
-    originator_aet: str | None = None,
-    originator_id: int | None = None,
-) -> int:
-    """Send one stored instance with C-STORE; returns the peer's status.
+class Channel:
+    """C-STOREs on one association, one after the other, without pynetdicom's reactor in the way.
 
-    Raises SubOperationError when it cannot be sent at all and AssociationLost when the
-    association went away.
+    ``Association.send_c_store`` pauses and resumes the association's reactor around every
+    message; when the peer answers fast, the resumed reactor can take the next C-STORE response
+    off the queue before ``send_c_store`` looks for it ("Received unexpected C-STORE service
+    message", then a DIMSE timeout): it happened about once per 200 CT slices on loopback. A
+    channel pauses the reactor once for the whole batch (``open``) and resumes it at the end
+    (``close``). On a C-GET the handler already runs in the reactor's thread, so nothing to pause.
     """
-    syntaxes = accepted.get(inst.sop_class_uid, set())
-    try:
-        path = instance_path(store, inst)
-    except FileMissing as exc:
-        raise SubOperationError(str(exc)) from None
-    if inst.transfer_syntax_uid in syntaxes:
-        payload: Path | Dataset = path
-    elif syntaxes & set(UNCOMPRESSED):
-        payload = _converted(path, inst, syntaxes)
-    else:
-        raise SubOperationError(
-            f"the peer accepted no presentation context for SOP class {inst.sop_class_uid} "
-            f"in {UID(inst.transfer_syntax_uid).name} or an uncompressed transfer syntax"
-        )
-    if not assoc.is_established:
-        raise AssociationLost("the association ended before this sub-operation")
-    started = time.monotonic()
-    try:
-        status = assoc.send_c_store(payload, msg_id=msg_id, originator_aet=originator_aet, originator_id=originator_id)
-    except (RuntimeError, ValueError) as exc:
-        if not assoc.is_established:
-            raise AssociationLost(str(exc)) from None
-        raise SubOperationError(f"C-STORE could not be sent: {exc}") from None
-    if "Status" not in status:
-        # No response: the DIMSE timeout expired (then pynetdicom aborts), or the peer aborted.
-        timeout = assoc.dimse_timeout
-        if timeout and time.monotonic() - started >= timeout:
-            raise AssociationLost(f"no C-STORE response within {timeout} s (dicom.client_timeout)")
-        raise AssociationLost("the peer aborted the association")
-    return int(status.Status)
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+        self.contexts = accepted_contexts(assoc)
+        self.syntaxes: dict[str, set[str]] = {}
+        for sop_class, ts in self.contexts:
+            self.syntaxes.setdefault(sop_class, set()).add(ts)
+        self._paused = False
+
+    def open(self) -> Channel:
+        assoc = self.assoc
+        if assoc.is_requestor:
+            assoc._reactor_checkpoint.clear()
+            # Seen paused for 2 ms in a row: the reactor is blocked on the checkpoint, not just
+            # leaving it (it sets _is_paused back to False right after waking).
+            steady_since = None
+            while assoc.is_established:
+                if not assoc._is_paused:
+                    steady_since = None
+                elif steady_since is None:
+                    steady_since = time.monotonic()
+                elif time.monotonic() - steady_since > 0.002:
+                    break
+                time.sleep(0.0002)
+            self._paused = True
+        return self
+
+    def close(self) -> None:
+        if self._paused:
+            self.assoc._reactor_checkpoint.set()
+            self._paused = False
+
+    def send(
+        self,
+        store: FileStore,
+        inst: StoredInstance,
+        *,
+        msg_id: int,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> int:
+        """Send one stored instance with C-STORE; returns the peer's status.
+
+        Raises SubOperationError when it cannot be sent at all and AssociationLost when the
+        association went away.
+        """
+        syntaxes = self.syntaxes.get(inst.sop_class_uid, set())
+        try:
+            path = instance_path(store, inst)
+        except FileMissing as exc:
+            raise SubOperationError(str(exc)) from None
+        req = C_STORE()
+        req.MessageID = msg_id
+        req.Priority = 2
+        req.MoveOriginatorApplicationEntityTitle = originator_aet
+        req.MoveOriginatorMessageID = originator_id
+        req.AffectedSOPClassUID = inst.sop_class_uid
+        req.AffectedSOPInstanceUID = inst.sop_instance_uid
+        if inst.transfer_syntax_uid in syntaxes:
+            # The file as stored: streamed from disk after its file meta, never decoded.
+            context_id = self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)]
+            try:
+                _meta, offset = split_dataset(path)
+            except Exception as exc:
+                raise SubOperationError(f"stored file of {inst.sop_instance_uid} is unreadable: {exc}") from None
+            req._dataset_path = (path, offset)
+        elif syntaxes & set(UNCOMPRESSED):
+            ds, target = _converted(path, inst, syntaxes)
+            context_id = self.contexts[(inst.sop_class_uid, str(target))]
+            req.DataSet = BytesIO(encode(ds, target.is_implicit_VR, True, False))
+        else:
+            raise SubOperationError(
+                f"the peer accepted no presentation context for SOP class {inst.sop_class_uid} "
+                f"in {UID(inst.transfer_syntax_uid).name} or an uncompressed transfer syntax"
+            )
+        assoc = self.assoc
+        if not assoc.is_established or not assoc.dul.is_alive():
+            raise AssociationLost("the association ended before this sub-operation")
+        started = time.monotonic()
+        assoc.dimse.send_msg(req, context_id)
+        _cx, rsp = assoc.dimse.get_msg(block=True)
+        if rsp is None:
+            # No response: the DIMSE timeout expired, or the peer aborted / closed the connection.
+            timeout = assoc.dimse_timeout
+            if timeout and time.monotonic() - started >= timeout:
+                raise AssociationLost(f"no C-STORE response within {timeout} s (dicom.client_timeout)")
+            raise AssociationLost("the peer aborted the association")
+        status = getattr(rsp, "Status", None)
+        if status is None:
+            raise SubOperationError("the peer's C-STORE response has no status")
+        return int(status)
 
 
-def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> Dataset:
+def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> tuple[Dataset, UID]:
     """The instance decoded and, if compressed, decompressed, for an uncompressed context."""
     try:
         ds = pydicom.dcmread(path)
@@ -217,8 +273,7 @@ def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> Dataset:
         ) from None
     target = ExplicitVRLittleEndian if ExplicitVRLittleEndian in syntaxes else ImplicitVRLittleEndian
     ds.file_meta.TransferSyntaxUID = target
-    ds.set_original_encoding(target.is_implicit_VR, True)
-    return ds
+    return ds, target
 
 
 def status_kind(status: int) -> str:
@@ -329,9 +384,8 @@ def _lookup(uid: str) -> type:
 
 
 def install() -> None:
-    """Route C-MOVE/C-GET to RetrieveServiceClass and send files without decoding them."""
+    """Route C-MOVE/C-GET to RetrieveServiceClass; no Nagle on our sockets."""
     pynetdicom.association.uid_to_service_class = _lookup  # type: ignore[assignment]
-    _config.STORE_SEND_CHUNKED_DATASET = True
     tcp_nodelay()
 
 
@@ -370,27 +424,24 @@ def send_all(
     Stops early (leaving the rest as remaining) when ``is_cancelled`` turns true, and raises
     AssociationLost when the peer goes away.
     """
-    accepted = accepted_syntaxes(assoc)
+    channel = Channel(assoc).open()
     msg_id = first_msg_id
-    for inst in instances:
-        if is_cancelled():
-            return
-        try:
-            status = send_instance(
-                assoc,
-                store,
-                inst,
-                accepted,
-                msg_id=msg_id,
-                originator_aet=originator_aet,
-                originator_id=originator_id,
-            )
-            record(progress, inst, status)
-        except SubOperationError as exc:
-            log.warning("sub-operation for %s failed: %s", inst.sop_instance_uid, exc)
-            progress.fail(inst.sop_instance_uid)
-        msg_id = msg_id % 65535 + 1
-        yield inst
+    try:
+        for inst in instances:
+            if is_cancelled():
+                return
+            try:
+                status = channel.send(
+                    store, inst, msg_id=msg_id, originator_aet=originator_aet, originator_id=originator_id
+                )
+                record(progress, inst, status)
+            except SubOperationError as exc:
+                log.warning("sub-operation for %s failed: %s", inst.sop_instance_uid, exc)
+                progress.fail(inst.sop_instance_uid)
+            msg_id = msg_id % 65535 + 1
+            yield inst
+    finally:
+        channel.close()
 
 
 # -- what to retrieve ---------------------------------------------------------------------------
@@ -516,6 +567,7 @@ def send_to_node(
         except AssociationLost as exc:
             log.error("%s ended the association after %d of %d instances: %s", node.name, sent, len(batch), exc)
             progress.fail_rest(inst.sop_instance_uid for inst in batch[sent:])
+            assoc.abort()  # already gone or timed out: a release would wait for an answer that never comes
         finally:
             if assoc.is_established:
                 assoc.release()
