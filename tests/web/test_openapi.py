@@ -20,7 +20,7 @@ def test_openapi_document_lists_the_interfaces(loaded: Loaded):
         assert path in paths
 
 
-def test_schemathesis_finds_no_server_errors(loaded: Loaded):
+def test_schemathesis_finds_no_server_errors(loaded: Loaded, tmp_path: Path):
     proc = subprocess.run(
         [
             SCHEMATHESIS,
@@ -40,5 +40,6 @@ def test_schemathesis_finds_no_server_errors(loaded: Loaded):
         capture_output=True,
         text=True,
         timeout=240,
+        cwd=tmp_path,  # schemathesis writes a .schemathesis/ folder where it runs
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
