@@ -78,7 +78,7 @@ def retrieve_argv(kind: str, port: int, aet: str, study: str, scratch: Path) -> 
     keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
     if kind == "move":
         return ["/usr/bin/movescu", "-S", "-aec", aet, "-aem", DEST_AET, "127.0.0.1", str(port), *keys]
-    return ["/usr/bin/getscu", "-S", "--ignore", "-od", str(scratch), "-aec", aet, "127.0.0.1", str(port), *keys]
+    return ["/usr/bin/getscu", "-S", "--ignore", "-aec", aet, "127.0.0.1", str(port), *keys]
 
 
 def main() -> None:

@@ -66,7 +66,7 @@ MODELS = {
 
 def client_ae(settings: Settings) -> AE:
     """An AE calling with our AE title and the client timeouts of the settings."""
-    subops.tcp_nodelay()
+    subops.tune_sockets()
     d = settings.dicom
     ae = AE(ae_title=d.ae_title)
     ae.acse_timeout = d.client_timeout
