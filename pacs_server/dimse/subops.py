@@ -31,8 +31,7 @@ import pynetdicom.association
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -175,28 +174,19 @@ def _pdus(context_id: int, data: bytes | memoryview, control: int, max_pdu: int)
 _PDV_HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, PDV length, context ID, control
 
 
-def write_message(assoc: Any, message: Any, primitive: Any, context_id: int) -> None:
+def write_message(assoc: Any, context_id: int, command: bytes, dataset: bytes | memoryview | None) -> None:
     """Write one DIMSE message straight to the association's socket, fragmented for the peer.
 
     pynetdicom hands every P-DATA PDU (16 KB with most peers: 33 per CT slice) to its DUL
     thread through a queue, one PDU per reactor loop; that alone capped a C-MOVE at ~280 CT
-    slices/s. Here the whole message (a stored file read after its file meta, or an encoded
-    dataset) is framed in this thread and sent with one ``sendall``, under the socket's send
-    lock, once pynetdicom's own outgoing queue is empty, so that no other message's fragments
-    interleave with ours (PS3.8 9.3.5).
+    slices/s. Here the whole message is framed in this thread and sent with one ``sendall``,
+    under the socket's send lock, once pynetdicom's own outgoing queue is empty, so that no
+    other message's fragments interleave with ours (PS3.8 9.3.1).
     """
-    message.primitive_to_message(primitive)
     max_pdu = assoc.dimse.maximum_pdu_size
-    parts = _pdus(context_id, encode(message.command_set, True, True), 0x01, max_pdu)
-    dataset_path = getattr(primitive, "_dataset_path", None)
-    if dataset_path:
-        path, offset = dataset_path
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data: bytes | memoryview = memoryview(fh.read())
-        parts += _pdus(context_id, data, 0x00, max_pdu)
-    elif message.data_set is not None and message.command_set.CommandDataSetType != 0x0101:
-        parts += _pdus(context_id, message.data_set.getvalue(), 0x00, max_pdu)
+    parts = _pdus(context_id, command, 0x01, max_pdu)
+    if dataset is not None:
+        parts += _pdus(context_id, dataset, 0x00, max_pdu)
     dul = assoc.dul
     deadline = time.monotonic() + (assoc.network_timeout or 60)
     while not dul.to_provider_queue.empty() and time.monotonic() < deadline:
@@ -204,6 +194,59 @@ def write_message(assoc: Any, message: Any, primitive: Any, context_id: int) -> 
     sock = dul.socket
     with sock.send_lock:
         sock.socket.sendall(b"".join(parts))
+
+
+def _element(group_element: int, value: bytes) -> bytes:
+    """One Implicit VR Little Endian element of group 0000 (values padded to even length by the caller)."""
+    return struct.pack("<HHI", 0x0000, group_element, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def store_command(
+    sop_class: str, sop_instance: str, msg_id: int, originator_aet: str | None, originator_id: int | None
+) -> bytes:
+    """The command set of a C-STORE-RQ (PS3.7 9.3.1.1), encoded by hand.
+
+    Building it through pynetdicom's primitives and pydicom took ~0.2 ms per instance, a
+    fifth of a C-MOVE's time per CT slice.
+    """
+    us = struct.Struct("<H").pack
+    body = b"".join(
+        [
+            _element(0x0002, _uid(sop_class)),
+            _element(0x0100, us(0x0001)),  # C-STORE-RQ
+            _element(0x0110, us(msg_id)),
+            _element(0x0700, us(0x0000)),  # medium priority
+            _element(0x0800, us(0x0000)),  # a dataset follows
+            _element(0x1000, _uid(sop_instance)),
+        ]
+        + (
+            [_element(0x1030, originator_aet.encode("ascii").ljust(16)[:16]), _element(0x1031, us(originator_id))]
+            if originator_aet and originator_id is not None
+            else []
+        )
+    )
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def read_dataset(path: Path) -> memoryview:
+    """The encoded dataset of a stored Part-10 file: everything after its file meta group.
+
+    Files written by this archive start with the preamble, ``DICM`` and a group length, so the
+    offset is read from the header; anything else goes through pynetdicom's ``split_dataset``.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL":
+        offset = 144 + int.from_bytes(data[140:144], "little")
+        if data[offset : offset + 2] != b"\x02\x00":
+            return memoryview(data)[offset:]
+    _meta, offset = split_dataset(path)
+    return memoryview(data)[offset:]
 
 
 class Channel:
@@ -267,25 +310,17 @@ class Channel:
             path = instance_path(store, inst)
         except FileMissing as exc:
             raise SubOperationError(str(exc)) from None
-        req = C_STORE()
-        req.MessageID = msg_id
-        req.Priority = 2
-        req.MoveOriginatorApplicationEntityTitle = originator_aet
-        req.MoveOriginatorMessageID = originator_id
-        req.AffectedSOPClassUID = inst.sop_class_uid
-        req.AffectedSOPInstanceUID = inst.sop_instance_uid
         if inst.transfer_syntax_uid in syntaxes:
-            # The file as stored: streamed from disk after its file meta, never decoded.
+            # The file as stored, after its file meta, never decoded.
             context_id = self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)]
             try:
-                _meta, offset = split_dataset(path)
+                dataset: bytes | memoryview = read_dataset(path)
             except Exception as exc:
                 raise SubOperationError(f"stored file of {inst.sop_instance_uid} is unreadable: {exc}") from None
-            req._dataset_path = (path, offset)
         elif syntaxes & set(UNCOMPRESSED):
             ds, target = _converted(path, inst, syntaxes)
             context_id = self.contexts[(inst.sop_class_uid, str(target))]
-            req.DataSet = BytesIO(encode(ds, target.is_implicit_VR, True, False))
+            dataset = encode(ds, target.is_implicit_VR, True, False)
         else:
             raise SubOperationError(
                 f"the peer accepted no presentation context for SOP class {inst.sop_class_uid} "
@@ -294,9 +329,10 @@ class Channel:
         assoc = self.assoc
         if not assoc.is_established or not assoc.dul.is_alive():
             raise AssociationLost("the association ended before this sub-operation")
+        command = store_command(inst.sop_class_uid, inst.sop_instance_uid, msg_id, originator_aet, originator_id)
         started = time.monotonic()
         try:
-            write_message(assoc, C_STORE_RQ(), req, context_id)
+            write_message(assoc, context_id, command, dataset)
         except OSError as exc:
             raise AssociationLost(f"the connection failed while sending: {exc}") from None
         _cx, rsp = assoc.dimse.get_msg(block=True)
