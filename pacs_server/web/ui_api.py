@@ -140,6 +140,22 @@ def search_studies(
     return {"total": total, "offset": offset, "limit": limit, "studies": studies}
 
 
+@router.get("/studies/{study_uid}/series/{series_uid}/transfer-syntaxes")
+def transfer_syntaxes(request: Request, study_uid: str, series_uid: str, _who: Principal = READER) -> dict[str, str]:
+    """SOP Instance UID → stored transfer syntax, for the viewer.
+
+    Frames of compressed files reach the viewer decoded by the server (interleaved, YBR turned
+    into RGB); those of uncompressed files arrive as stored (planar or YBR as the file says). The
+    DICOM JSON metadata does not carry the transfer syntax, so the viewer asks here.
+    """
+    query = Query("SERIES", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
+    try:
+        found = _ctx(request).index.instances(query)
+    except QueryError as exc:
+        raise HTTPException(400, f"invalid UID: {exc}") from None
+    return {inst.sop_instance_uid: inst.transfer_syntax_uid for inst in found}
+
+
 # -- delete, ZIP -------------------------------------------------------------------------------------
 def _study_query(uid: str, level: str = "STUDY", **more: str) -> Query:
     return Query(level, {"StudyInstanceUID": uid, **more})

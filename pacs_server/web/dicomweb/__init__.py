@@ -2,11 +2,12 @@
 
 from fastapi import APIRouter
 
-from . import qido, stow, wado
+from . import pixeldata, qido, stow, wado
 
 router = APIRouter()
 router.include_router(qido.router)
 router.include_router(wado.router)
+router.include_router(pixeldata.router)
 router.include_router(stow.router)
 
 __all__ = ["router"]

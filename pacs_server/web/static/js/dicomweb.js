@@ -69,6 +69,17 @@ export async function seriesMetadata(study, series, signal) {
   return response.json();
 }
 
+/** SOP Instance UID → stored transfer syntax (macpacs' /api/ui); {} when unavailable. */
+export async function transferSyntaxes(study, series, signal) {
+  try {
+    const response = await fetch(`/api/ui/studies/${enc(study)}/series/${enc(series)}/transfer-syntaxes`, { signal });
+    return response.ok ? await response.json() : {};
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    return {};
+  }
+}
+
 export function thumbnailUrl(study, series, size = 128) {
   return `${BASE}/studies/${enc(study)}/series/${enc(series)}/thumbnail?viewport=${size},${size}`;
 }
@@ -124,6 +135,68 @@ export async function frame(study, series, sop, number, signal) {
   await check(response, "image");
   const buffer = await response.arrayBuffer();
   return firstPart(buffer, response.headers.get("Content-Type"));
+}
+
+/**
+ * The frames of a whole series in one streamed request (WADO-RS "pixeldata" resource).
+ * `onFrame(sop, frameNumber, bytes)` is called as each part arrives. Resolves when the stream
+ * ends; throws HttpError when the server does not offer the resource (the caller falls back to
+ * one request per frame).
+ */
+export async function seriesPixelData(study, series, onFrame, signal) {
+  const response = await fetch(`${BASE}/studies/${enc(study)}/series/${enc(series)}/pixeldata`, {
+    headers: { Accept: `multipart/related; type="application/octet-stream"; transfer-syntax=${EXPLICIT_VR_LE}` },
+    cache: "no-store",
+    signal,
+  });
+  await check(response, "series pixel data");
+  const match = /boundary="?([^";,]+)"?/i.exec(response.headers.get("Content-Type") || "");
+  if (!match || !response.body) throw new HttpError(0, "series pixel data is not multipart");
+  const crlf2 = new TextEncoder().encode("\r\n\r\n");
+  const reader = response.body.getReader();
+  let pending = new Uint8Array(0); // bytes of part headers not parsed yet
+  let body = null; // the part being filled
+  let filled = 0;
+  let where = null;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return;
+    let chunk = value;
+    while (chunk.length) {
+      if (body) {
+        const take = Math.min(body.length - filled, chunk.length);
+        body.set(chunk.subarray(0, take), filled);
+        filled += take;
+        chunk = chunk.subarray(take);
+        if (filled === body.length) {
+          onFrame(where.sop, where.frame, body);
+          body = null;
+        }
+        continue;
+      }
+      const joined = new Uint8Array(pending.length + chunk.length);
+      joined.set(pending);
+      joined.set(chunk, pending.length);
+      const end = indexOf(joined, crlf2);
+      if (end < 0) {
+        pending = joined;
+        break;
+      }
+      const headers = new TextDecoder().decode(joined.subarray(0, end));
+      const length = /content-length:\s*(\d+)/i.exec(headers);
+      const location = /content-location:\s*\S*\/instances\/([^/\s]+)\/frames\/(\d+)/i.exec(headers);
+      if (!length || !location) throw new HttpError(0, "series pixel data parts lack Content-Length/Location");
+      where = { sop: decodeURIComponent(location[1]), frame: Number(location[2]) };
+      body = new Uint8Array(Number(length[1]));
+      filled = 0;
+      pending = new Uint8Array(0);
+      chunk = joined.subarray(end + 4);
+      if (body.length === 0) {
+        onFrame(where.sop, where.frame, body);
+        body = null;
+      }
+    }
+  }
 }
 
 /** STOW-RS one or more Part-10 files in one request; reports upload progress; resolves to JSON. */

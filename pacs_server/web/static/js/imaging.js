@@ -4,11 +4,29 @@
 
 import { TAG, num, val, vals } from "./dicomweb.js";
 
+const UNCOMPRESSED = new Set(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"]);
+// Photometric interpretations that exist only in compressed data.
+const COMPRESSED_ONLY_YBR = new Set(["YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"]);
+
+/**
+ * Whether the server decoded this instance's frames: then they arrive interleaved, with YBR
+ * already turned into RGB (pydicom's decoders do that), whatever the file's PlanarConfiguration
+ * and PhotometricInterpretation say. Uncompressed files arrive exactly as stored. `storedTs`
+ * comes from /api/ui/.../transfer-syntaxes; without it, YBR forms that only compressed data
+ * has are the hint.
+ */
+function serverDecoded(storedTs, photometric) {
+  if (storedTs) return !UNCOMPRESSED.has(storedTs);
+  return COMPRESSED_ONLY_YBR.has(photometric);
+}
+
 /** One displayable frame of a series, with what is needed to draw and measure it. */
-function frameEntry(ds, frameNumber, study, series) {
+function frameEntry(ds, frameNumber, study, series, syntaxes) {
   const spacing = vals(ds, TAG.PixelSpacing).length ? vals(ds, TAG.PixelSpacing) : vals(ds, TAG.ImagerPixelSpacing);
   const position = vals(ds, TAG.ImagePositionPatient).map(Number);
   const orientation = vals(ds, TAG.ImageOrientationPatient).map(Number);
+  const photometric = (val(ds, TAG.PhotometricInterpretation) || "MONOCHROME2").trim();
+  const decoded = serverDecoded(syntaxes[val(ds, TAG.SOPInstanceUID)], photometric);
   const wc = vals(ds, TAG.WindowCenter).map(Number).filter(Number.isFinite);
   const ww = vals(ds, TAG.WindowWidth).map(Number).filter(Number.isFinite);
   return {
@@ -21,8 +39,9 @@ function frameEntry(ds, frameNumber, study, series) {
     rows: num(ds, TAG.Rows, 0, 0),
     cols: num(ds, TAG.Columns, 0, 0),
     samples: num(ds, TAG.SamplesPerPixel, 0, 1),
-    photometric: (val(ds, TAG.PhotometricInterpretation) || "MONOCHROME2").trim(),
-    planar: num(ds, TAG.PlanarConfiguration, 0, 0),
+    photometric,
+    decoded,
+    planar: decoded ? 0 : num(ds, TAG.PlanarConfiguration, 0, 0),
     bitsAllocated: num(ds, TAG.BitsAllocated, 0, 16),
     bitsStored: num(ds, TAG.BitsStored, 0, num(ds, TAG.BitsAllocated, 0, 16)),
     signed: num(ds, TAG.PixelRepresentation, 0, 0) === 1,
@@ -51,11 +70,11 @@ function slicePosition(f) {
 }
 
 /** Every frame of the series' instances, sorted along the slice normal (else instance number). */
-export function buildStack(metadata, study, series) {
+export function buildStack(metadata, study, series, syntaxes = {}) {
   const frames = [];
   for (const ds of metadata) {
     const count = num(ds, TAG.NumberOfFrames, 0, 1) || 1;
-    for (let n = 1; n <= count; n++) frames.push(frameEntry(ds, n, study, series));
+    for (let n = 1; n <= count; n++) frames.push(frameEntry(ds, n, study, series, syntaxes));
   }
   const images = frames.filter((f) => f.rows > 0 && f.cols > 0);
   const positions = images.map(slicePosition);
@@ -76,8 +95,9 @@ export function decodePixels(f, bytes) {
   if (bytes.byteLength < expected) {
     throw new Error(`frame is ${bytes.byteLength} bytes, ${expected} expected (${f.rows}×${f.cols})`);
   }
-  // Copy into a fresh, aligned buffer (the frame sits at an odd offset inside the multipart body).
-  const buffer = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + expected);
+  // Typed arrays need an aligned start: copy when the frame sits at an odd offset of a larger body.
+  const exact = bytes.byteOffset === 0 && bytes.buffer.byteLength === expected;
+  const buffer = exact ? bytes.buffer : bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + expected);
   if (f.bitsAllocated === 8) return new Uint8Array(buffer);
   if (f.bitsAllocated === 32) return f.signed ? new Int32Array(buffer) : new Uint32Array(buffer);
   let out = f.signed ? new Int16Array(buffer) : new Uint16Array(buffer);
@@ -193,8 +213,9 @@ export function paint(f, out, lut, win, invert) {
     }
     return;
   }
-  const ybr = f.photometric.startsWith("YBR");
+  const ybr = f.photometric.startsWith("YBR") && !f.decoded;
   const planar = f.planar === 1;
+  const shift = Math.max(0, f.bitsStored - 8); // 16-bit colour shown with its top 8 bits
   for (let i = 0; i < n; i++) {
     let a, b, c;
     if (planar) {
@@ -206,9 +227,14 @@ export function paint(f, out, lut, win, invert) {
       b = p[3 * i + 1];
       c = p[3 * i + 2];
     }
+    if (shift) {
+      a >>= shift;
+      b >>= shift;
+      c >>= shift;
+    }
     let r = a, g = b, bl = c;
     if (ybr) {
-      // PS3.3 C.7.6.3.1.2 YBR_FULL → RGB (the server returns YBR_FULL_422 decoded to full).
+      // PS3.3 C.7.6.3.1.2 YBR_FULL → RGB, for uncompressed YBR_FULL as stored.
       r = clamp8(a + 1.402 * (c - 128));
       g = clamp8(a - 0.344136 * (b - 128) - 0.714136 * (c - 128));
       bl = clamp8(a + 1.772 * (b - 128));
