@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -291,19 +292,11 @@ class Channel:
             self.assoc._reactor_checkpoint.set()
             self._paused = False
 
-    def send(
-        self,
-        store: FileStore,
-        inst: StoredInstance,
-        *,
-        msg_id: int,
-        originator_aet: str | None = None,
-        originator_id: int | None = None,
-    ) -> int:
-        """Send one stored instance with C-STORE; returns the peer's status.
+    def prepare(self, store: FileStore, inst: StoredInstance) -> tuple[int, bytes | memoryview]:
+        """The context ID and encoded dataset to send ``inst`` with; SubOperationError when impossible.
 
-        Raises SubOperationError when it cannot be sent at all and AssociationLost when the
-        association went away.
+        Reads the file through the one retrieve path. Runs ahead of ``send`` in a helper thread,
+        so that reading the next file overlaps waiting for the peer's response to this one.
         """
         syntaxes = self.syntaxes.get(inst.sop_class_uid, set())
         try:
@@ -312,20 +305,32 @@ class Channel:
             raise SubOperationError(str(exc)) from None
         if inst.transfer_syntax_uid in syntaxes:
             # The file as stored, after its file meta, never decoded.
-            context_id = self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)]
             try:
-                dataset: bytes | memoryview = read_dataset(path)
+                return self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)], read_dataset(path)
             except Exception as exc:
                 raise SubOperationError(f"stored file of {inst.sop_instance_uid} is unreadable: {exc}") from None
-        elif syntaxes & set(UNCOMPRESSED):
+        if syntaxes & set(UNCOMPRESSED):
             ds, target = _converted(path, inst, syntaxes)
-            context_id = self.contexts[(inst.sop_class_uid, str(target))]
-            dataset = encode(ds, target.is_implicit_VR, True, False)
-        else:
-            raise SubOperationError(
-                f"the peer accepted no presentation context for SOP class {inst.sop_class_uid} "
-                f"in {UID(inst.transfer_syntax_uid).name} or an uncompressed transfer syntax"
-            )
+            return self.contexts[(inst.sop_class_uid, str(target))], encode(ds, target.is_implicit_VR, True, False)
+        raise SubOperationError(
+            f"the peer accepted no presentation context for SOP class {inst.sop_class_uid} "
+            f"in {UID(inst.transfer_syntax_uid).name} or an uncompressed transfer syntax"
+        )
+
+    def send(
+        self,
+        inst: StoredInstance,
+        prepared: tuple[int, bytes | memoryview],
+        *,
+        msg_id: int,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> int:
+        """C-STORE a prepared instance and wait for the response; returns the peer's status.
+
+        Raises AssociationLost when the association went away.
+        """
+        context_id, dataset = prepared
         assoc = self.assoc
         if not assoc.is_established or not assoc.dul.is_alive():
             raise AssociationLost("the association ended before this sub-operation")
@@ -525,13 +530,25 @@ def send_all(
     """
     channel = Channel(assoc).open()
     msg_id = first_msg_id
+    reader = ThreadPoolExecutor(1, thread_name_prefix="retrieve-read")
+
+    def prepare(inst: StoredInstance) -> Future[tuple[int, bytes | memoryview]]:
+        return reader.submit(channel.prepare, store, inst)
+
     try:
-        for inst in instances:
+        upcoming = prepare(instances[0]) if instances else None
+        for n, inst in enumerate(instances):
             if is_cancelled():
                 return
+            current = upcoming
+            upcoming = prepare(instances[n + 1]) if n + 1 < len(instances) else None
             try:
                 status = channel.send(
-                    store, inst, msg_id=msg_id, originator_aet=originator_aet, originator_id=originator_id
+                    inst,
+                    current.result(),  # type: ignore[union-attr]
+                    msg_id=msg_id,
+                    originator_aet=originator_aet,
+                    originator_id=originator_id,
                 )
                 record(progress, inst, status)
             except SubOperationError as exc:
@@ -541,6 +558,7 @@ def send_all(
             yield inst
     finally:
         channel.close()
+        reader.shutdown(wait=False, cancel_futures=True)
 
 
 # -- what to retrieve ---------------------------------------------------------------------------
