@@ -104,7 +104,11 @@ class ServerProcess:
         }
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        wait_for_port(self.dicom_port, proc=self.proc)
+        try:
+            wait_for_port(self.dicom_port, proc=self.proc)
+        except AssertionError:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"macpacs serve did not start; its output:\n{self.log()[-3000:]}") from None
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
@@ -175,3 +179,19 @@ def pydicom_test_files() -> list[Path]:
 
     folder = Path(get_testdata_file("CT_small.dcm")).parent
     return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Kill any process a test left running in this session's temporary folders.
+
+    Fixtures stop what they start, but a test killed by its timeout skips teardown; a stray
+    `macpacs serve` or Orthanc would keep its ports and slow every later run.
+    """
+    import psutil
+
+    base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["pid"] != me and base in " ".join(proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
