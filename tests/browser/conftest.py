@@ -76,12 +76,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         capture_output=True,
         timeout=60,
     )
+    supervisor = root / "supervisor-status.json"
+    supervisor.write_text(
+        '{"state": "healthy", "last_check": "2026-11-26T00:00:00+00:00", "restarts_24h": 1,'
+        ' "results": [{"probe": "web", "ok": true, "detail": "HTTP 200"}]}'
+    )
     server = ServerProcess(
         data_dir=data_dir,
         dicom_port=free_port(),
         web_port=free_port(),
         xmlrpc_port=free_port(),
-        env={"MACPACS_DICOM_ACCEPT_UNKNOWN_NODES": "false"},
+        env={"MACPACS_DICOM_ACCEPT_UNKNOWN_NODES": "false", "MACPACS_SERVER_SUPERVISOR_STATUS_FILE": str(supervisor)},
     ).start()
     wait_for_port(server.web_port, proc=server.proc)
     yield Site(server, root)

@@ -198,6 +198,11 @@ def test_nodes_add_test_duplicate_and_unreachable(site: Site, page, storescp: St
     )
     assert re.fullmatch(r"OK, \d+\.\d ms", page.inner_text("tr[data-node=viewer-ws] .echo-result"))
     shot(page, "config-nodes.png")
+    page.click("tr[data-node=viewer-ws] >> text=Edit")
+    assert page.input_value(f"{form} input[name=ae_title]") == storescp.ae_title
+    page.fill(f"{form} input[name=description]", "reading room 2")
+    page.click("#save-node")
+    page.wait_for_function("document.querySelector('tr[data-node=viewer-ws]').textContent.includes('reading room 2')")
 
     add("other", storescp.ae_title, "104")
     page.wait_for_function("document.getElementById('form-message').textContent.includes('already used')")
@@ -247,6 +252,18 @@ def test_upload_dicom_and_non_dicom(site: Site, page, tmp_path: Path) -> None:
     page.wait_for_function("document.getElementById('upload-status').textContent === 'done'")
     assert page.inner_text("#upload-message") == "1 file stored, 1 not DICOM (skipped)."
     assert "no DICM marker" in page.inner_text("#upload-problems")
+    # Dropping goes through the same checks (a synthetic drop: Playwright cannot drag from the desktop).
+    page.evaluate(
+        """() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(["hello"], "readme.txt", { type: "text/plain" }));
+            const zone = document.getElementById("dropzone");
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+        }"""
+    )
+    page.wait_for_function("document.getElementById('upload-status').textContent === 'done'")
+    assert page.inner_text("#upload-message") == "0 files stored, 1 not DICOM (skipped)."
+    assert "readme.txt" in page.inner_text("#upload-problems")
     page.goto(f"{site.url}/studies")
     page.wait_for_function("document.getElementById('count').textContent === '3 studies'")
 
@@ -256,7 +273,12 @@ def test_status_page(site: Site, page) -> None:
     text = page.inner_text("main")
     assert f"MACPACS\t127.0.0.1\t{site.server.dicom_port}\tmacpacs archive" == page.text_content("#locations-line")
     assert re.search(r"Studies\s+3", text) and re.search(r"Instances\s+35", text)
-    assert "healthy" in text and "not configured" in page.inner_text("#supervisor")
+    assert "healthy" in text
+    assert page.inner_text("#supervisor") == (
+        "healthy, last check 2026-11-26T00:00:00+00:00: all probes passed; 1 restart(s) in 24 h"
+    )
+    assert "C-ECHO viewer-ws" in page.inner_text("#associations")  # logged by the nodes test's echo
+    assert "C-ECHO to WS2@127.0.0.1:1 failed" in page.inner_text("#errors")  # the failed registration
 
 
 def test_send_then_delete_while_open(site: Site, page, storescp: Storescp) -> None:

@@ -74,6 +74,9 @@ export class SeriesStack {
   /** The whole series in one request, plus a worker for the slice on screen; else per frame. */
   async stream() {
     const byKey = new Map(this.frames.map((f, i) => [`${f.sop}/${f.frame}`, i]));
+    // The slice on screen first, alone: the stream would otherwise slow its request down.
+    await this.load(this.nextIndex(0));
+    if (this.controller.signal.aborted) return;
     this.streaming = true;
     this.focusWorker();
     try {

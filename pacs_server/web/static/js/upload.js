@@ -60,6 +60,8 @@ async function upload(files) {
   problems.hidden = true;
   problems.tBodies[0].replaceChildren();
   box.hidden = false;
+  status.textContent = "checking files…";
+  bar.value = 0;
   show(message, "");
   const dicom = [];
   for (const f of files) {
