@@ -9,6 +9,7 @@ Screenshots go to ``tests/browser/artifacts/`` (ignored by git; copied to docs/i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,7 +87,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         dicom_port=free_port(),
         web_port=free_port(),
         xmlrpc_port=free_port(),
-        env={"MACPACS_DICOM_ACCEPT_UNKNOWN_NODES": "false", "MACPACS_SERVER_SUPERVISOR_STATUS_FILE": str(supervisor)},
+        env={
+            "MACPACS_DICOM_ACCEPT_UNKNOWN_NODES": "false",
+            "MACPACS_SERVER_SUPERVISOR_STATUS_FILE": str(supervisor),
+            # A third of the free space: stores still succeed, the status page must warn (under 4×).
+            "MACPACS_STORAGE_MIN_FREE_MB": str(shutil.disk_usage(root).free // (3 * 1024 * 1024)),
+        },
     ).start()
     wait_for_port(server.web_port, proc=server.proc)
     yield Site(server, root)

@@ -274,6 +274,7 @@ def test_status_page(site: Site, page) -> None:
     assert f"MACPACS\t127.0.0.1\t{site.server.dicom_port}\tmacpacs archive" == page.text_content("#locations-line")
     assert re.search(r"Studies\s+3", text) and re.search(r"Instances\s+35", text)
     assert "healthy" in text
+    assert "the archive refuses images under" in page.inner_text("#disk-warning")
     assert page.inner_text("#supervisor") == (
         "healthy, last check 2026-11-26T00:00:00+00:00: all probes passed; 1 restart(s) in 24 h"
     )
