@@ -272,6 +272,10 @@ class Channel:
     def open(self) -> Channel:
         assoc = self.assoc
         if assoc.is_requestor:
+            # Our own associations (C-MOVE, send) also read the peer's responses here: its DUL
+            # thread stops looking at the socket (see ``_ready``), saving ~0.4 ms per instance
+            # of PDU, state machine and pydicom decoding.
+            assoc.dul.socket.direct_reader = True
             assoc._reactor_checkpoint.clear()
             # Seen paused for 2 ms in a row: the reactor is blocked on the checkpoint, not just
             # leaving it (it sets _is_paused back to False right after waking).
@@ -289,6 +293,8 @@ class Channel:
 
     def close(self) -> None:
         if self._paused:
+            self.assoc.dul.socket.direct_reader = False
+            self.assoc.dul._idle_timer.restart()
             self.assoc._reactor_checkpoint.set()
             self._paused = False
 
@@ -340,6 +346,8 @@ class Channel:
             write_message(assoc, context_id, command, dataset)
         except OSError as exc:
             raise AssociationLost(f"the connection failed while sending: {exc}") from None
+        if self._paused:
+            return self._read_response(started)
         _cx, rsp = assoc.dimse.get_msg(block=True)
         if rsp is None:
             # No response: the DIMSE timeout expired, or the peer aborted / closed the connection.
@@ -351,6 +359,69 @@ class Channel:
         if status is None:
             raise SubOperationError("the peer's C-STORE response has no status")
         return int(status)
+
+    def _read_response(self, started: float) -> int:
+        """Read the C-STORE-RSP from the socket ourselves (requestor associations only)."""
+        assoc = self.assoc
+        sock = assoc.dul.socket.socket
+        timeout = assoc.dimse_timeout
+        command = bytearray()
+        try:
+            while True:
+                pdu_type, body = _read_pdu(sock)
+                if pdu_type != 0x04:  # A-ABORT (0x07), or a release request that has no place here
+                    raise AssociationLost(
+                        "the peer aborted the association" if pdu_type == 0x07 else f"unexpected PDU type {pdu_type:#x}"
+                    )
+                pos = 0
+                while pos + 6 <= len(body):
+                    length = int.from_bytes(body[pos : pos + 4], "big")
+                    control = body[pos + 5]
+                    if control & 0x01:
+                        command += body[pos + 6 : pos + 4 + length]
+                    pos += 4 + length
+                if control & 0x03 == 0x03:  # the last fragment of the command: done
+                    break
+        except TimeoutError:
+            raise AssociationLost(f"no C-STORE response within {timeout} s (dicom.client_timeout)") from None
+        except OSError as exc:
+            raise AssociationLost(f"the connection failed: {exc}") from None
+        assoc.dul._idle_timer.restart()
+        field, status = _command_status(bytes(command))
+        if field != 0x8001 or status is None:
+            raise SubOperationError(f"the peer answered with command {field!r}, not a C-STORE response")
+        return status
+
+
+def _read_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            raise OSError("connection closed by the peer")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = _read_exact(sock, 6)
+    return header[0], _read_exact(sock, int.from_bytes(header[2:6], "big"))
+
+
+def _command_status(command: bytes) -> tuple[int | None, int | None]:
+    """(Command Field, Status) of an Implicit VR Little Endian command set."""
+    field = status = None
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, pos)
+        value = command[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+        if group == 0 and element == 0x0100:
+            field = int.from_bytes(value, "little")
+        elif group == 0 and element == 0x0900:
+            status = int.from_bytes(value, "little")
+    return field, status
 
 
 def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> tuple[Dataset, UID]:
@@ -495,6 +566,16 @@ def _socket_init(self: AssociationSocket, *args: Any, **kwargs: Any) -> None:
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+_original_ready = AssociationSocket.ready
+
+
+def _ready(self: AssociationSocket) -> bool:
+    """pynetdicom's DUL polls this; False while a Channel reads the socket itself."""
+    if getattr(self, "direct_reader", False):
+        return False
+    return _original_ready.fget(self)  # type: ignore[attr-defined]
+
+
 def _socket_send(self: AssociationSocket, bytestream: bytes) -> None:
     with self.send_lock:
         _original_socket_send(self, bytestream)
@@ -510,6 +591,7 @@ def tune_sockets() -> None:
     """
     AssociationSocket.__init__ = _socket_init  # type: ignore[method-assign]
     AssociationSocket.send = _socket_send  # type: ignore[method-assign]
+    AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
 
 
 def send_all(
