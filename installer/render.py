@@ -113,6 +113,7 @@ def config(layout: Layout, ae_title: str, dicom_port: int, web_port: int, xmlrpc
         xmlrpc_port=xmlrpc_port,
         data_dir=str(layout.data_dir),
         log_dir=str(layout.log_dir),
+        status_file=str(layout.status_file),
         restart_hint=restart,
     )
 
