@@ -9,7 +9,7 @@ the one retrieve path and sent by ``subops``, like C-MOVE.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -28,7 +28,7 @@ def get_responses(
     identifier: Dataset,
     model: str,
     message_id: int,
-    is_cancelled: Callable[[], bool],
+    is_cancelled: subops.Cancel,
     *,
     index: Index,
     store: FileStore,

@@ -10,7 +10,7 @@ many associations as the 128-context limit requires, opened one after the other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ class MoveRequest:
     identifier: Dataset
     model: str
     message_id: int
-    is_cancelled: Callable[[], bool]
+    is_cancelled: subops.Cancel
 
 
 def move_responses(

@@ -266,7 +266,7 @@ class DicomListener:
             identifier=event.identifier,
             model=str(event.request.AffectedSOPClassUID),
             message_id=int(event.request.MessageID),
-            is_cancelled=subops.sticky(lambda: event.is_cancelled),
+            is_cancelled=subops.Cancel(lambda: event.is_cancelled),
         )
         return move_responses(
             request,
@@ -287,7 +287,7 @@ class DicomListener:
             event.identifier,
             str(event.request.AffectedSOPClassUID),
             int(event.request.MessageID),
-            subops.sticky(lambda: event.is_cancelled),
+            subops.Cancel(lambda: event.is_cancelled),
             index=self.index,
             store=self.store,
             case_insensitive=self.settings.dicom.case_insensitive_names,
