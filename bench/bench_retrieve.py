@@ -11,6 +11,8 @@ endian) and are measured in the same run, alternating, with a warm page cache:
   (storescp ``--fork``), 2,000 instances in all.
 Every DCMTK tool and Orthanc run with TCP_NODELAY=1 (see shared/reference/performance.md).
 Rates are instances per second of wall time, including association set-up; medians of ``--runs``.
+Then one out-of-the-box run (Nagle left on in DCMTK and Orthanc; macpacs turns it off on its
+own sockets whatever the environment).
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ def study_uid(folder: Path) -> str:
     return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
 
 
-def run_parallel(argvs: list[list[str]]) -> float:
+def run_parallel(argvs: list[list[str]], env: dict[str, str] = ENV) -> float:
     start = time.perf_counter()
-    procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV) for a in argvs]
+    procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for a in argvs]
     for proc in procs:
         _out, err = proc.communicate()
         if proc.returncode != 0:
@@ -127,6 +129,7 @@ def main() -> None:
                     rate = args.count * parallel / seconds
                     results.setdefault(server.name, {}).setdefault(label, []).append(rate)
                     print(f"run {run + 1}: {server.name:8s} {label:18s} {rate:7.1f} inst/s", flush=True)
+        nagle = out_of_the_box(servers, study, scratch, args.count)
     finally:
         for server in servers:
             server.stop()
@@ -141,8 +144,30 @@ def main() -> None:
         theirs = statistics.median(results["orthanc"][label])
         summary[label] = {"macpacs": ours, "orthanc": theirs, "ratio": ours / theirs}
         print(f"{label:20s} {ours:9.1f} {theirs:9.1f} {ours / theirs:7.2f}")
+    print("\nout of the box (Nagle on in DCMTK and Orthanc), one run (inst/s):")
+    for label, rates in nagle.items():
+        print(f"{label:20s} {rates['macpacs']:9.1f} {rates['orthanc']:9.1f} {rates['macpacs'] / rates['orthanc']:7.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": results, "medians": summary}, indent=2))
+    args.out.write_text(json.dumps({"runs": results, "medians": summary, "out_of_the_box": nagle}, indent=2))
+
+
+def out_of_the_box(servers: list, study: str, scratch: Path, count: int) -> dict[str, dict[str, float]]:
+    """One C-MOVE and one C-GET per server with TCP_NODELAY unset for DCMTK and Orthanc."""
+    plain = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    orthanc = servers[1]
+    orthanc.stop()  # restart it on the same data without TCP_NODELAY
+    with open(orthanc.workdir / "out-nagle.log", "wb") as log:
+        orthanc.proc = subprocess.Popen(
+            orthanc.command(), stdout=log, stderr=subprocess.STDOUT, cwd=orthanc.workdir, env=plain
+        )
+    wait_port(orthanc.port, timeout=120)
+    out: dict[str, dict[str, float]] = {}
+    for label, kind in (("C-MOVE, 1 assoc", "move"), ("C-GET, 1 assoc", "get")):
+        for server in servers:
+            seconds = run_parallel([retrieve_argv(kind, server.port, server.aet, study, scratch)], env=plain)
+            out.setdefault(label, {})[server.name] = count / seconds
+            print(f"out of the box: {server.name:8s} {label:18s} {count / seconds:7.1f} inst/s", flush=True)
+    return out
 
 
 if __name__ == "__main__":
