@@ -36,7 +36,7 @@ from ..ingest import Ingestor
 from ..nodes import Node
 from ..retrieve import locate
 from ..storage import FileStore
-from . import subops
+from . import subops, wire
 from .subops import PeerError, Progress
 
 log = logging.getLogger("macpacs.scu")
@@ -66,7 +66,7 @@ MODELS = {
 
 def client_ae(settings: Settings) -> AE:
     """An AE calling with our AE title and the client timeouts of the settings."""
-    subops.tune_sockets()
+    wire.tune_sockets()
     d = settings.dicom
     ae = AE(ae_title=d.ae_title)
     ae.acse_timeout = d.client_timeout

@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import struct
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,18 +32,18 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.status import code_to_category
-from pynetdicom.transport import AssociationSocket
 
 from ..index import StoredInstance
 from ..index.attributes import UNIQUE_KEYS
 from ..nodes import Node
 from ..retrieve import FileMissing, instance_path, locate
 from ..storage import FileStore
+from . import wire
 from .find import IdentifierError, identifier_to_query
 
 log = logging.getLogger("macpacs.retrieve")
@@ -162,96 +160,6 @@ def accepted_contexts(assoc: Any) -> dict[tuple[str, str], int]:
     return out
 
 
-def _pdus(context_id: int, data: bytes | memoryview, control: int, max_pdu: int) -> list[bytes | memoryview]:
-    """P-DATA-TF PDUs (one PDV each) carrying ``data``; ``control`` is 1 for a command, 0 for a dataset."""
-    step = max_pdu - 6 if max_pdu else max(len(data), 1)
-    parts: list[bytes | memoryview] = []
-    for start in range(0, max(len(data), 1), step):
-        chunk = data[start : start + step]
-        last = 0x02 if start + step >= len(data) else 0x00
-        parts.append(_PDV_HEADER.pack(0x04, 0x00, len(chunk) + 6, len(chunk) + 2, context_id, control | last))
-        parts.append(chunk)
-    return parts
-
-
-_PDV_HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, PDV length, context ID, control
-
-
-def write_message(assoc: Any, context_id: int, command: bytes, dataset: bytes | memoryview | None) -> None:
-    """Write one DIMSE message straight to the association's socket, fragmented for the peer.
-
-    pynetdicom hands every P-DATA PDU (16 KB with most peers: 33 per CT slice) to its DUL
-    thread through a queue, one PDU per reactor loop; that alone capped a C-MOVE at ~280 CT
-    slices/s. Here the whole message is framed in this thread and sent with one ``sendall``,
-    under the socket's send lock, once pynetdicom's own outgoing queue is empty, so that no
-    other message's fragments interleave with ours (PS3.8 9.3.1).
-    """
-    max_pdu = assoc.dimse.maximum_pdu_size
-    parts = _pdus(context_id, command, 0x01, max_pdu)
-    if dataset is not None:
-        parts += _pdus(context_id, dataset, 0x00, max_pdu)
-    dul = assoc.dul
-    deadline = time.monotonic() + (assoc.network_timeout or 60)
-    while not dul.to_provider_queue.empty() and time.monotonic() < deadline:
-        time.sleep(0.0002)
-    sock = dul.socket
-    with sock.send_lock:
-        sock.socket.sendall(b"".join(parts))
-
-
-def _element(group_element: int, value: bytes) -> bytes:
-    """One Implicit VR Little Endian element of group 0000 (values padded to even length by the caller)."""
-    return struct.pack("<HHI", 0x0000, group_element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-def store_command(
-    sop_class: str, sop_instance: str, msg_id: int, originator_aet: str | None, originator_id: int | None
-) -> bytes:
-    """The command set of a C-STORE-RQ (PS3.7 9.3.1.1), encoded by hand.
-
-    Building it through pynetdicom's primitives and pydicom took ~0.2 ms per instance, a
-    fifth of a C-MOVE's time per CT slice.
-    """
-    us = struct.Struct("<H").pack
-    body = b"".join(
-        [
-            _element(0x0002, _uid(sop_class)),
-            _element(0x0100, us(0x0001)),  # C-STORE-RQ
-            _element(0x0110, us(msg_id)),
-            _element(0x0700, us(0x0000)),  # medium priority
-            _element(0x0800, us(0x0000)),  # a dataset follows
-            _element(0x1000, _uid(sop_instance)),
-        ]
-        + (
-            [_element(0x1030, originator_aet.encode("ascii").ljust(16)[:16]), _element(0x1031, us(originator_id))]
-            if originator_aet and originator_id is not None
-            else []
-        )
-    )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def read_dataset(path: Path) -> memoryview:
-    """The encoded dataset of a stored Part-10 file: everything after its file meta group.
-
-    Files written by this archive start with the preamble, ``DICM`` and a group length, so the
-    offset is read from the header; anything else goes through pynetdicom's ``split_dataset``.
-    """
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL":
-        offset = 144 + int.from_bytes(data[140:144], "little")
-        if data[offset : offset + 2] != b"\x02\x00":
-            return memoryview(data)[offset:]
-    _meta, offset = split_dataset(path)
-    return memoryview(data)[offset:]
-
-
 class Channel:
     """C-STOREs on one association, one after the other, without pynetdicom's reactor in the way.
 
@@ -279,7 +187,7 @@ class Channel:
         assoc = self.assoc
         self.cancel = cancel or self.cancel
         # Responses are read here, not by pynetdicom's DUL thread, which is told the socket is
-        # not ready (see ``_ready``): its PDU, state-machine and pydicom decoding path cost
+        # not ready (see ``wire._ready``): its PDU, state-machine and pydicom decoding path cost
         # ~0.4 ms per instance. The DUL still sends whatever is queued (C-GET pending responses).
         assoc.dul.socket.direct_reader = True
         self._direct = True
@@ -334,7 +242,7 @@ class Channel:
         if inst.transfer_syntax_uid in syntaxes:
             # The file as stored, after its file meta, never decoded.
             try:
-                return self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)], read_dataset(path)
+                return self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)], wire.read_dataset(path)
             except Exception as exc:
                 raise SubOperationError(f"stored file of {inst.sop_instance_uid} is unreadable: {exc}") from None
         if syntaxes & set(UNCOMPRESSED):
@@ -362,10 +270,10 @@ class Channel:
         assoc = self.assoc
         if not assoc.is_established or not assoc.dul.is_alive():
             raise AssociationLost("the association ended before this sub-operation")
-        command = store_command(inst.sop_class_uid, inst.sop_instance_uid, msg_id, originator_aet, originator_id)
+        command = wire.store_command(inst.sop_class_uid, inst.sop_instance_uid, msg_id, originator_aet, originator_id)
         started = time.monotonic()
         try:
-            write_message(assoc, context_id, command, dataset)
+            wire.write_message(assoc, context_id, command, dataset)
         except OSError as exc:
             raise AssociationLost(f"the connection failed while sending: {exc}") from None
         if self._direct:
@@ -389,7 +297,7 @@ class Channel:
         while True:
             command = self._read_command(sock, assoc.dimse_timeout)
             assoc.dul._idle_timer.restart()
-            field, status = _command_status(command)
+            field, status = wire.command_status(command)
             if field == 0x0FFF:  # C-CANCEL-RQ from a C-GET requestor
                 self.cancel.set()
                 continue
@@ -403,7 +311,7 @@ class Channel:
         command = bytearray()
         try:
             while True:
-                pdu_type, body = _read_pdu(sock)
+                pdu_type, body = wire.read_pdu(sock)
                 if pdu_type != 0x04:  # A-ABORT (0x07), or a release request that has no place here
                     raise AssociationLost(
                         "the peer aborted the association" if pdu_type == 0x07 else f"unexpected PDU type {pdu_type:#x}"
@@ -421,44 +329,6 @@ class Channel:
             raise AssociationLost(f"no C-STORE response within {timeout} s (dicom.client_timeout)") from None
         except OSError as exc:
             raise AssociationLost(f"the connection failed: {exc}") from None
-
-
-# Linux: acknowledge at once instead of up to 40 ms later. A peer with Nagle on (DCMTK without
-# TCP_NODELAY=1) holds the second write of its C-STORE response until our ACK of the first.
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-def _read_exact(sock: socket.socket, size: int) -> bytes:
-    chunks = []
-    while size:
-        if _QUICKACK is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # the kernel clears it after a while
-        chunk = sock.recv(min(size, 1 << 20))
-        if not chunk:
-            raise OSError("connection closed by the peer")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    header = _read_exact(sock, 6)
-    return header[0], _read_exact(sock, int.from_bytes(header[2:6], "big"))
-
-
-def _command_status(command: bytes) -> tuple[int | None, int | None]:
-    """(Command Field, Status) of an Implicit VR Little Endian command set."""
-    field = status = None
-    pos = 0
-    while pos + 8 <= len(command):
-        group, element, length = struct.unpack_from("<HHI", command, pos)
-        value = command[pos + 8 : pos + 8 + length]
-        pos += 8 + length
-        if group == 0 and element == 0x0100:
-            field = int.from_bytes(value, "little")
-        elif group == 0 and element == 0x0900:
-            status = int.from_bytes(value, "little")
-    return field, status
 
 
 def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> tuple[Dataset, UID]:
@@ -580,12 +450,12 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
             ds = Dataset()
             ds.FailedSOPInstanceUIDList = p.failed_uids
             rsp.Identifier = BytesIO(encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated))
-        # Written directly, like the C-STOREs (see write_message), so that pynetdicom's outgoing
+        # Written directly, like the C-STOREs (see wire.write_message), so that pynetdicom's outgoing
         # queue stays empty and a C-STORE never waits behind a pending response.
         message = C_MOVE_RSP() if isinstance(rsp, C_MOVE) else C_GET_RSP()
         message.primitive_to_message(rsp)
         dataset = message.data_set.getvalue() if message.command_set.CommandDataSetType != 0x0101 else None
-        write_message(self.assoc, cx_id, encode(message.command_set, True, True), dataset)
+        wire.write_message(self.assoc, cx_id, encode(message.command_set, True, True), dataset)
 
 
 _original_lookup = uid_to_service_class
@@ -599,48 +469,7 @@ def _lookup(uid: str) -> type:
 def install() -> None:
     """Route C-MOVE/C-GET to RetrieveServiceClass; no Nagle on our sockets."""
     pynetdicom.association.uid_to_service_class = _lookup  # type: ignore[assignment]
-    tune_sockets()
-
-
-_original_socket_init = AssociationSocket.__init__
-
-
-_original_socket_send = AssociationSocket.send
-
-
-def _socket_init(self: AssociationSocket, *args: Any, **kwargs: Any) -> None:
-    self.send_lock = threading.Lock()  # shared with write_message: whole PDUs, never interleaved
-    _original_socket_init(self, *args, **kwargs)
-    if self.socket is not None:
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-_original_ready = AssociationSocket.ready
-
-
-def _ready(self: AssociationSocket) -> bool:
-    """pynetdicom's DUL polls this; False while a Channel reads the socket itself."""
-    if getattr(self, "direct_reader", False):
-        return False
-    return _original_ready.fget(self)  # type: ignore[attr-defined]
-
-
-def _socket_send(self: AssociationSocket, bytestream: bytes) -> None:
-    with self.send_lock:
-        _original_socket_send(self, bytestream)
-
-
-def tune_sockets() -> None:
-    """Turn Nagle's algorithm off on every pynetdicom socket, accepted or opened; add a send lock.
-
-    pynetdicom leaves it on. When we send a dataset and wait for the C-STORE response, the last
-    partial segment then waits for the peer's delayed ACK: ~40 ms per instance (a C-MOVE of 20
-    small instances took 1 s instead of 0.1 s). See shared/reference/performance.md.
-    The lock lets ``write_message`` send whole messages beside pynetdicom's DUL thread.
-    """
-    AssociationSocket.__init__ = _socket_init  # type: ignore[method-assign]
-    AssociationSocket.send = _socket_send  # type: ignore[method-assign]
-    AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
+    wire.tune_sockets()
 
 
 def send_all(

@@ -26,9 +26,17 @@ CT_SERIES = "1.2.826.0.1.3680043.8.498.1001.1"
 MR_STUDY = "1.2.826.0.1.3680043.8.498.1002"
 
 
-def macpacs(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the real ``macpacs`` console script on ``data_dir``."""
-    proc = subprocess.run([MACPACS, *args, "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=120)
+def macpacs(
+    *args: str, data_dir: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``macpacs`` console script on ``data_dir`` (``env``: extra environment)."""
+    proc = subprocess.run(
+        [MACPACS, *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"macpacs {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pydicom
 
 from tests.conftest import free_port
@@ -82,3 +85,19 @@ def test_send_a_study_to_a_node(loaded, tmp_path):
         assert pydicom.dcmread(path).StudyInstanceUID == CT_STUDY
     proc = macpacs("send", "SENDDEST", "--study", "1.2.3.404", data_dir=server.data_dir, check=False)
     assert proc.returncode == 1 and "nothing in this archive matches" in proc.stderr
+
+
+def test_a_silent_node_times_out_with_the_setting_named(tmp_path):
+    """A peer that accepts the TCP connection but never answers: dicom.client_timeout applies."""
+    data = tmp_path / "data"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        macpacs("nodes", "add", "SILENT", "--ae-title", "SILENT", "--host", "127.0.0.1", "--port", str(port),
+                data_dir=data)  # fmt: skip
+        started = time.monotonic()
+        proc = macpacs("nodes", "echo", "SILENT", data_dir=data, check=False, env={"MACPACS_DICOM_CLIENT_TIMEOUT": "1"})
+    assert proc.returncode == 1
+    assert "not answered within 1.0 s (dicom.client_timeout)" in proc.stderr
+    assert time.monotonic() - started < 30
