@@ -364,3 +364,14 @@ def test_more_sop_classes_than_one_association_holds(loaded, peer, tmp_path):
     assert counts(final) == (140, 0, 0)
     assert len(p.stored) == 140
     assert p.associations == 3
+
+
+def test_destination_refusing_the_association(loaded):
+    """A destination that rejects us (here our own listener, called with a wrong AE title)."""
+    server, _sources, _base = loaded
+    macpacs("nodes", "add", "REFUSER", "--ae-title", "NOTMACPACS", "--host", "127.0.0.1",
+            "--port", str(server.dicom_port), data_dir=server.data_dir)  # fmt: skip
+    final = move(server.dicom_port, "NOTMACPACS", study_identifier(CT_STUDY))[-1]
+    assert final.Status == 0xA702
+    assert counts(final) == (0, 5, 0)
+    assert "rejected the association: its called AE title is not the one registered here" in server.log()
