@@ -41,8 +41,9 @@ class Alerter:
             try:
                 session = requests.Session()
                 session.trust_env = False
-                response = session.post(self.webhook, data=data, timeout=self.timeout,
-                                        headers={"Content-Type": "application/json"})
+                response = session.post(
+                    self.webhook, data=data, timeout=self.timeout, headers={"Content-Type": "application/json"}
+                )
                 if response.status_code >= 300:
                     log.warning("alert webhook %s answered HTTP %d", self.webhook, response.status_code)
             except requests.RequestException as exc:
@@ -58,8 +59,14 @@ class Alerter:
         }
         # Its own session, so a timeout kills the shell and everything it started.
         proc = subprocess.Popen(
-            self.command, shell=True, env=env, start_new_session=True, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            self.command,
+            shell=True,
+            env=env,
+            start_new_session=True,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         try:
             output, _ = proc.communicate(data, timeout=self.timeout)

@@ -41,33 +41,85 @@ def _regex(_ctx: click.Context, _param: click.Parameter, value: str) -> re.Patte
 @click.option("--web-url", help="Full URL of the web server's /testdbalive, e.g. http://127.0.0.1:3333/testdbalive.")
 @click.option("--xmlrpc-url", help="URL of the OsiriX XML-RPC server, e.g. http://127.0.0.1:8080/.")
 @click.option("--dicom", callback=_dicom, metavar="HOST:PORT:AET", help="Also probe the DICOM listener with C-ECHO.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
-              help="Seconds between the starts of two probe rounds.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Hard limit, in seconds, for each probe round.")
-@click.option("--failures", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Consecutive failed rounds before the server is stopped.")
-@click.option("--startup-grace", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Seconds a (re)started server may take to answer before failures count.")
-@click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="The server's PID file (<data dir>/macpacs.pid), verified before use.")
-@click.option("--process-match", default=r"macpacs serve\b", show_default=True, callback=_regex,
-              help="Regular expression the server's command line must match (searched in the space-joined argv).")
-@click.option("--mode", type=click.Choice(["kill", "spawn"]), default="kill", show_default=True,
-              help="kill: stop the server and let launchd/systemd restart it. spawn: run the server ourselves "
-              "(the command follows --).")
-@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON status, rewritten atomically after every round.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds between the starts of two probe rounds.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Hard limit, in seconds, for each probe round.",
+)
+@click.option(
+    "--failures",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Consecutive failed rounds before the server is stopped.",
+)
+@click.option(
+    "--startup-grace",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds a (re)started server may take to answer before failures count.",
+)
+@click.option(
+    "--pid-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The server's PID file (<data dir>/macpacs.pid), verified before use.",
+)
+@click.option(
+    "--process-match",
+    default=r"macpacs serve\b",
+    show_default=True,
+    callback=_regex,
+    help="Regular expression the server's command line must match (searched in the space-joined argv).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["kill", "spawn"]),
+    default="kill",
+    show_default=True,
+    help="kill: stop the server and let launchd/systemd restart it. spawn: run the server ourselves "
+    "(the command follows --).",
+)
+@click.option(
+    "--status-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON status, rewritten atomically after every round.",
+)
 @click.option("--alert-command", help="Shell command run on an alert; JSON on stdin and in $MACPACS_ALERT.")
 @click.option("--alert-webhook", help="URL that receives each alert as a JSON POST.")
-@click.option("--max-restarts", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Restarts allowed within --restart-window; one more is a crash loop: alert and hold off.")
-@click.option("--restart-window", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
-              help="Crash-loop window, in minutes.")
-@click.option("--kill-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="Seconds between SIGTERM and SIGKILL.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
-              show_default=True)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Restarts allowed within --restart-window; one more is a crash loop: alert and hold off.",
+)
+@click.option(
+    "--restart-window",
+    type=click.FloatRange(min=0.01),
+    default=10.0,
+    show_default=True,
+    help="Crash-loop window, in minutes.",
+)
+@click.option(
+    "--kill-grace",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds between SIGTERM and SIGKILL.",
+)
+@click.option(
+    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO", show_default=True
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def supervise(
     web_url: str | None,
@@ -98,9 +150,7 @@ def supervise(
     spawn mode (no service manager):
       macpacs supervise --mode spawn --web-url ... -- macpacs serve --data-dir DATA
     """
-    logging.basicConfig(
-        level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if mode == "spawn" and not command:
         raise click.UsageError("--mode spawn needs the server's command after --, e.g. -- macpacs serve")
     if mode == "kill" and command:

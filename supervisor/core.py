@@ -106,7 +106,10 @@ class Supervisor:
     def run(self) -> int:
         log.info(
             "supervising (%s mode): %d probes every %g s, action after %d failed rounds",
-            self.s.mode, len(self.s.runner.probes), self.s.interval, self.s.failures,
+            self.s.mode,
+            len(self.s.runner.probes),
+            self.s.interval,
+            self.s.failures,
         )
         if self.s.mode == "spawn":
             self._spawn(initial=True)
@@ -114,7 +117,8 @@ class Supervisor:
         if self.notifier.watchdog_seconds and self.notifier.watchdog_seconds < 2 * self.s.interval:
             log.warning(
                 "WatchdogSec=%gs is shorter than twice --interval %g s: systemd will kill us between probes",
-                self.notifier.watchdog_seconds, self.s.interval,
+                self.notifier.watchdog_seconds,
+                self.s.interval,
             )
         self._write_status()
         while not self.stop_event.is_set():
@@ -183,15 +187,16 @@ class Supervisor:
         if self.state != "crash-loop":
             self._transition(
                 "crash-loop",
-                f"{len(recent)} restarts within {self.s.restart_window / 60:g} min: "
-                f"no restart before {_iso(resume)}",
+                f"{len(recent)} restarts within {self.s.restart_window / 60:g} min: no restart before {_iso(resume)}",
             )
         if not self.crash_loop_alerted:
             self.crash_loop_alerted = True
-            self.alerter.alert(self._alert_payload(
-                f"crash loop: {len(recent)} restarts within {self.s.restart_window / 60:g} min "
-                f"(--max-restarts {self.s.max_restarts}); holding off until {_iso(resume)}"
-            ))
+            self.alerter.alert(
+                self._alert_payload(
+                    f"crash loop: {len(recent)} restarts within {self.s.restart_window / 60:g} min "
+                    f"(--max-restarts {self.s.max_restarts}); holding off until {_iso(resume)}"
+                )
+            )
         return resume
 
     def _act(self, reason: str) -> None:
@@ -251,8 +256,11 @@ class Supervisor:
         delay = 0.0 if self.unhealthy_restarts == 0 else min(self.s.backoff_max, 2.0 ** (self.unhealthy_restarts - 1))
         self.respawn_at = time.monotonic() + delay
         if delay:
-            log.info("starting the server again in %g s (restart %d since it was last healthy)",
-                     delay, self.unhealthy_restarts + 1)
+            log.info(
+                "starting the server again in %g s (restart %d since it was last healthy)",
+                delay,
+                self.unhealthy_restarts + 1,
+            )
 
     def _spawn(self, *, initial: bool) -> None:
         env = {k: v for k, v in os.environ.items() if k not in NOTIFY_VARIABLES}

@@ -233,4 +233,3 @@ def parse_dicom(value: str) -> tuple[str, int, str]:
     if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].isdigit():
         raise ValueError(f"--dicom expects HOST:PORT:AET, got {value!r}")
     return parts[0], int(parts[1]), parts[2]
-

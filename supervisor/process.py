@@ -59,13 +59,17 @@ def from_pid_file(pid_file: Path, pattern: re.Pattern[str]) -> tuple[psutil.Proc
     if not pattern.search(cmdline):
         log.warning(
             "PID file %s names PID %d, which is another program (%r does not match --process-match): not touching it",
-            pid_file, pid, cmdline[:200],
+            pid_file,
+            pid,
+            cmdline[:200],
         )
         return None, pid
     if created > written + CLOCK_SLACK:
         log.warning(
             "PID file %s names PID %d, started %.1f s after the file was written: a recycled PID, not touching it",
-            pid_file, pid, created - written,
+            pid_file,
+            pid,
+            created - written,
         )
         return None, pid
     return proc, None
@@ -90,7 +94,9 @@ def by_pattern(pattern: re.Pattern[str], exclude: set[int]) -> psutil.Process | 
         log.error(
             "%d processes match --process-match %r (PIDs %s): refusing to guess, nothing stopped; "
             "give a --pid-file or a narrower --process-match",
-            len(found), pattern.pattern, ", ".join(str(p.pid) for p in found),
+            len(found),
+            pattern.pattern,
+            ", ".join(str(p.pid) for p in found),
         )
         return None
     return found[0]
@@ -152,4 +158,3 @@ def own_process(pid: int) -> psutil.Process | None:
         return psutil.Process(pid)
     except psutil.NoSuchProcess:
         return None
-

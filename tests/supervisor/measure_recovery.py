@@ -42,10 +42,29 @@ def main(cycles: int) -> None:
             log, status = Path(tmp) / f"{peer.tag}.log", Path(tmp) / f"{peer.tag}.json"
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
-                    [MACPACS, "supervise", *peer.urls(), "--interval", "2", "--timeout", "2", "--failures", "2",
-                     "--startup-grace", "30", "--pid-file", str(peer.pid_file), "--process-match", peer.match,
-                     "--status-file", str(status), "--max-restarts", str(cycles + 1)],
-                    stdout=out, stderr=subprocess.STDOUT,
+                    [
+                        MACPACS,
+                        "supervise",
+                        *peer.urls(),
+                        "--interval",
+                        "2",
+                        "--timeout",
+                        "2",
+                        "--failures",
+                        "2",
+                        "--startup-grace",
+                        "30",
+                        "--pid-file",
+                        str(peer.pid_file),
+                        "--process-match",
+                        peer.match,
+                        "--status-file",
+                        str(status),
+                        "--max-restarts",
+                        str(cycles + 1),
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                 )
             sup = Supervisor(proc, log, status)
             try:
@@ -53,8 +72,11 @@ def main(cycles: int) -> None:
             finally:
                 sup.terminate()
                 job.stop()
-            print(f"{label}: {' '.join(f'{s:.1f}' for s in samples)} | min {min(samples):.1f} s, "
-                  f"median {statistics.median(samples):.1f} s, max {max(samples):.1f} s (n={len(samples)})", flush=True)
+            print(
+                f"{label}: {' '.join(f'{s:.1f}' for s in samples)} | min {min(samples):.1f} s, "
+                f"median {statistics.median(samples):.1f} s, max {max(samples):.1f} s (n={len(samples)})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

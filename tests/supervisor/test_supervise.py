@@ -145,11 +145,27 @@ def test_crash_loop_alerts_and_backs_off(peer: Peer, supervise, tmp_path: Path):
     webhook = Webhook()
     alert_file = tmp_path / "alert.json"
     sup = supervise(
-        *peer.urls(), "--interval", "0.2", "--timeout", "0.2", "--failures", "2", "--startup-grace", "5",
-        "--max-restarts", "3", "--restart-window", "0.25",
-        "--alert-command", f"cat > {alert_file}; echo \"$MACPACS_ALERT_EVENT\" > {alert_file}.env",
-        "--alert-webhook", webhook.url,
-        "--mode", "spawn", "--", *peer.argv("crash"),
+        *peer.urls(),
+        "--interval",
+        "0.2",
+        "--timeout",
+        "0.2",
+        "--failures",
+        "2",
+        "--startup-grace",
+        "5",
+        "--max-restarts",
+        "3",
+        "--restart-window",
+        "0.25",
+        "--alert-command",
+        f'cat > {alert_file}; echo "$MACPACS_ALERT_EVENT" > {alert_file}.env',
+        "--alert-webhook",
+        webhook.url,
+        "--mode",
+        "spawn",
+        "--",
+        *peer.argv("crash"),
     )
     status = sup.wait_state("crash-loop", 15)
     wait_until(alert_file.exists, 5)
@@ -222,8 +238,18 @@ def test_systemd_watchdog_is_fed_only_while_probes_pass(peer: Peer, procs, super
         wait_until(peer.answers, 10)
         env = {"NOTIFY_SOCKET": "@" + name if abstract else address, "WATCHDOG_USEC": "2000000"}
         # --failures high: this test is about the pings, not about killing.
-        sup = supervise(*peer.urls(), "--interval", "0.2", "--timeout", "0.2", "--failures", "1000",
-                        "--process-match", peer.match, env=env)
+        sup = supervise(
+            *peer.urls(),
+            "--interval",
+            "0.2",
+            "--timeout",
+            "0.2",
+            "--failures",
+            "1000",
+            "--process-match",
+            peer.match,
+            env=env,
+        )
         healthy = _receive(sock, 1.5)
         assert healthy[0] == "READY=1"
         assert healthy.count("WATCHDOG=1") >= 3
