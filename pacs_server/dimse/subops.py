@@ -441,10 +441,11 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         rsp.ErrorComment = response.comment[:64] if response.comment and response.status not in (0, 0xFF00) else None
         p = response.progress
         in_progress = response.status in (STATUS_PENDING, STATUS_CANCEL)
-        rsp.NumberOfRemainingSuboperations = p.remaining if p is not None and in_progress else None
-        rsp.NumberOfCompletedSuboperations = p.completed if p is not None else None
-        rsp.NumberOfFailedSuboperations = p.failed if p is not None else None
-        rsp.NumberOfWarningSuboperations = p.warning if p is not None else None
+        # The counts are US (at most 65,535): a larger retrieve is still done whole, its counts saturate.
+        rsp.NumberOfRemainingSuboperations = min(p.remaining, 0xFFFF) if p is not None and in_progress else None
+        rsp.NumberOfCompletedSuboperations = min(p.completed, 0xFFFF) if p is not None else None
+        rsp.NumberOfFailedSuboperations = min(p.failed, 0xFFFF) if p is not None else None
+        rsp.NumberOfWarningSuboperations = min(p.warning, 0xFFFF) if p is not None else None
         if p is not None and response.final and p.failed_uids:
             ts = context.transfer_syntax[0]
             ds = Dataset()
