@@ -44,7 +44,7 @@ from ..config import Settings
 from ..index import Index
 from ..ingest import Ingestor
 from ..nodes import Node, NodeRegistry
-from . import subops, tuning
+from . import store_scp, subops, tuning
 from .find import find_responses, status_with_comment
 from .get import get_responses
 from .move import MoveRequest, move_responses
@@ -61,7 +61,10 @@ class AssociationStats:
 
 
 def _peer(event: Any) -> str:
-    assoc = event.assoc
+    return _peer_of(event.assoc)
+
+
+def _peer_of(assoc: Any) -> str:
     return f"{assoc.requestor.ae_title}@{assoc.requestor.address}:{assoc.requestor.port}"
 
 
@@ -112,6 +115,7 @@ class DicomListener:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(tmp_dir)
         subops.install()
+        store_scp.install()
         d = self.settings.dicom
         clock = tuning.install_clock(d.reactor_poll_ms)
         handlers = [
@@ -138,9 +142,9 @@ class DicomListener:
             self.server = None
 
     # -- association bookkeeping ---------------------------------------------------------------
-    def _count(self, event: Any, what: str) -> None:
+    def _count(self, assoc: Any, what: str) -> None:
         with self._lock:
-            stats = self._stats.get(id(event.assoc))
+            stats = self._stats.get(id(assoc))
             if stats is not None:
                 stats.counts[what] += 1
 
@@ -172,16 +176,18 @@ class DicomListener:
             # and the connection closed, else the socket closes first and the peer sees an abort.
             assoc.kill()
 
-    def _refusal(self, event: Any, operation: str) -> str | None:
-        """Why the peer of ``event`` may not perform ``operation``, or None when it may."""
-        node: Node | None = getattr(event.assoc, "macpacs_node", None)
+    def _refusal(self, assoc: Any, operation: str) -> str | None:
+        """Why the peer of ``assoc`` may not perform ``operation``, or None when it may."""
+        node: Node | None = getattr(assoc, "macpacs_node", None)
         if node is None or node.allows(operation):
             return None
         message = f"node {node.name} ({node.ae_title}) is not allowed to {operation}"
-        log.warning("%s refused from %s: %s (change it with `macpacs nodes edit`)", operation, _peer(event), message)
+        log.warning("%s refused from %s: %s (change it with `macpacs nodes edit`)", operation, _peer_of(assoc), message)
         return message
 
     def _on_accepted(self, event: Any) -> None:
+        # After its first C-STORE, this association's next ones are read off the socket directly.
+        event.assoc.macpacs_store = self._store
         with self._lock:
             self._stats[id(event.assoc)] = AssociationStats(_peer(event))
         log.info("association accepted from %s", _peer(event))
@@ -213,32 +219,36 @@ class DicomListener:
 
     # -- services ---------------------------------------------------------------------------
     def _on_echo(self, event: Any) -> int:
-        self._count(event, "echo")
+        self._count(event.assoc, "echo")
         return 0x0000
 
     def _on_store(self, event: Any) -> Any:
-        refused = self._refusal(event, "store")
+        return self._store(event.assoc, Path(event.dataset_path), event.request.AffectedSOPInstanceUID)
+
+    def _store(self, assoc: Any, path: Path, sop_instance_uid: str) -> Any:
+        """One C-STORE, from pynetdicom's event or store_scp's direct path: a status or status dataset."""
+        refused = self._refusal(assoc, "store")
         if refused:
-            self._count(event, "refused")
+            self._count(assoc, "refused")
             return status_with_comment(subops.STATUS_NOT_AUTHORIZED, refused)
-        result = self.ingestor.ingest(Path(event.dataset_path), source_ae=event.assoc.requestor.ae_title)
-        self._count(event, result.outcome.value)
+        result = self.ingestor.ingest(path, source_ae=assoc.requestor.ae_title)
+        self._count(assoc, result.outcome.value)
         if result.ok:
             if result.outcome.value != "stored":
-                log.info("C-STORE %s from %s: %s", result.sop_instance_uid, _peer(event), result.message)
+                log.info("C-STORE %s from %s: %s", result.sop_instance_uid, _peer_of(assoc), result.message)
             return result.dicom_status
         log.error(
             "C-STORE refused from %s, SOP Instance UID %s: %s (status 0x%04X)",
-            _peer(event),
-            event.request.AffectedSOPInstanceUID,
+            _peer_of(assoc),
+            sop_instance_uid,
             result.message,
             result.dicom_status,
         )
         return status_with_comment(result.dicom_status, result.message)
 
     def _on_find(self, event: Any) -> Any:
-        self._count(event, "find")
-        refused = self._refusal(event, "query")
+        self._count(event.assoc, "find")
+        refused = self._refusal(event.assoc, "query")
         if refused:
             yield status_with_comment(subops.STATUS_NOT_AUTHORIZED, refused), None
             return
@@ -255,8 +265,8 @@ class DicomListener:
         )
 
     def _on_move(self, event: Any) -> Any:
-        self._count(event, "move")
-        refused = self._refusal(event, "retrieve")
+        self._count(event.assoc, "move")
+        refused = self._refusal(event.assoc, "retrieve")
         if refused:
             return iter([subops.Response(subops.STATUS_NOT_AUTHORIZED, comment=refused)])
         request = MoveRequest(
@@ -278,8 +288,8 @@ class DicomListener:
         )
 
     def _on_get(self, event: Any) -> Any:
-        self._count(event, "get")
-        refused = self._refusal(event, "retrieve")
+        self._count(event.assoc, "get")
+        refused = self._refusal(event.assoc, "retrieve")
         if refused:
             return iter([subops.Response(subops.STATUS_NOT_AUTHORIZED, comment=refused)])
         return get_responses(

@@ -176,6 +176,7 @@ _original_socket_send = AssociationSocket.send
 
 def _socket_init(self: AssociationSocket, *args: Any, **kwargs: Any) -> None:
     self.send_lock = threading.Lock()  # shared with write_message: whole PDUs, never interleaved
+    self.recv_lock = threading.Lock()  # held by the DUL while it reads a PDU (store_scp.serve_direct)
     _original_socket_init(self, *args, **kwargs)
     if self.socket is not None:
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
