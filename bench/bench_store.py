@@ -217,6 +217,7 @@ def find_latency(port: int, aet: str, pid: str, repeats: int = 5) -> dict[str, d
     for label, keys in QUERIES.items():
         args = [
             "/usr/bin/findscu",
+            "-v",  # prints one "Find Response: N (Pending)" line per match
             "-S",
             "-aec",
             aet,
@@ -237,7 +238,7 @@ def find_latency(port: int, aet: str, pid: str, repeats: int = 5) -> dict[str, d
             start = time.perf_counter()
             proc = subprocess.run(args, capture_output=True, text=True, env=env)
             times.append((time.perf_counter() - start) * 1000)
-            matches = (proc.stdout + proc.stderr).count("Find Response:") - 1
+            matches = (proc.stdout + proc.stderr).count("(Pending)")
         out[label] = {"median_ms": statistics.median(times), "matches": matches}
         print(f"  {aet:8s} {label:34s} {out[label]['median_ms']:7.1f} ms ({matches} matches)", flush=True)
     return out

@@ -204,6 +204,10 @@ class Orthanc(Receiver):
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
+            # Answer C-FIND/C-GET/C-MOVE from peers not declared in DicomModalities (the benchmark clients).
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "DicomAlwaysAllowMove": True,
             "StorageCompression": False,
             "ConcurrentJobs": 2,
             "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")] if self.dicomweb else [],
