@@ -51,6 +51,8 @@ from .move import MoveRequest, move_responses
 
 log = logging.getLogger("macpacs.dicom")
 
+MAX_RECEIVE_PDU = 131072  # DCMTK's own maximum (ASC_MAXIMUMPDUSIZE)
+
 
 @dataclass
 class AssociationStats:
@@ -86,6 +88,9 @@ class DicomListener:
         d = self.settings.dicom
         ae = AE(ae_title=d.ae_title)
         ae.maximum_associations = d.max_associations
+        # The largest P-DATA PDU we accept (pynetdicom's default is 16 KB). Peers fragment what they
+        # send us to this size: DCMTK then sends a CT slice in 5 PDUs instead of 33 (~10 % faster).
+        ae.maximum_pdu_size = MAX_RECEIVE_PDU
         ae.network_timeout = d.network_timeout
         ae.acse_timeout = d.client_timeout
         ae.dimse_timeout = d.client_timeout
