@@ -589,8 +589,18 @@ def associate(ae: Any, node: Node, contexts: list[PresentationContext], **kwargs
 def _unreachable(node: Node, timeout: float | None) -> str:
     """Why a TCP connection to the node fails (refused, timed out, unknown host), in words."""
     try:
-        with socket.create_connection((node.host, node.port), timeout=timeout or 10):
+        with socket.create_connection((node.host, node.port), timeout=timeout or 10) as sock:
+            if node.tls:
+                # pynetdicom logs a failed TLS handshake and reports no reason: redo it to name it.
+                ssl.create_default_context().wrap_socket(sock, server_hostname=node.host).close()
             return f"the association was aborted or not answered within {timeout} s (dicom.client_timeout)"
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"TLS: the node's certificate is not trusted ({exc.verify_message}): add the CA that signed it "
+            "to this host's trust store (or set SSL_CERT_FILE for the server)"
+        )
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed ({exc.reason or exc}): does the node speak TLS on that port?"
     except TimeoutError:
         return f"no answer within {timeout} s (dicom.client_timeout): host down or port filtered"
     except ConnectionRefusedError:
