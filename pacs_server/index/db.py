@@ -357,9 +357,35 @@ class Index:
             }
 
     def ping(self) -> None:
-        """A real round trip through the pool (for /testdbalive)."""
+        """A real round trip through the pool (start-up and the status page)."""
         with self.engine.connect() as conn:
             conn.execute(select(func.count()).select_from(schema.patient).where(schema.patient.c.pk == -1)).scalar_one()
+
+    def check_writable(self, lock_timeout: float, busy_timeout_ms: int) -> None:
+        """Go through the write path as a C-STORE would, changing nothing (for /testdbalive).
+
+        Takes this process's writer lock (TimeoutError after ``lock_timeout`` s: a writer is hung
+        here) and then the database's write lock with a no-op UPDATE, waiting at most
+        ``busy_timeout_ms`` on SQLite (the driver's error: another process holds the database).
+        With SQLite in WAL mode a plain read is not blocked by another process's exclusive lock,
+        so ``ping`` alone would call a stuck database alive.
+        """
+        if not self._write_lock.acquire(timeout=lock_timeout):
+            raise TimeoutError(f"index writer busy for more than {lock_timeout:.0f} s")
+        try:
+            with self.engine.connect() as conn:
+                if self.is_sqlite:
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                    conn.commit()
+                try:
+                    conn.execute(update(schema.web_user).where(schema.web_user.c.pk == -1).values(failed_logins=0))
+                finally:
+                    conn.rollback()
+                    if self.is_sqlite:
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                        conn.commit()
+        finally:
+            self._write_lock.release()
 
     # -- bulk (benchmarks, reindex) -----------------------------------------------------------
     def bulk_load(self, table_rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
@@ -405,4 +431,10 @@ class _NoLock:
         return None
 
     def __exit__(self, *exc: object) -> None:
+        return None
+
+    def acquire(self, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
         return None

@@ -17,10 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from sqlalchemy import update
 
-from ..index.db import SQLITE_BUSY_TIMEOUT_MS
-from ..index.schema import web_user
 from .context import WebContext
 
 ALIVE_BODY = "Test DB Alive succeeded"
@@ -35,31 +32,11 @@ class HealthError(RuntimeError):
 
 
 def check_index(ctx: WebContext) -> None:
-    """A no-op write transaction: takes the database's write lock, changes nothing."""
-    index = ctx.index
-    lock = getattr(index, "_write_lock", None)
-    if lock is not None and not lock.acquire(timeout=WRITER_LOCK_TIMEOUT_S):
-        raise HealthError(f"index writer busy for more than {WRITER_LOCK_TIMEOUT_S:.0f} s")
+    """The index's write path, as a C-STORE takes it, changing nothing (``Index.check_writable``)."""
     try:
-        with index.engine.connect() as conn:
-            if index.is_sqlite:
-                conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                conn.commit()
-            try:
-                # Matches no row, but a write statement must hold the database's write lock.
-                conn.execute(update(web_user).where(web_user.c.pk == -1).values(failed_logins=0))
-            finally:
-                conn.rollback()
-                if index.is_sqlite:
-                    conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-                    conn.commit()
-    except HealthError:
-        raise
+        ctx.index.check_writable(WRITER_LOCK_TIMEOUT_S, BUSY_TIMEOUT_MS)
     except Exception as exc:
         raise HealthError(f"index: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def check_storage(ctx: WebContext) -> None:
