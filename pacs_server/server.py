@@ -143,6 +143,10 @@ class ArchiveServer:
         self._stop.set()
 
     def stop(self) -> None:
+        # Front doors first, so that no request reaches an index that is closing.
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         if self.xmlrpc is not None:
             self.xmlrpc.stop()
             self.xmlrpc = None
