@@ -160,15 +160,6 @@ def _command_fields(command: bytes) -> dict[int, Any] | None:
     return fields if pos == len(command) else None
 
 
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
 def _serve_one(assoc: Any, raw: socket.socket, request: _Request, store: StoreFunction) -> bool:
     """Receive the dataset, store it, answer; False when the association had to be aborted."""
     path = Path(tempfile.gettempdir()) / f"in-{os.getpid()}-{next(_serial)}-{os.urandom(4).hex()}.dcm"
@@ -204,7 +195,7 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
 
 
 _VERSION = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-_IMPLEMENTATION = _meta_element(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)) + _meta_element(
+_IMPLEMENTATION = _meta_element(0x0012, b"UI", wire.uid_value(PYNETDICOM_IMPLEMENTATION_UID)) + _meta_element(
     0x0013, b"SH", _VERSION + b" " if len(_VERSION) % 2 else _VERSION
 )
 
@@ -218,9 +209,9 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     group = b"".join(
         [
             struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
-            _meta_element(0x0002, b"UI", _uid(sop_class)),
-            _meta_element(0x0003, b"UI", _uid(sop_instance)),
-            _meta_element(0x0010, b"UI", _uid(transfer_syntax)),
+            _meta_element(0x0002, b"UI", wire.uid_value(sop_class)),
+            _meta_element(0x0003, b"UI", wire.uid_value(sop_instance)),
+            _meta_element(0x0010, b"UI", wire.uid_value(transfer_syntax)),
             _IMPLEMENTATION,
         ]
     )
@@ -257,18 +248,18 @@ def store_response(request: _Request, result: int | Dataset) -> bytes:
         status = int(result)
     us = struct.Struct("<H").pack
     parts = [
-        _element(0x0002, _uid(request.sop_class)),
-        _element(0x0100, us(0x8001)),
-        _element(0x0120, us(request.message_id)),
-        _element(0x0800, us(0x0101)),
-        _element(0x0900, us(status)),
+        wire.command_element(0x0002, wire.uid_value(request.sop_class)),
+        wire.command_element(0x0100, us(0x8001)),
+        wire.command_element(0x0120, us(request.message_id)),
+        wire.command_element(0x0800, us(0x0101)),
+        wire.command_element(0x0900, us(status)),
     ]
     if comment:
         text = str(comment)[:64].encode("ascii", "replace")
-        parts.append(_element(0x0902, text + b" " if len(text) % 2 else text))
-    parts.append(_element(0x1000, _uid(request.sop_instance)))
+        parts.append(wire.command_element(0x0902, text + b" " if len(text) % 2 else text))
+    parts.append(wire.command_element(0x1000, wire.uid_value(request.sop_instance)))
     body = b"".join(parts)
-    return _element(0x0000, struct.pack("<I", len(body))) + body
+    return wire.command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 # -- the DUL side: never read a PDU while the association thread does --------------------------

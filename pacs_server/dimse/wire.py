@@ -77,12 +77,13 @@ def _send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
 _IOV_MAX = 512  # buffers per sendmsg (POSIX guarantees at least 16; Linux and macOS allow 1024)
 
 
-def _element(group_element: int, value: bytes) -> bytes:
+def command_element(group_element: int, value: bytes) -> bytes:
     """One Implicit VR Little Endian element of group 0000 (values padded to even length by the caller)."""
     return struct.pack("<HHI", 0x0000, group_element, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def uid_value(value: str) -> bytes:
+    """A UID value padded with NUL to even length (PS3.5 6.2)."""
     raw = value.encode("ascii")
     return raw + b"\0" if len(raw) % 2 else raw
 
@@ -98,20 +99,23 @@ def store_command(
     us = struct.Struct("<H").pack
     body = b"".join(
         [
-            _element(0x0002, _uid(sop_class)),
-            _element(0x0100, us(0x0001)),  # C-STORE-RQ
-            _element(0x0110, us(msg_id)),
-            _element(0x0700, us(0x0000)),  # medium priority
-            _element(0x0800, us(0x0000)),  # a dataset follows
-            _element(0x1000, _uid(sop_instance)),
+            command_element(0x0002, uid_value(sop_class)),
+            command_element(0x0100, us(0x0001)),  # C-STORE-RQ
+            command_element(0x0110, us(msg_id)),
+            command_element(0x0700, us(0x0000)),  # medium priority
+            command_element(0x0800, us(0x0000)),  # a dataset follows
+            command_element(0x1000, uid_value(sop_instance)),
         ]
         + (
-            [_element(0x1030, originator_aet.encode("ascii").ljust(16)[:16]), _element(0x1031, us(originator_id))]
+            [
+                command_element(0x1030, originator_aet.encode("ascii").ljust(16)[:16]),
+                command_element(0x1031, us(originator_id)),
+            ]
             if originator_aet and originator_id is not None
             else []
         )
     )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
+    return command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def read_dataset(path: Path) -> memoryview:
