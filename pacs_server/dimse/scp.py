@@ -21,7 +21,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,11 +261,10 @@ class DicomListener:
             self.index,
             event.identifier,
             event.request.AffectedSOPClassUID,
+            event.context.transfer_syntax,
             case_insensitive=d.case_insensitive_names,
             max_results=d.max_find_results,
             retrieve_ae=d.ae_title,
-            is_cancelled=lambda: event.is_cancelled,
-            pace=lambda: _wait_until_sent(event.assoc, d.network_timeout),
         )
 
     def _on_move(self, event: Any) -> Any:
@@ -307,10 +305,3 @@ class DicomListener:
             store=self.store,
             case_insensitive=self.settings.dicom.case_insensitive_names,
         )
-
-
-def _wait_until_sent(assoc: Any, timeout: float) -> None:
-    """Block until pynetdicom's outgoing queue is nearly empty (or the association ends)."""
-    deadline = time.monotonic() + timeout
-    while assoc.dul.to_provider_queue.qsize() > 4 and assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.0005)

@@ -44,7 +44,7 @@ from ..nodes import Node
 from ..retrieve import FileMissing, instance_path, locate
 from ..storage import FileStore
 from . import wire
-from .find import IdentifierError, identifier_to_query
+from .find import IdentifierError, identifier_to_query, serve_find
 
 log = logging.getLogger("macpacs.retrieve")
 
@@ -403,11 +403,14 @@ class Pacer:
 
 # -- the service class adapter ---------------------------------------------------------------
 class RetrieveServiceClass(QueryRetrieveServiceClass):
-    """Query/Retrieve service class whose C-MOVE and C-GET are served by our handlers.
+    """Query/Retrieve service class whose C-FIND, C-MOVE and C-GET are served by our handlers.
 
     The handler bound to EVT_C_MOVE / EVT_C_GET returns an iterator of ``Response``; this
     class only turns each into a DIMSE response on the requestor's association.
     """
+
+    def _c_find_scp(self, req: Any, context: Any) -> None:
+        serve_find(self, req, context)  # responses framed and written directly (find.py)
 
     def _move_scp(self, req: C_MOVE, context: Any) -> None:
         self._serve(req, context, evt.EVT_C_MOVE, C_MOVE())
