@@ -11,6 +11,7 @@ import select
 import socket
 import ssl
 import struct
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -149,7 +150,9 @@ class IdentifierEncoder:
         self.ts = UID(transfer_syntax)
         self.direct = self.ts in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
         self.implicit = self.ts == ImplicitVRLittleEndian
-        template = build_response(identifier, query, dict.fromkeys(keywords) | {"_charset": ""}, retrieve_ae)
+        # Only the tags and VRs of the row elements are used; 0 keeps pydicom quiet about US values.
+        placeholders = {k: 0 if BY_KEYWORD[k].kind == "int" else None for k in keywords}
+        template = build_response(identifier, query, placeholders | {"_charset": ""}, retrieve_ae)
         # In tag order: constant bytes, a row slot (keyword, header, VR, as_text), or None for the charset.
         slots: list[tuple[int, Any]] = [(_CHARSET_TAG, None)]
         wanted = set(keywords)
@@ -257,6 +260,7 @@ def find_responses(
     The identifiers come encoded in the presentation context's transfer syntax
     (``IdentifierEncoder``); C-CANCEL is ``serve_find``'s business, between its writes.
     """
+    started = time.perf_counter()
     try:
         query = identifier_to_query(identifier, model, case_insensitive=case_insensitive)
         keywords, rows = index.find(query)
@@ -281,7 +285,7 @@ def find_responses(
         log.exception("C-FIND failed after %d matches", count)
         yield _failure(STATUS_UNABLE, f"index error: {exc}")
         return
-    log.info("C-FIND %s level: %d matches", query.level, count)
+    log.info("C-FIND %s level: %d matches in %.1f ms", query.level, count, (time.perf_counter() - started) * 1000)
     yield 0x0000, None
 
 
