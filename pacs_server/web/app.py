@@ -20,6 +20,7 @@ from . import api, debug, health, pages, wado_uri
 from .auth import Authenticator, load_secret
 from .context import WebContext
 from .dicomweb import router as dicomweb_router
+from .dicomweb.frames_fast import FrameShortPath
 
 
 def _version() -> str:
@@ -47,6 +48,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         session_hours=settings.web.session_hours,
         secure=bool(settings.web.tls_cert),
     )
+    app.add_middleware(FrameShortPath)  # added first: the CORS middleware below wraps it
     if settings.web.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -19,6 +19,7 @@ import uvicorn
 from ..config import ConfigError
 from .app import create_app
 from .context import WebContext
+from .zerocopy import ZeroCopyProtocol
 
 log = logging.getLogger("macpacs.web")
 START_TIMEOUT_S = 30.0
@@ -43,6 +44,7 @@ class WebListener:
         app = create_app(self.ctx)
         config = uvicorn.Config(
             app,
+            http=ZeroCopyProtocol,  # httptools + sendfile for whole-series retrieval (web/zerocopy.py)
             host=web.bind,
             port=web.port,
             ssl_certfile=web.tls_cert or None,

@@ -35,6 +35,7 @@ from ...retrieve import instance_path
 from ..auth import Principal, require_read
 from ..context import WebContext
 from ..lookup import check_uid, instances, one_instance
+from ..zerocopy import SENDFILES
 from .common import DICOM_JSON, base_url, not_acceptable, parse_accept
 
 router = APIRouter(tags=["WADO-RS"])
@@ -134,13 +135,40 @@ def _instance_header(boundary: str, inst: StoredInstance, ts: str, base: str | N
     return _part_header(boundary, f"application/dicom; transfer-syntax={ts}", location)
 
 
-def _stored_length(ctx: WebContext, found: list[StoredInstance], base: str | None, boundary: str) -> int:
-    """The exact body length when every file goes out as stored: lets clients skip chunked decoding."""
+class _SentFromFiles(Response):
+    """A multipart/related body of stored files sent with ``sendfile(2)``: only the part headers
+    pass through Python; the file bytes go from the page cache to the socket in the kernel.
+
+    Used when the server offers the ASGI zero-copy extension (plain HTTP, see ``web/zerocopy.py``)
+    and every file goes out as stored; otherwise ``_stream_instances`` reads and sends bytes.
+    """
+
+    def __init__(self, parts: list[tuple[bytes, Path, int]], boundary: str, length: int) -> None:
+        super().__init__(media_type=_multipart(boundary, "application/dicom"), headers={"Content-Length": str(length)})
+        # Each file's CRLF goes out in front of the next part's header (or the closing delimiter).
+        self.parts = [
+            (header if n == 0 else b"\r\n" + header, path, size) for n, (header, path, size) in enumerate(parts)
+        ]
+        self.closing = (b"\r\n" if parts else b"") + f"--{boundary}--\r\n".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": SENDFILES, "parts": self.parts, "trailer": self.closing, "more_body": False})
+
+
+def _stored_parts(
+    ctx: WebContext, found: list[StoredInstance], base: str | None, boundary: str
+) -> tuple[list[tuple[bytes, Path, int]], int]:
+    """Each file's part header, path and size, and the whole body's length."""
+    parts = []
     total = len(f"--{boundary}--\r\n")
     for inst in found:
-        size = instance_path(ctx.store, inst).stat().st_size
-        total += len(_instance_header(boundary, inst, inst.transfer_syntax_uid, base)) + size + 2
-    return total
+        path = instance_path(ctx.store, inst)
+        header = _instance_header(boundary, inst, inst.transfer_syntax_uid, base)
+        size = path.stat().st_size
+        parts.append((header, path, size))
+        total += len(header) + size + 2
+    return parts, total
 
 
 def _decompressed_file(path: Path) -> bytes:
@@ -167,7 +195,9 @@ async def _retrieve(request: Request, study: str, series: str | None = None, sop
     base = f"{base_url(request)}/studies/{study}/series/{series}" if series else None
     headers = {}
     if all(ts is None or i.transfer_syntax_uid == ts for i in found):
-        length = await run_in_threadpool(_stored_length, ctx, found, base, boundary)
+        parts, length = await run_in_threadpool(_stored_parts, ctx, found, base, boundary)
+        if SENDFILES in request.scope.get("extensions", {}):
+            return _SentFromFiles(parts, boundary, length)
         headers["Content-Length"] = str(length)
     return StreamingResponse(
         _stream_instances(ctx, found, ts, base, boundary),
