@@ -5,6 +5,7 @@ Return keys come from index columns only; no file is opened to answer a query.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import select
@@ -346,7 +347,8 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
                 parts.clear()
                 batched = size = 0
                 if _cancel_requested(service, msg_id):
-                    responses.close()
+                    if hasattr(responses, "close"):
+                        responses.close()  # the generator's index cursor is released now
                     log.info("C-FIND cancelled by the peer after %d matches", count)
                     finish(STATUS_CANCEL)
                     return
@@ -358,7 +360,8 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
         log.exception("C-FIND handler failed after %d matches", count)
         parts.clear()
         if assoc.is_established:
-            finish(STATUS_HANDLER_FAILED)
+            with contextlib.suppress(OSError):
+                finish(STATUS_HANDLER_FAILED)
 
 
 STATUS_HANDLER_FAILED = 0xC311  # pynetdicom's status when the EVT_C_FIND handler raises
@@ -395,8 +398,9 @@ def _cancel_requested(service: Any, msg_id: int) -> bool:
     if raw is None or lock is None or isinstance(raw, ssl.SSLSocket):
         return False
     with lock:
-        readable, _, _ = select.select([raw], [], [], 0)
-        if not readable:
+        poller = select.poll()  # not select.select: no limit on the descriptor number
+        poller.register(raw, select.POLLIN)
+        if not poller.poll(0):
             return False
         header = raw.recv(6, socket.MSG_PEEK)
         if len(header) < 6 or header[0] != 0x04:
