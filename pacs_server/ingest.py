@@ -18,7 +18,7 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,13 @@ class ParsedInstance:
     record: InstanceRecord
     sop_instance_uid: str
     sop_class_uid: str
+    dataset: Dataset = field(repr=False, compare=False)
+    pixel_vr: bytes | None = None
+
+    def add_metadata(self) -> None:
+        """Fill ``record.metadata`` (left empty by ``read_instance(..., metadata=False)``)."""
+        if not self.record.metadata:
+            self.record.metadata = _metadata(self.dataset, self.sop_instance_uid, self.pixel_vr)
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -220,8 +227,12 @@ def _metadata(ds: Dataset, sop_uid: str, pixel_vr: bytes | None) -> bytes:
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
 
 
-def read_instance(path: Path, *, source_ae: str = "") -> ParsedInstance:
-    """Read a Part-10 file's header, check it, and build its index record. Raises RejectedInstance."""
+def read_instance(path: Path, *, source_ae: str = "", metadata: bool = True) -> ParsedInstance:
+    """Read a Part-10 file's header, check it, and build its index record. Raises RejectedInstance.
+
+    With ``metadata=False`` the metadata cache entry is left for ``ParsedInstance.add_metadata``,
+    so that ingest can build it while the file's folder is being fsynced.
+    """
     try:
         with open(path, "rb") as fp:
             size = os.fstat(fp.fileno()).st_size
@@ -291,10 +302,10 @@ def read_instance(path: Path, *, source_ae: str = "") -> ParsedInstance:
         study=tables["STUDY"],
         series=tables["SERIES"],
         instance=tables["IMAGE"],
-        metadata=_metadata(ds, sop_uid, pixel_vr),
+        metadata=_metadata(ds, sop_uid, pixel_vr) if metadata else b"",
         charset=str(charset),
     )
-    return ParsedInstance(record=record, sop_instance_uid=sop_uid, sop_class_uid=sop_class)
+    return ParsedInstance(record, sop_uid, sop_class, ds, pixel_vr)
 
 
 class Ingestor:
@@ -331,18 +342,26 @@ class Ingestor:
         return self.ingest(temp)
 
     def _ingest(self, temp: Path, source_ae: str) -> IngestResult:
+        # The durability order is temp fsync → rename → folder fsync → index commit → answer.
+        # The fsyncs hold no GIL, so each runs in the background while this thread does the
+        # CPU work of the same instance: the file's fsync while the header is parsed, the
+        # folder's while the metadata cache entry and the index row are built. The index
+        # transaction commits only after the folder fsync has returned (``before_commit``).
+        synced = self.store.start_sync(temp)
         try:
-            parsed = read_instance(temp, source_ae=source_ae)
+            parsed = read_instance(temp, source_ae=source_ae, metadata=False)
         except RejectedInstance as exc:
             return IngestResult(exc.outcome, str(exc))
         uid, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
 
         # The stored file is the truth: its path comes from the UID, so a stat tells a re-send.
         replace = False
-        stored = self.store.path(parsed.record.instance["storage_key"])
+        key = parsed.record.instance["storage_key"]
+        stored = self.store.path(key)
         if stored.exists():
             if dataset_bytes(stored) == dataset_bytes(temp):
                 # Also repairs a crash between the file's rename and the index commit.
+                parsed.add_metadata()
                 self.index.add_instance(parsed.record)
                 return IngestResult(Outcome.DUPLICATE, "identical instance already stored", uid, sop_class)
             if self.settings.on_conflict == "keep":
@@ -360,19 +379,20 @@ class Ingestor:
                 f"{self.settings.min_free_mb}; free space or add storage"
             )
             return IngestResult(Outcome.OUT_OF_RESOURCES, msg, uid, sop_class)
-        key = parsed.record.instance["storage_key"]
         try:
-            self.store.commit(temp, key)
+            placed = self.store.place(temp, key, synced)
         except StorageError as exc:
             return IngestResult(Outcome.OUT_OF_RESOURCES, str(exc), uid, sop_class)
+        parsed.add_metadata()
         try:
-            created = self.index.add_instance(parsed.record, replace=replace)
+            created = self.index.add_instance(parsed.record, replace=replace, before_commit=placed.wait)
         except Exception as exc:
-            log.error("index write failed for %s: %s", uid, exc)
+            reason = str(exc) if isinstance(exc, StorageError) else f"index unavailable: {exc}"
+            log.error("storing %s failed: %s", uid, reason)
             if not replace:
                 # Not acknowledged, so not kept: the sender will retry.
                 self.store.delete(key)
-            return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
+            return IngestResult(Outcome.OUT_OF_RESOURCES, reason, uid, sop_class)
         if replace:
             return IngestResult(
                 Outcome.OVERWRITTEN, "replaced the stored instance (on_conflict = overwrite)", uid, sop_class

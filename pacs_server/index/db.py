@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import schema
@@ -87,6 +87,9 @@ class Index:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
         self._parents: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        self._compiled: dict[str | tuple[str, ...], tuple[str, tuple[str, ...] | None]] = {}
+        self._returning = bool(self.engine.dialect.insert_returning)
+        self._conflicts = (IntegrityError, self.engine.dialect.loaded_dbapi.IntegrityError, _StaleParents)
 
     # -- schema -----------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -116,29 +119,48 @@ class Index:
             ).first()
         return StoredInstance(*row) if row else None
 
-    def add_instance(self, record: InstanceRecord, *, replace: bool = False) -> bool:
+    def add_instance(
+        self, record: InstanceRecord, *, replace: bool = False, before_commit: Callable[[], None] | None = None
+    ) -> bool:
         """Insert (or, with ``replace``, update) one instance and its parents in one transaction.
 
-        Returns True when a new instance row was created. Counters and ModalitiesInStudy are
-        maintained here so that queries never count rows. The primary keys of recently seen
-        series and their parents are remembered, so that the usual case (the next slice of a
-        series) costs one insert per table; a stale entry (parents deleted meanwhile) fails its
-        foreign key, and the retry looks everything up again.
+        Returns True when a new instance row was created. ``before_commit`` runs after the rows
+        are written and before the commit; ingest passes the wait for the file's folder fsync,
+        so that a row is never committed before its file is durable, and raising there rolls
+        the transaction back.
+
+        Counters and ModalitiesInStudy are maintained here so that queries never count rows.
+        The primary keys of recently seen series and their parents are remembered, so that the
+        usual case (the next slice of a series) is one select, three counter updates and two
+        inserts, run as pre-compiled statements straight on the driver's cursor (SQLAlchemy's
+        per-statement layers cost more than SQLite itself here). The counter updates also check
+        that the remembered rows still are those series and study (another process may have
+        deleted them); when not, or on a foreign-key or unique conflict (another process
+        inserted the same parents first), the transaction is rolled back and retried once
+        with everything looked up again.
+
+        On SQLite the transaction starts with ``BEGIN IMMEDIATE``: it takes the database's write
+        lock first (waiting up to the busy timeout when another process writes) so that what it
+        reads cannot change before it writes, whichever process the other writer is.
         """
         now = time.time()
         series_uid = record.series["series_uid"]
         with self._write_lock:
             for attempt in range(2):
+                parents = self._parents.get(series_uid) if attempt == 0 else None
                 try:
-                    with self.engine.begin() as conn:
-                        parents = self._parents.get(series_uid) if attempt == 0 else None
+                    with self.engine.connect() as conn:
+                        if self.is_sqlite:
+                            conn.exec_driver_sql("BEGIN IMMEDIATE")
                         if parents is None:
                             parents = self._find_or_create_parents(conn, record, now)
                         created = self._upsert(conn, record, now, replace, parents)
+                        if before_commit is not None:
+                            before_commit()  # raising rolls the transaction back (connection closed uncommitted)
+                        conn.commit()
                     self._remember(series_uid, parents)
                     return created
-                except IntegrityError:
-                    # A stale cached parent, or another process inserted the same rows first.
+                except self._conflicts:
                     self._parents.clear()
                     if attempt:
                         raise
@@ -207,29 +229,67 @@ class Index:
     def _upsert(self, conn: Any, rec: InstanceRecord, now: float, replace: bool, parents: tuple[int, int, int]) -> bool:
         st, i = schema.study, schema.instance
         patient_pk, study_pk, series_pk = parents
-        existing = conn.execute(_FIND_INSTANCE, {"uid": rec.instance["sop_instance_uid"]}).scalar()
-        if existing is not None:
-            if not replace:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            self._run(cursor, "find_instance", {"uid": rec.instance["sop_instance_uid"]})
+            row = cursor.fetchone()
+            existing = row[0] if row else None
+            if existing is not None:
+                if not replace:
+                    return False
+                conn.execute(
+                    update(i).where(i.c.pk == existing).values(**rec.instance, series_pk=series_pk, received_at=now)
+                )
+                conn.execute(
+                    update(schema.instance_metadata)
+                    .where(schema.instance_metadata.c.instance_pk == existing)
+                    .values(data=rec.metadata, series_pk=series_pk)
+                )
+                conn.execute(update(st).where(st.c.pk == study_pk).values(updated_at=now))
                 return False
-            conn.execute(
-                update(i).where(i.c.pk == existing).values(**rec.instance, series_pk=series_pk, received_at=now)
+            # The hot path of every C-STORE.
+            for name, values in (
+                ("count_series", {"pk_": series_pk, "uid": rec.series["series_uid"]}),
+                ("count_study", {"pk_": study_pk, "uid": rec.study["study_uid"], "now": now}),
+                ("count_patient", {"pk_": patient_pk}),
+            ):
+                self._run(cursor, name, values)
+                if cursor.rowcount != 1:
+                    raise _StaleParents(f"{name}: remembered row {values['pk_']} is gone")
+            columns = (*rec.instance, "series_pk", "received_at")
+            self._run(cursor, columns, {**rec.instance, "series_pk": series_pk, "received_at": now})
+            instance_pk = cursor.fetchall()[0][0] if self._returning else cursor.lastrowid
+            self._run(
+                cursor, "insert_metadata", {"instance_pk": instance_pk, "series_pk": series_pk, "data": rec.metadata}
             )
-            conn.execute(
-                update(schema.instance_metadata)
-                .where(schema.instance_metadata.c.instance_pk == existing)
-                .values(data=rec.metadata, series_pk=series_pk)
-            )
-            conn.execute(update(st).where(st.c.pk == study_pk).values(updated_at=now))
-            return False
-        # The hot path of every C-STORE: constant statements, so SQLAlchemy compiles each once.
-        instance_pk = conn.execute(
-            insert(i), {**rec.instance, "series_pk": series_pk, "received_at": now}
-        ).inserted_primary_key[0]
-        conn.execute(_INSERT_METADATA, {"instance_pk": instance_pk, "series_pk": series_pk, "data": rec.metadata})
-        conn.execute(_COUNT_SERIES, {"pk_": series_pk})
-        conn.execute(_COUNT_STUDY, {"pk_": study_pk, "now": now})
-        conn.execute(_COUNT_PATIENT, {"pk_": patient_pk})
-        return True
+            return True
+        finally:
+            cursor.close()
+
+    def _run(self, cursor: Any, name: str | tuple[str, ...], values: Mapping[str, Any]) -> None:
+        """Execute one of the hot statements, compiled once for this database's dialect."""
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = self._compile(name)
+        sql, order = compiled
+        cursor.execute(sql, values if order is None else tuple(values[key] for key in order))
+
+    def _compile(self, name: str | tuple[str, ...]) -> tuple[str, tuple[str, ...] | None]:
+        """SQL text and parameter order (None: named parameters) of a hot statement.
+
+        A tuple of column names stands for the instance insert with those columns.
+        """
+        keys: list[str] | None = None
+        if isinstance(name, tuple):
+            stmt: Any = insert(schema.instance)
+            if self._returning:
+                stmt = stmt.returning(schema.instance.c.pk)
+            keys = list(name)
+        else:
+            stmt = _HOT_STATEMENTS[name]
+        compiled = stmt.compile(dialect=self.engine.dialect, column_keys=keys)
+        order = tuple(compiled.positiontup) if compiled.positional else None
+        return compiled.string, order
 
     def clear(self) -> None:
         """Empty every table (reindex starts from here)."""
@@ -399,23 +459,24 @@ class Index:
                     conn.execute(insert(schema.metadata.tables[name]), list(table_rows[name]))
 
 
-_FIND_INSTANCE = select(schema.instance.c.pk).where(schema.instance.c.sop_instance_uid == bindparam("uid"))
-_INSERT_METADATA = insert(schema.instance_metadata)
-_COUNT_SERIES = (
-    update(schema.series)
-    .where(schema.series.c.pk == bindparam("pk_"))
-    .values(num_instances=schema.series.c.num_instances + 1)
-)
-_COUNT_STUDY = (
-    update(schema.study)
-    .where(schema.study.c.pk == bindparam("pk_"))
-    .values(num_instances=schema.study.c.num_instances + 1, updated_at=bindparam("now"))
-)
-_COUNT_PATIENT = (
-    update(schema.patient)
+_ONE = literal_column("1")  # a literal, not one more parameter to pass
+_HOT_STATEMENTS: dict[str, Any] = {
+    "find_instance": select(schema.instance.c.pk).where(schema.instance.c.sop_instance_uid == bindparam("uid")),
+    "insert_metadata": insert(schema.instance_metadata),
+    "count_series": update(schema.series)
+    .where(schema.series.c.pk == bindparam("pk_"), schema.series.c.series_uid == bindparam("uid"))
+    .values(num_instances=schema.series.c.num_instances + _ONE),
+    "count_study": update(schema.study)
+    .where(schema.study.c.pk == bindparam("pk_"), schema.study.c.study_uid == bindparam("uid"))
+    .values(num_instances=schema.study.c.num_instances + _ONE, updated_at=bindparam("now")),
+    "count_patient": update(schema.patient)
     .where(schema.patient.c.pk == bindparam("pk_"))
-    .values(num_instances=schema.patient.c.num_instances + 1)
-)
+    .values(num_instances=schema.patient.c.num_instances + _ONE),
+}
+
+
+class _StaleParents(Exception):
+    """A remembered series, study or patient row is no longer there (deleted by another process)."""
 
 
 def _chunks(values: Sequence[int], size: int = 500) -> Iterator[list[int]]:
