@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_charset_files
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.conftest import findscu, run_tool
 from tests.synthetic import write_series
@@ -298,3 +298,31 @@ def test_character_sets_are_preserved(make_server, tmp_path):
     # Matching works on the decoded names too.
     found = findscu(server, tmp_path / "rsp", "QueryRetrieveLevel=STUDY", "PatientID=SCSGERM", "PatientName")
     assert str(found[0].PatientName) == "Äneas^Rüdiger"
+
+
+def test_explicit_vr_requestor_gets_the_same_answers(archive):
+    """A pynetdicom requestor that proposes only Explicit VR Little Endian (findscu gets Implicit)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    server, _uids, _base = archive
+    keys = ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
+    implicit = {str(r.StudyInstanceUID): r for r in study_find(archive, *keys[2:])}
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    for keyword in keys:
+        setattr(identifier, keyword, "")
+    try:
+        answers = list(assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    statuses = [int(status.Status) for status, _ in answers]
+    assert statuses == [0xFF00] * len(implicit) + [0x0000]
+    for _status, found in answers[:-1]:
+        expected = implicit[str(found.StudyInstanceUID)]
+        assert [(e.tag, e.VR, e.value) for e in found] == [(e.tag, e.VR, e.value) for e in expected]
