@@ -19,6 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# Each DICOM worker costs ~100 MB (Python, pynetdicom, its own SQLite cache): beyond this many,
+# an automatic count would cost memory for little gain (more can be set explicitly).
+MAX_AUTO_WORKERS = 8
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, 1..16 chars
 
 
@@ -48,6 +51,15 @@ class DicomSettings:
     max_find_results: int = 0
     # How often pynetdicom's reactors poll, in ms (its default is 1): see dimse/tuning.py.
     reactor_poll_ms: float = 0.25
+    # Processes serving DICOM associations (pynetdicom serves one process's associations under
+    # one GIL): 0 = one per CPU core, at most MAX_AUTO_WORKERS; 1 = inside the main process.
+    workers: int = 0
+
+    def worker_count(self) -> int:
+        """How many DICOM worker processes ``workers`` means on this machine (1: none, in-process)."""
+        if self.workers > 0:
+            return self.workers
+        return max(1, min(os.cpu_count() or 1, MAX_AUTO_WORKERS))
 
 
 @dataclass
@@ -162,6 +174,10 @@ class Settings:
             raise ConfigError(f'storage.on_conflict = {self.storage.on_conflict!r}: use "keep" or "overwrite"')
         if self.dicom.max_associations < 1:
             raise ConfigError("dicom.max_associations must be at least 1")
+        if not 0 <= self.dicom.workers <= 256:
+            raise ConfigError(
+                f"dicom.workers = {self.dicom.workers}: use 0 (one per CPU core), 1 (no worker processes) or up to 256"
+            )
         if self.web.anonymous_read not in ("localhost", "all", "off"):
             raise ConfigError(f'web.anonymous_read = {self.web.anonymous_read!r}: use "localhost", "all" or "off"')
         if self.web.max_upload_mb < 1:

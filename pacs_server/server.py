@@ -21,6 +21,7 @@ from sqlalchemy.exc import DatabaseError
 from . import logs
 from .config import Settings
 from .dimse.scp import DicomListener
+from .dimse.workers import WorkerPool
 from .index import Index
 from .ingest import Ingestor
 from .reindex import reindex
@@ -102,7 +103,7 @@ class ArchiveServer:
         self._stop = threading.Event()
         self.store: FileStore | None = None
         self.index: Index | None = None
-        self.listener: DicomListener | None = None
+        self.listener: DicomListener | WorkerPool | None = None
         self.web: WebListener | None = None
         self.xmlrpc: XmlRpcServer | None = None
 
@@ -116,8 +117,13 @@ class ArchiveServer:
             log.info("removed %d temporary files left by interrupted transfers", removed)
         self.index = open_index(s, self.store)
         ingestor = Ingestor(self.store, self.index, s.storage)
-        self.listener = DicomListener(s, self.index, ingestor)
-        self.listener.start(self.store.tmp_dir)
+        workers = s.dicom.worker_count()
+        if workers > 1:  # associations served by worker processes: dimse/workers.py says why
+            self.listener = WorkerPool(s, workers)
+            self.listener.start()  # they start while the web server does; self.listener.serve() below
+        else:
+            self.listener = DicomListener(s, self.index, ingestor)
+            self.listener.start(self.store.tmp_dir)
         self.web = WebListener(
             WebContext(s, self.index, self.store, ingestor, self.started_at, request_stop=self.request_stop)
         )
@@ -125,6 +131,8 @@ class ArchiveServer:
         if s.xmlrpc.enabled:
             self.xmlrpc = XmlRpcServer(s, self.index, self.store, ingestor, request_stop=self.request_stop)
             self.xmlrpc.start()
+        if isinstance(self.listener, WorkerPool):
+            self.listener.serve()
         log.info("macpacs serving data in %s (PID %d)", s.data_dir, os.getpid())
 
     def request_stop(self, *_args: object) -> None:

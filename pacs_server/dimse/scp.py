@@ -115,6 +115,18 @@ class DicomListener:
         return ae
 
     def start(self, tmp_dir: Path) -> None:
+        """Listen on the DICOM port in this process (``dicom.workers = 1``)."""
+        d = self.settings.dicom
+        self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=self.prepare(tmp_dir))
+        tuning.share_contexts(self.server)
+        log.info("DICOM listener on %s:%d, AE title %s", d.bind, d.port, d.ae_title)
+
+    def prepare(self, tmp_dir: Path) -> list[tuple[Any, Any]]:
+        """Install our pynetdicom tunings in this process; return the event handlers to serve with.
+
+        ``start`` listens with them; a worker process (``workers.py``) serves connections that the
+        main process accepted and handed over.
+        """
         # Incoming datasets go straight to a file on the data volume, so ingest can rename it.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(tmp_dir)
@@ -122,7 +134,7 @@ class DicomListener:
         store_scp.install()
         d = self.settings.dicom
         clock = tuning.install_clock(d.reactor_poll_ms)
-        handlers = [
+        return [
             (evt.EVT_CONN_OPEN, clock.opened),
             (evt.EVT_CONN_CLOSE, clock.closed),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -136,9 +148,6 @@ class DicomListener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=handlers)
-        tuning.share_contexts(self.server)
-        log.info("DICOM listener on %s:%d, AE title %s", d.bind, d.port, d.ae_title)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -156,6 +165,19 @@ class DicomListener:
         """Access control at association time (see the module docstring)."""
         assoc = event.assoc
         calling = assoc.requestor.primitive.calling_ae_title.strip()
+        if getattr(assoc, "macpacs_over_limit", False):
+            # The main process counts associations across worker processes (workers.py).
+            log.warning(
+                "association from %s@%s:%d rejected: dicom.max_associations (%d) associations are open",
+                calling,
+                assoc.requestor.address,
+                assoc.requestor.port,
+                self.settings.dicom.max_associations,
+            )
+            # Transient, by the service provider (presentation), "local limit exceeded", as pynetdicom.
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            assoc.kill()
+            return
         node = self.registry.access_for(calling, assoc.requestor.address)
         assoc.macpacs_node = node
         if node is None and not self.settings.dicom.accept_unknown_nodes:
