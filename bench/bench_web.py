@@ -6,7 +6,9 @@ macpacs (`macpacs serve`) and Orthanc with its DICOMweb plugin (Debian `orthanc-
 same synthetic CT series (512×512 int16, ~525 KB per slice) through DCMTK storescu, then in one run:
 
 - WADO-RS frames, one request per frame over a keep-alive connection: sequential, and 8 clients at
-  once (each its own connection), frames/s;
+  once (each its own connection), frames/s, with the server's CPU time per frame request in the
+  8-client run (process and children): a figure that a machine shared with other work disturbs
+  far less than the rates;
 - series metadata (``/studies/{s}/series/{se}/metadata``): median latency;
 - the whole series as multipart/related application/dicom: MB/s, next to the loopback limit
   measured in the same run (a bare socket sender in its own process, receiver as below).
@@ -30,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pydicom
 import requests
 from requests.adapters import HTTPAdapter
@@ -80,6 +83,19 @@ def frames_concurrent(base: str, study: str, series: str, sops: list[str], clien
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, chunks))
     return len(sops) / (time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a server process and its children (web worker processes)."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def metadata_latency(base: str, study: str, series: str, count: int, repeats: int = 7) -> float:
@@ -166,7 +182,8 @@ def main() -> None:
         "orthanc": (orthanc, f"http://127.0.0.1:{orthanc.http_port}/dicom-web"),
     }
     results: dict[str, dict[str, list[float]]] = {
-        name: {"frames_seq": [], "frames_8": [], "metadata_ms": [], "series_mb_s": []} for name in servers
+        name: {"frames_seq": [], "frames_8": [], "frames_8_cpu_ms": [], "metadata_ms": [], "series_mb_s": []}
+        for name in servers
     }
     results["loopback"] = {"mb_s": []}
     try:
@@ -174,10 +191,13 @@ def main() -> None:
             send_parallel(receiver.port, receiver.aet, split(folder, 4))
         size = 0
         for run in range(args.runs):
-            for name, (_receiver, base) in servers.items():
+            for name, (receiver, base) in servers.items():
                 r = results[name]
+                assert receiver.proc is not None
                 r["frames_seq"].append(frames_sequential(base, study, series, sops))
+                cpu = cpu_seconds(receiver.proc.pid)
                 r["frames_8"].append(frames_concurrent(base, study, series, sops))
+                r["frames_8_cpu_ms"].append((cpu_seconds(receiver.proc.pid) - cpu) * 1000 / len(sops))
                 r["metadata_ms"].append(metadata_latency(base, study, series, len(sops)))
                 mb_s, size = series_mb_s(base, study, series)
                 r["series_mb_s"].append(mb_s)
@@ -194,6 +214,7 @@ def main() -> None:
     rows = [
         ("WADO-RS frames/s, 1 client", "frames_seq", True),
         ("WADO-RS frames/s, 8 clients", "frames_8", True),
+        ("  server CPU ms per frame", "frames_8_cpu_ms", False),
         ("series metadata, ms", "metadata_ms", False),
         ("whole series, MB/s", "series_mb_s", True),
     ]

@@ -179,10 +179,25 @@ def _decompressed_file(path: Path) -> bytes:
     return out.getvalue()
 
 
+def _plan(
+    ctx: WebContext, study: str, series: str | None, sop: str | None, ts: str | None, base: str | None, boundary: str
+) -> tuple[list[StoredInstance], list[tuple[bytes, Path, int]] | None, int]:
+    """The instances, and when all go out as stored, their parts and the body length: one
+    worker-thread call (the lookup and the stat of every file), not one per step."""
+    found = instances(ctx, study, series, sop)
+    if all(ts is None or i.transfer_syntax_uid == ts for i in found):
+        parts, length = _stored_parts(ctx, found, base, boundary)
+        return found, parts, length
+    return found, None, 0
+
+
 async def _retrieve(request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
     ctx: WebContext = request.app.state.ctx
     ts = _dicom_choice(request)
-    found = await run_in_threadpool(instances, ctx, study, series, sop)
+    boundary = _boundary()
+    # Parts carry a Content-Location when the series is known (not for a whole study).
+    base = f"{base_url(request)}/studies/{study}/series/{series}" if series else None
+    found, parts, length = await run_in_threadpool(_plan, ctx, study, series, sop, ts, base, boundary)
     if ts not in (None, EXPLICIT_LE):
         wrong = [i for i in found if i.transfer_syntax_uid != ts]
         if wrong:
@@ -190,12 +205,8 @@ async def _retrieve(request: Request, study: str, series: str | None = None, sop
                 f"transfer-syntax={ts}",
                 f"the stored encoding ({wrong[0].transfer_syntax_uid}) or 1.2.840.10008.1.2.1",
             )
-    boundary = _boundary()
-    # Parts carry a Content-Location when the series is known (not for a whole study).
-    base = f"{base_url(request)}/studies/{study}/series/{series}" if series else None
     headers = {}
-    if all(ts is None or i.transfer_syntax_uid == ts for i in found):
-        parts, length = await run_in_threadpool(_stored_parts, ctx, found, base, boundary)
+    if parts is not None:
         if SENDFILES in request.scope.get("extensions", {}):
             return _SentFromFiles(parts, boundary, length)
         headers["Content-Length"] = str(length)
