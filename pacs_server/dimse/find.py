@@ -323,7 +323,7 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
             status = int(status.Status)
         command = response_command(sop_class, msg_id, status, dataset=False, comment=comment)
         parts.extend(wire.small_message(cx_id, command, None, max_pdu))
-        wire.write_parts(assoc, parts)
+        wire.write_parts(assoc, [b"".join(parts)])  # one buffer: cheaper than ~130 small ones
         parts.clear()
 
     try:
@@ -343,7 +343,7 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
             batched += 1
             size += len(identifier)
             if batched >= BATCH_MESSAGES or size >= BATCH_BYTES:
-                wire.write_parts(assoc, parts)
+                wire.write_parts(assoc, [b"".join(parts)])  # one buffer: cheaper than ~130 small ones
                 parts.clear()
                 batched = size = 0
                 if _cancel_requested(service, msg_id):
