@@ -34,6 +34,7 @@ import asyncio
 import os
 import select
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 SENDFILES = "macpacs.sendfiles"
 POLL_MS = 1000  # a waiting thread re-checks this often whether the client went away
 STALL_S = 300.0  # a client that takes nothing for this long is dropped
+# Their own threads: a few slow downloads must not hold up the default executor, which serves
+# the short requests (frames). Threads are made on demand and end with each response's client.
+_SENDERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="web-sendfile")
 
 
 class _Gone(Exception):
@@ -138,7 +142,7 @@ async def _sendfiles(cycle: RequestResponseCycle, original: Any, message: dict[s
             await asyncio.sleep(0.0005)
         out = _Socket(transport.get_extra_info("socket"), transport)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, _send_parts, out, parts, trailer)
+            await asyncio.get_running_loop().run_in_executor(_SENDERS, _send_parts, out, parts, trailer)
         except _Gone:
             cycle.disconnected = True
             transport.close()

@@ -65,7 +65,7 @@ def test_single_frame_answers_like_the_route(loaded: Loaded):
 
 
 def test_series_with_sendfile_is_the_stored_files_and_survives_a_client_leaving(loaded: Loaded):
-    study, series, _ = uids(loaded.series_dir / "00001.dcm")
+    study, series, first = uids(loaded.series_dir / "00001.dcm")
     url = f"{loaded.dicomweb}/studies/{study}/series/{series}"
     r = get(url, headers=SERIES_ACCEPT)
     assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
@@ -81,8 +81,12 @@ def test_series_with_sendfile_is_the_stored_files_and_survives_a_client_leaving(
             path = url.split(str(loaded.server.web_port), 1)[1]
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {SERIES_ACCEPT['Accept']}\r\n\r\n".encode())
             sock.recv(100)
-    again = get(url, headers=SERIES_ACCEPT)
-    assert [p[1] for p in parts(again)] == [p[1] for p in got]
+    with requests.Session() as session:  # keep-alive: the connection serves requests after a sendfile
+        for _ in range(2):
+            again = session.get(url, headers=SERIES_ACCEPT, timeout=30)
+            assert [p[1] for p in parts(again)] == [p[1] for p in got]
+        frame = session.get(f"{url}/instances/{first}/frames/1", headers=FRAME_ACCEPT, timeout=30)
+        assert parts(frame)[0][1] == pydicom.dcmread(loaded.series_dir / "00001.dcm").PixelData
 
 
 def test_access_rules_and_cors_on_the_short_path(tmp_path, loaded: Loaded):
