@@ -1,6 +1,8 @@
 """C-FIND SCP: a DICOM identifier → the one matcher → pending responses filled from the index.
 
-Return keys come from index columns only; no file is opened to answer a query.
+Return keys come from index columns only; no file is opened to answer a query. The responses
+are encoded straight from the index rows (``IdentifierEncoder``, ``response_command``) and
+written to the socket in batches (``serve_find``), not through pynetdicom's per-message path.
 """
 
 from __future__ import annotations
@@ -273,9 +275,9 @@ def find_responses(
         log.warning("C-FIND refused: %s", exc)
         yield _failure(STATUS_UNABLE, str(exc))
         return
-    encoder = IdentifierEncoder(identifier, query, keywords, retrieve_ae, transfer_syntax)
     count = 0
     try:
+        encoder = IdentifierEncoder(identifier, query, keywords, retrieve_ae, transfer_syntax)
         for row in rows:
             yield STATUS_PENDING, encoder.encode(row)
             count += 1
@@ -284,7 +286,7 @@ def find_responses(
                 break
     except Exception as exc:
         log.exception("C-FIND failed after %d matches", count)
-        yield _failure(STATUS_UNABLE, f"index error: {exc}")
+        yield _failure(STATUS_UNABLE, f"C-FIND failed: {exc}")
         return
     log.info("C-FIND %s level: %d matches in %.1f ms", query.level, count, (time.perf_counter() - started) * 1000)
     yield 0x0000, None
