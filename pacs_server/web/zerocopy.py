@@ -31,6 +31,7 @@ so the event loop keeps serving other requests meanwhile.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import socket
@@ -40,6 +41,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+log = logging.getLogger("macpacs.web")
 SENDFILES = "macpacs.sendfiles"
 POLL_MS = 1000  # a waiting thread re-checks this often whether the client went away
 STALL_S = 300.0  # a client that takes nothing for this long is dropped
@@ -144,6 +146,11 @@ async def _sendfiles(cycle: RequestResponseCycle, original: Any, message: dict[s
         try:
             await asyncio.get_running_loop().run_in_executor(_SENDERS, _send_parts, out, parts, trailer)
         except _Gone:
+            cycle.disconnected = True
+            transport.close()
+            return
+        except OSError as exc:  # a file gone or changed since its size was taken: cut the response
+            log.error("response to %s cut short (the client sees it incomplete): %s", cycle.scope["path"], exc)
             cycle.disconnected = True
             transport.close()
             return
