@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import schema
 from .matcher import Query, build
+from .writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ class Index:
         self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
+        self._write_lock: Any = _NoLock()
+        if self.is_sqlite:  # across processes too (DICOM workers): writer_lock.py says why
+            database = self.engine.url.database
+            self._write_lock = WriterLock(Path(database)) if database and database != ":memory:" else threading.Lock()
         self._parents: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
-        self._compiled: dict[str | tuple[str, ...], tuple[str, tuple[str, ...] | None]] = {}
+        self._compiled: dict[str | tuple[str, ...], _Compiled] = {}
         self._returning = bool(self.engine.dialect.insert_returning)
         self._conflicts = (IntegrityError, self.engine.dialect.loaded_dbapi.IntegrityError, _StaleParents)
 
@@ -152,9 +156,13 @@ class Index:
                     with self.engine.connect() as conn:
                         if self.is_sqlite:
                             conn.exec_driver_sql("BEGIN IMMEDIATE")
-                        if parents is None:
-                            parents = self._find_or_create_parents(conn, record, now)
-                        created = self._upsert(conn, record, now, replace, parents)
+                        cursor = conn.connection.dbapi_connection.cursor()
+                        try:
+                            if parents is None:
+                                parents = self._find_or_create_parents(cursor, record, now)
+                            created = self._upsert(conn, cursor, record, now, replace, parents)
+                        finally:
+                            cursor.close()
                         if before_commit is not None:
                             before_commit()  # raising rolls the transaction back (connection closed uncommitted)
                         conn.commit()
@@ -177,119 +185,124 @@ class Index:
         with self._write_lock:
             self._parents.clear()
 
-    def _find_or_create_parents(self, conn: Any, rec: InstanceRecord, now: float) -> tuple[int, int, int]:
-        p, st, se = schema.patient, schema.study, schema.series
-        patient_pk = conn.execute(
-            select(p.c.pk).where(
-                p.c.patient_id == rec.patient["patient_id"],
-                p.c.issuer_of_patient_id == rec.patient["issuer_of_patient_id"],
+    def _find_or_create_parents(self, cursor: Any, rec: InstanceRecord, now: float) -> tuple[int, int, int]:
+        self._run(
+            cursor, "find_patient", {"pid": rec.patient["patient_id"], "issuer": rec.patient["issuer_of_patient_id"]}
+        )
+        row = cursor.fetchone()
+        if row is not None:
+            patient_pk = row[0]
+        else:
+            patient_pk = self._insert(
+                cursor,
+                "patient",
+                {**rec.patient, "charset": rec.charset, "created_at": now}
+                | {"num_studies": 0, "num_series": 0, "num_instances": 0},
             )
-        ).scalar()
-        if patient_pk is None:
-            patient_pk = conn.execute(
-                insert(p).values(
-                    **rec.patient, charset=rec.charset, created_at=now, num_studies=0, num_series=0, num_instances=0
-                )
-            ).inserted_primary_key[0]
 
-        study_row = conn.execute(
-            select(st.c.pk, st.c.modalities_in_study).where(st.c.study_uid == rec.study["study_uid"])
-        ).first()
-        if study_row is None:
-            study_pk = conn.execute(
-                insert(st).values(
-                    **rec.study,
-                    patient_pk=patient_pk,
-                    charset=rec.charset,
-                    created_at=now,
-                    updated_at=now,
-                    modalities_in_study="",
-                    num_series=0,
-                    num_instances=0,
-                )
-            ).inserted_primary_key[0]
-            conn.execute(update(p).where(p.c.pk == patient_pk).values(num_studies=p.c.num_studies + 1))
+        self._run(cursor, "find_study", {"uid": rec.study["study_uid"]})
+        row = cursor.fetchone()
+        if row is None:
+            study_pk = self._insert(
+                cursor,
+                "study",
+                {**rec.study, "patient_pk": patient_pk, "charset": rec.charset, "created_at": now, "updated_at": now}
+                | {"modalities_in_study": "", "num_series": 0, "num_instances": 0},
+            )
+            self._run(cursor, "patient_studies", {"pk_": patient_pk})
             modalities = ""
         else:
-            study_pk, modalities = study_row
+            study_pk, modalities = row
 
-        series_pk = conn.execute(select(se.c.pk).where(se.c.series_uid == rec.series["series_uid"])).scalar()
-        if series_pk is None:
-            series_pk = conn.execute(
-                insert(se).values(**rec.series, study_pk=study_pk, created_at=now, num_instances=0)
-            ).inserted_primary_key[0]
-            conn.execute(update(st).where(st.c.pk == study_pk).values(num_series=st.c.num_series + 1))
-            conn.execute(update(p).where(p.c.pk == patient_pk).values(num_series=p.c.num_series + 1))
+        self._run(cursor, "find_series", {"uid": rec.series["series_uid"]})
+        row = cursor.fetchone()
+        if row is not None:
+            series_pk = row[0]
+        else:
+            series_pk = self._insert(
+                cursor, "series", {**rec.series, "study_pk": study_pk, "created_at": now, "num_instances": 0}
+            )
+            self._run(cursor, "study_series", {"pk_": study_pk})
+            self._run(cursor, "patient_series", {"pk_": patient_pk})
         modality = rec.series.get("modality", "")
         if modality and modality not in modalities.split("\\"):
             merged = "\\".join(sorted(filter(None, [*modalities.split("\\"), modality])))
-            conn.execute(update(st).where(st.c.pk == study_pk).values(modalities_in_study=merged))
+            self._run(cursor, "study_modalities", {"pk_": study_pk, "merged": merged})
         return patient_pk, study_pk, series_pk
 
-    def _upsert(self, conn: Any, rec: InstanceRecord, now: float, replace: bool, parents: tuple[int, int, int]) -> bool:
+    def _upsert(
+        self, conn: Any, cursor: Any, rec: InstanceRecord, now: float, replace: bool, parents: tuple[int, int, int]
+    ) -> bool:
         st, i = schema.study, schema.instance
         patient_pk, study_pk, series_pk = parents
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            self._run(cursor, "find_instance", {"uid": rec.instance["sop_instance_uid"]})
-            row = cursor.fetchone()
-            existing = row[0] if row else None
-            if existing is not None:
-                if not replace:
-                    return False
-                conn.execute(
-                    update(i).where(i.c.pk == existing).values(**rec.instance, series_pk=series_pk, received_at=now)
-                )
-                conn.execute(
-                    update(schema.instance_metadata)
-                    .where(schema.instance_metadata.c.instance_pk == existing)
-                    .values(data=rec.metadata, series_pk=series_pk)
-                )
-                conn.execute(update(st).where(st.c.pk == study_pk).values(updated_at=now))
+        self._run(cursor, "find_instance", {"uid": rec.instance["sop_instance_uid"]})
+        row = cursor.fetchone()
+        if row is not None:
+            if not replace:
                 return False
-            # The hot path of every C-STORE.
-            for name, values in (
-                ("count_series", {"pk_": series_pk, "uid": rec.series["series_uid"]}),
-                ("count_study", {"pk_": study_pk, "uid": rec.study["study_uid"], "now": now}),
-                ("count_patient", {"pk_": patient_pk}),
-            ):
-                self._run(cursor, name, values)
-                if cursor.rowcount != 1:
-                    raise _StaleParents(f"{name}: remembered row {values['pk_']} is gone")
-            columns = (*rec.instance, "series_pk", "received_at")
-            self._run(cursor, columns, {**rec.instance, "series_pk": series_pk, "received_at": now})
-            instance_pk = cursor.fetchall()[0][0] if self._returning else cursor.lastrowid
-            self._run(
-                cursor, "insert_metadata", {"instance_pk": instance_pk, "series_pk": series_pk, "data": rec.metadata}
+            existing = row[0]
+            conn.execute(
+                update(i).where(i.c.pk == existing).values(**rec.instance, series_pk=series_pk, received_at=now)
             )
-            return True
-        finally:
-            cursor.close()
+            conn.execute(
+                update(schema.instance_metadata)
+                .where(schema.instance_metadata.c.instance_pk == existing)
+                .values(data=rec.metadata, series_pk=series_pk)
+            )
+            conn.execute(update(st).where(st.c.pk == study_pk).values(updated_at=now))
+            return False
+        # The hot path of every C-STORE.
+        for name, values in (
+            ("count_series", {"pk_": series_pk, "uid": rec.series["series_uid"]}),
+            ("count_study", {"pk_": study_pk, "uid": rec.study["study_uid"], "now": now}),
+            ("count_patient", {"pk_": patient_pk}),
+        ):
+            self._run(cursor, name, values)
+            if cursor.rowcount != 1:
+                raise _StaleParents(f"{name}: remembered row {values['pk_']} is gone")
+        instance_pk = self._insert(cursor, "instance", {**rec.instance, "series_pk": series_pk, "received_at": now})
+        self._insert(
+            cursor, "instance_metadata", {"instance_pk": instance_pk, "series_pk": series_pk, "data": rec.metadata}
+        )
+        return True
+
+    def _insert(self, cursor: Any, table: str, values: Mapping[str, Any]) -> int:
+        """Insert one row with a pre-compiled statement; returns its ``pk`` (0 for tables without)."""
+        self._run(cursor, (table, *values), values)
+        if "pk" not in schema.metadata.tables[table].c:
+            return 0
+        return cursor.fetchall()[0][0] if self._returning else cursor.lastrowid
 
     def _run(self, cursor: Any, name: str | tuple[str, ...], values: Mapping[str, Any]) -> None:
-        """Execute one of the hot statements, compiled once for this database's dialect."""
+        """Execute a write-path statement, compiled once for this database's dialect."""
         compiled = self._compiled.get(name)
         if compiled is None:
             compiled = self._compiled[name] = self._compile(name)
-        sql, order = compiled
+        sql, order, defaults = compiled
+        if defaults:
+            values = {**defaults, **values}
         cursor.execute(sql, values if order is None else tuple(values[key] for key in order))
 
-    def _compile(self, name: str | tuple[str, ...]) -> tuple[str, tuple[str, ...] | None]:
-        """SQL text and parameter order (None: named parameters) of a hot statement.
+    def _compile(self, name: str | tuple[str, ...]) -> _Compiled:
+        """SQL text, parameter order (None: named parameters) and column defaults of a statement.
 
-        A tuple of column names stands for the instance insert with those columns.
+        A tuple ``(table, column...)`` stands for an insert of those columns into ``table``;
+        the table's other columns with a default get it (SQLAlchemy adds them to the statement).
         """
-        keys: list[str] | None = None
-        if isinstance(name, tuple):
-            stmt: Any = insert(schema.instance)
-            if self._returning:
-                stmt = stmt.returning(schema.instance.c.pk)
-            keys = list(name)
-        else:
-            stmt = _HOT_STATEMENTS[name]
-        compiled = stmt.compile(dialect=self.engine.dialect, column_keys=keys)
-        order = tuple(compiled.positiontup) if compiled.positional else None
-        return compiled.string, order
+        if not isinstance(name, tuple):
+            compiled = _STATEMENTS[name].compile(dialect=self.engine.dialect)
+            return compiled.string, tuple(compiled.positiontup) if compiled.positional else None, {}
+        table = schema.metadata.tables[name[0]]
+        stmt: Any = insert(table)
+        if self._returning and "pk" in table.c:
+            stmt = stmt.returning(table.c.pk)
+        compiled = stmt.compile(dialect=self.engine.dialect, column_keys=list(name[1:]))
+        defaults = {
+            column.key: column.default.arg
+            for column in table.c
+            if column.key not in name[1:] and column.default is not None and column.default.is_scalar
+        }
+        return compiled.string, tuple(compiled.positiontup) if compiled.positional else None, defaults
 
     def clear(self) -> None:
         """Empty every table (reindex starts from here)."""
@@ -460,9 +473,27 @@ class Index:
 
 
 _ONE = literal_column("1")  # a literal, not one more parameter to pass
-_HOT_STATEMENTS: dict[str, Any] = {
+_STATEMENTS: dict[str, Any] = {
+    "find_patient": select(schema.patient.c.pk).where(
+        schema.patient.c.patient_id == bindparam("pid"), schema.patient.c.issuer_of_patient_id == bindparam("issuer")
+    ),
+    "find_study": select(schema.study.c.pk, schema.study.c.modalities_in_study).where(
+        schema.study.c.study_uid == bindparam("uid")
+    ),
+    "find_series": select(schema.series.c.pk).where(schema.series.c.series_uid == bindparam("uid")),
     "find_instance": select(schema.instance.c.pk).where(schema.instance.c.sop_instance_uid == bindparam("uid")),
-    "insert_metadata": insert(schema.instance_metadata),
+    "patient_studies": update(schema.patient)
+    .where(schema.patient.c.pk == bindparam("pk_"))
+    .values(num_studies=schema.patient.c.num_studies + _ONE),
+    "patient_series": update(schema.patient)
+    .where(schema.patient.c.pk == bindparam("pk_"))
+    .values(num_series=schema.patient.c.num_series + _ONE),
+    "study_series": update(schema.study)
+    .where(schema.study.c.pk == bindparam("pk_"))
+    .values(num_series=schema.study.c.num_series + _ONE),
+    "study_modalities": update(schema.study)
+    .where(schema.study.c.pk == bindparam("pk_"))
+    .values(modalities_in_study=bindparam("merged")),
     "count_series": update(schema.series)
     .where(schema.series.c.pk == bindparam("pk_"), schema.series.c.series_uid == bindparam("uid"))
     .values(num_instances=schema.series.c.num_instances + _ONE),
@@ -473,6 +504,10 @@ _HOT_STATEMENTS: dict[str, Any] = {
     .where(schema.patient.c.pk == bindparam("pk_"))
     .values(num_instances=schema.patient.c.num_instances + _ONE),
 }
+
+
+# SQL text, parameter order (None: named parameters), values of columns left to their default.
+_Compiled = tuple[str, tuple[str, ...] | None, dict[str, Any]]
 
 
 class _StaleParents(Exception):

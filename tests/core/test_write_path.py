@@ -1,0 +1,167 @@
+"""The ingest write path on real files and a real SQLite index: durability order, several
+processes writing one index, remembered parent keys that another process made stale."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import event
+
+from pacs_server.config import StorageSettings
+from pacs_server.index import Index
+from pacs_server.ingest import Ingestor, Outcome, read_instance
+from pacs_server.storage import FileStore, storage_key
+from tests.synthetic import write_series
+
+
+def open_archive(data_dir: Path) -> Ingestor:
+    store = FileStore(data_dir)
+    index = Index(f"sqlite:///{data_dir / 'index.sqlite'}")
+    index.migrate()
+    return Ingestor(store, index, StorageSettings())
+
+
+def query(data_dir: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(data_dir / "index.sqlite")
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_commit_comes_after_both_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow fsyncs (run in background threads) must both have returned when the index commits."""
+    ingestor = open_archive(tmp_path / "data")
+    source = write_series(tmp_path / "in", 1, size=16)[0]
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.05)  # a slow disk: a commit that does not wait would come first
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    if not Path("/proc/self/fd").exists():
+        pytest.skip("needs /proc to name the synced descriptors")
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    at_commit: list[list[str]] = []
+    event.listen(ingestor.index.engine, "commit", lambda _conn: at_commit.append(list(synced)))
+
+    result = ingestor.ingest_file(source)
+
+    assert result.outcome is Outcome.STORED
+    final = ingestor.store.path(storage_key(result.sop_instance_uid))
+    assert len(at_commit) == 1
+    done = at_commit[0]
+    assert str(final.parent) in done, "the folder holding the renamed file was synced before the commit"
+    assert any(name.startswith(str(ingestor.store.tmp_dir)) or name == str(final) for name in done), done
+
+
+def test_failed_before_commit_rolls_the_rows_back(tmp_path: Path) -> None:
+    """What ingest passes as ``before_commit`` (the folder fsync) failing leaves no row behind."""
+    ingestor = open_archive(tmp_path / "data")
+    source = write_series(tmp_path / "in", 1, size=16)[0]
+    parsed = read_instance(source)
+    seen_uncommitted: list[int] = []
+
+    def fail() -> None:
+        seen_uncommitted.append(query(tmp_path / "data", "SELECT count(*) FROM instance")[0][0])
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):
+        ingestor.index.add_instance(parsed.record, before_commit=fail)
+    assert seen_uncommitted == [0], "rows are written but not visible to others before the commit"
+    for table in ("patient", "study", "series", "instance", "instance_metadata"):
+        assert query(tmp_path / "data", f"SELECT count(*) FROM {table}") == [(0,)], table  # test constant
+    # The rolled-back parents are not remembered: the next attempt creates them.
+    assert ingestor.index.add_instance(parsed.record)
+    assert query(tmp_path / "data", "SELECT num_instances FROM series") == [(1,)]
+
+
+def test_folder_sync_failure_refuses_and_removes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ingestor = open_archive(tmp_path / "data")
+    source = write_series(tmp_path / "in", 1, size=16)[0]
+    real_fsync = os.fsync
+
+    def failing_dir_fsync(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_dir():
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    if not Path("/proc/self/fd").exists():
+        pytest.skip("needs /proc to name the synced descriptors")
+    monkeypatch.setattr(os, "fsync", failing_dir_fsync)
+    result = ingestor.ingest_file(source)
+    assert result.outcome is Outcome.OUT_OF_RESOURCES
+    assert "cannot store file" in result.message
+    assert query(tmp_path / "data", "SELECT count(*) FROM instance") == [(0,)]
+    assert list(ingestor.store.iter_files()) == []
+
+
+def _ingest_all(data_dir: str, files: list[str]) -> list[str]:
+    ingestor = open_archive(Path(data_dir))
+    return [ingestor.ingest_file(Path(f)).outcome.value for f in files]
+
+
+def test_two_processes_write_one_index(tmp_path: Path) -> None:
+    """Same patients, studies and series from two processes at once: no duplicates, right counts."""
+    data = tmp_path / "data"
+    open_archive(data).index.close()
+    files: list[str] = []
+    for n in range(4):
+        study = generate_uid()
+        for s in range(2):
+            paths = write_series(
+                tmp_path / f"in{n}-{s}",
+                6,
+                size=16,
+                study_uid=study,
+                patient_id=f"P{n % 2}",
+                modality="CT" if s else "MR",
+            )
+            files += [str(p) for p in paths]
+    halves = [files[0::2], files[1::2]]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        outcomes = pool.starmap(_ingest_all, [(str(data), half) for half in halves])
+    assert [o for part in outcomes for o in part] == ["stored"] * len(files)
+
+    assert query(data, "SELECT count(*) FROM instance") == [(48,)]
+    assert query(data, "SELECT count(*), sum(num_studies), sum(num_series), sum(num_instances) FROM patient") == [
+        (2, 4, 8, 48)
+    ]
+    assert query(data, "SELECT count(*), sum(num_series), sum(num_instances) FROM study") == [(4, 8, 48)]
+    assert query(data, "SELECT DISTINCT modalities_in_study FROM study") == [("CT\\MR",)]
+    assert query(data, "SELECT DISTINCT num_instances FROM series") == [(6,)]
+    assert query(data, "SELECT count(*) FROM instance_metadata") == [(48,)]
+
+
+def test_remembered_parents_deleted_by_another_process(tmp_path: Path) -> None:
+    """A series deleted (and its primary keys reused) elsewhere is found again, not written into."""
+    data = tmp_path / "data"
+    first = open_archive(data)
+    other = open_archive(data)  # another process's index: its own remembered keys
+    study, series = generate_uid(), generate_uid()
+    old = write_series(tmp_path / "a", 3, size=16, study_uid=study, series_uid=series, patient_id="A")
+    assert first.ingest_file(old[0]).outcome is Outcome.STORED  # `first` remembers the series' keys
+
+    pks = [row[0] for row in query(data, "SELECT pk FROM instance")]
+    other.index.remove_instances(pks)
+    assert query(data, "SELECT count(*) FROM series") == [(0,)]
+    new = write_series(tmp_path / "b", 2, size=16, patient_id="B")
+    assert all(other.ingest_file(p).outcome is Outcome.STORED for p in new)  # likely reuses the same pks
+
+    assert first.ingest_file(old[1]).outcome is Outcome.STORED
+    rows = query(
+        data,
+        "SELECT p.patient_id, st.study_uid, se.series_uid, se.num_instances, st.num_instances, p.num_instances "
+        "FROM series se JOIN study st ON st.pk = se.study_pk JOIN patient p ON p.pk = st.patient_pk "
+        "ORDER BY p.patient_id",
+    )
+    assert rows[0] == ("A", study, series, 1, 1, 1)
+    assert rows[1][0] == "B" and rows[1][3:] == (2, 2, 2)
