@@ -345,8 +345,8 @@ class Ingestor:
         # The durability order is temp fsync → rename → folder fsync → index commit → answer.
         # The fsyncs hold no GIL, so each runs in the background while this thread does the
         # CPU work of the same instance: the file's fsync while the header is parsed, the
-        # folder's while the metadata cache entry and the index row are built. The index
-        # transaction commits only after the folder fsync has returned (``before_commit``).
+        # folder's while the metadata cache entry is built. The index rows are written only
+        # after the folder fsync has returned.
         synced = self.store.start_sync(temp)
         try:
             parsed = read_instance(temp, source_ae=source_ae, metadata=False)
@@ -383,9 +383,10 @@ class Ingestor:
             placed = self.store.place(temp, key, synced)
         except StorageError as exc:
             return IngestResult(Outcome.OUT_OF_RESOURCES, str(exc), uid, sop_class)
-        parsed.add_metadata()
+        parsed.add_metadata()  # while the folder fsync runs
         try:
-            created = self.index.add_instance(parsed.record, replace=replace, before_commit=placed.wait)
+            placed.wait()  # before the index's writer lock: other writers need not wait for our disk
+            created = self.index.add_instance(parsed.record, replace=replace)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, StorageError) else f"index unavailable: {exc}"
             log.error("storing %s failed: %s", uid, reason)

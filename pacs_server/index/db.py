@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -119,15 +119,11 @@ class Index:
             ).first()
         return StoredInstance(*row) if row else None
 
-    def add_instance(
-        self, record: InstanceRecord, *, replace: bool = False, before_commit: Callable[[], None] | None = None
-    ) -> bool:
+    def add_instance(self, record: InstanceRecord, *, replace: bool = False) -> bool:
         """Insert (or, with ``replace``, update) one instance and its parents in one transaction.
 
-        Returns True when a new instance row was created. ``before_commit`` runs after the rows
-        are written and before the commit; ingest passes the wait for the file's folder fsync,
-        so that a row is never committed before its file is durable, and raising there rolls
-        the transaction back.
+        Returns True when a new instance row was created. Ingest calls this only once the file
+        and its folder are fsynced, so a committed row always has a durable file.
 
         Counters and ModalitiesInStudy are maintained here so that queries never count rows.
         The primary keys of recently seen series and their parents are remembered, so that the
@@ -159,8 +155,6 @@ class Index:
                             created = self._upsert(conn, cursor, record, now, replace, parents)
                         finally:
                             cursor.close()
-                        if before_commit is not None:
-                            before_commit()  # raising rolls the transaction back (connection closed uncommitted)
                         conn.commit()
                     self._remember(series_uid, parents)
                     return created

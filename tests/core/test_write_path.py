@@ -15,7 +15,7 @@ from sqlalchemy import event
 
 from pacs_server.config import StorageSettings
 from pacs_server.index import Index
-from pacs_server.ingest import Ingestor, Outcome, read_instance
+from pacs_server.ingest import Ingestor, Outcome
 from pacs_server.storage import FileStore, storage_key
 from tests.synthetic import write_series
 
@@ -61,27 +61,6 @@ def test_commit_comes_after_both_fsyncs(tmp_path: Path, monkeypatch: pytest.Monk
     done = at_commit[0]
     assert str(final.parent) in done, "the folder holding the renamed file was synced before the commit"
     assert any(name.startswith(str(ingestor.store.tmp_dir)) or name == str(final) for name in done), done
-
-
-def test_failed_before_commit_rolls_the_rows_back(tmp_path: Path) -> None:
-    """What ingest passes as ``before_commit`` (the folder fsync) failing leaves no row behind."""
-    ingestor = open_archive(tmp_path / "data")
-    source = write_series(tmp_path / "in", 1, size=16)[0]
-    parsed = read_instance(source)
-    seen_uncommitted: list[int] = []
-
-    def fail() -> None:
-        seen_uncommitted.append(query(tmp_path / "data", "SELECT count(*) FROM instance")[0][0])
-        raise OSError(5, "Input/output error")
-
-    with pytest.raises(OSError):
-        ingestor.index.add_instance(parsed.record, before_commit=fail)
-    assert seen_uncommitted == [0], "rows are written but not visible to others before the commit"
-    for table in ("patient", "study", "series", "instance", "instance_metadata"):
-        assert query(tmp_path / "data", f"SELECT count(*) FROM {table}") == [(0,)], table  # test constant
-    # The rolled-back parents are not remembered: the next attempt creates them.
-    assert ingestor.index.add_instance(parsed.record)
-    assert query(tmp_path / "data", "SELECT num_instances FROM series") == [(1,)]
 
 
 def test_folder_sync_failure_refuses_and_removes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
