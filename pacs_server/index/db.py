@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from . import schema
 from .matcher import Query, build
+from .writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ class Index:
         self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._write_lock = threading.Lock() if self.is_sqlite else _NoLock()
+        self._write_lock: Any = _NoLock()
+        if self.is_sqlite:  # across processes too (DICOM workers): writer_lock.py says why
+            database = self.engine.url.database
+            self._write_lock = WriterLock(Path(database)) if database and database != ":memory:" else threading.Lock()
         self._parents: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self._compiled: dict[str | tuple[str, ...], _Compiled] = {}
         self._returning = bool(self.engine.dialect.insert_returning)
