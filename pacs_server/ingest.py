@@ -18,6 +18,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,72 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
+# Plain elements whose DICOM JSON ingest writes itself, straight from the encoded bytes (see
+# _plain_json): pydicom's conversion and to_json_dict cost ~40 µs an element, most of a small
+# instance's metadata entry. The values are exactly what pydicom gives (tests/core/test_write_path.py
+# compares the two on pydicom's test files); anything else goes through pydicom.
+_NUMBER_FORMATS = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d"}
+_RSTRIP_THEN_SPLIT = {"AS", "CS", "DA", "DT", "TM", "IS", "DS"}  # pydicom's multi_string
+_SPLIT_THEN_RSTRIP = {"LO", "SH"}  # pydicom's convert_text (ASCII bytes decode alike in every character set)
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*\x00?")  # no escape sequences, no controls; UI's NUL padding
+
+
+def _plain_json(raw: Any) -> dict[str, Any] | None:
+    """DICOM JSON of a still-encoded element of a plain VR, or None when pydicom must do it."""
+    if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
+        return None
+    vr, value = raw.VR, raw.value
+    fmt = _NUMBER_FORMATS.get(vr)
+    if fmt is not None:
+        size = struct.calcsize(fmt)
+        if len(value) % size:
+            return None
+        if not value:
+            return {"vr": vr}
+        count = len(value) // size
+        return {"vr": vr, "Value": list(struct.unpack(("<" if raw.is_little_endian else ">") + fmt * count, value))}
+    if not _PRINTABLE.fullmatch(value):
+        return None
+    text = value.decode("ascii")
+    if vr in _RSTRIP_THEN_SPLIT:
+        items = text.rstrip(" \x00").split("\\")
+    elif vr in _SPLIT_THEN_RSTRIP:
+        items = [item.rstrip("\x00 ") for item in text.split("\\")]
+    elif vr == "UI":
+        items = text.rstrip("\x00 ").split("\\")
+    elif vr == "AE":
+        items = [item.strip() for item in text.split("\\")]
+    else:
+        return None
+    if len(items) == 1 and not items[0]:
+        return {"vr": vr}
+    if vr == "IS":
+        return {"vr": vr, "Value": [int(item) for item in items]}  # ValueError: pydicom decides
+    if vr == "DS":
+        return {"vr": vr, "Value": [float(item) for item in items]}
+    return {"vr": vr, "Value": items}
+
+
+def _dataset_json(ds: Dataset, bulk_uri: Callable[[Any], str]) -> dict[str, Any]:
+    """``ds.to_json_dict`` (bulk data as URIs, undecodable elements left out with a warning),
+    with plain elements encoded by ``_plain_json``."""
+    doc: dict[str, Any] = {}
+    for tag in ds.keys():  # noqa: SIM118 -- iterating the dataset would decode every element
+        key = f"{tag:08X}"
+        try:
+            element = _plain_json(ds.get_item(tag))
+        except ValueError:
+            element = None
+        if element is None:
+            try:
+                element = ds[tag].to_json_dict(bulk_uri, BULK_THRESHOLD)
+            except Exception as exc:  # pydicom raises many types on odd values; the file itself is kept
+                log.warning("metadata cache: %s left out (%s)", key, exc)
+                continue
+        doc[key] = element
+    return doc
+
+
 def _metadata(ds: Dataset, sop_uid: str, pixel_vr: bytes | None) -> bytes:
     """DICOM JSON of the instance without bulk data, zlib-compressed, for the metadata cache.
 
@@ -212,13 +279,7 @@ def _metadata(ds: Dataset, sop_uid: str, pixel_vr: bytes | None) -> bytes:
     def bulk_uri(element: Any) -> str:
         return f"instances/{sop_uid}/bulk/{element.tag:08X}"
 
-    try:
-        doc = ds.to_json_dict(
-            bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_uri, suppress_invalid_tags=True
-        )
-    except Exception as exc:  # pydicom raises many types on odd values; the file itself is kept
-        log.warning("metadata cache: cannot convert %s to DICOM JSON (%s); caching an empty document", sop_uid, exc)
-        doc = {}
+    doc = _dataset_json(ds, bulk_uri)
     if pixel_vr is not None:
         doc["7FE00010"] = {
             "vr": pixel_vr.decode("ascii", "replace"),

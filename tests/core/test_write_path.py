@@ -1,23 +1,27 @@
 """The ingest write path on real files and a real SQLite index: durability order, several
-processes writing one index, remembered parent keys that another process made stale."""
+processes writing one index, remembered parent keys that another process made stale, and the
+metadata cache entry that ingest encodes itself for plain elements."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sqlite3
 import time
+import zlib
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import event
 
 from pacs_server.config import StorageSettings
 from pacs_server.index import Index
-from pacs_server.ingest import Ingestor, Outcome
+from pacs_server.ingest import BULK_THRESHOLD, Ingestor, Outcome, RejectedInstance, read_instance
 from pacs_server.storage import FileStore, storage_key
-from tests.synthetic import write_series
+from tests.synthetic import make_instance, write_series
 
 
 def open_archive(data_dir: Path) -> Ingestor:
@@ -144,3 +148,71 @@ def test_remembered_parents_deleted_by_another_process(tmp_path: Path) -> None:
     )
     assert rows[0] == ("A", study, series, 1, 1, 1)
     assert rows[1][0] == "B" and rows[1][3:] == (2, 2, 2)
+
+
+def _pydicom_json(ds: Dataset, sop_uid: str) -> dict:
+    """What pydicom makes of each element (bulk data as the same URIs), element by element."""
+    doc = {}
+    for tag in ds.keys():  # noqa: SIM118 -- keys, not decoded elements
+        try:
+            doc[f"{tag:08X}"] = ds[tag].to_json_dict(lambda e: f"instances/{sop_uid}/bulk/{e.tag:08X}", BULK_THRESHOLD)
+        except Exception:  # left out, as ingest leaves it out
+            continue
+    return doc
+
+
+def _odd_values(tmp_path: Path, syntax: str) -> Path:
+    """Plain VRs with padding, empty and multiple values, numbers written oddly, and non-ASCII text."""
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=1, size=8)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "", "AXIAL"]
+    ds.StudyDescription = "Tête  "
+    ds.SeriesDescription = "A \\B "
+    ds.StationName = ""
+    ds.InstitutionName = "  lead"
+    ds.PixelSpacing = ["0.5", " 1e-1 "]
+    ds.SliceThickness = "5"
+    ds.SeriesNumber = "+7"
+    ds.AcquisitionNumber = "3.0"  # pydicom accepts an integral float as IS; ingest leaves it to pydicom
+    ds.WindowCenter = ["40", "400"]
+    ds.add_new(0x00181030, "LO", "")
+    ds.add_new(0x00080054, "AE", [" STORE ", "B"])
+    ds.add_new(0x00280106, "US", 3)
+    ds.add_new(0x00181150, "IS", "")
+    ds.add_new(0x00189306, "FD", [1.5, -2.25])
+    ds.add_new(0x00189307, "FL", 0.1)
+    path = tmp_path / f"odd-{syntax}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian])
+def test_metadata_cache_is_what_pydicom_makes(tmp_path: Path, syntax: str) -> None:
+    path = _odd_values(tmp_path, syntax)
+    parsed = read_instance(path)
+    ours = json.loads(zlib.decompress(parsed.record.metadata))
+    reference = json.loads(
+        json.dumps(_pydicom_json(read_instance(path, metadata=False).dataset, parsed.sop_instance_uid))
+    )
+    ours.pop("7FE00010")
+    reference.pop("7FE00010", None)
+    assert ours == reference
+    assert ours["00080008"]["Value"] == ["ORIGINAL", "", "AXIAL"]
+    assert ours["00080054"]["Value"] == ["STORE", "B"]
+
+
+def test_metadata_cache_of_pydicom_test_files(pydicom_test_files: list[Path]) -> None:
+    compared = 0
+    for path in pydicom_test_files:
+        try:
+            parsed = read_instance(path)
+        except RejectedInstance:
+            continue
+        ours = json.loads(zlib.decompress(parsed.record.metadata))
+        ours.pop("7FE00010", None)
+        reference = _pydicom_json(read_instance(path, metadata=False).dataset, parsed.sop_instance_uid)
+        reference.pop("7FE00010", None)
+        assert ours == json.loads(json.dumps(reference)), path.name
+        compared += 1
+    assert compared > 50
