@@ -149,7 +149,9 @@ class Index:
             for attempt in range(2):
                 parents = self._parents.get(series_uid) if attempt == 0 else None
                 try:
-                    with self.engine.connect() as conn:
+                    # An explicit begin: SQLAlchemy commits at the end of the block even though
+                    # most statements go to the driver's cursor behind its back.
+                    with self.engine.connect() as conn, conn.begin():
                         if self.is_sqlite:
                             conn.exec_driver_sql("BEGIN IMMEDIATE")
                         cursor = conn.connection.dbapi_connection.cursor()
@@ -159,7 +161,6 @@ class Index:
                             created = self._upsert(conn, cursor, record, now, replace, parents)
                         finally:
                             cursor.close()
-                        conn.commit()
                     self._remember(series_uid, parents)
                     return created
                 except self._conflicts:

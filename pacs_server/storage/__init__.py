@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-FSYNC_THREADS = 8  # fsyncs in flight at once; more associations simply queue
+FSYNC_THREADS = 32  # fsyncs in flight at once (the file system batches concurrent ones); more queue
 
 
 class StorageError(OSError):
