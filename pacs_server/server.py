@@ -125,7 +125,15 @@ class ArchiveServer:
             self.listener = DicomListener(s, self.index, ingestor)
             self.listener.start(self.store.tmp_dir)
         self.web = WebListener(
-            WebContext(s, self.index, self.store, ingestor, self.started_at, request_stop=self.request_stop)
+            WebContext(
+                s,
+                self.index,
+                self.store,
+                ingestor,
+                self.started_at,
+                request_stop=self.request_stop,
+                dicom_status=self.listener.snapshot,
+            )
         )
         self.web.start()
         if s.xmlrpc.enabled:

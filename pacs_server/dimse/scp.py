@@ -154,6 +154,11 @@ class DicomListener:
             self.server.shutdown()
             self.server = None
 
+    def snapshot(self) -> dict[str, Any]:
+        """Open associations, served in this process (``/health``; workers.py has the same)."""
+        with self._lock:
+            return {"associations": len(self._stats), "workers": []}
+
     # -- association bookkeeping ---------------------------------------------------------------
     def _count(self, assoc: Any, what: str) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import Settings
 from ..index import Index
@@ -31,3 +32,5 @@ class WebContext:
     started_at: float = field(default_factory=time.time)
     request_stop: Callable[[], None] = _nothing
     stop_web_listener: Callable[[], None] = _nothing
+    # The DICOM listener's open associations and worker processes (``/health``).
+    dicom_status: Callable[[], dict[str, Any]] | None = None

@@ -68,7 +68,10 @@ def testdbalive(request: Request) -> Response:
 
 @router.get("/health")
 def health(request: Request) -> JSONResponse:
-    """JSON status: index and storage checks, uptime, free space. 503 when a check fails."""
+    """JSON status: index and storage checks, uptime, DICOM associations and workers, free space.
+
+    503 when the index or storage check fails.
+    """
     ctx: WebContext = request.app.state.ctx
     body: dict[str, Any] = {
         "status": "ok",
@@ -84,6 +87,8 @@ def health(request: Request) -> JSONResponse:
         except HealthError as exc:
             body[name] = str(exc)
             body["status"] = "failing"
+    if ctx.dicom_status is not None:
+        body["dicom"] = ctx.dicom_status()
     try:
         body["free_mb"] = ctx.store.free_bytes() // (1024 * 1024)
     except OSError:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -91,9 +92,15 @@ def test_a_killed_worker_is_replaced(pool: ServerProcess):
     victim.send_signal(signal.SIGKILL)
     assert _wait(lambda: "ended unexpectedly (killed by SIGKILL)" in pool.log())
     assert _wait(lambda: len(_workers(pool)) == 2 and victim.pid not in {p.pid for p in _workers(pool)})
-    assert _wait(lambda: pool.log().count("ready (PID") >= 1)
+    assert _wait(lambda: pool.log().count("ready (PID") == 3)  # 2 at start, then the replacement
     for _ in range(4):  # whichever worker each lands on, it answers
         assert run_tool("echoscu", *pool.dicom_args()).returncode == 0
+    # /health lists the workers the main process runs now, with the connections each serves.
+    with _associations(pool, 1):
+        dicom = requests.get(f"http://127.0.0.1:{pool.web_port}/health", timeout=10).json()["dicom"]
+    assert sorted(w["pid"] for w in dicom["workers"]) == sorted(p.pid for p in _workers(pool))
+    assert all(w["ready"] for w in dicom["workers"])
+    assert dicom["associations"] == 1 == sum(w["associations"] for w in dicom["workers"])
 
 
 def test_workers_die_with_the_main_process(pool: ServerProcess, tmp_path: Path):
