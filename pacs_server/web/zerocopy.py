@@ -171,7 +171,11 @@ async def _sendfiles(cycle: RequestResponseCycle, original: Any, message: dict[s
                 cycle.disconnected = True
                 return
             await asyncio.sleep(0.0005)
-        out = _Socket(transport.get_extra_info("socket"), transport)
+        try:
+            out = _Socket(transport.get_extra_info("socket"), transport)
+        except OSError:  # the connection closed just now
+            cycle.disconnected = True
+            return
         try:
             await _in_thread(_send_parts, out, parts, trailer)
         except _Gone:

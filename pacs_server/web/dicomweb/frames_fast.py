@@ -10,8 +10,9 @@ negotiation (``wado._frames_choice``) and ``wado._read_frames`` (``render``), in
 hop.
 
 Anything it does not answer with a 200 (an error, a frame list, an unusual Accept, HTTP Basic
-credentials) is handed to the full app, which produces the same answer and error messages as before: the request is only
-re-done, never answered differently. It sits inside the CORS middleware, so CORS headers apply.
+credentials) is handed to the full app, which produces the same answer and error messages as
+before: the request is only re-done, never answered differently. It sits inside the CORS
+middleware, so CORS headers apply.
 """
 
 from __future__ import annotations
