@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -167,7 +168,21 @@ def _check_complete(ds: Dataset) -> None:
         )
 
 
+def _plain(ds: Dataset, keyword: str) -> tuple[str, list[Any]] | None:
+    """The values of a still-encoded plain element (``_plain_items``), or None: ask pydicom."""
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        return None
+    try:
+        return _plain_items(ds.get_item(tag))
+    except ValueError:
+        return None
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    plain = _plain(ds, keyword)
+    if plain is not None and plain[0] not in ("IS", "DS"):  # pydicom keeps a number's own spelling
+        return "\\".join(plain[1])[:limit]
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -179,6 +194,9 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
 
 
 def _number(ds: Dataset, keyword: str) -> int | None:
+    plain = _plain(ds, keyword)
+    if plain is not None and plain[0] in ("IS", "US", "UL", "SS", "SL"):
+        return plain[1][0] if plain[1] else None
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -203,18 +221,21 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return uid
 
 
-# Plain elements whose DICOM JSON ingest writes itself, straight from the encoded bytes (see
-# _plain_json): pydicom's conversion and to_json_dict cost ~40 µs an element, most of a small
-# instance's metadata entry. The values are exactly what pydicom gives (tests/core/test_write_path.py
-# compares the two on pydicom's test files); anything else goes through pydicom.
+# Plain elements that ingest decodes itself, straight from the encoded bytes, for the index row
+# and the metadata cache's DICOM JSON (_plain_items): pydicom's conversion and to_json_dict cost
+# ~40 µs an element, most of a small instance's ingest. The values are exactly what pydicom gives
+# (tests/core/test_write_path.py compares the two on pydicom's test files); anything else goes
+# through pydicom.
 _NUMBER_FORMATS = {"US": "H", "UL": "I", "SS": "h", "SL": "i", "FL": "f", "FD": "d"}
 _RSTRIP_THEN_SPLIT = {"AS", "CS", "DA", "DT", "TM", "IS", "DS"}  # pydicom's multi_string
 _SPLIT_THEN_RSTRIP = {"LO", "SH"}  # pydicom's convert_text (ASCII bytes decode alike in every character set)
+_TAGS = {attr.keyword: tag_for_keyword(attr.keyword) for attr in ATTRIBUTES}
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*\x00?")  # no escape sequences, no controls; UI's NUL padding
 
 
-def _plain_json(raw: Any) -> dict[str, Any] | None:
-    """DICOM JSON of a still-encoded element of a plain VR, or None when pydicom must do it."""
+def _plain_items(raw: Any) -> tuple[str, list[Any]] | None:
+    """VR and values (empty: no value) of a still-encoded element of a plain VR, decoded as
+    pydicom decodes it; None when pydicom must do it. ValueError: a number pydicom may read."""
     if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
         return None
     vr, value = raw.VR, raw.value
@@ -223,10 +244,8 @@ def _plain_json(raw: Any) -> dict[str, Any] | None:
         size = struct.calcsize(fmt)
         if len(value) % size:
             return None
-        if not value:
-            return {"vr": vr}
         count = len(value) // size
-        return {"vr": vr, "Value": list(struct.unpack(("<" if raw.is_little_endian else ">") + fmt * count, value))}
+        return vr, list(struct.unpack(("<" if raw.is_little_endian else ">") + fmt * count, value))
     if not _PRINTABLE.fullmatch(value):
         return None
     text = value.decode("ascii")
@@ -234,19 +253,28 @@ def _plain_json(raw: Any) -> dict[str, Any] | None:
         items = text.rstrip(" \x00").split("\\")
     elif vr in _SPLIT_THEN_RSTRIP:
         items = [item.rstrip("\x00 ") for item in text.split("\\")]
-    elif vr == "UI":
+    elif vr in ("UI", "PN"):
         items = text.rstrip("\x00 ").split("\\")
     elif vr == "AE":
         items = [item.strip() for item in text.split("\\")]
     else:
         return None
     if len(items) == 1 and not items[0]:
-        return {"vr": vr}
+        return vr, []
     if vr == "IS":
-        return {"vr": vr, "Value": [int(item) for item in items]}  # ValueError: pydicom decides
+        return vr, [int(item) for item in items]
     if vr == "DS":
-        return {"vr": vr, "Value": [float(item) for item in items]}
-    return {"vr": vr, "Value": items}
+        return vr, [float(item) for item in items]
+    return vr, items
+
+
+def _plain_json(raw: Any) -> dict[str, Any] | None:
+    """DICOM JSON of a still-encoded element of a plain VR, or None when pydicom must do it."""
+    plain = _plain_items(raw)
+    if plain is None or plain[0] == "PN":  # a PN's JSON is an object of name groups
+        return None
+    vr, items = plain
+    return {"vr": vr, "Value": items} if items else {"vr": vr}
 
 
 def _dataset_json(ds: Dataset, bulk_uri: Callable[[Any], str]) -> dict[str, Any]:

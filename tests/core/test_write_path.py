@@ -12,13 +12,16 @@ import time
 import zlib
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import event
 
 from pacs_server.config import StorageSettings
 from pacs_server.index import Index
+from pacs_server.index.attributes import ATTRIBUTES
 from pacs_server.ingest import BULK_THRESHOLD, Ingestor, Outcome, RejectedInstance, read_instance
 from pacs_server.storage import FileStore, storage_key
 from tests.synthetic import make_instance, write_series
@@ -214,5 +217,63 @@ def test_metadata_cache_of_pydicom_test_files(pydicom_test_files: list[Path]) ->
         reference = _pydicom_json(read_instance(path, metadata=False).dataset, parsed.sop_instance_uid)
         reference.pop("7FE00010", None)
         assert ours == json.loads(json.dumps(reference)), path.name
+        compared += 1
+    assert compared > 50
+
+
+def _pydicom_columns(path: Path) -> dict[str, object]:
+    """The index columns as pydicom's decoded values give them (what ingest did before decoding
+    plain elements itself)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    columns: dict[str, object] = {}
+    for attr in ATTRIBUTES:
+        if attr.kind in ("count", "multi", "uid"):
+            continue
+        value = ds.get(attr.keyword)
+        if attr.kind == "int":
+            try:
+                columns[attr.column] = (
+                    None if value in (None, "") else int(value[0] if isinstance(value, MultiValue) else value)
+                )
+            except (TypeError, ValueError, IndexError):
+                columns[attr.column] = None
+            continue
+        if value is None:
+            text = ""
+        elif isinstance(value, MultiValue):
+            text = "\\".join(str(v) for v in value)
+        else:
+            text = str(value)
+        columns[attr.column] = text[: attr.length]
+    return columns
+
+
+def _ingest_columns(path: Path) -> dict[str, object]:
+    record = read_instance(path).record
+    everything = {**record.patient, **record.study, **record.series, **record.instance}
+    return {attr.column: everything[attr.column] for attr in ATTRIBUTES if attr.kind not in ("count", "multi", "uid")}
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian])
+def test_index_columns_are_what_pydicom_decodes(tmp_path: Path, syntax: str) -> None:
+    path = _odd_values(tmp_path, syntax)
+    ds = pydicom.dcmread(path)
+    ds.PatientName = "DOE^JOHN^^DR=^^"
+    ds.ReferringPhysicianName = ["A^B", "C"]
+    ds.PatientSize = " 1.80"
+    ds.save_as(path, enforce_file_format=True)
+    columns = _ingest_columns(path)
+    assert columns == _pydicom_columns(path)
+    assert columns["series_number"] == 7 and columns["acquisition_number"] == 3
+
+
+def test_index_columns_of_pydicom_test_files(pydicom_test_files: list[Path]) -> None:
+    compared = 0
+    for path in pydicom_test_files:
+        try:
+            columns = _ingest_columns(path)
+        except RejectedInstance:
+            continue
+        assert columns == _pydicom_columns(path), path.name
         compared += 1
     assert compared > 50
