@@ -209,8 +209,12 @@ def _number(ds: Dataset, keyword: str) -> int | None:
 
 
 def _required_uid(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    uid = str(value).strip().rstrip("\x00") if value is not None else ""
+    plain = _plain(ds, keyword)
+    if plain is not None:
+        uid = "\\".join(plain[1]).strip()
+    else:
+        value = ds.get(keyword)
+        uid = str(value).strip().rstrip("\x00") if value is not None else ""
     if not uid:
         raise RejectedInstance(Outcome.INVALID, f"{keyword} is missing")
     if len(uid) > 64 or not UID_RE.match(uid):
