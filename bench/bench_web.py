@@ -8,7 +8,7 @@ same synthetic CT series (512×512 int16, ~525 KB per slice) through DCMTK store
 - WADO-RS frames, one request per frame over a keep-alive connection: sequential, and 8 clients at
   once (each its own connection), frames/s, with the server's CPU time per frame request in the
   8-client run (process and children): a figure that a machine shared with other work disturbs
-  far less than the rates;
+  far less than the rates (the same is printed for the whole series);
 - series metadata (``/studies/{s}/series/{se}/metadata``): median latency;
 - the whole series as multipart/related application/dicom: MB/s, next to the loopback limit
   measured in the same run (a bare socket sender in its own process, receiver as below).
@@ -181,10 +181,8 @@ def main() -> None:
         "macpacs": (macpacs, f"http://127.0.0.1:{macpacs.web_port}/dicom-web"),
         "orthanc": (orthanc, f"http://127.0.0.1:{orthanc.http_port}/dicom-web"),
     }
-    results: dict[str, dict[str, list[float]]] = {
-        name: {"frames_seq": [], "frames_8": [], "frames_8_cpu_ms": [], "metadata_ms": [], "series_mb_s": []}
-        for name in servers
-    }
+    measures = ("frames_seq", "frames_8", "frames_8_cpu_ms", "metadata_ms", "series_mb_s", "series_cpu_ms")
+    results: dict[str, dict[str, list[float]]] = {name: {k: [] for k in measures} for name in servers}
     results["loopback"] = {"mb_s": []}
     try:
         for receiver, _base in servers.values():
@@ -199,7 +197,9 @@ def main() -> None:
                 r["frames_8"].append(frames_concurrent(base, study, series, sops))
                 r["frames_8_cpu_ms"].append((cpu_seconds(receiver.proc.pid) - cpu) * 1000 / len(sops))
                 r["metadata_ms"].append(metadata_latency(base, study, series, len(sops)))
+                cpu = cpu_seconds(receiver.proc.pid)
                 mb_s, size = series_mb_s(base, study, series)
+                r["series_cpu_ms"].append((cpu_seconds(receiver.proc.pid) - cpu) * 1000)
                 r["series_mb_s"].append(mb_s)
             results["loopback"]["mb_s"].append(loopback_mb_s(size))
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
@@ -217,6 +217,7 @@ def main() -> None:
         ("  server CPU ms per frame", "frames_8_cpu_ms", False),
         ("series metadata, ms", "metadata_ms", False),
         ("whole series, MB/s", "series_mb_s", True),
+        ("  server CPU ms per series", "series_cpu_ms", False),
     ]
     for label, key, higher_better in rows:
         ratio = m[key] / o[key] if higher_better else o[key] / m[key]
