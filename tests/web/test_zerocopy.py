@@ -1,0 +1,51 @@
+"""``ZeroCopyProtocol`` on a real uvicorn over loopback: the ``macpacs.sendfiles`` extension is
+offered on plain HTTP and sends the files' bytes exactly, counted against Content-Length.
+
+It reaches into uvicorn's httptools protocol (``RequestResponseCycle.send``), so this test is
+what notices an uvicorn upgrade that changes those internals.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import requests
+import uvicorn
+
+from pacs_server.web.zerocopy import SENDFILES, ZeroCopyProtocol
+from tests.conftest import free_port
+
+
+def test_sendfiles_extension_on_real_uvicorn(tmp_path: Path):
+    files = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    files[0].write_bytes(bytes(range(256)) * 4096)  # 1 MB
+    files[1].write_bytes(b"xyz" * 1000)
+    offered: list[bool] = []
+
+    async def app(scope, receive, send):
+        offered.append(SENDFILES in scope.get("extensions", {}))
+        parts = [(b"<a>", files[0], files[0].stat().st_size), (b"<b>", files[1], 10)]
+        length = sum(len(p) + n for p, _f, n in parts) + len(b"<end>")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % length)]})
+        await send({"type": SENDFILES, "parts": parts, "trailer": b"<end>", "more_body": False})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=ZeroCopyProtocol, lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        with requests.Session() as session:  # twice on one keep-alive connection
+            for _ in range(2):
+                r = session.get(f"http://127.0.0.1:{port}/", timeout=10)
+                assert r.status_code == 200
+                assert r.content == b"<a>" + files[0].read_bytes() + b"<b>" + b"xyzxyzxyzx" + b"<end>"
+        assert offered == [True, True]
+    finally:
+        server.should_exit = True
+        thread.join(10)
