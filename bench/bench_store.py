@@ -1,6 +1,7 @@
 """Issue 2 benchmark: C-STORE throughput, ingest with 1,000,000 instances indexed, C-FIND latency.
 
 Run:  .venv/bin/python bench/bench_store.py [--runs 3] [--index-size 1000000] [--out bench/results/store.json]
+Quick, C-STORE only:  .venv/bin/python bench/bench_store.py --runs 1 --store-only "small, 1 assoc" --out /tmp/s.json
 
 Receivers, each started fresh for every run, on the same files in one run:
 - macpacs (`macpacs serve`: fsync, index commit, metadata cache, then the response);
@@ -44,8 +45,9 @@ from pacs_server.storage import storage_key
 WORK = DATA / "work"
 
 
-def store_rates(runs: int) -> dict[str, dict[str, list[float]]]:
-    """inst/s for each receiver and workload; receivers interleaved within each run."""
+def store_rates(runs: int, only: str = "") -> dict[str, dict[str, list[float]]]:
+    """inst/s for each receiver and workload (those whose label contains ``only``); receivers
+    interleaved within each run."""
     ct, small = ct_series(1000), small_instances(5000)
     workloads = {
         "1,000 CT, 1 assoc": (split(ct, 1), 1000),
@@ -53,6 +55,7 @@ def store_rates(runs: int) -> dict[str, dict[str, list[float]]]:
         "1,000 CT, 4 assoc": (split(ct, 4), 1000),
         "5,000 small, 4 assoc": (split(small, 4), 5000),
     }
+    workloads = {label: work for label, work in workloads.items() if only in label}
     kinds: list[type[Receiver]] = [Macpacs, Orthanc, BarePynetdicom]
     rates: dict[str, dict[str, list[float]]] = {k.name: {w: [] for w in workloads} for k in kinds}
     for run in range(runs):
@@ -285,8 +288,24 @@ def main() -> None:
     parser.add_argument("--index-size", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=Path("bench/results/store.json"))
     parser.add_argument("--skip-store", action="store_true", help="only the index-scale and C-FIND parts")
+    parser.add_argument(
+        "--store-only",
+        metavar="LABEL",
+        nargs="?",
+        const="",
+        help="only the C-STORE throughput part, and only workloads whose label contains LABEL "
+        '(e.g. --store-only "small, 1 assoc"), for quick comparisons',
+    )
     args = parser.parse_args()
     results: dict[str, object] = {"runs": args.runs, "index_size": args.index_size}
+    if args.store_only is not None:
+        results["store"] = rates = store_rates(args.runs, args.store_only)
+        for workload in rates["macpacs"]:
+            ours, bare = (statistics.median(rates[k][workload]) for k in ("macpacs", "bare pynetdicom"))
+            print(f"{workload:22s} macpacs / bare pynetdicom = {ours / bare:.2f} (medians)", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        return
     if not args.skip_store:
         results["store"] = store_rates(args.runs)
         results["nagle"] = nagle_rates()
