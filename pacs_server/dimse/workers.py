@@ -139,7 +139,7 @@ class WorkerPool:
             self._sock.close()
         for worker in workers:
             with contextlib.suppress(OSError):
-                worker.channel.shutdown(socket.SHUT_RDWR)
+                worker.channel.shutdown(socket.SHUT_WR)  # its end-of-file; its last log lines still arrive
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for worker in workers:
             worker.process.join(max(0.1, deadline - time.monotonic()))
