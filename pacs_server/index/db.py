@@ -63,6 +63,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     for pragma in (
         "PRAGMA journal_mode=WAL",
         "PRAGMA synchronous=FULL",
+        # macOS: commits and checkpoints flush the drive's cache too (F_FULLFSYNC), as the file
+        # store does; elsewhere SQLite ignores these.
+        "PRAGMA fullfsync=ON",
+        "PRAGMA checkpoint_fullfsync=ON",
         "PRAGMA foreign_keys=ON",
         f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
         "PRAGMA cache_size=-65536",

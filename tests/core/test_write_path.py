@@ -280,3 +280,39 @@ def test_index_columns_of_pydicom_test_files(pydicom_test_files: list[Path]) -> 
         assert columns == _pydicom_columns(path), path.name
         compared += 1
     assert compared > 50
+
+
+def test_index_asks_sqlite_for_full_fsync(tmp_path: Path) -> None:
+    """On macOS SQLite's commits and checkpoints must flush the drive cache (F_FULLFSYNC) too."""
+    ingestor = open_archive(tmp_path / "data")
+    with ingestor.index.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA fullfsync").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA checkpoint_fullfsync").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_flush_uses_full_fsync_where_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where F_FULLFSYNC exists (macOS) it is used; a volume refusing it gets a plain fsync."""
+    import fcntl
+
+    from pacs_server import storage
+
+    calls: list[str] = []
+    monkeypatch.setattr(storage, "FULLFSYNC", 51)  # F_FULLFSYNC's value on macOS
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    refuse = False
+
+    def fake_fcntl(fd: int, cmd: int) -> int:
+        assert cmd == 51
+        calls.append("F_FULLFSYNC")
+        if refuse:
+            raise OSError(45, "Operation not supported")
+        return 0
+
+    monkeypatch.setattr(fcntl, "fcntl", fake_fcntl)
+    with open(tmp_path / "f", "wb") as fh:
+        storage.flush_to_disk(fh.fileno())
+        assert calls == ["F_FULLFSYNC"]
+        refuse = True
+        storage.flush_to_disk(fh.fileno())
+        assert calls == ["F_FULLFSYNC", "F_FULLFSYNC", "fsync"]
