@@ -50,7 +50,7 @@ class DicomSettings:
     # Largest number of matches one C-FIND returns before it stops (0: no limit).
     max_find_results: int = 0
     # How often pynetdicom's reactors poll, in ms (its default is 1): see dimse/tuning.py.
-    reactor_poll_ms: float = 0.25
+    reactor_poll_ms: float = 1.0
     # Processes serving DICOM associations (pynetdicom serves one process's associations under
     # one GIL): 0 = one per CPU core, at most MAX_AUTO_WORKERS; 1 = inside the main process.
     workers: int = 0
