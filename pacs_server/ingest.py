@@ -435,12 +435,8 @@ class Ingestor:
         return self.ingest(temp)
 
     def _ingest(self, temp: Path, source_ae: str) -> IngestResult:
-        # The durability order is temp fsync → rename → folder fsync → index commit → answer.
-        # The fsyncs hold no GIL, so each runs in the background while this thread does the
-        # CPU work of the same instance: the file's fsync while the header is parsed, the
-        # folder's while the metadata cache entry is built. The index rows are written only
-        # after the folder fsync has returned.
-        synced = self.store.start_sync(temp)
+        # The durability order is temp fsync → rename → folder fsync → index commit → answer
+        # (FileStore.commit does the first three).
         try:
             parsed = read_instance(temp, source_ae=source_ae, metadata=False)
         except RejectedInstance as exc:
@@ -473,12 +469,14 @@ class Ingestor:
             )
             return IngestResult(Outcome.OUT_OF_RESOURCES, msg, uid, sop_class)
         try:
-            placed = self.store.place(temp, key, synced)
+            self.store.commit(temp, key)
         except StorageError as exc:
+            log.error("storing %s failed: %s", uid, exc)
+            if not replace:
+                self.store.delete(key)  # renamed but maybe not durable: not acknowledged, not kept
             return IngestResult(Outcome.OUT_OF_RESOURCES, str(exc), uid, sop_class)
-        parsed.add_metadata()  # while the folder fsync runs
+        parsed.add_metadata()
         try:
-            placed.wait()  # before the index's writer lock: other writers need not wait for our disk
             created = self.index.add_instance(parsed.record, replace=replace)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, StorageError) else f"index unavailable: {exc}"

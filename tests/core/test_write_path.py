@@ -43,7 +43,7 @@ def query(data_dir: Path, sql: str) -> list[tuple]:
 
 
 def test_commit_comes_after_both_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slow fsyncs (run in background threads) must both have returned when the index commits."""
+    """Slow fsyncs must both have returned when the index commits."""
     ingestor = open_archive(tmp_path / "data")
     source = write_series(tmp_path / "in", 1, size=16)[0]
     synced: list[str] = []
