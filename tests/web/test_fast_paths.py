@@ -16,7 +16,7 @@ import requests
 
 from tests.conftest import MACPACS, run_tool
 
-from .conftest import Loaded, get, start_server, uids
+from .conftest import Loaded, get, self_signed_cert, start_server, uids
 
 FRAME_ACCEPT = {"Accept": 'multipart/related; type="application/octet-stream"'}
 SERIES_ACCEPT = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
@@ -125,12 +125,7 @@ def test_access_rules_and_cors_on_the_short_path(tmp_path, loaded: Loaded):
 
 
 def test_series_over_https_falls_back_to_ordinary_writes(tmp_path, loaded: Loaded):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     server = start_server(tmp_path / "data", env={"MACPACS_WEB_TLS_CERT": str(cert), "MACPACS_WEB_TLS_KEY": str(key)})
     try:
         files = sorted(loaded.series_dir.glob("*.dcm"))

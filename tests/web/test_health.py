@@ -11,7 +11,7 @@ import requests
 
 from tests.conftest import MACPACS, free_port, run_tool
 
-from .conftest import start_server
+from .conftest import self_signed_cert, start_server
 
 
 def test_testdbalive_answers_exactly_what_osirix_watchdogs_expect(tmp_path):
@@ -106,12 +106,7 @@ def test_debug_fault_switch_absent_by_default(tmp_path):
 
 
 def test_https_with_configured_certificate_and_clear_error_for_a_bad_one(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     env = {"MACPACS_WEB_TLS_CERT": str(cert), "MACPACS_WEB_TLS_KEY": str(key)}
     server = start_server(tmp_path / "data", env=env)
     try:
