@@ -8,6 +8,7 @@ same way everywhere.
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,12 +29,22 @@ def locate(index: Index, keys: Mapping[str, str | None], *, case_insensitive: bo
 
 def instance_path(store: FileStore, instance: StoredInstance) -> Path:
     """The file of a stored instance, exactly as it was received (file meta + dataset)."""
+    return stored_file(store, instance)[0]
+
+
+def stored_file(store: FileStore, instance: StoredInstance) -> tuple[Path, int]:
+    """The file of a stored instance and its size, from one ``stat`` (a series retrieval takes
+    hundreds of them before its first byte)."""
     path = store.path(instance.storage_key)
-    if not path.is_file():
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
         log.error(
             "file of instance %s is missing from the store (%s); run `macpacs reindex` after restoring files",
             instance.sop_instance_uid,
             path,
         )
         raise FileMissing(f"file of instance {instance.sop_instance_uid} is missing from the store")
-    return path
+    return path, info.st_size

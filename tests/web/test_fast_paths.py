@@ -14,6 +14,7 @@ import subprocess
 import pydicom
 import requests
 
+from pacs_server.storage import storage_key
 from tests.conftest import MACPACS, run_tool
 
 from .conftest import Loaded, get, self_signed_cert, start_server, uids
@@ -138,5 +139,22 @@ def test_series_over_https_falls_back_to_ordinary_writes(tmp_path, loaded: Loade
         assert len(parts(r)) == 5 and {body for _head, body in parts(r)} == stored
         frame = requests.get(f"{base}/instances/{sop}/frames/1", headers=FRAME_ACCEPT, verify=str(cert), timeout=30)
         assert parts(frame)[0][1] == pydicom.dcmread(files[0]).PixelData
+    finally:
+        server.stop()
+
+
+def test_series_with_a_file_gone_from_the_store_is_a_clear_error(tmp_path, loaded: Loaded):
+    """The index lists an instance whose file was removed behind our back: the series request
+    names the instance and the repair instead of sending a short or broken body."""
+    server = start_server(tmp_path / "data")
+    try:
+        files = sorted(loaded.series_dir.glob("*.dcm"))
+        run_tool("storescu", *server.dicom_args(), *map(str, files))
+        study, series, sop = uids(files[0])
+        (server.data_dir / "files" / storage_key(sop)).unlink()
+        url = f"http://127.0.0.1:{server.web_port}/dicom-web/studies/{study}/series/{series}"
+        r = requests.get(url, headers=SERIES_ACCEPT, timeout=30)
+        assert r.status_code == 500
+        assert sop in r.json()["detail"] and "macpacs reindex" in r.json()["detail"]
     finally:
         server.stop()

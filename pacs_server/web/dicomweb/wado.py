@@ -31,7 +31,7 @@ from ...index import Query as IndexQuery
 from ...index import StoredInstance
 from ...index.schema import instance as instance_table
 from ...index.schema import instance_metadata
-from ...retrieve import instance_path
+from ...retrieve import instance_path, stored_file
 from ..auth import Principal, require_read
 from ..context import WebContext
 from ..lookup import check_uid, instances, one_instance
@@ -163,9 +163,8 @@ def _stored_parts(
     parts = []
     total = len(f"--{boundary}--\r\n")
     for inst in found:
-        path = instance_path(ctx.store, inst)
+        path, size = stored_file(ctx.store, inst)
         header = _instance_header(boundary, inst, inst.transfer_syntax_uid, base)
-        size = path.stat().st_size
         parts.append((header, path, size))
         total += len(header) + size + 2
     return parts, total
