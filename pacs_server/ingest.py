@@ -324,7 +324,7 @@ def read_instance(path: Path, *, source_ae: str = "", metadata: bool = True) -> 
     """Read a Part-10 file's header, check it, and build its index record. Raises RejectedInstance.
 
     With ``metadata=False`` the metadata cache entry is left for ``ParsedInstance.add_metadata``,
-    so that ingest can build it while the file's folder is being fsynced.
+    so that ingest builds it only for an instance it goes on to store.
     """
     try:
         with open(path, "rb") as fp:
