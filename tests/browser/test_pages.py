@@ -136,7 +136,8 @@ def test_viewer_scroll_window_level_measure(site: Site, page) -> None:
     page.keyboard.press("2")
     page.wait_for_function("window.macpacsViewer.snapshot().win.center === -600")
     assert snapshot(page)["win"] == {"center": -600, "width": 1500}
-    assert "WW 1500  WL -600" in page.inner_text(".ov-br")
+    # The overlay is redrawn on the next animation frame after the state changes: wait for it.
+    page.wait_for_function("document.querySelector('.ov-br').innerText.includes('WW 1500  WL -600')")
     assert "DOE, JOHN" in page.inner_text(".ov-tl") and "Im 16 / 30" in page.inner_text(".ov-bl")
     shot(page, "viewer-ct-lung.png")
 
