@@ -128,6 +128,17 @@ class ServerProcess:
     def dicom_args(self) -> list[str]:
         return ["-aec", self.ae_title, "127.0.0.1", str(self.dicom_port)]
 
+    def kill_client_mid_transfer(self, client: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a sending client; check the server logs the abort and keeps no partial file."""
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "association aborted" not in self.log():
+            time.sleep(0.05)
+        assert "association aborted" in self.log()
+        time.sleep(0.2)
+        assert list((self.data_dir / "tmp").iterdir()) == []
+
     def pid_file_path(self) -> Path:
         return self.data_dir / "macpacs.pid"
 

@@ -7,7 +7,6 @@ and nothing left behind by an abort in the middle of a dataset.
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import subprocess
 import time
@@ -102,14 +101,7 @@ def test_abort_in_a_directly_read_dataset_leaves_nothing(server, tmp_path):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not (_rows(server) == 1 and any(tmp_dir.iterdir())):
         time.sleep(0.005)  # the first is stored and the second is arriving
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "association aborted" not in server.log():
-        time.sleep(0.05)
-    assert "association aborted" in server.log()
-    time.sleep(0.2)
-    assert list(tmp_dir.iterdir()) == []
+    server.kill_client_mid_transfer(proc)
     assert _rows(server) == 1
     assert len(list((server.data_dir / "files").rglob("*.dcm"))) == 1
     run_tool("echoscu", *server.dicom_args())  # still serving
