@@ -24,8 +24,8 @@ unencrypted), and callers fall back to body messages.
 How the socket is shared with the event loop: the transport's write buffer is empty first (the
 response headers went out), and nothing else writes to the connection while its one response is
 in flight, so the kernel socket is the sender's for the call. The whole list is sent by one
-worker thread (``sendfile`` and ``send`` on the non-blocking socket, ``poll`` when it is full),
-so the event loop keeps serving other requests meanwhile.
+thread, with blocking ``sendfile`` and ``send`` calls (``_Socket`` says why), so the event loop
+keeps serving other requests meanwhile.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 log = logging.getLogger("macpacs.web")
 SENDFILES = "macpacs.sendfiles"
-POLL_MS = 1000  # a waiting thread re-checks this often whether the client went away
-STALL_S = 300.0  # a client that takes nothing for this long is dropped
+WAIT_S = 1  # a blocked write gives up this often, to check whether the client went away
+STALL_S = 300  # a client that takes nothing for this long is dropped
+# Holds a part header back to go out with the file after it (Linux); macOS has no such flag.
+MSG_MORE = getattr(socket, "MSG_MORE", 0)
+
+
+def _timeval(seconds: int) -> bytes:
+    """A ``struct timeval`` for ``SO_SNDTIMEO`` (two longs where the microseconds are 0: the
+    layout on Linux and, with its padding, on macOS)."""
+    return struct.pack("ll", seconds, 0)
 
 
 class _Gone(Exception):
@@ -53,68 +61,107 @@ class _Gone(Exception):
 
 
 class _Socket:
-    """Blocking-style writes on the loop's non-blocking socket, for a worker thread."""
+    """Blocking writes on a duplicate of the loop's socket, for the sending thread.
+
+    The connection is switched to blocking mode for the call and back to non-blocking before the
+    loop writes to it again. ``O_NONBLOCK`` belongs to the open file, so the loop's descriptor is
+    blocking meanwhile too; the loop only reads from it then, and only when ``epoll`` says there
+    is something to read, so it never waits. Why blocking: on a non-blocking socket ``sendfile``
+    returns each time the send buffer fills, and the thread goes back round Python and ``poll``.
+    Measured on this machine, 500 files (263 MB) over loopback went out at 0.53 of the loopback
+    limit that way, against 0.83 from a blocking ``sendfile``. ``SO_SNDTIMEO`` bounds each
+    blocked call, so the thread still notices a closed connection or a client that stopped reading.
+    """
 
     def __init__(self, sock: socket.socket, transport: asyncio.Transport) -> None:
-        # A duplicate descriptor of the same connection: a socket object for send(MSG_MORE),
-        # closed after the call without touching the loop's own descriptor.
+        # A duplicate descriptor of the same connection: closed after the call without touching
+        # the loop's own descriptor.
         self.sock = socket.socket(fileno=os.dup(sock.fileno()))
         self.fd = self.sock.fileno()
         self.transport = transport
-        self.poller = select.poll()
-        self.poller.register(self.fd, select.POLLOUT)
+        self.stalled = 0.0
+        self.nodelay = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.sock.setblocking(True)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(WAIT_S))
 
-    def wait(self) -> None:
-        stalled = 0.0
-        while True:
-            if self.transport.is_closing():
-                raise _Gone
-            events = self.poller.poll(POLL_MS)
-            if any(mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _fd, mask in events):
-                raise _Gone
-            if events:
-                return
-            stalled += POLL_MS / 1000
-            if stalled >= STALL_S:
-                raise _Gone
+    def coalesce(self, on: bool) -> None:
+        """Let the kernel fill whole segments (Nagle on), or push what it holds and send at once.
+
+        The loop's transports run with ``TCP_NODELAY``. Left on under ``sendfile``, it cost ~16%
+        of the throughput and more CPU per byte (263 MB over loopback, this machine: ~2,600
+        against ~3,100 MB/s). Turning it back on before the last bytes pushes them out, so the
+        response never ends waiting on a delayed ACK.
+        """
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0 if on else 1)
+
+    def close(self) -> None:
+        """Give the connection back to the loop as it was: non-blocking, no send timeout, its
+        ``TCP_NODELAY`` setting."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, self.nodelay)
+            self.sock.setblocking(False)
+        except OSError:  # the connection is already gone
+            pass
+        finally:
+            self.sock.close()
+
+    def timed_out(self) -> None:
+        """A blocked write gave up after ``WAIT_S`` without sending anything."""
+        if self.transport.is_closing():
+            raise _Gone
+        self.stalled += WAIT_S
+        if self.stalled >= STALL_S:
+            raise _Gone
 
     def send(self, data: bytes, more: bool) -> None:
         view = memoryview(data)
-        flags = socket.MSG_MORE if more else 0
+        flags = MSG_MORE if more else 0
         while view:
             try:
-                view = view[self.sock.send(view, flags) :]
+                sent = self.sock.send(view, flags)
             except BlockingIOError:
-                self.wait()
+                self.timed_out()
+                continue
             except (BrokenPipeError, ConnectionError):
                 raise _Gone from None
+            view = view[sent:]
+            self.stalled = 0.0
 
-    def sendfile(self, path: Path, count: int) -> None:
+    def sendfile(self, path: str | Path, count: int) -> None:
         offset = 0
-        with open(path, "rb") as fh:
+        # os.open, not open(): no buffered file object, and none of the fstat/ioctl/lseek that
+        # open() adds (~1 ms over a 500-file series, in the sending thread).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
             while offset < count:
                 try:
-                    sent = os.sendfile(self.fd, fh.fileno(), offset, count - offset)
+                    sent = os.sendfile(self.fd, fd, offset, count - offset)
                 except BlockingIOError:
-                    self.wait()
+                    self.timed_out()
                     continue
                 except (BrokenPipeError, ConnectionError):
                     raise _Gone from None
                 if sent == 0:
                     raise OSError(f"{path} ended {count - offset} bytes early (changed while being sent?)")
                 offset += sent
+                self.stalled = 0.0
+        finally:
+            os.close(fd)
 
 
-def _send_parts(out: _Socket, parts: list[tuple[bytes, Path, int]], trailer: bytes) -> None:
+def _send_parts(out: _Socket, parts: list[tuple[bytes, str | Path, int]], trailer: bytes) -> None:
     try:
+        out.coalesce(True)
         for prefix, path, count in parts:
             if prefix:
                 out.send(prefix, more=True)
             out.sendfile(path, count)
+        out.coalesce(False)
         if trailer:
             out.send(trailer, more=False)
     finally:
-        out.sock.close()
+        out.close()
 
 
 async def _in_thread(func: Any, *args: Any) -> None:
@@ -157,7 +204,7 @@ async def _sendfiles(cycle: RequestResponseCycle, original: Any, message: dict[s
         raise RuntimeError(f"'{SENDFILES}' is only valid after http.response.start, before the body ends")
     if cycle.disconnected:
         return
-    parts: list[tuple[bytes, Path, int]] = message["parts"]
+    parts: list[tuple[bytes, str | Path, int]] = message["parts"]
     trailer: bytes = message.get("trailer", b"")
     total = sum(len(prefix) + count for prefix, _path, count in parts) + len(trailer)
     if cycle.scope["method"] != "HEAD" and total:

@@ -143,7 +143,7 @@ class _SentFromFiles(Response):
     and every file goes out as stored; otherwise ``_stream_instances`` reads and sends bytes.
     """
 
-    def __init__(self, parts: list[tuple[bytes, Path, int]], boundary: str, length: int) -> None:
+    def __init__(self, parts: list[tuple[bytes, str, int]], boundary: str, length: int) -> None:
         super().__init__(media_type=_multipart(boundary, "application/dicom"), headers={"Content-Length": str(length)})
         # Each file's CRLF goes out in front of the next part's header (or the closing delimiter).
         self.parts = [
@@ -158,7 +158,7 @@ class _SentFromFiles(Response):
 
 def _stored_parts(
     ctx: WebContext, found: list[StoredInstance], base: str | None, boundary: str
-) -> tuple[list[tuple[bytes, Path, int]], int]:
+) -> tuple[list[tuple[bytes, str, int]], int]:
     """Each file's part header, path and size, and the whole body's length."""
     parts = []
     total = len(f"--{boundary}--\r\n")
@@ -180,7 +180,7 @@ def _decompressed_file(path: Path) -> bytes:
 
 def _plan(
     ctx: WebContext, study: str, series: str | None, sop: str | None, ts: str | None, base: str | None, boundary: str
-) -> tuple[list[StoredInstance], list[tuple[bytes, Path, int]] | None, int]:
+) -> tuple[list[StoredInstance], list[tuple[bytes, str, int]] | None, int]:
     """The instances, and when all go out as stored, their parts and the body length: one
     worker-thread call (the lookup and the stat of every file), not one per step."""
     found = instances(ctx, study, series, sop)
