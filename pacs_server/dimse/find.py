@@ -1,7 +1,7 @@
 """C-FIND SCP: a DICOM identifier → the one matcher → pending responses filled from the index.
 
 Return keys come from index columns only; no file is opened to answer a query. The responses
-are encoded straight from the index rows (``IdentifierEncoder``, ``response_command``) and
+are encoded straight from the index rows (``IdentifierEncoder``, ``wire.response_command``) and
 written to the socket in batches (``serve_find``), not through pynetdicom's per-message path.
 """
 
@@ -300,7 +300,7 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
     """The C-FIND SCP, in place of pynetdicom's (``subops.RetrieveServiceClass`` calls it).
 
     The EVT_C_FIND handler (``scp.DicomListener._on_find``, ``find_responses``) yields encoded
-    identifiers; each response is framed here (command set by ``response_command``) and up to
+    identifiers; each response is framed here (command set by ``wire.response_command``) and up to
     BATCH_MESSAGES of them are written to the socket at once by ``wire.write_parts``, instead of
     going one PDU per reactor loop through pynetdicom's queues (~0.5 ms a match).
 
@@ -314,7 +314,7 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
     msg_id = int(req.MessageID)
     sop_class = str(req.AffectedSOPClassUID)
     max_pdu = assoc.dimse.maximum_pdu_size
-    pending = response_command(sop_class, msg_id, STATUS_PENDING, dataset=True)
+    pending = wire.response_command(wire.C_FIND_RSP, sop_class, msg_id, STATUS_PENDING, dataset=True)
     parts: list[bytes | memoryview] = []
     batched = size = count = 0
 
@@ -323,7 +323,7 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
         if isinstance(status, Dataset):
             comment = status.get("ErrorComment")
             status = int(status.Status)
-        command = response_command(sop_class, msg_id, status, dataset=False, comment=comment)
+        command = wire.response_command(wire.C_FIND_RSP, sop_class, msg_id, status, dataset=False, comment=comment)
         parts.extend(wire.small_message(cx_id, command, None, max_pdu))
         wire.write_parts(assoc, [b"".join(parts)])  # one buffer: cheaper than ~130 small ones
         parts.clear()
@@ -367,22 +367,6 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
 
 
 STATUS_HANDLER_FAILED = 0xC311  # pynetdicom's status when the EVT_C_FIND handler raises
-
-
-def response_command(sop_class: str, msg_id: int, status: int, *, dataset: bool, comment: str | None = None) -> bytes:
-    """A C-FIND-RSP command set (PS3.7 9.3.2.2), byte for byte as pynetdicom encodes it."""
-    parts = [
-        wire.command_element(0x0002, wire.uid_value(sop_class)),
-        wire.command_element(0x0100, _US.pack(0x8020)),
-        wire.command_element(0x0120, _US.pack(msg_id)),
-        wire.command_element(0x0800, _US.pack(0x0001 if dataset else 0x0101)),
-        wire.command_element(0x0900, _US.pack(status)),
-    ]
-    if comment:
-        text = str(comment)[:64].encode("ascii", "replace")
-        parts.append(wire.command_element(0x0902, text + b" " if len(text) % 2 else text))
-    body = b"".join(parts)
-    return wire.command_element(0x0000, _UL.pack(len(body))) + body
 
 
 def _cancel_requested(service: Any, msg_id: int) -> bool:

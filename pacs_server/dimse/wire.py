@@ -146,6 +146,45 @@ def store_command(
     return command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
+C_FIND_RSP, C_GET_RSP, C_MOVE_RSP = 0x8020, 0x8010, 0x8021
+
+
+def response_command(
+    command_field: int,
+    sop_class: str,
+    msg_id: int,
+    status: int,
+    *,
+    dataset: bool,
+    comment: str | None = None,
+    counts: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None),
+) -> bytes:
+    """A C-FIND, C-GET or C-MOVE response command set (PS3.7 9.3), byte for byte as pynetdicom
+    encodes it. ``counts`` are the remaining, completed, failed and warning sub-operations
+    (None: left out). Through pynetdicom's primitives and pydicom one took ~1 ms, and a retrieve
+    sends one every ``subops.PENDING_EVERY``.
+    """
+    us = _US.pack
+    parts = [
+        command_element(0x0002, uid_value(sop_class)),
+        command_element(0x0100, us(command_field)),
+        command_element(0x0120, us(msg_id)),
+        command_element(0x0800, us(0x0001 if dataset else 0x0101)),
+        command_element(0x0900, us(status)),
+    ]
+    if comment:
+        text = str(comment)[:64].encode("ascii", "replace")
+        parts.append(command_element(0x0902, text + b" " if len(text) % 2 else text))
+    for element, count in zip((0x1020, 0x1021, 0x1022, 0x1023), counts, strict=True):
+        if count is not None:
+            parts.append(command_element(element, us(count)))
+    body = b"".join(parts)
+    return command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+_US = struct.Struct("<H")
+
+
 def read_dataset(path: Path) -> memoryview:
     """The encoded dataset of a stored Part-10 file: everything after its file meta group.
 

@@ -1,9 +1,10 @@
 """C-FIND responses encoded by hand are the bytes pynetdicom and pydicom produced before (issue 2).
 
-``IdentifierEncoder`` writes index rows straight into a per-query layout; ``response_command``
-encodes the C-FIND-RSP command set. Both are compared here with the pydicom path they replace,
-over every transfer syntax a peer can pick and rows with empty, numeric, multi-valued,
-odd-length and non-ASCII values. The end-to-end answers are in test_find.py (DCMTK findscu).
+``IdentifierEncoder`` writes index rows straight into a per-query layout; ``wire.response_command``
+encodes the C-FIND-RSP command set (and a retrieve's C-MOVE/C-GET responses). Both are compared
+here with the pydicom path they replace, over every transfer syntax a peer can pick and rows
+with empty, numeric, multi-valued, odd-length and non-ASCII values. The end-to-end answers are
+in test_find.py (DCMTK findscu).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom.dimse_messages import C_FIND_RSP
-from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs_server.dimse import wire
-from pacs_server.dimse.find import IdentifierEncoder, build_response, identifier_to_query, response_command
+from pacs_server.dimse.find import IdentifierEncoder, build_response, identifier_to_query
 from pacs_server.index.matcher import build
 
 MODEL = StudyRootQueryRetrieveInformationModelFind
@@ -196,7 +197,7 @@ def test_ascii_rows_take_the_direct_path():
     ("status", "dataset", "comment"),
     [(0xFF00, True, None), (0x0000, False, None), (0xFE00, False, None), (0xC001, False, "odd comment")],
 )
-def test_command_set_matches_pynetdicom(status, dataset, comment):
+def test_find_command_set_matches_pynetdicom(status, dataset, comment):
     rsp = C_FIND()
     rsp.MessageID = rsp.MessageIDBeingRespondedTo = 7
     rsp.AffectedSOPClassUID = MODEL
@@ -207,7 +208,45 @@ def test_command_set_matches_pynetdicom(status, dataset, comment):
     message = C_FIND_RSP()
     message.primitive_to_message(rsp)
     expected = encode(message.command_set, True, True)
-    assert response_command(MODEL, 7, status, dataset=dataset, comment=comment) == expected
+    assert wire.response_command(wire.C_FIND_RSP, MODEL, 7, status, dataset=dataset, comment=comment) == expected
+
+
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
+
+
+@pytest.mark.parametrize("kind", ["move", "get"])
+@pytest.mark.parametrize(
+    ("status", "dataset", "comment", "counts"),
+    [
+        (0xFF00, False, None, (497, 3, 0, 0)),  # pending
+        (0x0000, False, None, (None, 500, 0, 0)),  # success: no remaining count
+        (0xB000, True, "1 failed", (None, 499, 1, 0)),  # warning, failed UIDs in an identifier
+        (0xFE00, False, "odd", (65535, 12, 3, 1)),  # cancelled (odd comment padded)
+        (0xA801, False, "unknown move destination X", (None, None, None, None)),
+    ],
+)
+def test_retrieve_command_set_matches_pynetdicom(kind, status, dataset, comment, counts):
+    """C-MOVE/C-GET responses are hand-encoded for the retrieve's pending stream: byte-identical
+    to what pynetdicom builds from its primitives."""
+    rsp, message, field = (
+        (C_MOVE(), C_MOVE_RSP(), wire.C_MOVE_RSP) if kind == "move" else (C_GET(), C_GET_RSP(), wire.C_GET_RSP)
+    )
+    rsp.MessageIDBeingRespondedTo = 9
+    rsp.AffectedSOPClassUID = MOVE_MODEL
+    rsp.Status = status
+    rsp.Identifier = BytesIO(b"\x08\x00\x58\x00\x00\x00\x00\x00") if dataset else None
+    if comment:
+        rsp.ErrorComment = comment
+    (
+        rsp.NumberOfRemainingSuboperations,
+        rsp.NumberOfCompletedSuboperations,
+        rsp.NumberOfFailedSuboperations,
+        rsp.NumberOfWarningSuboperations,
+    ) = counts
+    message.primitive_to_message(rsp)
+    expected = encode(message.command_set, True, True)
+    got = wire.response_command(field, MOVE_MODEL, 9, status, dataset=dataset, comment=comment, counts=counts)
+    assert got == expected
 
 
 def test_small_message_is_one_pdu_of_two_pdvs_or_fragments():
