@@ -147,6 +147,7 @@ def store_command(
 
 
 C_FIND_RSP, C_GET_RSP, C_MOVE_RSP = 0x8020, 0x8010, 0x8021
+_US = struct.Struct("<H")
 
 
 def response_command(
@@ -180,9 +181,6 @@ def response_command(
             parts.append(command_element(element, us(count)))
     body = b"".join(parts)
     return command_element(0x0000, struct.pack("<I", len(body))) + body
-
-
-_US = struct.Struct("<H")
 
 
 def read_dataset(path: Path) -> memoryview:

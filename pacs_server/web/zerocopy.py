@@ -80,9 +80,15 @@ class _Socket:
         self.fd = self.sock.fileno()
         self.transport = transport
         self.stalled = 0.0
-        self.nodelay = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        self.sock.setblocking(True)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(WAIT_S))
+        try:
+            self.nodelay = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            self.sock.setblocking(True)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(WAIT_S))
+        except OSError:  # the connection closed just now: the caller drops the response
+            with contextlib.suppress(OSError):
+                self.sock.setblocking(False)  # never leave the loop's descriptor blocking
+            self.sock.close()
+            raise
 
     def coalesce(self, on: bool) -> None:
         """Let the kernel fill whole segments (Nagle on), or push what it holds and send at once.

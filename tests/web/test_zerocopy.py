@@ -65,6 +65,11 @@ def test_sendfiles_extension_on_real_uvicorn(tmp_path: Path):
                 assert r.status_code == 200
                 assert r.content == b"<a>" + files[0].read_bytes() + b"<b>" + b"xyzxyzxyzx" + b"<end>"
         assert offered == [True, True]
+        # The app notes the state once the sending thread has returned, which can be just after
+        # the client has the last byte.
+        deadline = time.monotonic() + 10
+        while len(states) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert states == [(False, 1), (False, 1)]
     finally:
         server.should_exit = True
