@@ -36,28 +36,14 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEST_AET = "BENCHDEST"
 
 
-class OrthancQR(Orthanc):
+def orthanc_qr(workdir: Path, dest_port: int) -> Orthanc:
     """Orthanc allowing C-GET/C-MOVE from anyone, knowing the storescp destination."""
-
-    def __init__(self, workdir: Path, dest_port: int) -> None:
-        super().__init__(workdir)
-        self.dest_port = dest_port
-
-    def prepare(self) -> None:
-        super().prepare()
-        path = self.workdir / "orthanc.json"
-        cfg = json.loads(path.read_text())
-        cfg.update(
-            {
-                "DicomAlwaysAllowEcho": True,
-                "DicomAlwaysAllowFind": True,
-                "DicomAlwaysAllowGet": True,
-                "DicomAlwaysAllowMove": True,
-                "DicomCheckModalityHost": False,
-                "DicomModalities": {"dest": [DEST_AET, "127.0.0.1", self.dest_port]},
-            }
-        )
-        path.write_text(json.dumps(cfg))
+    return Orthanc(
+        workdir,
+        DicomAlwaysAllowEcho=True,
+        DicomCheckModalityHost=False,
+        DicomModalities={"dest": [DEST_AET, "127.0.0.1", dest_port]},
+    )
 
 
 def study_uid(folder: Path) -> str:
@@ -103,7 +89,7 @@ def main() -> None:
         env=ENV,
     )
     wait_port(dest_port)
-    servers = [Macpacs(WORK / "macpacs"), OrthancQR(WORK / "orthanc", dest_port)]
+    servers = [Macpacs(WORK / "macpacs"), orthanc_qr(WORK / "orthanc", dest_port)]
     results: dict[str, dict[str, list[float]]] = {}
     try:
         for server in servers:

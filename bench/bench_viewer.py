@@ -31,16 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, MACPACS, ORTHANC_PLUGINS, ROOT, Macpacs, Orthanc, ct_series, send_parallel, split
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WEBVIEWER = ORTHANC_PLUGINS / "libOrthancWebViewer.so"
 
 SCROLL_JS = """async (seconds) => {
@@ -76,12 +68,9 @@ ORTHANC_JS = """() => performance.getEntriesByType("resource")
 class OrthancWebViewer(Orthanc):
     name = "orthanc-webviewer"
 
-    def prepare(self) -> None:
-        super().prepare()
-        cfg = json.loads((self.workdir / "orthanc.json").read_text())
-        cfg["Plugins"] = [str(WEBVIEWER)]
-        cfg["WebViewer"] = {"CachePath": str(self.workdir / "webviewer-cache"), "Threads": 2}
-        (self.workdir / "orthanc.json").write_text(json.dumps(cfg))
+    def __init__(self, workdir: Path) -> None:
+        webviewer = {"CachePath": str(workdir / "webviewer-cache"), "Threads": 2}
+        super().__init__(workdir, Plugins=[str(WEBVIEWER)], WebViewer=webviewer)
 
 
 def uids(folder: Path) -> tuple[str, str]:
@@ -203,7 +192,7 @@ def main() -> None:
     folder = ct_series(args.slices)
     out = {"slices": args.slices, "runs": args.runs}
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         out["macpacs"] = bench_macpacs(browser, folder, args.runs, args.slices)
         if not args.no_orthanc:
             out["orthanc_webviewer"] = bench_orthanc(browser, folder, args.runs, args.slices, args.orthanc_wait)

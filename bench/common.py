@@ -16,15 +16,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.orthanc import ORTHANC, orthanc_config  # noqa: E402
 from tests.synthetic import write_series  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 MACPACS = str(Path(sys.executable).with_name("macpacs"))
-ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 # 130 surnames, one of them SMITH: "SMITH*" matches 1 patient in 130 (~150 of 20,000).
 SURNAMES = ["SMITH"] + [f"N{chr(65 + i // 26)}{chr(65 + i % 26)}SON" for i in range(129)]
@@ -188,31 +189,20 @@ class Macpacs(Receiver):
 class Orthanc(Receiver):
     name, aet = "orthanc", "ORTHANC"
 
-    def __init__(self, workdir: Path, dicomweb: bool = False) -> None:
+    def __init__(self, workdir: Path, dicomweb: bool = False, **settings: Any) -> None:
         super().__init__(workdir)
         self.http_port = free_port()
-        self.dicomweb = dicomweb
+        self.settings = settings
+        if dicomweb:
+            self.settings |= {
+                "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")],
+                "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            }
 
     def prepare(self) -> None:
-        cfg = {
-            "Name": "bench",
-            "StorageDirectory": str(self.workdir / "db"),
-            "IndexDirectory": str(self.workdir / "db"),
-            "DicomAet": self.aet,
-            "DicomPort": self.port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            # Answer C-FIND/C-GET/C-MOVE from peers not declared in DicomModalities (the benchmark clients).
-            "DicomAlwaysAllowFind": True,
-            "DicomAlwaysAllowGet": True,
-            "DicomAlwaysAllowMove": True,
-            "StorageCompression": False,
-            "ConcurrentJobs": 2,
-            "Plugins": [str(ORTHANC_PLUGINS / "libOrthancDicomWeb.so")] if self.dicomweb else [],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        }
+        cfg = orthanc_config(
+            self.workdir, aet=self.aet, dicom_port=self.port, http_port=self.http_port, Name="bench", **self.settings
+        )
         (self.workdir / "orthanc.json").write_text(json.dumps(cfg))
 
     def command(self) -> list[str]:

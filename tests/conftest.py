@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +155,50 @@ def findscu(server: ServerProcess, out_dir: Path, *keys: str, model: str = "-S",
         args += ["-k", key]
     run_tool("findscu", *args)
     return [pydicom.dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+
+
+# A sample study: patient name, patient ID, study date, modality, accession, description, slices.
+Study = tuple[str, str, str, str, str, str, int]
+
+
+def store_studies(server: ServerProcess, folder: Path, studies: Sequence[Study]) -> dict[str, str]:
+    """Store the query tests' sample studies with DCMTK storescu, one series each, plus an MR
+    series ("MR T1") in PID003's study so that it has two modalities; study UIDs by patient ID."""
+    from pydicom.uid import generate_uid
+
+    from tests.synthetic import write_series
+
+    uids: dict[str, str] = {}
+    for name, pid, date, modality, accession, description, slices in studies:
+        uids[pid] = str(generate_uid())
+        write_series(
+            folder / pid,
+            slices,
+            study_uid=uids[pid],
+            patient_name=name,
+            patient_id=pid,
+            study_date=date,
+            modality=modality,
+            accession=accession,
+            study_description=description,
+            size=32,
+        )
+    anna = next(study for study in studies if study[1] == "PID003")
+    write_series(
+        folder / "PID003b",
+        2,
+        study_uid=uids["PID003"],
+        patient_name=anna[0],
+        patient_id="PID003",
+        study_date=anna[2],
+        modality="MR",
+        accession=anna[4],
+        study_description=anna[5],
+        series_description="MR T1",
+        size=32,
+    )
+    run_tool("storescu", *server.dicom_args(), "+sd", "+r", str(folder))
+    return uids
 
 
 @pytest.fixture

@@ -17,22 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import MACPACS, ServerProcess, dcmtk, free_port, wait_for_port
 from tests.synthetic import write_series
 
 from .phantom import write_phantom
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ADMIN, PASSWORD = "admin", "correct horse 42"
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_charset_files
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
-from tests.conftest import findscu, run_tool
+from tests.conftest import findscu, run_tool, store_studies
 from tests.synthetic import write_series
 
 STUDIES = [
@@ -17,7 +17,7 @@ STUDIES = [
     ("DOE^JOHN", "PID001", "20240115", "CT", "ACC001", "CT CHEST", 3),
     ("DOE^JANE", "PID002", "20240220", "MR", "ACC002", "MR BRAIN", 2),
     ("SMITH^ANNA", "PID003", "20231201", "CT", "ACC003", "CT ABDOMEN", 4),
-    ("smith^peter", "PID004", "20220704", "US", "ACC004", "US LIVER", 1),
+    ("smith^peter", "PID004", "20220704", "MR", "ACC004", "US LIVER", 1),  # stored as MR: no US in ModalitiesInStudy
 ]
 
 
@@ -28,36 +28,7 @@ def archive(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("find")
     server = ServerProcess(base / "data", free_port(), free_port(), free_port()).start()
-    uids: dict[str, str] = {}
-    for name, pid, date, modality, acc, desc, n in STUDIES:
-        study_uid = generate_uid()
-        uids[pid] = study_uid
-        write_series(
-            base / "in" / pid,
-            n,
-            study_uid=study_uid,
-            patient_name=name,
-            patient_id=pid,
-            study_date=date,
-            modality=modality if modality != "US" else "MR",
-            accession=acc,
-            study_description=desc,
-            size=32,
-        )
-    # A second series of another modality in SMITH^ANNA's study.
-    write_series(
-        base / "in" / "PID003b",
-        2,
-        study_uid=uids["PID003"],
-        patient_name="SMITH^ANNA",
-        patient_id="PID003",
-        study_date="20231201",
-        modality="MR",
-        accession="ACC003",
-        study_description="CT ABDOMEN",
-        size=32,
-    )
-    run_tool("storescu", *server.dicom_args(), "+sd", "+r", str(base / "in"))
+    uids = store_studies(server, base / "in", STUDIES)
     yield server, uids, base
     server.stop()
 

@@ -19,6 +19,7 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 from tests.conftest import MACPACS, ServerProcess, dcmtk, free_port, wait_for_port
+from tests.orthanc import ORTHANC, orthanc_config
 from tests.synthetic import write_series
 
 CT_STUDY = "1.2.826.0.1.3680043.8.498.1001"
@@ -140,33 +141,22 @@ class OrthancPeer:
 
     def start(self) -> OrthancPeer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "qr-test",
-            "StorageDirectory": str(self.workdir / "db"),
-            "IndexDirectory": str(self.workdir / "db"),
-            "DicomAet": self.AET,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "DicomCheckModalityHost": False,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowFind": True,
-            "DicomAlwaysAllowGet": True,
-            "DicomAlwaysAllowMove": True,
-            "DicomModalities": self.modalities,
-            "StorageCompression": False,
-            "ConcurrentJobs": 2,
-            "Plugins": [],
-        }
+        config = orthanc_config(
+            self.workdir,
+            aet=self.AET,
+            dicom_port=self.dicom_port,
+            http_port=self.http_port,
+            DicomCheckModalityHost=False,
+            DicomAlwaysAllowEcho=True,
+            DicomAlwaysAllowStore=True,
+            DicomModalities=self.modalities,
+        )
         (self.workdir / "orthanc.json").write_text(json.dumps(config))
         # Orthanc links DCMTK, which leaves Nagle on unless TCP_NODELAY=1 (shared/reference/performance.md).
         env = {**os.environ, "TCP_NODELAY": "1"}
         with open(self.workdir / "orthanc.log", "wb") as log:
             self.proc = subprocess.Popen(
-                ["/usr/sbin/Orthanc", str(self.workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, env=env
+                [ORTHANC, str(self.workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, env=env
             )
         wait_for_port(self.http_port, timeout=60, proc=self.proc)
         wait_for_port(self.dicom_port, timeout=60, proc=self.proc)

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import generate_uid
 
 from pacs_server.xmlrpc.server import MAX_CONCURRENT
 from supervisor.probes import XMLRPC_PARAMS, XmlRpcProbe
-from tests.conftest import MACPACS, ServerProcess, findscu, free_port, run_tool, wait_for_port
-from tests.synthetic import write_series
+from tests.conftest import MACPACS, ServerProcess, findscu, free_port, run_tool, store_studies, wait_for_port
 
 STUDIES = [
     # name, patient id, date, modality, accession, description, slices
@@ -32,40 +30,6 @@ STUDIES = [
 ]
 ALL = {"PID001", "PID002", "PID003", "PID004"}
 NSDATE_EPOCH = datetime(2001, 1, 1, tzinfo=UTC)
-
-
-def load(server: ServerProcess, base: Path) -> dict[str, str]:
-    """Store the STUDIES (plus an MR series in SMITH^ANNA's study) with storescu; study UIDs by patient."""
-    uids: dict[str, str] = {}
-    for name, pid, date, modality, acc, desc, n in STUDIES:
-        uids[pid] = str(generate_uid())
-        write_series(
-            base / "in" / pid,
-            n,
-            study_uid=uids[pid],
-            patient_name=name,
-            patient_id=pid,
-            study_date=date,
-            modality=modality,
-            accession=acc,
-            study_description=desc,
-            size=32,
-        )
-    write_series(
-        base / "in" / "PID003b",
-        2,
-        study_uid=uids["PID003"],
-        patient_name="SMITH^ANNA",
-        patient_id="PID003",
-        study_date="20231201",
-        modality="MR",
-        accession="ACC003",
-        study_description="CT ABDOMEN",
-        series_description="MR T1",
-        size=32,
-    )
-    run_tool("storescu", *server.dicom_args(), "+sd", "+r", str(base / "in"))
-    return uids
 
 
 def start(base: Path, env: dict[str, str] | None = None) -> ServerProcess:
@@ -80,7 +44,7 @@ def start(base: Path, env: dict[str, str] | None = None) -> ServerProcess:
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Any:
     base = tmp_path_factory.mktemp("xmlrpc")
     server = start(base)
-    server.uids = load(server, base)  # type: ignore[attr-defined]
+    server.uids = store_studies(server, base / "in", STUDIES)  # type: ignore[attr-defined]
     yield server
     server.stop()
 
@@ -453,7 +417,7 @@ def stored_files(server: ServerProcess) -> int:
 def test_delete_removes_rows_and_files(tmp_path: Path) -> None:
     server = start(tmp_path)
     try:
-        load(server, tmp_path)
+        store_studies(server, tmp_path / "in", STUDIES)
         assert stored_files(server) == 12
         # One image of DOE^JOHN's series.
         [image] = find(server, 'series.study.patientID == "PID001" AND instanceNumber == 2', "Image")["elements"]
@@ -579,7 +543,7 @@ def test_retrieve_and_cmove_from_another_node(tmp_path: Path) -> None:
     remote = ServerProcess(tmp_path / "b" / "data", free_port(), free_port(), free_port(), ae_title="PACSB").start()
     try:
         wait_for_port(ours.xmlrpc_port, proc=ours.proc)
-        load(remote, tmp_path / "b")
+        store_studies(remote, tmp_path / "b" / "in", STUDIES)
         add_node(ours, "Remote", remote)
         add_node(remote, "ArchiveA", ours)  # C-MOVE destination PACSA
         unreachable = ServerProcess(tmp_path / "c", free_port(), 0, 0, ae_title="GONE")
