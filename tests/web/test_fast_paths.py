@@ -10,12 +10,14 @@ from __future__ import annotations
 import io
 import socket
 import subprocess
+import time
 
 import pydicom
 import requests
 
 from pacs_server.storage import storage_key
 from tests.conftest import MACPACS, run_tool
+from tests.synthetic import write_series
 
 from .conftest import Loaded, get, self_signed_cert, start_server, uids
 
@@ -156,5 +158,44 @@ def test_series_with_a_file_gone_from_the_store_is_a_clear_error(tmp_path, loade
         r = requests.get(url, headers=SERIES_ACCEPT, timeout=30)
         assert r.status_code == 500
         assert sop in r.json()["detail"] and "macpacs reindex" in r.json()["detail"]
+    finally:
+        server.stop()
+
+
+def test_a_client_that_stops_reading_holds_up_nothing_else(tmp_path):
+    """While a series goes out, the sending thread runs the connection in blocking mode. A client
+    that stops reading must not hold up the event loop (other requests are answered, and a
+    request it pipelines meanwhile is read), and the transfer resumes, whole, when it reads again
+    (the sender's blocked writes time out, EAGAIN, and carry on), followed by the pipelined
+    request's answer."""
+    server = start_server(tmp_path / "data")
+    try:
+        files = write_series(tmp_path / "big", 40, size=512, patient_id="WEBBIG")  # ~21 MB
+        run_tool("storescu", *server.dicom_args(), *map(str, files))
+        study, series, sop = uids(files[0])
+        path = f"/dicom-web/studies/{study}/series/{series}"
+        with socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            slow.connect(("127.0.0.1", server.web_port))
+            slow.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {SERIES_ACCEPT['Accept']}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += slow.recv(4096)
+            length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+            assert length > 20_000_000
+            time.sleep(5)  # the sender is blocked on the full socket; its writes time out (EAGAIN) and retry
+            # A pipelined request on the same connection: the loop reads it off the (blocking) socket.
+            slow.sendall(b"GET /testdbalive HTTP/1.1\r\nHost: x\r\n\r\n")
+            started = time.monotonic()
+            base = f"http://127.0.0.1:{server.web_port}"
+            assert requests.get(f"{base}/testdbalive", timeout=10).status_code == 200
+            frame = requests.get(f"{base}{path}/instances/{sop}/frames/1", headers=FRAME_ACCEPT, timeout=10)
+            assert parts(frame)[0][1] == pydicom.dcmread(files[0]).PixelData
+            assert time.monotonic() - started < 5
+            rest = bytearray(head.partition(b"\r\n\r\n")[2])
+            slow.settimeout(30)
+            while b"Test DB Alive succeeded" not in rest[length:] and (chunk := slow.recv(1 << 20)):
+                rest += chunk
+            assert rest[length:].startswith(b"HTTP/1.1 200 OK")  # the series was whole, then the next answer
     finally:
         server.stop()
