@@ -246,20 +246,15 @@ def store_response(request: _Request, result: int | Dataset) -> bytes:
         comment = result.get("ErrorComment")
     else:
         status = int(result)
-    us = struct.Struct("<H").pack
-    parts = [
-        wire.command_element(0x0002, wire.uid_value(request.sop_class)),
-        wire.command_element(0x0100, us(0x8001)),
-        wire.command_element(0x0120, us(request.message_id)),
-        wire.command_element(0x0800, us(0x0101)),
-        wire.command_element(0x0900, us(status)),
-    ]
-    if comment:
-        text = str(comment)[:64].encode("ascii", "replace")
-        parts.append(wire.command_element(0x0902, text + b" " if len(text) % 2 else text))
-    parts.append(wire.command_element(0x1000, wire.uid_value(request.sop_instance)))
-    body = b"".join(parts)
-    return wire.command_element(0x0000, struct.pack("<I", len(body))) + body
+    return wire.response_command(
+        wire.C_STORE_RSP,
+        request.sop_class,
+        request.message_id,
+        status,
+        dataset=False,
+        comment=comment,
+        sop_instance=request.sop_instance,
+    )
 
 
 # -- the DUL side: never read a PDU while the association thread does --------------------------

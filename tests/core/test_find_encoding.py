@@ -1,7 +1,7 @@
 """C-FIND responses encoded by hand are the bytes pynetdicom and pydicom produced before (issue 2).
 
 ``IdentifierEncoder`` writes index rows straight into a per-query layout; ``wire.response_command``
-encodes the C-FIND-RSP command set (and a retrieve's C-MOVE/C-GET responses). Both are compared
+encodes the C-FIND-RSP command set (and C-STORE, C-MOVE and C-GET responses). Both are compared
 here with the pydicom path they replace, over every transfer syntax a peer can pick and rows
 with empty, numeric, multi-valued, odd-length and non-ASCII values. The end-to-end answers are
 in test_find.py (DCMTK findscu).
@@ -19,8 +19,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP
-from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -247,6 +247,24 @@ def test_retrieve_command_set_matches_pynetdicom(kind, status, dataset, comment,
     expected = encode(message.command_set, True, True)
     got = wire.response_command(field, MOVE_MODEL, 9, status, dataset=dataset, comment=comment, counts=counts)
     assert got == expected
+
+
+@pytest.mark.parametrize(("status", "comment"), [(0x0000, None), (0xB000, "coerced"), (0xA700, "odd")])
+def test_store_response_command_set_matches_pynetdicom(status, comment):
+    """The C-STORE-RSP that store_scp answers each instance with comes from the same encoder."""
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 5
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = "1.2.3.45"
+    rsp.Status = status
+    if comment:
+        rsp.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    got = wire.response_command(
+        wire.C_STORE_RSP, rsp.AffectedSOPClassUID, 5, status, dataset=False, comment=comment, sop_instance="1.2.3.45"
+    )
+    assert got == encode(message.command_set, True, True)
 
 
 def test_small_message_is_one_pdu_of_two_pdvs_or_fragments():
