@@ -39,8 +39,8 @@ from bench.common import (
     split,
     study_date,
 )
-from pacs_server.index import Index
-from pacs_server.storage import storage_key
+from macpacs.pacs_server.index import Index
+from macpacs.pacs_server.storage import storage_key
 
 WORK = DATA / "work"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pacs_server.index.writer_lock import WriterLock
+from macpacs.pacs_server.index.writer_lock import WriterLock
 
 
 def writer(db: str, count: int, cross_process: bool, out: multiprocessing.Queue) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from pacs_server import config as pacs_config
+from macpacs.pacs_server import config as pacs_config
 
 from .layout import KCPASSWORD, SERVER_UNIT, SOFTWARE_UPDATE, SUPERVISOR_UNIT
 from .linux import UNITS

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pacs_server import config as pacs_config
+from macpacs.pacs_server import config as pacs_config
 
 from .host import Host
 from .layout import Layout, Options

@@ -15,18 +15,18 @@ import click
 
 # command name -> "module:attribute" of the click command that implements it
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "serve": ("pacs_server.cli", "serve", "Run the archive in the foreground (DICOM, web, XML-RPC)."),
-    "import": ("pacs_server.cli", "import_", "Import DICOM files from folders into the archive."),
-    "reindex": ("pacs_server.cli", "reindex", "Rebuild the index from the stored files alone."),
-    "nodes": ("pacs_server.cli_nodes", "nodes", "Manage the registry of DICOM nodes."),
-    "query": ("pacs_server.cli_scu", "query", "C-FIND on a remote DICOM node."),
-    "retrieve": ("pacs_server.cli_scu", "retrieve", "Retrieve studies from a remote node (C-MOVE or C-GET)."),
-    "send": ("pacs_server.cli_scu", "send", "Send a study, series or instance to a node (C-STORE)."),
-    "users": ("pacs_server.cli_users", "users", "Manage web admin users."),
-    "install": ("installer.cli", "install", "Turn this host into an unattended macpacs server."),
-    "uninstall": ("installer.cli", "uninstall", "Undo `macpacs install`."),
-    "doctor": ("installer.cli", "doctor", "Check every part of an installation."),
-    "supervise": ("supervisor.cli", "supervise", "Watchdog: restart the server when it hangs."),
+    "serve": ("macpacs.pacs_server.cli", "serve", "Run the archive in the foreground (DICOM, web, XML-RPC)."),
+    "import": ("macpacs.pacs_server.cli", "import_", "Import DICOM files from folders into the archive."),
+    "reindex": ("macpacs.pacs_server.cli", "reindex", "Rebuild the index from the stored files alone."),
+    "nodes": ("macpacs.pacs_server.cli_nodes", "nodes", "Manage the registry of DICOM nodes."),
+    "query": ("macpacs.pacs_server.cli_scu", "query", "C-FIND on a remote DICOM node."),
+    "retrieve": ("macpacs.pacs_server.cli_scu", "retrieve", "Retrieve studies from a remote node (C-MOVE or C-GET)."),
+    "send": ("macpacs.pacs_server.cli_scu", "send", "Send a study, series or instance to a node (C-STORE)."),
+    "users": ("macpacs.pacs_server.cli_users", "users", "Manage web admin users."),
+    "install": ("macpacs.installer.cli", "install", "Turn this host into an unattended macpacs server."),
+    "uninstall": ("macpacs.installer.cli", "uninstall", "Undo `macpacs install`."),
+    "doctor": ("macpacs.installer.cli", "doctor", "Check every part of an installation."),
+    "supervise": ("macpacs.supervisor.cli", "supervise", "Watchdog: restart the server when it hangs."),
 }
 
 

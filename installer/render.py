@@ -12,7 +12,7 @@ from typing import Any
 
 import jinja2
 
-import templates
+from macpacs import templates
 
 from .layout import SERVER_LABEL, SERVER_UNIT, Layout
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pacs_server import config as pacs_config
+from macpacs.pacs_server import config as pacs_config
 
 from . import render
 from .host import Host

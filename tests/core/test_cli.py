@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_server import config
+from macpacs.pacs_server import config
 from tests.conftest import MACPACS, findscu, free_port, run_tool
 from tests.synthetic import write_series
 

@@ -24,9 +24,9 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from pacs_server.dimse import wire
-from pacs_server.dimse.find import IdentifierEncoder, build_response, identifier_to_query
-from pacs_server.index.matcher import build
+from macpacs.pacs_server.dimse import wire
+from macpacs.pacs_server.dimse.find import IdentifierEncoder, build_response, identifier_to_query
+from macpacs.pacs_server.index.matcher import build
 
 MODEL = StudyRootQueryRetrieveInformationModelFind
 # build_response (the pydicom path compared with) sets an empty US value as "", as it always did.

@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
-from pacs_server.storage import storage_key
+from macpacs.pacs_server.storage import storage_key
 from tests.conftest import dcmtk, findscu, free_port, run_tool, wait_for_port
 from tests.synthetic import make_instance, write_series
 

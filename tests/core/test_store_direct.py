@@ -20,8 +20,8 @@ from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, write_file_meta_info
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
-from pacs_server.dimse.store_scp import file_meta
-from pacs_server.storage import storage_key
+from macpacs.pacs_server.dimse.store_scp import file_meta
+from macpacs.pacs_server.storage import storage_key
 from tests.conftest import dcmtk, run_tool
 from tests.synthetic import make_instance, write_series
 

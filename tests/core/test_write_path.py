@@ -19,11 +19,11 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import event
 
-from pacs_server.config import StorageSettings
-from pacs_server.index import Index
-from pacs_server.index.attributes import ATTRIBUTES
-from pacs_server.ingest import BULK_THRESHOLD, Ingestor, Outcome, RejectedInstance, read_instance
-from pacs_server.storage import FileStore, storage_key
+from macpacs.pacs_server.config import StorageSettings
+from macpacs.pacs_server.index import Index
+from macpacs.pacs_server.index.attributes import ATTRIBUTES
+from macpacs.pacs_server.ingest import BULK_THRESHOLD, Ingestor, Outcome, RejectedInstance, read_instance
+from macpacs.pacs_server.storage import FileStore, storage_key
 from tests.synthetic import make_instance, write_series
 
 
@@ -295,7 +295,7 @@ def test_flush_uses_full_fsync_where_it_exists(tmp_path: Path, monkeypatch: pyte
     """Where F_FULLFSYNC exists (macOS) it is used; a volume refusing it gets a plain fsync."""
     import fcntl
 
-    from pacs_server import storage
+    from macpacs.pacs_server import storage
 
     calls: list[str] = []
     monkeypatch.setattr(storage, "FULLFSYNC", 51)  # F_FULLFSYNC's value on macOS

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from installer import engine
-from installer.layout import Options
-from installer.steps import Context
+from macpacs.installer import engine
+from macpacs.installer.layout import Options
+from macpacs.installer.steps import Context
 
 from .fakes import PASSWORD, FakeHost, FakeMac, RecordingSystem, options
 

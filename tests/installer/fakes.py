@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from installer import kcpassword
-from installer.host import Host
-from installer.layout import LOGINWINDOW, SOFTWARE_UPDATE, Options
-from installer.steps import HEALTH_BODY
-from installer.system import Result, System
+from macpacs.installer import kcpassword
+from macpacs.installer.host import Host
+from macpacs.installer.layout import LOGINWINDOW, SOFTWARE_UPDATE, Options
+from macpacs.installer.steps import HEALTH_BODY
+from macpacs.installer.system import Result, System
 
 USER, UID, GID, PASSWORD = "pacs", 501, 20, "s3cret pass\\word"
 VERSION = "0.1.0"

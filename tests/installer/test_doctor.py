@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from installer import doctor
+from macpacs.installer import doctor
 
 from .fakes import USER
 

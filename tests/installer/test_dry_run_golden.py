@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from installer.steps import default_source
+from macpacs.installer.steps import default_source
 
 from .fakes import PASSWORD
 

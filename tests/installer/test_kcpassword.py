@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from installer import kcpassword
+from macpacs.installer import kcpassword
 
 KEY = [0x7D, 0x89, 0x52, 0x23, 0xD2, 0xBC, 0xDD, 0xEA, 0xA3, 0xB9, 0x1F]
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from installer.host import Host
-from installer.layout import Layout, Options
-from installer.linux import unit_files
-from installer.steps import HEALTH_BODY, Context, Effective
-from installer.system import System
-from pacs_server import config as pacs_config
+from macpacs.installer.host import Host
+from macpacs.installer.layout import Layout, Options
+from macpacs.installer.linux import unit_files
+from macpacs.installer.steps import HEALTH_BODY, Context, Effective
+from macpacs.installer.system import System
+from macpacs.pacs_server import config as pacs_config
 
 from ..conftest import MACPACS, free_port
 
@@ -127,7 +127,7 @@ def serve_from_venv(root: Path, tmp_path: Path, ports: list[int]) -> None:
     ).stdout.strip()
     Path(purelib, "_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     where = subprocess.run(
-        [str(venv_python), "-c", "import pacs_server; print(pacs_server.__file__)"],
+        [str(venv_python), "-c", "import macpacs.pacs_server as p; print(p.__file__)"],
         capture_output=True,
         text=True,
         check=True,

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from installer import kcpassword
-from installer.layout import LOGINWINDOW
-from installer.steps import InstallError
+from macpacs.installer import kcpassword
+from macpacs.installer.layout import LOGINWINDOW
+from macpacs.installer.steps import InstallError
 
 from .fakes import GID, PASSWORD, UID, USER
 
@@ -167,7 +167,7 @@ def test_plists_keys_and_types(mac):
 def test_supervisor_arguments_are_accepted_by_the_supervisor(mac):
     from click.testing import CliRunner
 
-    from supervisor.cli import supervise
+    from macpacs.supervisor.cli import supervise
 
     mac.install(ae_title="CT ROOM 1")
     args = plistlib.loads((mac.root / AGENTS / "org.macpacs.supervisor.plist").read_bytes())["ProgramArguments"]

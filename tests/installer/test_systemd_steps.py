@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from installer.host import Host
-from installer.layout import Layout
-from installer.linux import UNITS, Systemd
-from installer.steps import Context, Effective
-from installer.system import Result
+from macpacs.installer.host import Host
+from macpacs.installer.layout import Layout
+from macpacs.installer.linux import UNITS, Systemd
+from macpacs.installer.steps import Context, Effective
+from macpacs.installer.system import Result
 
 from .fakes import RecordingSystem, options
 

@@ -75,7 +75,7 @@ def test_retrieve_to_an_unknown_destination_explains(loaded, orthanc):
 
 def assert_stored(server, sources: dict, study_uid: str) -> None:
     """Every instance of the study is in our store, with the dataset Orthanc had."""
-    from pacs_server.storage import storage_key
+    from macpacs.pacs_server.storage import storage_key
 
     expected = {
         u for u, p in sources.items() if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study_uid

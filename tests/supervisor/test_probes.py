@@ -10,7 +10,7 @@ import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from supervisor.probes import EchoProbe, HttpProbe, ProbeRunner, XmlRpcProbe, build_probes
+from macpacs.supervisor.probes import EchoProbe, HttpProbe, ProbeRunner, XmlRpcProbe, build_probes
 
 from .conftest import Peer, free_port, wait_until
 

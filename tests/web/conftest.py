@@ -41,7 +41,7 @@ class Loaded:
         return self.base + "/dicom-web"
 
     def stored_path(self, sop_uid: str) -> Path:
-        from pacs_server.storage import storage_key
+        from macpacs.pacs_server.storage import storage_key
 
         return self.server.data_dir / "files" / storage_key(sop_uid)
 

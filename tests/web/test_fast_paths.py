@@ -15,7 +15,7 @@ import time
 import pydicom
 import requests
 
-from pacs_server.storage import storage_key
+from macpacs.pacs_server.storage import storage_key
 from tests.conftest import MACPACS, run_tool
 from tests.synthetic import write_series
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import requests
 import uvicorn
 
-from pacs_server.web.zerocopy import SENDFILES, ZeroCopyProtocol
+from macpacs.pacs_server.web.zerocopy import SENDFILES, ZeroCopyProtocol
 from tests.conftest import free_port
 
 

@@ -8,8 +8,8 @@ from datetime import datetime
 
 import pytest
 
-from pacs_server.index.matcher import All, AnyOf, Match, Not
-from pacs_server.predicate import (
+from macpacs.pacs_server.index.matcher import All, AnyOf, Match, Not
+from macpacs.pacs_server.predicate import (
     MAX_COMPARISONS,
     MAX_DEPTH,
     MAX_LENGTH,
@@ -22,8 +22,8 @@ from pacs_server.predicate import (
     nsdate,
     parse,
 )
-from pacs_server.predicate import Not as PNot
-from pacs_server.xmlrpc.osirix import element, nsdate_text, resolve, table_name, to_expression
+from macpacs.pacs_server.predicate import Not as PNot
+from macpacs.pacs_server.xmlrpc.osirix import element, nsdate_text, resolve, table_name, to_expression
 
 C = Comparison
 

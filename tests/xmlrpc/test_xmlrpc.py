@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from pacs_server.xmlrpc.server import MAX_CONCURRENT
-from supervisor.probes import XMLRPC_PARAMS, XmlRpcProbe
+from macpacs.pacs_server.xmlrpc.server import MAX_CONCURRENT
+from macpacs.supervisor.probes import XMLRPC_PARAMS, XmlRpcProbe
 from tests.conftest import MACPACS, ServerProcess, findscu, free_port, run_tool, store_studies, wait_for_port
 
 STUDIES = [

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from pacs_server.index.schema import metadata
+from macpacs.pacs_server.index.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

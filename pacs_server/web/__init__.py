@@ -1,0 +1,1 @@
+"""The web adapter: FastAPI app, DICOMweb, WADO-URI, pages and their JSON API."""
