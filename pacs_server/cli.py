@@ -8,14 +8,18 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .config import ConfigError, Settings, load
 
-_ingestor: Any = None  # one per import worker process
+if TYPE_CHECKING:
+    from .archive import Archive
+
+_archive: Archive | None = None  # the archive of an import worker process
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,6 +44,27 @@ def load_settings(config_path: str | None, **sections: dict[str, Any]) -> Settin
         return load(config_path, overrides=sections)
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+
+
+def command_archive(config_path: str | None, data_dir: str | None) -> Archive:
+    """The archive a command works on (``--config``/``--data-dir``), migrated; closed when the command ends."""
+    return click.get_current_context().with_resource(_opened_archive(config_path, data_dir))
+
+
+@contextmanager
+def _opened_archive(config_path: str | None, data_dir: str | None) -> Iterator[Archive]:
+    from .archive import open_archive
+
+    settings = load_settings(config_path, storage={"data_dir": data_dir})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        archive = open_archive(settings)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    try:
+        yield archive
+    finally:
+        archive.close()
 
 
 @click.command()
@@ -97,24 +122,15 @@ def _walk(paths: tuple[str, ...]) -> Iterator[Path]:
 
 
 def _init_worker(settings: Settings) -> None:
-    global _ingestor
-    _ingestor = _make_ingestor(settings, migrate=False)  # the parent migrated already
+    from .archive import open_archive
 
-
-def _make_ingestor(settings: Settings, *, migrate: bool) -> Any:
-    from .index import Index
-    from .ingest import Ingestor
-    from .storage import FileStore
-
-    store = FileStore(settings.data_dir)  # creates the folders
-    index = Index(settings.index_url)
-    if migrate:
-        index.migrate()
-    return Ingestor(store, index, settings.storage)
+    global _archive
+    _archive = open_archive(settings, migrate=False)  # the parent migrated already
 
 
 def _import_one(path: Path) -> tuple[str, str, str]:
-    result = _ingestor.ingest_file(path)
+    assert _archive is not None
+    result = _archive.ingestor.ingest_file(path)
     return str(path), result.outcome.value, result.message
 
 
@@ -135,18 +151,18 @@ def import_(config_path: str | None, data_dir: str | None, paths: tuple[str, ...
     Files that are not DICOM are skipped and listed at the end. Re-importing the same files
     stores nothing twice.
     """
-    settings = load_settings(config_path, storage={"data_dir": data_dir})
+    global _archive
+    archive = command_archive(config_path, data_dir)
+    _archive = archive
     files = list(_walk(paths))
     outcomes: Counter[str] = Counter()
     problems: list[tuple[str, str, str]] = []
-    global _ingestor
-    _ingestor = _make_ingestor(settings, migrate=True)
     with click.progressbar(length=len(files), label=f"Importing {len(files)} files", file=sys.stderr) as bar:
         if jobs == 1:
             results: Iterator[tuple[str, str, str]] = map(_import_one, files)
             executor = None
         else:
-            executor = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(settings,))
+            executor = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(archive.settings,))
             results = executor.map(_import_one, files, chunksize=16)
         try:
             for path, outcome, message in results:
@@ -170,17 +186,12 @@ def import_(config_path: str | None, data_dir: str | None, paths: tuple[str, ...
 @config_options
 def reindex(config_path: str | None, data_dir: str | None) -> None:
     """Rebuild the index from the stored files alone (after a restore, or to repair the index)."""
-    from .index import Index
     from .reindex import reindex as run_reindex
-    from .storage import FileStore
 
-    settings = load_settings(config_path, storage={"data_dir": data_dir})
-    store = FileStore(settings.data_dir)
-    index = Index(settings.index_url)
-    index.migrate()
-    total = sum(1 for _ in store.iter_files())
+    archive = command_archive(config_path, data_dir)
+    total = sum(1 for _ in archive.blobs.iter_files())
     with click.progressbar(length=total, label=f"Reindexing {total} files", file=sys.stderr) as bar:
-        report = run_reindex(store, index, progress=bar.update)
+        report = run_reindex(archive.blobs, archive.index, progress=bar.update)
     for path, reason in report.failed:
         click.echo(f"skipped: {path}: {reason}", err=True)
     click.echo(f"Reindex finished: {report.indexed} instances indexed, {len(report.failed)} files skipped.")

@@ -11,19 +11,14 @@ from typing import Any
 
 import click
 
-from .cli import config_options, load_settings
+from .cli import command_archive, config_options
 from .config import Settings
 from .nodes import OPERATIONS, STATUSES, Node, NodeError, NodeRegistry
 
 
 def _registry(config_path: str | None, data_dir: str | None) -> tuple[Settings, NodeRegistry]:
-    from .index import Index
-
-    settings = load_settings(config_path, storage={"data_dir": data_dir})
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    index = Index(settings.index_url)
-    index.migrate()
-    return settings, NodeRegistry(index)
+    archive = command_archive(config_path, data_dir)
+    return archive.settings, archive.nodes
 
 
 def _rights(value: str) -> dict[str, bool]:

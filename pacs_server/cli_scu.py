@@ -6,29 +6,12 @@ ends with a one-line summary; a failure exits non-zero with a message that says 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from .cli import config_options, load_settings
-from .config import Settings
+from .cli import command_archive, config_options
 from .nodes import Node, NodeError, NodeRegistry
-
-
-@contextmanager
-def _archive(config_path: str | None, data_dir: str | None) -> Iterator[tuple[Settings, Any, NodeRegistry]]:
-    from .index import Index
-
-    settings = load_settings(config_path, storage={"data_dir": data_dir})
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    index = Index(settings.index_url)
-    try:
-        index.migrate()
-        yield settings, index, NodeRegistry(index)
-    finally:
-        index.close()
 
 
 def _node(registry: NodeRegistry, name: str) -> Node:
@@ -109,16 +92,15 @@ def send(
 ) -> None:
     """Send a patient, study, series or instance of this archive to NODE (C-STORE)."""
     from .dimse import scu
-    from .storage import FileStore
 
     _level, keys = _target_keys(patient_id, study, series, instance)
-    with _archive(config_path, data_dir) as (settings, index, registry):
-        target = _node(registry, node)
-        bar = _Bar(f"sending to {target.name}")
-        try:
-            progress = scu.send(target, settings, index, FileStore(settings.data_dir), keys, on_progress=bar)
-        finally:
-            bar.close()
+    archive = command_archive(config_path, data_dir)
+    target = _node(archive.nodes, node)
+    bar = _Bar(f"sending to {target.name}")
+    try:
+        progress = scu.send(target, archive, keys, on_progress=bar)
+    finally:
+        bar.close()
     if not progress.total:
         raise click.ClickException("nothing in this archive matches; check the UID with `macpacs query` or the web UI")
     click.echo(f"sent to {target.name}: {progress.summary()}")
@@ -156,12 +138,12 @@ def query(config_path: str | None, data_dir: str | None, node: str, extra: tuple
         if not sep or not keyword.strip():
             raise click.BadParameter(f"{item!r}: use Keyword=value", param_hint="-k")
         keys[keyword.strip()] = value
-    with _archive(config_path, data_dir) as (settings, _index, registry):
-        target = _node(registry, node)
-        try:
-            found = scu.query(target, settings, "STUDY", keys)
-        except (scu.ScuError, ValueError, KeyError) as exc:
-            raise click.ClickException(str(exc)) from None
+    archive = command_archive(config_path, data_dir)
+    target = _node(archive.nodes, node)
+    try:
+        found = scu.query(target, archive.settings, "STUDY", keys)
+    except (scu.ScuError, ValueError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from None
     rows = [("PATIENT NAME", "PATIENT ID", "DATE", "MODALITY", "ACCESSION", "DESCRIPTION", "IMAGES", "STUDY UID")]
     for ds in found:
         rows.append(
@@ -210,29 +192,18 @@ def retrieve(
 ) -> None:
     """Retrieve a patient, study, series or instance from NODE into this archive."""
     from .dimse import scu
-    from .ingest import Ingestor
-    from .storage import FileStore
 
     level, keys = _target_keys(patient_id, study, series, instance)
-    with _archive(config_path, data_dir) as (settings, index, registry):
-        target = _node(registry, node)
-        ingestor = Ingestor(FileStore(settings.data_dir), index, settings.storage) if method == "get" else None
-        bar = _Bar(f"retrieving from {target.name}")
-        try:
-            result = scu.retrieve(
-                target,
-                settings,
-                level,
-                keys,
-                method=method,
-                destination=destination,
-                ingestor=ingestor,
-                on_progress=bar,
-            )
-        except scu.ScuError as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            bar.close()
+    archive = command_archive(config_path, data_dir)
+    settings = archive.settings
+    target = _node(archive.nodes, node)
+    bar = _Bar(f"retrieving from {target.name}")
+    try:
+        result = scu.retrieve(target, archive, level, keys, method=method, destination=destination, on_progress=bar)
+    except scu.ScuError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        bar.close()
     p = result.progress
     click.echo(f"C-{method.upper()} from {target.name}: status 0x{result.status:04X}, {p.summary()}")
     if result.status == 0 and not p.total:

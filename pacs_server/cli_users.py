@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
-from .cli import config_options, load_settings
+from .cli import command_archive, config_options
 
-
-def _users(config_path: str | None, data_dir: str | None):  # -> Users (imported lazily: fast --help)
-    from .index import Index
+if TYPE_CHECKING:
     from .users import Users
 
-    settings = load_settings(config_path, storage={"data_dir": data_dir})
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    index = Index(settings.index_url)
-    index.migrate()
-    return Users(index)
+
+def _users(config_path: str | None, data_dir: str | None) -> Users:
+    return command_archive(config_path, data_dir).users
 
 
 def _password(password_stdin: bool, prompt: str = "Password") -> str:

@@ -1,7 +1,8 @@
 """Starts and stops everything of one archive process: index, store, DICOM listener; PID file.
 
 Server mode: nothing here ever waits for a person. A corrupt SQLite index is moved aside and
-rebuilt from the stored files in the background while the listener already accepts stores.
+rebuilt from the stored files in the background while the listener already accepts stores
+(``archive.open_archive``).
 """
 
 from __future__ import annotations
@@ -16,17 +17,12 @@ from pathlib import Path
 from types import FrameType
 
 import psutil
-from sqlalchemy.exc import DatabaseError
 
 from . import logs
+from .archive import Archive, open_archive
 from .config import Settings
 from .dimse.scp import DicomListener
 from .dimse.workers import WorkerPool
-from .index import Index
-from .ingest import Ingestor
-from .reindex import reindex
-from .storage import FileStore
-from .web.context import WebContext
 from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
@@ -69,30 +65,6 @@ class PidFile:
                 self.path.unlink()
 
 
-def open_index(settings: Settings, store: FileStore) -> Index:
-    """Open and migrate the index; a corrupt SQLite file is moved aside and rebuilt from storage."""
-    index = Index(settings.index_url)
-    try:
-        index.migrate()
-        index.ping()
-        return index
-    except DatabaseError as exc:
-        if not index.is_sqlite:
-            raise
-        index.close()
-        db = settings.data_dir / "index.sqlite"
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        log.error("index %s is unreadable (%s): moving it aside as %s.corrupt-%s and rebuilding", db, exc, db, stamp)
-        for suffix in ("", "-wal", "-shm"):
-            part = Path(str(db) + suffix)
-            if part.exists():
-                part.rename(Path(f"{db}.corrupt-{stamp}{suffix}"))
-        index = Index(settings.index_url)
-        index.migrate()
-        threading.Thread(target=reindex, args=(store, index), name="reindex", daemon=True).start()
-        return index
-
-
 class ArchiveServer:
     """One archive process. ``start`` brings every service up; ``stop`` takes them down."""
 
@@ -101,8 +73,7 @@ class ArchiveServer:
         self.started_at = time.time()
         self.pid_file = PidFile(settings.pid_file)
         self._stop = threading.Event()
-        self.store: FileStore | None = None
-        self.index: Index | None = None
+        self.archive: Archive | None = None
         self.listener: DicomListener | WorkerPool | None = None
         self.web: WebListener | None = None
         self.xmlrpc: XmlRpcServer | None = None
@@ -111,33 +82,24 @@ class ArchiveServer:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.pid_file.acquire()
-        self.store = FileStore(s.data_dir)
-        removed = self.store.clean_temp()
+        archive = self.archive = open_archive(s, repair=True)
+        archive.started_at = self.started_at
+        archive.request_stop = self.request_stop
+        removed = archive.blobs.clean_temp()
         if removed:
             log.info("removed %d temporary files left by interrupted transfers", removed)
-        self.index = open_index(s, self.store)
-        ingestor = Ingestor(self.store, self.index, s.storage)
         workers = s.dicom.worker_count()
         if workers > 1:  # associations served by worker processes: dimse/workers.py says why
             self.listener = WorkerPool(s, workers)
             self.listener.start()  # they start while the web server does; self.listener.serve() below
         else:
-            self.listener = DicomListener(s, self.index, ingestor)
-            self.listener.start(self.store.tmp_dir)
-        self.web = WebListener(
-            WebContext(
-                s,
-                self.index,
-                self.store,
-                ingestor,
-                self.started_at,
-                request_stop=self.request_stop,
-                dicom_status=self.listener.snapshot,
-            )
-        )
+            self.listener = DicomListener(archive)
+            self.listener.start()
+        archive.dicom_status = self.listener.snapshot
+        self.web = WebListener(archive)
         self.web.start()
         if s.xmlrpc.enabled:
-            self.xmlrpc = XmlRpcServer(s, self.index, self.store, ingestor, request_stop=self.request_stop)
+            self.xmlrpc = XmlRpcServer(archive)
             self.xmlrpc.start()
         if isinstance(self.listener, WorkerPool):
             self.listener.serve()
@@ -169,9 +131,9 @@ class ArchiveServer:
         if self.listener is not None:
             self.listener.stop()
             self.listener = None
-        if self.index is not None:
-            self.index.close()
-            self.index = None
+        if self.archive is not None:
+            self.archive.close()
+            self.archive = None
         self.pid_file.release()
         log.info("macpacs stopped")
 

@@ -39,10 +39,8 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ..config import Settings
-from ..index import Index
-from ..ingest import Ingestor
-from ..nodes import Node, NodeRegistry
+from ..archive import Archive
+from ..nodes import Node
 from . import store_scp, subops, tuning
 from .find import find_responses, status_with_comment
 from .get import get_responses
@@ -72,12 +70,13 @@ def _peer_of(assoc: Any) -> str:
 class DicomListener:
     """Owns the AE and the association server; ``start`` returns once the port is listening."""
 
-    def __init__(self, settings: Settings, index: Index, ingestor: Ingestor) -> None:
-        self.settings = settings
-        self.index = index
-        self.ingestor = ingestor
-        self.store = ingestor.store
-        self.registry = NodeRegistry(index)
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.settings = archive.settings
+        self.index = archive.index
+        self.ingestor = archive.ingestor
+        self.store = archive.blobs
+        self.registry = archive.nodes
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
@@ -114,10 +113,11 @@ class DicomListener:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self, tmp_dir: Path) -> None:
+    def start(self) -> None:
         """Listen on the DICOM port in this process (``dicom.workers = 1``)."""
         d = self.settings.dicom
-        self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=self.prepare(tmp_dir))
+        handlers = self.prepare(self.store.tmp_dir)
+        self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=handlers)
         tuning.share_contexts(self.server)
         log.info("DICOM listener on %s:%d, AE title %s", d.bind, d.port, d.ae_title)
 

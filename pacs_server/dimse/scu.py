@@ -30,12 +30,10 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.status import code_to_category
 
+from ..archive import Archive
 from ..config import Settings
-from ..index import Index
-from ..ingest import Ingestor
 from ..nodes import Node
 from ..retrieve import locate
-from ..storage import FileStore
 from . import subops, wire
 from .subops import PeerError, Progress
 
@@ -102,19 +100,18 @@ def echo(node: Node, settings: Settings) -> float:
 
 def send(
     node: Node,
-    settings: Settings,
-    index: Index,
-    store: FileStore,
+    archive: Archive,
     keys: Mapping[str, str],
     on_progress: ProgressCallback | None = None,
 ) -> Progress:
     """C-STORE what ``keys`` match in our archive (a patient, study, series or instance) to ``node``."""
-    instances = locate(index, keys, case_insensitive=settings.dicom.case_insensitive_names)
+    settings = archive.settings
+    instances = locate(archive.index, keys, case_insensitive=settings.dicom.case_insensitive_names)
     progress = Progress(len(instances))
     if not instances:
         return progress
     ae = client_ae(settings)
-    for _pending in subops.send_to_node(ae, node, store, instances, progress):
+    for _pending in subops.send_to_node(ae, node, archive.blobs, instances, progress):
         if on_progress:
             on_progress(progress)
     if on_progress:
@@ -169,21 +166,21 @@ class RetrieveResult:
 
 def retrieve(
     node: Node,
-    settings: Settings,
+    archive: Archive,
     level: str,
     keys: Mapping[str, str],
     *,
     method: str = "move",
     destination: str | None = None,
-    ingestor: Ingestor | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> RetrieveResult:
     """Retrieve from ``node`` by C-MOVE (to ``destination``, default our own AE) or C-GET.
 
     C-MOVE needs our running listener registered on the node under our AE title; C-GET needs
-    no registration: the instances come back on this association and go through ``ingestor``
-    (the one ingest path).
+    no registration: the instances come back on this association and go through the archive's
+    ingestor (the one ingest path).
     """
+    settings, ingestor = archive.settings, archive.ingestor
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     for keyword, value in keys.items():
@@ -195,8 +192,6 @@ def retrieve(
         assoc = subops.associate(ae, node, [build_context(model)])
         responses = assoc.send_c_move(identifier, destination or settings.dicom.ae_title, model)
     elif method == "get":
-        if ingestor is None:
-            raise ValueError("a C-GET needs an ingestor to store what comes back")
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(ingestor.store.tmp_dir)
         # 127 contexts: the C-GET model and the 120 most common storage classes, any syntax.

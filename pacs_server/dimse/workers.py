@@ -5,7 +5,7 @@ once, one process reached 191 small instances/s where a bare pynetdicom SCP alon
 (shared/reference/performance.md). So with ``dicom.workers`` > 1 the main process (which also
 runs the web server and XML-RPC) owns the listening socket, accepts each connection and hands
 its file descriptor to one of N worker processes over a Unix socket (``socket.send_fds``). Each
-worker runs the same ``DicomListener`` with its own Index, FileStore and Ingestor, opened from
+worker runs the same ``DicomListener`` over its own ``Archive`` (``archive.open_archive``), opened from
 the same settings; the SQLite index (WAL, busy timeout) takes writes from all of them.
 
 Why the main process accepts, rather than every worker accepting on an inherited listening socket:
@@ -346,16 +346,13 @@ def worker_main(number: int, sock: socket.socket, settings: Settings) -> None:
 
 
 def _serve(settings: Settings) -> Any:
-    """This worker's own Index, FileStore, Ingestor and listener, and a server that does not listen."""
-    from ..index import Index
-    from ..ingest import Ingestor
-    from ..storage import FileStore
+    """This worker's own Archive and listener, and a server that does not listen."""
+    from ..archive import open_archive
     from . import tuning
     from .scp import DicomListener
 
-    store = FileStore(settings.data_dir)
-    index = Index(settings.index_url)  # the main process migrated it
-    listener = DicomListener(settings, index, Ingestor(store, index, settings.storage))
+    archive = open_archive(settings, migrate=False)  # the main process migrated the index
+    listener = DicomListener(archive)
     # pynetdicom's own limit counts association threads, which outlive a closed connection by up
     # to the ACSE timeout; the main process counts connections across workers (the real limit).
     listener.ae.maximum_associations = 10 * settings.dicom.max_associations
@@ -365,7 +362,7 @@ def _serve(settings: Settings) -> Any:
         (d.bind, d.port),
         d.ae_title,
         listener.ae.supported_contexts,
-        evt_handlers=listener.prepare(store.tmp_dir),
+        evt_handlers=listener.prepare(archive.blobs.tmp_dir),
     )
     tuning.share_contexts(server)
     server.listener = listener  # keeps it alive for the handlers bound to its methods

@@ -22,7 +22,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, literal_column, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from . import schema
 from .matcher import Query, build
@@ -77,6 +77,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class IndexUnreadable(Exception):
+    """The index database cannot be read: a corrupt file, or not a database at all."""
+
+
 class Index:
     """One index database, shared by every protocol of the process."""
 
@@ -101,7 +105,16 @@ class Index:
 
     # -- schema -----------------------------------------------------------------------------
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (a no-op when it is already there)."""
+        """Bring the schema to the newest revision (a no-op when it is already there).
+
+        IndexUnreadable when the database is corrupt (the server then rebuilds it: archive.py).
+        """
+        try:
+            self._migrate()
+        except DatabaseError as exc:
+            raise IndexUnreadable(str(exc.orig or exc)) from exc
+
+    def _migrate(self) -> None:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         head = ScriptDirectory.from_config(config).get_current_head()
@@ -429,9 +442,27 @@ class Index:
             }
 
     def ping(self) -> None:
-        """A real round trip through the pool (start-up and the status page)."""
-        with self.engine.connect() as conn:
-            conn.execute(select(func.count()).select_from(schema.patient).where(schema.patient.c.pk == -1)).scalar_one()
+        """A real round trip through the pool (start-up and the status page); IndexUnreadable if corrupt."""
+        try:
+            with self.engine.connect() as conn:
+                patient = schema.patient
+                conn.execute(select(func.count()).select_from(patient).where(patient.c.pk == -1)).scalar_one()
+        except DatabaseError as exc:
+            raise IndexUnreadable(str(exc.orig or exc)) from exc
+
+    def move_aside(self) -> Path:
+        """Rename a (corrupt) SQLite file and its WAL and shared-memory files to ``*.corrupt-<time>``.
+
+        Nothing is deleted: the old file stays for inspection. Returns its new name.
+        """
+        database = Path(self.engine.url.database or "")
+        self.close()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{database}{suffix}")
+            if part.exists():
+                part.rename(f"{database}.corrupt-{stamp}{suffix}")
+        return Path(f"{database}.corrupt-{stamp}")
 
     def check_writable(self, lock_timeout: float, busy_timeout_ms: int) -> None:
         """Go through the write path as a C-STORE would, changing nothing (for /testdbalive).

@@ -1,6 +1,6 @@
 """The web application: one FastAPI app on the web port (default 3333).
 
-``create_app(ctx)`` assembles the routers: health (``/testdbalive``, ``/health``), WADO-URI
+``create_app(archive)`` assembles the routers: health (``/testdbalive``, ``/health``), WADO-URI
 (``/wado``), DICOMweb (``/dicom-web``), the JSON API (``/api``), and the browser pages. The
 OpenAPI document is at ``/openapi.json`` (browsable at ``/api/docs``).
 """
@@ -13,12 +13,11 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from ..archive import Archive
 from ..index import QueryError
 from ..retrieve import FileMissing
-from ..users import Users
 from . import api, debug, health, pages, wado_uri
 from .auth import Authenticator, load_secret
-from .context import WebContext
 from .dicomweb import router as dicomweb_router
 from .dicomweb.frames_fast import FrameShortPath
 
@@ -30,8 +29,8 @@ def _version() -> str:
         return "0"
 
 
-def create_app(ctx: WebContext) -> FastAPI:
-    settings = ctx.settings
+def create_app(archive: Archive) -> FastAPI:
+    settings = archive.settings
     app = FastAPI(
         title="macpacs",
         version=_version(),
@@ -39,8 +38,8 @@ def create_app(ctx: WebContext) -> FastAPI:
         docs_url="/api/docs",
         redoc_url=None,
     )
-    app.state.ctx = ctx
-    app.state.users = Users(ctx.index)
+    app.state.archive = archive
+    app.state.users = archive.users
     app.state.auth = Authenticator(
         app.state.users,
         load_secret(settings.data_dir),
@@ -75,5 +74,5 @@ def create_app(ctx: WebContext) -> FastAPI:
         app.include_router(debug.router)
 
     # Browser pages (login, study list, viewer, settings) and their static files: pages.py.
-    pages.install(app, ctx)
+    pages.install(app, archive)
     return app

@@ -11,7 +11,7 @@ import os
 from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import PlainTextResponse
 
-from .context import WebContext
+from ..archive import Archive
 
 ENV = "MACPACS_DEBUG_FAULTS"
 
@@ -24,6 +24,6 @@ def enabled() -> bool:
 
 @router.post("/kill-web-listener")
 def kill_web_listener(request: Request, background: BackgroundTasks) -> PlainTextResponse:
-    ctx: WebContext = request.app.state.ctx
-    background.add_task(ctx.stop_web_listener)
+    archive: Archive = request.app.state.archive
+    background.add_task(archive.stop_web_listener)
     return PlainTextResponse("web listener stopping; the process stays up\n", status_code=202)

@@ -16,9 +16,9 @@ import time
 
 import uvicorn
 
+from ..archive import Archive
 from ..config import ConfigError
 from .app import create_app
-from .context import WebContext
 from .zerocopy import ZeroCopyProtocol
 
 log = logging.getLogger("macpacs.web")
@@ -29,19 +29,19 @@ STOP_TIMEOUT_S = 10.0
 class WebListener:
     """Start, stop, and (debug fault switch) stop-only-the-listener."""
 
-    def __init__(self, ctx: WebContext) -> None:
-        self.ctx = ctx
-        ctx.stop_web_listener = self.request_exit
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        archive.stop_web_listener = self.request_exit
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
 
     @property
     def scheme(self) -> str:
-        return "https" if self.ctx.settings.web.tls_cert else "http"
+        return "https" if self.archive.settings.web.tls_cert else "http"
 
     def start(self) -> None:
-        web = self.ctx.settings.web
-        app = create_app(self.ctx)
+        web = self.archive.settings.web
+        app = create_app(self.archive)
         config = uvicorn.Config(
             app,
             http=ZeroCopyProtocol,  # httptools + sendfile for whole-series retrieval (web/zerocopy.py)

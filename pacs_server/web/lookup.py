@@ -11,9 +11,9 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
+from ..archive import Archive
 from ..index import StoredInstance
 from ..retrieve import instance_path, locate
-from .context import WebContext
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -26,7 +26,7 @@ def check_uid(value: str, name: str) -> str:
 
 
 def instances(
-    ctx: WebContext, study: str | None = None, series: str | None = None, instance: str | None = None
+    archive: Archive, study: str | None = None, series: str | None = None, instance: str | None = None
 ) -> list[StoredInstance]:
     """The stored instances under the given UIDs (study, series, instance); 404 when none."""
     keys: dict[str, str | None] = {}
@@ -39,12 +39,12 @@ def instances(
         if value is not None:
             keys[keyword] = check_uid(value, f"{label} UID")
             what.append(f"{label} {value}")
-    found = locate(ctx.index, keys)
+    found = locate(archive.index, keys)
     if not found:
         raise HTTPException(404, f"not found: {', '.join(what) or 'anything'}")
     return found
 
 
-def one_instance(ctx: WebContext, study: str | None, series: str | None, instance: str) -> tuple[StoredInstance, Path]:
-    found = instances(ctx, study, series, instance)
-    return found[0], instance_path(ctx.store, found[0])
+def one_instance(archive: Archive, study: str | None, series: str | None, instance: str) -> tuple[StoredInstance, Path]:
+    found = instances(archive, study, series, instance)
+    return found[0], instance_path(archive.blobs, found[0])

@@ -20,14 +20,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from ..archive import Archive
 from ..dimse import scu
 from ..dimse.subops import PeerError
 from ..index import Query, QueryError
-from ..nodes import Node, NodeError, NodeRegistry, validate
+from ..nodes import Node, NodeError, validate
 from ..users import User
 from . import csrf, server_status, ui_api
 from .auth import SESSION_COOKIE, check_login, clear_session, client_address, issue_session, load_secret
-from .context import WebContext
 
 log = logging.getLogger("macpacs.web.pages")
 
@@ -65,18 +65,17 @@ TEMPLATES.env.filters["dicom_time"] = _dicom_time
 router = APIRouter(include_in_schema=False)
 
 
-def install(app: FastAPI, ctx: WebContext) -> None:
+def install(app: FastAPI, archive: Archive) -> None:
     """Add the pages, their JSON endpoints and static files to the app (called by ``create_app``)."""
-    app.state.csrf_secret = hashlib.sha256(load_secret(ctx.settings.data_dir) + b"|csrf").digest()
-    app.state.send_jobs = ui_api.SendJobs()
+    app.state.csrf_secret = hashlib.sha256(load_secret(archive.settings.data_dir) + b"|csrf").digest()
     app.include_router(router)
     app.include_router(ui_api.router, prefix="/api/ui")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
 
 # -- who is asking ---------------------------------------------------------------------------------
-def _ctx(request: Request) -> WebContext:
-    return request.app.state.ctx
+def _archive(request: Request) -> Archive:
+    return request.app.state.archive
 
 
 def current_user(request: Request) -> User | None:
@@ -213,11 +212,13 @@ def study_page(request: Request, study_uid: str) -> Response:
     user, denied = _reader(request)
     if denied:
         return denied
-    ctx = _ctx(request)
-    names = ctx.settings.dicom.case_insensitive_names
+    archive = _archive(request)
+    names = archive.settings.dicom.case_insensitive_names
     try:
-        found = ctx.index.find_all(Query("STUDY", {**dict.fromkeys(STUDY_KEYS), "StudyInstanceUID": study_uid}, names))
-        series = ctx.index.find_all(
+        found = archive.index.find_all(
+            Query("STUDY", {**dict.fromkeys(STUDY_KEYS), "StudyInstanceUID": study_uid}, names)
+        )
+        series = archive.index.find_all(
             Query("SERIES", {**dict.fromkeys(SERIES_KEYS), "StudyInstanceUID": study_uid}, names)
         )
     except QueryError:
@@ -225,7 +226,7 @@ def study_page(request: Request, study_uid: str) -> Response:
     if not found:
         return _not_found(request, user, study_uid)
     series.sort(key=lambda s: (s.get("SeriesNumber") is None, s.get("SeriesNumber") or 0))
-    nodes = [n for n in NodeRegistry(ctx.index).list() if n.status == "active"]
+    nodes = [n for n in archive.nodes.list() if n.status == "active"]
     return render(request, "study.html", user, study=found[0], series=series, nodes=nodes, active="studies")
 
 
@@ -251,26 +252,26 @@ def nodes_page(request: Request) -> Response:
     user, denied = _admin(request)
     if denied:
         return denied
-    accept = _ctx(request).settings.dicom.accept_unknown_nodes
+    accept = _archive(request).settings.dicom.accept_unknown_nodes
     return render(request, "nodes.html", user, accept_unknown=accept, active="nodes")
 
 
 def _locations_line(request: Request) -> str:
-    s = _ctx(request).settings
+    s = _archive(request).settings
     return server_status.locations_line(s, request.url.hostname or socket.gethostname())
 
 
 @router.get("/register")
 def register_page(request: Request) -> HTMLResponse:
     user = current_user(request)
-    ctx = _ctx(request)
+    archive = _archive(request)
     form = {"ae_title": "", "host": client_address(request), "port": "11112", "name": "", "description": ""}
     return render(
         request,
         "register.html",
         user,
         form=form,
-        accept_unknown=ctx.settings.dicom.accept_unknown_nodes,
+        accept_unknown=archive.settings.dicom.accept_unknown_nodes,
         locations_line=_locations_line(request),
         active="register",
     )
@@ -292,9 +293,9 @@ def register(
     """
     csrf.verify(request, csrf_token)
     user = current_user(request)
-    ctx = _ctx(request)
+    archive = _archive(request)
     form = {"ae_title": ae_title, "host": host, "port": port, "name": name, "description": description}
-    trusted = ctx.settings.dicom.accept_unknown_nodes or (user is not None and user.is_admin)
+    trusted = archive.settings.dicom.accept_unknown_nodes or (user is not None and user.is_admin)
 
     def answer(text: str, kind: str, code: int) -> HTMLResponse:
         return render(
@@ -305,7 +306,7 @@ def register(
             form=form,
             result=text,
             result_kind=kind,
-            accept_unknown=ctx.settings.dicom.accept_unknown_nodes,
+            accept_unknown=archive.settings.dicom.accept_unknown_nodes,
             locations_line=_locations_line(request),
             active="register",
         )
@@ -316,7 +317,7 @@ def register(
         return answer(
             f"Port {port!r} is not a number: enter the TCP port of the workstation's DICOM listener.", "error", 400
         )
-    registry = NodeRegistry(ctx.index)
+    registry = archive.nodes
     try:
         node = validate(
             Node(
@@ -337,7 +338,7 @@ def register(
     except NodeError as exc:
         return answer(f"{exc}. Nothing was saved.", "error", 400)
     try:
-        ms = scu.echo(node, ctx.settings)
+        ms = scu.echo(node, archive.settings)
     except (PeerError, OSError, RuntimeError) as exc:
         log.warning("workstation registration: C-ECHO to %s@%s:%d failed: %s", node.ae_title, node.host, node.port, exc)
         return answer(
@@ -367,6 +368,6 @@ def status_page(request: Request) -> Response:
     user, denied = _reader(request)
     if denied:
         return denied
-    ctx = _ctx(request)
-    info = server_status.collect(ctx, request.url.hostname or socket.gethostname())
+    archive = _archive(request)
+    info = server_status.collect(archive, request.url.hostname or socket.gethostname())
     return render(request, "status.html", user, s=info, active="status")

@@ -18,9 +18,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from ..archive import Archive
 from ..config import Settings
 from ..index import schema
-from .context import WebContext
 
 LOG_TAIL_BYTES = 256 * 1024
 RECENT_LINES = 20
@@ -94,21 +94,21 @@ def _supervisor(path_text: str) -> str:
     return f"{state}, last check {last}: {detail}; {restarts} restart(s) in 24 h"
 
 
-def collect(ctx: WebContext, host: str) -> dict[str, Any]:
-    s = ctx.settings
+def collect(archive: Archive, host: str) -> dict[str, Any]:
+    s = archive.settings
     data_dir = s.data_dir
     index_ok, index_detail = True, ""
     counts: dict[str, Any] = {"patients": "?", "studies": "?", "series": "?", "instances": "?"}
     used = 0
     try:
         start = time.perf_counter()
-        ctx.index.ping()
+        archive.index.ping()
         ping_ms = (time.perf_counter() - start) * 1000
-        counts = ctx.index.counts()
-        with ctx.index.engine.connect() as conn:
+        counts = archive.index.counts()
+        with archive.index.engine.connect() as conn:
             used = conn.execute(select(func.coalesce(func.sum(schema.instance.c.file_size), 0))).scalar_one()
         index_detail = f"round trip {ping_ms:.1f} ms"
-        if ctx.index.is_sqlite:
+        if archive.index.is_sqlite:
             db = data_dir / "index.sqlite"
             wal = Path(str(db) + "-wal")
             sizes = db.stat().st_size if db.exists() else 0
@@ -124,7 +124,7 @@ def collect(ctx: WebContext, host: str) -> dict[str, Any]:
         free = total = 0
     min_free = s.storage.min_free_mb * 1024 * 1024
     lines = _log_tail(s.log_dir / "macpacs.log")
-    started = datetime.fromtimestamp(ctx.started_at, UTC).astimezone()
+    started = datetime.fromtimestamp(archive.started_at, UTC).astimezone()
     return {
         "ae_title": s.dicom.ae_title,
         "dicom_port": s.dicom.port,
@@ -135,7 +135,7 @@ def collect(ctx: WebContext, host: str) -> dict[str, Any]:
         "host": host,
         "locations_line": locations_line(s, host),
         "started": started.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "uptime": human_duration(time.time() - ctx.started_at),
+        "uptime": human_duration(time.time() - archive.started_at),
         "counts": counts,
         "used": human_bytes(used),
         "data_dir": str(data_dir),

@@ -13,11 +13,7 @@ import dataclasses
 import io
 import logging
 import re
-import secrets
-import threading
-import time
 import zipfile
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,16 +22,17 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
+from ..archive import Archive
 from ..delete import delete_matching
 from ..dimse import scu
 from ..dimse.subops import PeerError, Progress
 from ..index import Query, QueryError
 from ..index.matcher import build
-from ..nodes import Node, NodeError, NodeRegistry
+from ..jobs import Job
+from ..nodes import Node, NodeError
 from ..retrieve import FileMissing, instance_path
 from . import server_status
 from .auth import Principal, require_admin, require_read
-from .context import WebContext
 from .csrf import require_csrf_header
 
 log = logging.getLogger("macpacs.web.ui")
@@ -62,8 +59,8 @@ MAX_PAGE = 500
 DATE_RE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
 
 
-def _ctx(request: Request) -> WebContext:
-    return request.app.state.ctx
+def _archive(request: Request) -> Archive:
+    return request.app.state.archive
 
 
 def _contains(text: str) -> str:
@@ -122,10 +119,10 @@ def search_studies(
         low = _day(date_from, "from date") if date_from else ""
         high = _day(date_to, "to date") if date_to else ""
         keys["StudyDate"] = low if low and low == high else f"{low}-{high}"
-    ctx = _ctx(request)
-    query = Query("STUDY", keys, case_insensitive_names=ctx.settings.dicom.case_insensitive_names)
+    archive = _archive(request)
+    query = Query("STUDY", keys, case_insensitive_names=archive.settings.dicom.case_insensitive_names)
     try:
-        stmt, keywords = build(query, sqlite=ctx.index.is_sqlite)
+        stmt, keywords = build(query, sqlite=archive.index.is_sqlite)
     except QueryError as exc:
         raise HTTPException(400, f"invalid search: {exc}") from None
     column = stmt.selected_columns[sort]
@@ -133,7 +130,7 @@ def search_studies(
     if sort == "StudyDate":
         time_column = stmt.selected_columns["StudyTime"]
         ordering.append(time_column.desc() if order == "desc" else time_column.asc())
-    with ctx.index.engine.connect() as conn:
+    with archive.index.engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
         page = conn.execute(stmt.order_by(None).order_by(*ordering).limit(limit).offset(offset)).mappings().all()
     studies = [{k: row[k] for k in keywords} for row in page]
@@ -150,7 +147,7 @@ def transfer_syntaxes(request: Request, study_uid: str, series_uid: str, _who: P
     """
     query = Query("SERIES", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
     try:
-        found = _ctx(request).index.instances(query)
+        found = _archive(request).index.instances(query)
     except QueryError as exc:
         raise HTTPException(400, f"invalid UID: {exc}") from None
     return {inst.sop_instance_uid: inst.transfer_syntax_uid for inst in found}
@@ -167,9 +164,9 @@ def delete_study(
     study_uid: str,
     who: Principal = ADMIN,
 ) -> dict[str, Any]:
-    ctx = _ctx(request)
+    archive = _archive(request)
     try:
-        result = delete_matching(ctx.index, ctx.store, _study_query(study_uid), reason=f"web, {who.name}")
+        result = delete_matching(archive.index, archive.blobs, _study_query(study_uid), reason=f"web, {who.name}")
     except QueryError as exc:
         raise HTTPException(400, f"invalid study UID: {exc}") from None
     if not result.instances:
@@ -217,9 +214,9 @@ def study_zip(
     _who: Principal = READER,
 ) -> StreamingResponse:
     """The study's files as received, in Patient/Study/Series folders (no DICOMDIR), streamed."""
-    ctx = _ctx(request)
+    archive = _archive(request)
     try:
-        study = ctx.index.find_all(
+        study = archive.index.find_all(
             Query(
                 "STUDY",
                 {
@@ -231,7 +228,7 @@ def study_zip(
                 },
             )
         )
-        series = ctx.index.find_all(
+        series = archive.index.find_all(
             Query(
                 "SERIES",
                 {"StudyInstanceUID": study_uid, "SeriesNumber": None, "SeriesDescription": None, "Modality": None},
@@ -250,19 +247,21 @@ def study_zip(
             se["Modality"],
             se["SeriesDescription"],
         )
-        instances = ctx.index.instances(_study_query(study_uid, "SERIES", SeriesInstanceUID=se["SeriesInstanceUID"]))
+        instances = archive.index.instances(
+            _study_query(study_uid, "SERIES", SeriesInstanceUID=se["SeriesInstanceUID"])
+        )
         plan.append((f"{top}/{folder}", instances))
 
     def stream() -> Iterator[bytes]:
         sink = _Sink()
-        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zip_out:
             for folder, instances in plan:
                 for n, inst in enumerate(instances, 1):
                     try:
-                        path = instance_path(ctx.store, inst)
+                        path = instance_path(archive.blobs, inst)
                     except FileMissing:
                         continue  # logged by retrieve; the rest of the study still downloads
-                    with open(path, "rb") as src, archive.open(f"{folder}/IM{n:05d}.dcm", "w", force_zip64=True) as dst:
+                    with open(path, "rb") as src, zip_out.open(f"{folder}/IM{n:05d}.dcm", "w", force_zip64=True) as dst:
                         while chunk := src.read(1 << 20):
                             dst.write(chunk)
                             yield sink.take()
@@ -276,50 +275,20 @@ def study_zip(
 
 
 # -- send to a node ----------------------------------------------------------------------------------
-@dataclasses.dataclass
-class SendJob:
-    id: str
-    node: str
-    study: str
-    state: str = "queued"  # queued, running, done, failed
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-    message: str = ""
-    started: float = dataclasses.field(default_factory=time.time)
-
-
-class SendJobs:
-    """Sends started from the study page, remembered for progress polling (the newest 200)."""
-
-    def __init__(self) -> None:
-        self._jobs: OrderedDict[str, SendJob] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, job: SendJob) -> None:
-        with self._lock:
-            self._jobs[job.id] = job
-            while len(self._jobs) > 200:
-                self._jobs.popitem(last=False)
-
-    def get(self, job_id: str) -> SendJob | None:
-        with self._lock:
-            return self._jobs.get(job_id)
-
-
 class SendRequest(BaseModel):
     node: str = Field(max_length=64)
 
 
-def _run_send(ctx: WebContext, job: SendJob, node: Node) -> None:
+def _send(archive: Archive, job: Job, node: Node, study_uid: str) -> None:
+    """The body of a send job: C-STORE the study to ``node`` (subops), with progress on ``job``."""
+
     def progress(p: Progress) -> None:
         job.total = p.total
         job.done = p.completed + p.warning
         job.failed = p.failed
 
-    job.state = "running"
     try:
-        result = scu.send(node, ctx.settings, ctx.index, ctx.store, {"StudyInstanceUID": job.study}, progress)
+        result = scu.send(node, archive, {"StudyInstanceUID": study_uid}, progress)
     except (PeerError, OSError, RuntimeError) as exc:
         job.state, job.message = "failed", f"Sending to {node.name} failed: {exc}"
         return
@@ -340,23 +309,23 @@ def send_study(
     body: SendRequest,
     who: Principal = READER,
 ) -> dict[str, Any]:
-    ctx = _ctx(request)
+    archive = _archive(request)
     try:
-        node = NodeRegistry(ctx.index).get(body.node)
+        node = archive.nodes.get(body.node)
     except NodeError as exc:
         raise HTTPException(404, str(exc)) from None
     if node.status != "active":
         raise HTTPException(409, f"node {node.name} awaits approval: an admin must activate it first")
-    job = SendJob(id=secrets.token_urlsafe(12), node=node.name, study=study_uid)
-    request.app.state.send_jobs.add(job)
     log.info("web: %s sends study %s to %s", who.name, study_uid, node.name)
-    threading.Thread(target=_run_send, args=(ctx, job, node), name=f"send-{job.id}", daemon=True).start()
+    job = archive.jobs.submit(
+        "send", f"send study {study_uid} to {node.name}", lambda job: _send(archive, job, node, study_uid)
+    )
     return dataclasses.asdict(job)
 
 
 @router.get("/jobs/{job_id}")
 def send_progress(request: Request, job_id: str, _who: Principal = READER) -> dict[str, Any]:
-    job = request.app.state.send_jobs.get(job_id)
+    job = _archive(request).jobs.get(job_id)
     if job is None:
         raise HTTPException(404, "no such send job (the server may have restarted)")
     return dataclasses.asdict(job)
@@ -393,13 +362,13 @@ def _node_json(node: Node) -> dict[str, Any]:
 
 @router.get("/nodes")
 def list_nodes(request: Request, _who: Principal = ADMIN) -> list[dict[str, Any]]:
-    return [_node_json(n) for n in NodeRegistry(_ctx(request).index).list()]
+    return [_node_json(n) for n in _archive(request).nodes.list()]
 
 
 @router.post("/nodes", dependencies=CSRF)
 def add_node(request: Request, body: NodeBody, who: Principal = ADMIN) -> dict[str, Any]:
     try:
-        node = NodeRegistry(_ctx(request).index).add(Node(**body.model_dump()))
+        node = _archive(request).nodes.add(Node(**body.model_dump()))
     except NodeError as exc:
         raise HTTPException(400, str(exc)) from None
     log.info("web: %s added node %s (%s@%s:%d)", who.name, node.name, node.ae_title, node.host, node.port)
@@ -410,7 +379,7 @@ def add_node(request: Request, body: NodeBody, who: Principal = ADMIN) -> dict[s
 def edit_node(request: Request, name: str, body: NodeChanges, who: Principal = ADMIN) -> dict[str, Any]:
     changes = {k: v for k, v in body.model_dump().items() if v is not None}
     try:
-        node = NodeRegistry(_ctx(request).index).edit(name, **changes)
+        node = _archive(request).nodes.edit(name, **changes)
     except NodeError as exc:
         raise HTTPException(404 if "no DICOM node named" in str(exc) else 400, str(exc)) from None
     log.info("web: %s changed node %s: %s", who.name, name, ", ".join(sorted(changes)))
@@ -420,7 +389,7 @@ def edit_node(request: Request, name: str, body: NodeChanges, who: Principal = A
 @router.delete("/nodes/{name}", dependencies=CSRF)
 def remove_node(request: Request, name: str, who: Principal = ADMIN) -> dict[str, str]:
     try:
-        NodeRegistry(_ctx(request).index).remove(name)
+        _archive(request).nodes.remove(name)
     except NodeError as exc:
         raise HTTPException(404, str(exc)) from None
     log.info("web: %s removed node %s", who.name, name)
@@ -430,13 +399,13 @@ def remove_node(request: Request, name: str, who: Principal = ADMIN) -> dict[str
 @router.post("/nodes/{name}/echo", dependencies=CSRF)
 def echo_node(request: Request, name: str, _who: Principal = ADMIN) -> dict[str, Any]:
     """C-ECHO a node: ``ok`` with the round trip in ms, or the reason it failed (still HTTP 200)."""
-    ctx = _ctx(request)
+    archive = _archive(request)
     try:
-        node = NodeRegistry(ctx.index).get(name)
+        node = archive.nodes.get(name)
     except NodeError as exc:
         raise HTTPException(404, str(exc)) from None
     try:
-        ms = scu.echo(node, ctx.settings)
+        ms = scu.echo(node, archive.settings)
     except (PeerError, OSError, RuntimeError) as exc:
         return {
             "ok": False,
@@ -449,4 +418,4 @@ def echo_node(request: Request, name: str, _who: Principal = ADMIN) -> dict[str,
 @router.get("/status")
 def server_state(request: Request, _who: Principal = READER) -> dict[str, Any]:
     """What the status page shows, as JSON (for scripts and monitoring)."""
-    return server_status.collect(_ctx(request), request.url.hostname or "localhost")
+    return server_status.collect(_archive(request), request.url.hostname or "localhost")

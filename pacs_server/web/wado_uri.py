@@ -15,8 +15,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
 from .. import render
+from ..archive import Archive
 from .auth import Principal, require_read
-from .context import WebContext
 from .lookup import one_instance
 
 router = APIRouter(tags=["WADO-URI"])
@@ -48,8 +48,8 @@ async def wado(
     """Retrieve one instance as DICOM, JPEG or PNG."""
     if requestType != "WADO":
         raise HTTPException(400, f"requestType must be WADO, not {requestType!r}")
-    ctx: WebContext = request.app.state.ctx
-    _inst, path = await run_in_threadpool(one_instance, ctx, studyUID, seriesUID, objectUID)
+    archive: Archive = request.app.state.archive
+    _inst, path = await run_in_threadpool(one_instance, archive, studyUID, seriesUID, objectUID)
     media = _choose(contentType)
     if media == "application/dicom":
         if transferSyntax and transferSyntax != _inst.transfer_syntax_uid:

@@ -15,15 +15,13 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-from ..config import Settings
+from ..archive import Archive
 from ..delete import delete_matching
 from ..dimse import scu
-from ..index import Index, Query, QueryError
+from ..index import Query, QueryError
 from ..index.matcher import All, Expr, Match
-from ..ingest import Ingestor
-from ..nodes import Node, NodeError, NodeRegistry
+from ..nodes import Node, NodeError
 from ..predicate import PredicateError, parse
-from ..storage import FileStore
 from . import osirix
 
 log = logging.getLogger("macpacs.xmlrpc")
@@ -55,15 +53,10 @@ def _text(args: dict[str, Any], *names: str) -> str:
 class OsirixMethods:
     """The methods registered on the XML-RPC dispatcher; ``caller`` is set per request."""
 
-    def __init__(
-        self, settings: Settings, index: Index, store: FileStore, ingestor: Ingestor, request_stop: Callable[[], None]
-    ) -> None:
-        self.settings = settings
-        self.index = index
-        self.store = store
-        self.ingestor = ingestor
-        self.nodes = NodeRegistry(index)
-        self.request_stop = request_stop
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.settings = archive.settings
+        self.index = archive.index
         self.local = threading.local()
 
     @property
@@ -121,7 +114,7 @@ class OsirixMethods:
         elements = self._select(entity, where)
         if execute == "Delete" and elements:
             query = Query(level=osirix.LEVEL_OF[entity], where=where)
-            delete_matching(self.index, self.store, query, reason=f"XML-RPC DBWindowFind from {self.caller}")
+            delete_matching(self.index, self.archive.blobs, query, reason=f"XML-RPC DBWindowFind from {self.caller}")
         return {"error": "0", "elements": elements}
 
     def DisplayStudy(self, *params: Any) -> dict[str, Any]:
@@ -172,7 +165,7 @@ class OsirixMethods:
     def KillOsiriX(self, *params: Any) -> dict[str, Any]:
         """A graceful shutdown, as OsiriX's quit; the reply goes out before the server stops."""
         log.warning("XML-RPC KillOsiriX from %s: stopping the server", self.caller)
-        timer = threading.Timer(0.3, self.request_stop)
+        timer = threading.Timer(0.3, self.archive.request_stop)
         timer.daemon = True
         timer.start()
         return {"error": "0"}
@@ -242,25 +235,26 @@ class OsirixMethods:
                 log.warning("XML-RPC CMove: no study with accession number %s on %s", accession, node.name)
             self._retrieve(node, uids, "move")
 
-        self._background(work, f"cmove-{node.name}")
+        self.archive.jobs.submit(
+            "cmove", f"XML-RPC CMove of accession {accession} from {node.name}", lambda _job: work()
+        )
         return {"error": "0"}
 
     def _node(self, name: str) -> Node | None:
         try:
-            return self.nodes.get(name)
+            return self.archive.nodes.get(name)
         except NodeError as exc:
             log.warning("XML-RPC from %s: %s", self.caller, exc)
             return None
 
     def _retrieve_in_background(self, node: Node, uids: list[str], method: str) -> None:
-        self._background(lambda: self._retrieve(node, uids, method), f"retrieve-{node.name}")
+        description = f"XML-RPC Retrieve of {len(uids)} studies from {node.name}"
+        self.archive.jobs.submit("retrieve", description, lambda _job: self._retrieve(node, uids, method))
 
     def _retrieve(self, node: Node, uids: list[str], method: str) -> None:
         for uid in uids:
             try:
-                result = scu.retrieve(
-                    node, self.settings, "STUDY", {"StudyInstanceUID": uid}, method=method, ingestor=self.ingestor
-                )
+                result = scu.retrieve(node, self.archive, "STUDY", {"StudyInstanceUID": uid}, method=method)
             except Exception as exc:
                 log.error("XML-RPC retrieve of study %s from %s failed: %s", uid, node.name, exc)
                 continue
@@ -272,7 +266,3 @@ class OsirixMethods:
                     result.status,
                     result.comment,
                 )
-
-    @staticmethod
-    def _background(work: Callable[[], None], name: str) -> None:
-        threading.Thread(target=work, name=f"xmlrpc-{name}", daemon=True).start()

@@ -27,10 +27,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 from defusedxml import DefusedXmlException
 from defusedxml.xmlrpc import DefusedExpatParser
 
-from ..config import Settings
-from ..index import Index
-from ..ingest import Ingestor
-from ..storage import FileStore
+from ..archive import Archive
 from .methods import BadRequest, OsirixMethods
 
 log = logging.getLogger("macpacs.xmlrpc")
@@ -155,13 +152,11 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 class XmlRpcServer:
     """The XML-RPC interface of one archive process: ``start`` in a thread, ``stop`` cleanly."""
 
-    def __init__(
-        self, settings: Settings, index: Index, store: FileStore, ingestor: Ingestor, request_stop: Callable[[], None]
-    ) -> None:
-        self.settings = settings
-        self.methods = OsirixMethods(settings, index, store, ingestor, request_stop)
+    def __init__(self, archive: Archive) -> None:
+        self.settings = archive.settings
+        self.methods = OsirixMethods(archive)
         self.dispatcher = Dispatcher(self.methods.table())
-        self.networks = allowed_networks(settings.xmlrpc.allowed_hosts)
+        self.networks = allowed_networks(self.settings.xmlrpc.allowed_hosts)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 

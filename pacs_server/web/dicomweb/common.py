@@ -21,7 +21,7 @@ def base_url(request: Request) -> str:
     Some clients (dicomweb-client) send a Host header without the port: the port we listen
     on is added then, so that links work.
     """
-    public = request.app.state.ctx.settings.web.public_url
+    public = request.app.state.archive.settings.web.public_url
     if public:
         return public.rstrip("/") + "/dicom-web"
     url = request.base_url

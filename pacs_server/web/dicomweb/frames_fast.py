@@ -24,10 +24,10 @@ from typing import Any
 from fastapi import HTTPException
 from starlette.requests import Request
 
+from ...archive import Archive
 from ...index import QueryError
 from ...retrieve import FileMissing
 from ..auth import require_read
-from ..context import WebContext
 from ..lookup import one_instance
 from .wado import _boundary, _frames_choice, _multipart, _part_header, _read_frames
 
@@ -37,10 +37,10 @@ _FRAME_PATH = re.compile(rf"^/dicom-web/studies/{_UID}/series/{_UID}/instances/{
 
 def _one_frame(request: Request, study: str, series: str, sop: str, number: int) -> list[bytes] | None:
     """The response body's pieces, or None to let the full app answer (errors included)."""
-    ctx: WebContext = request.app.state.ctx
+    archive: Archive = request.app.state.archive
     try:
         require_read(request, request.app.state.auth)
-        inst, path = one_instance(ctx, study, series, sop)
+        inst, path = one_instance(archive, study, series, sop)
         as_stored = _frames_choice(request, inst.transfer_syntax_uid)
         (frame,) = _read_frames(path, [number], as_stored)
     except (HTTPException, FileMissing, QueryError):

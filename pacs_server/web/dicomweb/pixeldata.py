@@ -24,10 +24,10 @@ from fastapi.responses import StreamingResponse
 from pydicom.uid import ExplicitVRLittleEndian
 
 from ... import render
+from ...archive import Archive
 from ...index import Query, QueryError
 from ...retrieve import FileMissing, instance_path
 from ..auth import Principal, require_read
-from ..context import WebContext
 from .common import base_url, parse_accept
 
 log = logging.getLogger("macpacs.web.pixeldata")
@@ -56,14 +56,14 @@ def _as_stored(request: Request) -> bool:
 @router.get("/studies/{study}/series/{series}/pixeldata", response_class=StreamingResponse)
 def series_pixeldata(request: Request, study: str, series: str, _who: Principal = READER) -> StreamingResponse:
     """Every frame of the series, in index order, streamed as it is read."""
-    ctx: WebContext = request.app.state.ctx
+    archive: Archive = request.app.state.archive
     as_stored = _as_stored(request)
     keys = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
     try:
-        found = ctx.index.instances(Query("SERIES", keys))
+        found = archive.index.instances(Query("SERIES", keys))
         frames = {
             row["SOPInstanceUID"]: row["NumberOfFrames"] or 1
-            for row in ctx.index.find_all(Query("IMAGE", {**keys, "SOPInstanceUID": None, "NumberOfFrames": None}))
+            for row in archive.index.find_all(Query("IMAGE", {**keys, "SOPInstanceUID": None, "NumberOfFrames": None}))
         }
     except QueryError as exc:
         raise HTTPException(400, f"invalid UID: {exc}") from None
@@ -76,7 +76,7 @@ def series_pixeldata(request: Request, study: str, series: str, _who: Principal 
     def stream() -> Iterator[bytes]:
         for inst in found:
             try:
-                path = instance_path(ctx.store, inst)
+                path = instance_path(archive.blobs, inst)
             except FileMissing:
                 continue  # logged by retrieve; the client sees this instance's frames missing
             for number in range(1, frames.get(inst.sop_instance_uid, 1) + 1):

@@ -16,10 +16,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
+from ...archive import Archive
 from ...index import Query
 from ...index.attributes import ATTRIBUTES, BY_KEYWORD, LEVELS, UNIQUE_KEYS, level_index
 from ..auth import Principal, require_read
-from ..context import WebContext
 from ..lookup import check_uid
 from .common import DICOM_JSON, base_url, json_element, tag_hex
 
@@ -55,13 +55,13 @@ def _default_fields(level: str) -> list[str]:
 
 
 def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
-    ctx: WebContext = request.app.state.ctx
+    archive: Archive = request.app.state.archive
     depth = level_index(level)
     keys: dict[str, str | None] = {k: None for k in _default_fields(level)}
     warnings: list[str] = []
     limit: int | None = None
     offset = 0
-    fuzzy = ctx.settings.dicom.case_insensitive_names
+    fuzzy = archive.settings.dicom.case_insensitive_names
     include_all = False
     for name, value in request.query_params.multi_items():
         lname = name.lower()
@@ -101,7 +101,7 @@ def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
     keys.update(fixed)
     capped = limit is None
     query = Query(level=level, keys=keys, case_insensitive_names=fuzzy, limit=limit or MAX_RESULTS, offset=offset)
-    rows = _run(ctx, query)
+    rows = _run(archive, query)
     if limit == 0:
         rows = []
     if capped and len(rows) >= MAX_RESULTS:
@@ -112,8 +112,8 @@ def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
     return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
 
 
-def _run(ctx: WebContext, query: Query) -> list[dict[str, Any]]:
-    return ctx.index.find_all(query)
+def _run(archive: Archive, query: Query) -> list[dict[str, Any]]:
+    return archive.index.find_all(query)
 
 
 def _int_param(name: str, value: str, low: int, high: int) -> int:

@@ -24,10 +24,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ...archive import Archive
 from ...index import Query
 from ...ingest import IngestResult, Outcome
 from ..auth import Principal, require_read
-from ..context import WebContext
 from ..lookup import check_uid
 from .common import DICOM_JSON, base_url
 
@@ -53,8 +53,8 @@ class Part:
 class _Receiver:
     """python-multipart callbacks writing each part into its own temporary file."""
 
-    def __init__(self, ctx: WebContext) -> None:
-        self.ctx = ctx
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
         self.parts: list[Part] = []
         self._fh: BinaryIO | None = None
         self._field = b""
@@ -75,7 +75,7 @@ class _Receiver:
     def part_begin(self) -> None:
         if len(self.parts) >= MAX_PARTS:
             raise HTTPException(413, f"more than {MAX_PARTS} parts in one request")
-        part = Part(self.ctx.store.new_temp())
+        part = Part(self.archive.blobs.new_temp())
         self.parts.append(part)
         self._fh = open(part.path, "wb")  # noqa: SIM115 - closed in part_end / close
 
@@ -113,7 +113,7 @@ class _Receiver:
                 part.path.unlink()
 
 
-async def _receive(request: Request, ctx: WebContext) -> _Receiver:
+async def _receive(request: Request, archive: Archive) -> _Receiver:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/related":
         raise HTTPException(415, 'STOW-RS takes multipart/related; type="application/dicom" with a boundary parameter')
@@ -123,11 +123,11 @@ async def _receive(request: Request, ctx: WebContext) -> _Receiver:
     boundary = params.get(b"boundary")
     if not boundary:
         raise HTTPException(400, "multipart/related without a boundary parameter")
-    limit = ctx.settings.web.max_upload_mb * 1024 * 1024
+    limit = archive.settings.web.max_upload_mb * 1024 * 1024
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body of {int(declared)} bytes exceeds web.max_upload_mb = {limit >> 20}")
-    receiver = _Receiver(ctx)
+    receiver = _Receiver(archive)
     try:
         parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=32, max_header_size=16384)
         received = 0
@@ -165,7 +165,7 @@ def _uids(path: Path) -> tuple[str, str]:
         return "", ""
 
 
-def _store(ctx: WebContext, parts: list[Part], study: str | None, source: str) -> list[tuple[IngestResult, int]]:
+def _store(archive: Archive, parts: list[Part], study: str | None, source: str) -> list[tuple[IngestResult, int]]:
     """Ingest each part; returns each result with the failure reason to report (0 when stored)."""
     results: list[tuple[IngestResult, int]] = []
     for part in parts:
@@ -177,7 +177,7 @@ def _store(ctx: WebContext, parts: list[Part], study: str | None, source: str) -
                 message = f"instance belongs to study {found}, not to {study} named in the URL"
                 results.append((IngestResult(Outcome.INVALID, message, sop_uid, sop_class), FAILURE_STUDY_MISMATCH))
                 continue
-        result = ctx.ingestor.ingest(part.path, source_ae=source)
+        result = archive.ingestor.ingest(part.path, source_ae=source)
         results.append((result, result.dicom_status))
     return results
 
@@ -187,15 +187,15 @@ def _uid_element(value: str) -> dict[str, Any]:
 
 
 async def _stow(request: Request, study: str | None) -> JSONResponse:
-    ctx: WebContext = request.app.state.ctx
+    archive: Archive = request.app.state.archive
     if study is not None:
         study = check_uid(study, "study UID")
-    receiver = await _receive(request, ctx)
+    receiver = await _receive(request, archive)
     wrong = [p for p in receiver.parts if p.content_type != "application/dicom"]
     if wrong:
         receiver.discard()
         raise HTTPException(415, f"part of type {wrong[0].content_type!r}: only application/dicom parts are accepted")
-    results = await run_in_threadpool(_store, ctx, receiver.parts, study, "STOW-RS")
+    results = await run_in_threadpool(_store, archive, receiver.parts, study, "STOW-RS")
     base = base_url(request)
     stored, failed, warnings = [], [], []
     studies = set()
@@ -206,7 +206,7 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
         }
         if result.ok:
             uid = result.sop_instance_uid
-            inst = await run_in_threadpool(_location, ctx, uid)
+            inst = await run_in_threadpool(_location, archive, uid)
             if inst:
                 studies.add(inst[0])
                 item["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{inst[0]}/series/{inst[1]}/instances/{uid}"]}
@@ -234,8 +234,8 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
-def _location(ctx: WebContext, sop_uid: str) -> tuple[str, str] | None:
-    rows = ctx.index.find_all(Query(level="IMAGE", keys={"SOPInstanceUID": sop_uid}))
+def _location(archive: Archive, sop_uid: str) -> tuple[str, str] | None:
+    rows = archive.index.find_all(Query(level="IMAGE", keys={"SOPInstanceUID": sop_uid}))
     return (rows[0]["StudyInstanceUID"], rows[0]["SeriesInstanceUID"]) if rows else None
 
 

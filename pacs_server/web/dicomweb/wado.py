@@ -27,13 +27,13 @@ from pydicom.encaps import generate_frames
 from sqlalchemy import select
 
 from ... import render
+from ...archive import Archive
 from ...index import Query as IndexQuery
 from ...index import StoredInstance
 from ...index.schema import instance as instance_table
 from ...index.schema import instance_metadata
 from ...retrieve import instance_path, stored_file
 from ..auth import Principal, require_read
-from ..context import WebContext
 from ..lookup import check_uid, instances, one_instance
 from ..zerocopy import SENDFILES
 from .common import DICOM_JSON, base_url, not_acceptable, parse_accept
@@ -79,7 +79,7 @@ def _dicom_choice(request: Request) -> str | None:
 
 
 async def _stream_instances(
-    ctx: WebContext, found: list[StoredInstance], ts: str | None, base: str | None, boundary: str
+    archive: Archive, found: list[StoredInstance], ts: str | None, base: str | None, boundary: str
 ) -> AsyncIterator[bytes]:
     """The multipart body. Small files are read a batch at a time in one worker-thread call and
     sent as one block: per-file thread hops and sends, not the disk, limit speed otherwise."""
@@ -90,40 +90,40 @@ async def _stream_instances(
             if len(pending) < BATCH_FILES:
                 continue
         if pending:
-            async for block in _stored_blocks(ctx, pending, base, boundary):
+            async for block in _stored_blocks(archive, pending, base, boundary):
                 yield block
             pending = []
         if ts is not None and ts != inst.transfer_syntax_uid:
-            data = await run_in_threadpool(_decompressed_file, instance_path(ctx.store, inst))
+            data = await run_in_threadpool(_decompressed_file, instance_path(archive.blobs, inst))
             yield _instance_header(boundary, inst, EXPLICIT_LE, base) + data + b"\r\n"
     if pending:
-        async for block in _stored_blocks(ctx, pending, base, boundary):
+        async for block in _stored_blocks(archive, pending, base, boundary):
             yield block
     yield f"--{boundary}--\r\n".encode()
 
 
 async def _stored_blocks(
-    ctx: WebContext, batch: list[StoredInstance], base: str | None, boundary: str
+    archive: Archive, batch: list[StoredInstance], base: str | None, boundary: str
 ) -> AsyncIterator[bytes]:
-    small, large = await run_in_threadpool(_read_small, ctx, batch, base, boundary)
+    small, large = await run_in_threadpool(_read_small, archive, batch, base, boundary)
     if small:
         yield small
     for inst in large:  # big multi-frame files: streamed in chunks, never whole in memory
         yield _instance_header(boundary, inst, inst.transfer_syntax_uid, base)
-        async with await anyio.open_file(instance_path(ctx.store, inst), "rb") as fh:
+        async with await anyio.open_file(instance_path(archive.blobs, inst), "rb") as fh:
             while chunk := await fh.read(CHUNK):
                 yield chunk
         yield b"\r\n"
 
 
 def _read_small(
-    ctx: WebContext, batch: list[StoredInstance], base: str | None, boundary: str
+    archive: Archive, batch: list[StoredInstance], base: str | None, boundary: str
 ) -> tuple[bytes, list[StoredInstance]]:
     """Parts for the files of ``batch`` up to CHUNK bytes, in order; the first larger file and
     everything after it are returned to be streamed (order is kept)."""
     parts: list[bytes] = []
     for n, inst in enumerate(batch):
-        path = instance_path(ctx.store, inst)
+        path = instance_path(archive.blobs, inst)
         if path.stat().st_size > CHUNK:
             return b"".join(parts), batch[n:]
         parts += [_instance_header(boundary, inst, inst.transfer_syntax_uid, base), path.read_bytes(), b"\r\n"]
@@ -157,13 +157,13 @@ class _SentFromFiles(Response):
 
 
 def _stored_parts(
-    ctx: WebContext, found: list[StoredInstance], base: str | None, boundary: str
+    archive: Archive, found: list[StoredInstance], base: str | None, boundary: str
 ) -> tuple[list[tuple[bytes, str, int]], int]:
     """Each file's part header, path and size, and the whole body's length."""
     parts = []
     total = len(f"--{boundary}--\r\n")
     for inst in found:
-        path, size = stored_file(ctx.store, inst)
+        path, size = stored_file(archive.blobs, inst)
         header = _instance_header(boundary, inst, inst.transfer_syntax_uid, base)
         parts.append((header, path, size))
         total += len(header) + size + 2
@@ -179,24 +179,24 @@ def _decompressed_file(path: Path) -> bytes:
 
 
 def _plan(
-    ctx: WebContext, study: str, series: str | None, sop: str | None, ts: str | None, base: str | None, boundary: str
+    archive: Archive, study: str, series: str | None, sop: str | None, ts: str | None, base: str | None, boundary: str
 ) -> tuple[list[StoredInstance], list[tuple[bytes, str, int]] | None, int]:
     """The instances, and when all go out as stored, their parts and the body length: one
     worker-thread call (the lookup and the stat of every file), not one per step."""
-    found = instances(ctx, study, series, sop)
+    found = instances(archive, study, series, sop)
     if all(ts is None or i.transfer_syntax_uid == ts for i in found):
-        parts, length = _stored_parts(ctx, found, base, boundary)
+        parts, length = _stored_parts(archive, found, base, boundary)
         return found, parts, length
     return found, None, 0
 
 
 async def _retrieve(request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
-    ctx: WebContext = request.app.state.ctx
+    archive: Archive = request.app.state.archive
     ts = _dicom_choice(request)
     boundary = _boundary()
     # Parts carry a Content-Location when the series is known (not for a whole study).
     base = f"{base_url(request)}/studies/{study}/series/{series}" if series else None
-    found, parts, length = await run_in_threadpool(_plan, ctx, study, series, sop, ts, base, boundary)
+    found, parts, length = await run_in_threadpool(_plan, archive, study, series, sop, ts, base, boundary)
     if ts not in (None, EXPLICIT_LE):
         wrong = [i for i in found if i.transfer_syntax_uid != ts]
         if wrong:
@@ -210,7 +210,7 @@ async def _retrieve(request: Request, study: str, series: str | None = None, sop
             return _SentFromFiles(parts, boundary, length)
         headers["Content-Length"] = str(length)
     return StreamingResponse(
-        _stream_instances(ctx, found, ts, base, boundary),
+        _stream_instances(archive, found, ts, base, boundary),
         media_type=_multipart(boundary, "application/dicom"),
         headers=headers,
     )
@@ -254,22 +254,22 @@ def _absolute(blob: bytes, prefix: bytes) -> bytes:
     return zlib.decompress(blob).replace(b'"BulkDataURI":"instances/', b'"BulkDataURI":"' + prefix + b"instances/")
 
 
-def _series_of(ctx: WebContext, study: str, series: str | None) -> list[str]:
+def _series_of(archive: Archive, study: str, series: str | None) -> list[str]:
     keys = {"StudyInstanceUID": check_uid(study, "study UID")}
     if series is not None:
         keys["SeriesInstanceUID"] = check_uid(series, "series UID")
-    rows = ctx.index.find_all(IndexQuery(level="SERIES", keys=keys))
+    rows = archive.index.find_all(IndexQuery(level="SERIES", keys=keys))
     if not rows:
         raise HTTPException(404, f"not found: study {study}" + (f", series {series}" if series else ""))
     return [row["SeriesInstanceUID"] for row in rows]
 
 
-def _metadata(ctx: WebContext, base: str, study: str, series: str | None, sop: str | None) -> bytes:
+def _metadata(archive: Archive, base: str, study: str, series: str | None, sop: str | None) -> bytes:
     parts: list[bytes] = []
     if sop is not None:
-        (series_uid,) = _series_of(ctx, study, series)
+        (series_uid,) = _series_of(archive, study, series)
         i, m = instance_table.c, instance_metadata.c
-        with ctx.index.engine.connect() as conn:
+        with archive.index.engine.connect() as conn:
             blob = conn.execute(
                 select(m.data)
                 .select_from(instance_metadata.join(instance_table, i.pk == m.instance_pk))
@@ -279,9 +279,9 @@ def _metadata(ctx: WebContext, base: str, study: str, series: str | None, sop: s
             raise HTTPException(404, f"not found: instance {sop}")
         parts.append(_absolute(blob, f"{base}/studies/{study}/series/{series_uid}/".encode()))
     else:
-        for series_uid in _series_of(ctx, study, series):
+        for series_uid in _series_of(archive, study, series):
             prefix = f"{base}/studies/{study}/series/{series_uid}/".encode()
-            parts.extend(_absolute(blob, prefix) for blob in ctx.index.series_metadata(series_uid))
+            parts.extend(_absolute(blob, prefix) for blob in archive.index.series_metadata(series_uid))
     return b"[" + b",".join(parts) + b"]"
 
 
@@ -293,7 +293,7 @@ async def _metadata_response(
             break
     else:
         raise not_acceptable(request.headers.get("accept", ""), DICOM_JSON)
-    body = await run_in_threadpool(_metadata, request.app.state.ctx, base_url(request), study, series, sop)
+    body = await run_in_threadpool(_metadata, request.app.state.archive, base_url(request), study, series, sop)
     return Response(body, media_type=DICOM_JSON)
 
 
@@ -385,8 +385,8 @@ async def retrieve_frames(
 ) -> Response:
     """Frames of an instance (numbered from 1)."""
     numbers = _frame_numbers(frames)
-    ctx: WebContext = request.app.state.ctx
-    inst, path = await run_in_threadpool(one_instance, ctx, study, series, sop)
+    archive: Archive = request.app.state.archive
+    inst, path = await run_in_threadpool(one_instance, archive, study, series, sop)
     as_stored = _frames_choice(request, inst.transfer_syntax_uid)
     got = await run_in_threadpool(_read_frames, path, numbers, as_stored)
     boundary = _boundary()
@@ -430,8 +430,8 @@ async def retrieve_bulk(
     """A bulk data value named by a BulkDataURI of the metadata (top-level tags)."""
     if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
         raise HTTPException(400, f"bulk data tag {tag[:20]!r} must be 8 hexadecimal digits")
-    ctx: WebContext = request.app.state.ctx
-    _inst, path = await run_in_threadpool(one_instance, ctx, study, series, sop)
+    archive: Archive = request.app.state.archive
+    _inst, path = await run_in_threadpool(one_instance, archive, study, series, sop)
     parts = await run_in_threadpool(_bulk, path, int(tag, 16))
     accept = parse_accept(request)
     if len(parts) == 1 and accept and accept[0].media_type == "application/octet-stream":
@@ -510,7 +510,7 @@ async def rendered_instance(
     _who: Principal = Depends(require_read),  # noqa: B008
 ) -> Response:
     """The first frame rendered as JPEG (default) or PNG."""
-    _inst, path = await run_in_threadpool(one_instance, request.app.state.ctx, study, series, sop)
+    _inst, path = await run_in_threadpool(one_instance, request.app.state.archive, study, series, sop)
     return await _rendered(request, path, 0, window, viewport, quality)
 
 
@@ -533,19 +533,19 @@ async def rendered_frame(
     """One frame (numbered from 1) rendered as JPEG or PNG."""
     if frame < 1:
         raise HTTPException(400, "frames are numbered from 1")
-    _inst, path = await run_in_threadpool(one_instance, request.app.state.ctx, study, series, sop)
+    _inst, path = await run_in_threadpool(one_instance, request.app.state.archive, study, series, sop)
     return await _rendered(request, path, frame - 1, window, viewport, quality)
 
 
 async def _thumbnail(request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
     media = _image_type(request)
-    ctx: WebContext = request.app.state.ctx
-    found = await run_in_threadpool(instances, ctx, study, series, sop)
+    archive: Archive = request.app.state.archive
+    found = await run_in_threadpool(instances, archive, study, series, sop)
     if sop is None and series is None:
-        first_series = await run_in_threadpool(_series_of, ctx, study, None)
-        found = await run_in_threadpool(instances, ctx, study, first_series[0], None)
+        first_series = await run_in_threadpool(_series_of, archive, study, None)
+        found = await run_in_threadpool(instances, archive, study, first_series[0], None)
     inst = found[len(found) // 2]
-    path = await run_in_threadpool(instance_path, ctx.store, inst)
+    path = await run_in_threadpool(instance_path, archive.blobs, inst)
     try:
         data = await run_in_threadpool(render.thumbnail, path, media)
     except render.RenderError as exc:

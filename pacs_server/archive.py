@@ -1,0 +1,107 @@
+"""The composition root: one ``Archive`` per process, built from the settings, handed to every adapter.
+
+The main server process, each DICOM worker process and each CLI command open exactly one
+Archive with ``open_archive``. It holds every part an adapter needs (index, blob store,
+ingestor, nodes, users, background jobs) so that the DIMSE, DICOMweb, WADO-URI, page, XML-RPC
+and CLI adapters receive one object instead of wiring the parts themselves: the wiring exists
+here only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, Settings
+from .index import Index, IndexUnreadable
+from .ingest import Ingestor
+from .jobs import Jobs
+from .nodes import NodeRegistry
+from .reindex import reindex
+from .storage import FileStore
+from .users import Users
+
+log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(eq=False)
+class Archive:
+    """Everything of one archive that a protocol adapter may use.
+
+    ``request_stop``, ``stop_web_listener`` and ``dicom_status`` are set by the server process
+    (``server.py``): XML-RPC ``KillOsiriX`` and the admin pages stop the process through the
+    first, the debug fault switch uses the second, ``/health`` reads the third. Elsewhere they
+    do nothing.
+    """
+
+    settings: Settings
+    index: Index
+    blobs: FileStore
+    ingestor: Ingestor
+    nodes: NodeRegistry
+    users: Users
+    jobs: Jobs
+    started_at: float = field(default_factory=time.time)
+    request_stop: Callable[[], None] = _nothing
+    stop_web_listener: Callable[[], None] = _nothing
+    dicom_status: Callable[[], dict[str, Any]] | None = None
+
+    def close(self) -> None:
+        """Release what the archive holds (the job pool, the index's connections)."""
+        self.jobs.close()
+        self.index.close()
+
+
+def open_archive(settings: Settings, *, migrate: bool = True, repair: bool = False) -> Archive:
+    """Build the archive of this process from ``settings``.
+
+    ``migrate`` brings the index schema up to date (the main process and CLI commands do; DICOM
+    workers open an index the main process already migrated). ``repair`` is the server's start:
+    a corrupt SQLite index is moved aside and rebuilt from the stored files in the background
+    (server mode), or, with ``server.server_mode = false``, start-up stops and says what to do.
+    """
+    blobs = FileStore(settings.data_dir)
+    index = _open_index(settings, blobs, migrate=migrate, repair=repair)
+    return Archive(
+        settings=settings,
+        index=index,
+        blobs=blobs,
+        ingestor=Ingestor(blobs, index, settings.storage),
+        nodes=NodeRegistry(index),
+        users=Users(index),
+        jobs=Jobs(),
+    )
+
+
+def _open_index(settings: Settings, blobs: FileStore, *, migrate: bool, repair: bool) -> Index:
+    index = Index(settings.index_url)
+    if not migrate:
+        return index
+    try:
+        index.migrate()
+        index.ping()
+        return index
+    except IndexUnreadable as exc:
+        index.close()
+        if not (repair and index.is_sqlite):
+            raise
+        if not settings.server.server_mode:
+            raise ConfigError(
+                f"the index is unreadable ({exc}) and server.server_mode is false, so it is not rebuilt "
+                "automatically: stop the server, then run `macpacs reindex` (it moves the file aside and "
+                "rebuilds it from the stored files), or set server.server_mode = true"
+            ) from None
+        moved = index.move_aside()
+        log.error("index is unreadable (%s): moved it aside as %s and rebuilding it from the files", exc, moved)
+    index = Index(settings.index_url)
+    index.migrate()
+    threading.Thread(target=reindex, args=(blobs, index), name="reindex", daemon=True).start()
+    return index
