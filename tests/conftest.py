@@ -17,8 +17,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from macpacs.pacs_server.archive import Archive
 
 DCMTK_BIN = Path("/usr/bin")
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,6 +229,23 @@ def make_server(tmp_path: Path) -> Iterator[object]:
 @pytest.fixture
 def server(make_server: object) -> ServerProcess:
     return make_server()  # type: ignore[operator]
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    """An in-process Archive over a fresh data folder: the core without any listener.
+
+    For tests of matching, ingest and plugin rules that need no network: what a protocol does
+    goes through the same ``archive.ingestor``, ``archive.index`` and ``archive.blobs``.
+    """
+    from macpacs.pacs_server.archive import open_archive
+    from macpacs.pacs_server.config import load
+
+    opened = open_archive(load(overrides={"storage": {"data_dir": str(tmp_path / "data")}}, environ={}))
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ schema cannot drift apart. Changing a table here needs a new Alembic migration i
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -93,7 +94,12 @@ instance = Table(
     *_query_columns("IMAGE"),
     Column("transfer_syntax_uid", String(64), nullable=False),
     Column("storage_key", String(80), nullable=False),
-    Column("file_size", Integer, nullable=False),
+    # Bytes of the stored file (a multi-frame instance can pass 2 GiB: 64-bit on PostgreSQL).
+    Column("file_size", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+    # SHA-256 (hex) of the encoded dataset after the file meta: what a sender put on the wire,
+    # equal for two copies of one instance from different senders. Re-sends are compared on it;
+    # NULL for instances indexed before revision 0003 until `macpacs reindex` fills it.
+    Column("content_hash", String(64), nullable=True),
     Column("received_at", Float, nullable=False),
     Column("source_ae", String(16), nullable=False, default=""),
     UniqueConstraint("sop_instance_uid", name="uq_instance_uid"),
