@@ -11,8 +11,7 @@ import json
 
 from macpacs.pacs_server import config as pacs_config
 
-from .layout import KCPASSWORD, SERVER_UNIT, SOFTWARE_UPDATE, SUPERVISOR_UNIT
-from .linux import UNITS
+from .layout import KCPASSWORD, SOFTWARE_UPDATE
 from .macos import POWER, Launchd, autologin_user, power_differences
 from .steps import MIN_FREE_GB, WARN_FREE_GB, Context, Finding, health_url, lookup_account, server_answers
 
@@ -52,7 +51,7 @@ def diagnose(ctx: Context) -> list[Finding]:
             Finding(
                 "FAIL",
                 f"{health_url(ctx)} does not answer",
-                f"look at {layout.log_dir}/server.err.log (journalctl -u {SERVER_UNIT} on Linux)",
+                f"look at {ctx.services()[0].stderr_path}",
             )
         )
     if xmlrpc_enabled:
@@ -155,7 +154,8 @@ def _software_update(ctx: Context) -> list[Finding]:
 
 def _systemd(ctx: Context) -> list[Finding]:
     out = []
-    for unit in UNITS:
+    for service in ctx.services():
+        unit = service.unit
         res = ctx.host.run(["systemctl", "is-active", unit])
         if res.ok:
             out.append(Finding("PASS", f"{unit} is active"))
@@ -164,20 +164,22 @@ def _systemd(ctx: Context) -> list[Finding]:
                 Finding(
                     "FAIL",
                     f"{unit} is {res.stdout.strip() or 'not active'}",
-                    f"sudo systemctl restart {unit}; journalctl -u {unit} shows why it stopped",
+                    f"sudo systemctl restart {unit}; `systemctl status {unit}` shows how it stopped, "
+                    f"{service.stderr_path} what it said",
                 )
             )
     return out
 
 
 def _supervisor_status(ctx: Context) -> Finding:
+    server, supervisor = ctx.services()
     path = ctx.layout.status_file
     text = ctx.host.read_text(path)
     if text is None:
         return Finding(
             "FAIL",
             f"the supervisor has written no status ({path})",
-            f"is it running? {SUPERVISOR_UNIT} / org.macpacs.supervisor; its log is in {ctx.layout.log_dir}",
+            f"is it running? {supervisor.unit} / {supervisor.label}; its log is {supervisor.stderr_path}",
         )
     try:
         status = json.loads(text)
@@ -197,7 +199,7 @@ def _supervisor_status(ctx: Context) -> Finding:
         return Finding(
             "FAIL",
             f"supervisor: {state} ({restarts} restarts in 24 h)",
-            f"see {ctx.layout.log_dir}/supervisor.err.log and the server log",
+            f"see {supervisor.stderr_path} and {server.stderr_path}",
         )
     level = "WARN" if restarts else "PASS"
     return Finding(

@@ -18,18 +18,7 @@ UNITS = (SERVER_UNIT, SUPERVISOR_UNIT)
 
 def unit_files(ctx: Context) -> list[tuple[str, Path, str]]:
     """(unit name, path, content) of both units."""
-    eff, layout, user = ctx.effective, ctx.layout, ctx.options.user
-    server = render.systemd_unit(SERVER_UNIT, layout, user, render.server_argv(layout))
-    supervisor = render.systemd_unit(
-        SUPERVISOR_UNIT,
-        layout,
-        user,
-        render.supervisor_argv(layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port),
-    )
-    return [
-        (SERVER_UNIT, SYSTEMD_DIR / SERVER_UNIT, server),
-        (SUPERVISOR_UNIT, SYSTEMD_DIR / SUPERVISOR_UNIT, supervisor),
-    ]
+    return [(service.unit, SYSTEMD_DIR / service.unit, render.systemd_unit(service)) for service in ctx.services()]
 
 
 class Systemd(Step):
@@ -74,7 +63,8 @@ class Systemd(Step):
         if not res.ok and not res.skipped:
             raise InstallError(
                 f"`{' '.join(self.systemctl(ctx, *args))}` failed: {res.output}\n"
-                f"`journalctl -u {SERVER_UNIT}` shows why; then run `macpacs install` again."
+                f"`systemctl status {SERVER_UNIT}` shows why, {ctx.services()[0].stderr_path} what the server said; "
+                "then run `macpacs install` again."
             )
 
     def undo(self, ctx: Context) -> None:

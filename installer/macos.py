@@ -192,28 +192,11 @@ class Launchd(Step):
 
     def jobs(self, ctx: Context) -> list[tuple[str, Path, str]]:
         """(label, plist path, content) for both jobs."""
-        eff, layout = ctx.effective, ctx.layout
-        user_name = ctx.options.user if ctx.options.mode == "daemon" else None
-        server = render.launchd_plist(
-            layout,
-            SERVER_LABEL,
-            render.server_argv(layout),
-            log_name="server",
-            user_name=user_name,
-            exit_timeout=render.SERVER_EXIT_TIMEOUT,
-        )
-        supervisor = render.launchd_plist(
-            layout,
-            SUPERVISOR_LABEL,
-            render.supervisor_argv(layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port),
-            log_name="supervisor",
-            user_name=user_name,
-            exit_timeout=20,
-        )
+        agent = ctx.options.mode == "agent"
         folder = self.folder(ctx)
         return [
-            (SERVER_LABEL, folder / f"{SERVER_LABEL}.plist", server),
-            (SUPERVISOR_LABEL, folder / f"{SUPERVISOR_LABEL}.plist", supervisor),
+            (service.label, folder / f"{service.label}.plist", render.launchd_plist(service, agent=agent))
+            for service in ctx.services()
         ]
 
     def domain_ready(self, ctx: Context) -> bool:

@@ -23,6 +23,7 @@ from macpacs.pacs_server import config as pacs_config
 from . import render
 from .host import Host
 from .layout import Layout, Options
+from .service import Service, server_service, supervisor_service
 
 HEALTH_BODY = "Test DB Alive succeeded"
 MIN_FREE_GB = 1  # below this, nothing can be stored: FAIL
@@ -82,6 +83,21 @@ class Context:
     preview: bool = False
     # Set by the service step when the jobs cannot start now (no GUI session yet, --root).
     not_started: str | None = None
+
+    def services(self) -> tuple[Service, Service]:
+        """The server and the supervisor, as every service manager and ``doctor`` see them."""
+        eff = self.effective
+        return (
+            server_service(self.layout, self.options.user),
+            supervisor_service(
+                self.layout,
+                self.options.user,
+                ae_title=eff.ae_title,
+                dicom_port=eff.dicom_port,
+                web_port=eff.web_port,
+                xmlrpc_port=eff.xmlrpc_port,
+            ),
+        )
 
     def owner(self) -> tuple[int, int] | None:
         return (self.account.uid, self.account.gid) if self.account else None
@@ -386,7 +402,7 @@ class Wait(Step):
             waited += 1.0
         raise InstallError(
             f"the server does not answer {health_url(ctx)} after {deadline:g} s.\n"
-            f"Look at {ctx.layout.log_dir}/server.err.log, then run `macpacs doctor`. "
+            f"Look at {ctx.services()[0].stderr_path}, then run `macpacs doctor`. "
             "Everything else is installed; `macpacs install` again re-checks."
         )
 
