@@ -28,12 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
-
 from .config import AE_TITLE_RE
 from .index import Index
-from .index.schema import node as node_table
+from .index.nodes_table import DuplicateNode, NodeTable
 
 STATUSES = ("active", "pending")
 OPERATIONS = ("store", "query", "retrieve")
@@ -106,25 +103,30 @@ def _from_row(row: Mapping[str, Any]) -> Node:
     return Node(**{f: row[f] for f in FIELDS})
 
 
+def _duplicate(exc: DuplicateNode, node: Node) -> NodeError:
+    """The administrator's message for a name or AE title already taken."""
+    if exc.column is None:  # a concurrent add won the race
+        return NodeError(f"node {node.name!r} or AE title {node.ae_title!r} is already registered")
+    what = {"name": "name", "ae_title": "AE title"}[exc.column]
+    return NodeError(f"{what} {exc.value!r} is already used by node {exc.other!r}")
+
+
 class NodeRegistry:
     """The nodes stored in one index database. Thread-safe; every call is one short transaction."""
 
     def __init__(self, index: Index) -> None:
-        self.index = index
+        self.table = NodeTable(index)
         self._resolved: dict[str, tuple[float, set[str]]] = {}
         self._lock = threading.Lock()
 
     # -- reading ----------------------------------------------------------------------------
     def list(self) -> list[Node]:
         """Every node, by name."""
-        with self.index.engine.connect() as conn:
-            rows = conn.execute(select(node_table).order_by(node_table.c.name)).mappings()
-            return [_from_row(r) for r in rows]
+        return [_from_row(r) for r in self.table.all()]
 
     def find(self, name: str) -> Node | None:
         """The node called ``name``, or None."""
-        with self.index.engine.connect() as conn:
-            row = conn.execute(select(node_table).where(node_table.c.name == name)).mappings().first()
+        row = self.table.by("name", name)
         return _from_row(row) if row else None
 
     def get(self, name_or_ae: str) -> Node:
@@ -137,21 +139,17 @@ class NodeRegistry:
 
     def by_ae_title(self, ae_title: str) -> Node | None:
         """The node registered with this AE title (surrounding spaces ignored), or None."""
-        with self.index.engine.connect() as conn:
-            row = conn.execute(select(node_table).where(node_table.c.ae_title == ae_title.strip())).mappings().first()
+        row = self.table.by("ae_title", ae_title.strip())
         return _from_row(row) if row else None
 
     # -- writing ----------------------------------------------------------------------------
     def add(self, node: Node) -> Node:
         """Register a new node; NodeError on a bad field or a duplicate name or AE title."""
         node = validate(node)
-        values = dataclasses.asdict(node)
         try:
-            with self.index.engine.begin() as conn:
-                self._check_unique(conn, node, exclude=None)
-                conn.execute(insert(node_table).values(**values, created_at=time.time()))
-        except IntegrityError as exc:  # a concurrent add won the race
-            raise NodeError(f"node {node.name!r} or AE title {node.ae_title!r} is already registered") from exc
+            self.table.insert(dataclasses.asdict(node))
+        except DuplicateNode as exc:
+            raise _duplicate(exc, node) from exc
         return node
 
     def edit(self, name: str, /, **changes: Any) -> Node:
@@ -164,29 +162,15 @@ class NodeRegistry:
             raise NodeError(f"no DICOM node named {name!r}")
         updated = validate(dataclasses.replace(current, **changes))
         try:
-            with self.index.engine.begin() as conn:
-                self._check_unique(conn, updated, exclude=name)
-                conn.execute(update(node_table).where(node_table.c.name == name).values(**dataclasses.asdict(updated)))
-        except IntegrityError as exc:
-            raise NodeError(f"node {updated.name!r} or AE title {updated.ae_title!r} is already registered") from exc
+            self.table.update(name, dataclasses.asdict(updated))
+        except DuplicateNode as exc:
+            raise _duplicate(exc, updated) from exc
         return updated
 
     def remove(self, name: str) -> None:
         """Delete the node ``name``; NodeError when there is none."""
-        with self.index.engine.begin() as conn:
-            if conn.execute(delete(node_table).where(node_table.c.name == name)).rowcount == 0:
-                raise NodeError(f"no DICOM node named {name!r}")
-
-    @staticmethod
-    def _check_unique(conn: Any, node: Node, exclude: str | None) -> None:
-        c = node_table.c
-        for column, value, what in ((c.name, node.name, "name"), (c.ae_title, node.ae_title, "AE title")):
-            stmt = select(c.name).where(column == value)
-            if exclude is not None:
-                stmt = stmt.where(c.name != exclude)
-            other = conn.execute(stmt).scalar()
-            if other is not None:
-                raise NodeError(f"{what} {value!r} is already used by node {other!r}")
+        if not self.table.delete(name):
+            raise NodeError(f"no DICOM node named {name!r}")
 
     # -- access control -----------------------------------------------------------------------
     def access_for(self, calling_ae: str, address: str) -> Node | None:

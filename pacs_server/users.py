@@ -21,14 +21,15 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete, insert, select, update
 
 from .index import Index
-from .index.schema import api_token, web_user
+from .index.users_table import USER_COLUMNS, UserTable
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 ROLES = ("admin", "read")
@@ -77,6 +78,10 @@ class User:
         return self.role == "admin"
 
 
+def _user(row: Mapping[str, Any]) -> User:
+    return User(**{name: row[name] for name in USER_COLUMNS})
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
@@ -85,7 +90,7 @@ class Users:
     """User and token management plus password/token verification over one index."""
 
     def __init__(self, index: Index) -> None:
-        self.index = index
+        self.table = UserTable(index)
         self._address_failures: dict[str, deque[float]] = {}
         self._verified: dict[str, tuple[User, float]] = {}
         self._lock = threading.Lock()
@@ -98,82 +103,38 @@ class Users:
             raise UserError(f"role {role!r} is not one of {', '.join(ROLES)}")
         if self.get(username) is not None:
             raise UserError(f"user {username!r} exists already (use `macpacs users passwd {username}`)")
-        now = time.time()
-        with self.index.engine.begin() as conn:
-            pk = conn.execute(
-                insert(web_user).values(
-                    username=username,
-                    password_hash=_hasher.hash(password),
-                    role=role,
-                    created_at=now,
-                    failed_logins=0,
-                    locked_until=0.0,
-                )
-            ).inserted_primary_key[0]
-        return User(pk, username, role, now)
+        return _user(self.table.insert(username, _hasher.hash(password), role))
 
     def get(self, username: str) -> User | None:
-        u = web_user.c
-        with self.index.engine.connect() as conn:
-            row = conn.execute(
-                select(u.pk, u.username, u.role, u.created_at, u.locked_until).where(u.username == username)
-            ).first()
-        return User(*row) if row else None
+        row = self.table.get(username)
+        return _user(row) if row else None
 
     def list(self) -> list[User]:
-        u = web_user.c
-        with self.index.engine.connect() as conn:
-            rows = conn.execute(
-                select(u.pk, u.username, u.role, u.created_at, u.locked_until).order_by(u.username)
-            ).all()
-        return [User(*row) for row in rows]
+        return [_user(row) for row in self.table.all()]
 
     def remove(self, username: str) -> None:
-        user = self._require(username)
-        with self.index.engine.begin() as conn:
-            conn.execute(delete(api_token).where(api_token.c.user_pk == user.pk))
-            conn.execute(delete(web_user).where(web_user.c.pk == user.pk))
+        self.table.delete(self._require(username).pk)
         self._forget(username)
 
     def set_password(self, username: str, password: str) -> None:
         """New password; also lifts a lock (an admin resetting it is the way out of one)."""
         check_password(password)
-        user = self._require(username)
-        with self.index.engine.begin() as conn:
-            conn.execute(
-                update(web_user)
-                .where(web_user.c.pk == user.pk)
-                .values(password_hash=_hasher.hash(password), failed_logins=0, locked_until=0.0)
-            )
+        self.table.set_password(self._require(username).pk, _hasher.hash(password))
         self._forget(username)
 
     def create_token(self, username: str, name: str = "") -> str:
         """A new API token for ``username``; shown once, only its hash is kept."""
         user = self._require(username)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        with self.index.engine.begin() as conn:
-            conn.execute(
-                insert(api_token).values(
-                    user_pk=user.pk, name=name[:64], token_hash=token_hash(token), created_at=time.time()
-                )
-            )
+        self.table.insert_token(user.pk, name[:64], token_hash(token))
         return token
 
     def tokens(self, username: str) -> list[tuple[int, str, float]]:
         """(id, name, created_at) of a user's tokens."""
-        user = self._require(username)
-        t = api_token.c
-        with self.index.engine.connect() as conn:
-            rows = conn.execute(select(t.pk, t.name, t.created_at).where(t.user_pk == user.pk).order_by(t.pk)).all()
-        return [tuple(row) for row in rows]  # type: ignore[misc]
+        return self.table.tokens(self._require(username).pk)
 
     def revoke_token(self, username: str, token_id: int) -> None:
-        user = self._require(username)
-        with self.index.engine.begin() as conn:
-            gone = conn.execute(
-                delete(api_token).where(api_token.c.pk == token_id, api_token.c.user_pk == user.pk)
-            ).rowcount
-        if not gone:
+        if not self.table.delete_token(self._require(username).pk, token_id):
             raise UserError(f"user {username!r} has no token {token_id}")
 
     # -- verification (every authenticated request) ------------------------------------------
@@ -186,58 +147,40 @@ class Users:
             cached = self._verified.get(cache_key)
         if cached and cached[1] > now:
             return cached[0]
-        u = web_user.c
-        with self.index.engine.connect() as conn:
-            row = conn.execute(
-                select(u.pk, u.username, u.role, u.created_at, u.locked_until, u.password_hash, u.failed_logins).where(
-                    u.username == username
-                )
-            ).first()
+        row = self.table.for_login(username)
         if row is None:
             _hasher.hash(password)  # same cost as a real check: no timing hint that the user is unknown
             self._address_failed(address, now)
             raise AuthFailed("wrong user name or password")
-        user = User(row.pk, row.username, row.role, row.created_at, row.locked_until)
-        if row.locked_until > now:
+        user = _user(row)
+        if user.locked_until > now:
             raise Throttled(
-                f"too many wrong passwords for user {username!r}: locked for {int(row.locked_until - now) + 1} s "
+                f"too many wrong passwords for user {username!r}: locked for {int(user.locked_until - now) + 1} s "
                 "more (an admin can lift it with `macpacs users passwd`)",
-                row.locked_until - now,
+                user.locked_until - now,
             )
         try:
-            _hasher.verify(row.password_hash, password)
+            _hasher.verify(row["password_hash"], password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
-            failures = row.failed_logins + 1
+            failures = row["failed_logins"] + 1
             locked_until = 0.0
             if failures >= FAILURES_BEFORE_LOCK:
                 locked_until = now + min(LOCK_MAX_S, LOCK_BASE_S * 2 ** (failures - FAILURES_BEFORE_LOCK))
-            with self.index.engine.begin() as conn:
-                conn.execute(
-                    update(web_user)
-                    .where(web_user.c.pk == row.pk)
-                    .values(failed_logins=failures, locked_until=locked_until)
-                )
+            self.table.set_failures(user.pk, failures, locked_until)
             self._address_failed(address, now)
             self._forget(username)  # a lock must not be bypassed by a remembered password
             raise AuthFailed("wrong user name or password") from None
-        if row.failed_logins:
-            with self.index.engine.begin() as conn:
-                conn.execute(update(web_user).where(web_user.c.pk == row.pk).values(failed_logins=0, locked_until=0.0))
+        if row["failed_logins"]:
+            self.table.set_failures(user.pk, 0, 0.0)
         with self._lock:
             self._verified[cache_key] = (user, now + VERIFIED_CACHE_S)
         return user
 
     def verify_token(self, token: str) -> User:
-        u, t = web_user.c, api_token.c
-        with self.index.engine.connect() as conn:
-            row = conn.execute(
-                select(u.pk, u.username, u.role, u.created_at, u.locked_until)
-                .select_from(api_token.join(web_user, web_user.c.pk == t.user_pk))
-                .where(t.token_hash == token_hash(token))
-            ).first()
+        row = self.table.by_token(token_hash(token))
         if row is None:
             raise AuthFailed("unknown or revoked API token")
-        return User(*row)
+        return _user(row)
 
     # -- helpers ------------------------------------------------------------------------------
     def _require(self, username: str) -> User:

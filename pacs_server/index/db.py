@@ -25,7 +25,7 @@ from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, in
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
 from . import schema
-from .matcher import Query, build
+from .matcher import Query, build, count_statement
 from .writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
@@ -406,6 +406,18 @@ class Index:
         _keywords, rows = self.find(query)
         return [dict(row) for row in rows]
 
+    def page(self, query: Query) -> tuple[list[dict[str, Any]], int]:
+        """One page of what ``query`` matches (its order, limit and offset) and the total count.
+
+        For lists that show "n of total" (the web study list). Two statements on one connection:
+        the page, and a count over the same matching without ordering or paging.
+        """
+        stmt, _keywords = build(query, sqlite=self.is_sqlite)
+        with self.engine.connect() as conn:
+            total = conn.execute(count_statement(query, sqlite=self.is_sqlite)).scalar_one()
+            rows = [dict(row) for row in conn.execute(stmt).mappings()]
+        return rows, total
+
     def instances(self, query: Query) -> list[StoredInstance]:
         """The stored instances under whatever the query matches, at any level, in index order.
 
@@ -428,6 +440,22 @@ class Index:
         )
         with self.engine.connect() as conn:
             return [row[0] for row in conn.execute(stmt)]
+
+    def instance_metadata(self, series_uid: str, sop_instance_uid: str) -> bytes | None:
+        """The cached metadata blob of one instance of a series, or None when it is not there."""
+        se, i, m = schema.series, schema.instance, schema.instance_metadata
+        stmt = (
+            select(m.c.data)
+            .select_from(m.join(i, i.c.pk == m.c.instance_pk).join(se, se.c.pk == m.c.series_pk))
+            .where(i.c.sop_instance_uid == sop_instance_uid, se.c.series_uid == series_uid)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(stmt).scalar()
+
+    def stored_bytes(self) -> int:
+        """The sum of the stored files' sizes, as recorded at ingest (the status page's "used")."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.coalesce(func.sum(schema.instance.c.file_size), 0))).scalar_one()
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:

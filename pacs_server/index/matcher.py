@@ -2,8 +2,10 @@
 
 C-FIND, QIDO-RS, the XML-RPC ``DBWindowFind`` and the web study list all come through here,
 so matching follows DICOM PS3.4 C.2.2.2 everywhere: single value, universal (empty or ``*``),
-wildcards ``*`` and ``?``, date and time ranges, lists of UIDs. Values are always bound
-parameters; no SQL is built from text.
+wildcards ``*`` and ``?``, date and time ranges, lists of UIDs. Ordering and paging are part
+of the query too (the study list sorts by a column and pages; the others page in index order),
+so no caller adds SQL to what ``build`` returns. Values are always bound parameters; no SQL is
+built from text.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import itertools
 import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,8 @@ class Query:
     """What to look for: ``keys`` maps a DICOM keyword to its matching value.
 
     An empty value (or ``None``) asks for the attribute to be returned without matching on it.
+    ``order_by`` lists ``(keyword, descending)`` pairs; without it rows come in index order
+    (the level's primary key: the order things were stored in, which paging relies on).
     """
 
     level: str
@@ -47,6 +51,7 @@ class Query:
     case_insensitive_names: bool = True
     limit: int | None = None
     offset: int = 0
+    order_by: Sequence[tuple[str, bool]] = ()
     # An extra condition ANDed with ``keys``: the boolean form used by XML-RPC predicates.
     where: Expr | None = None
 
@@ -313,6 +318,11 @@ def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
     columns: list[Any] = []
     conditions: list[ColumnElement[bool]] = []
     wanted = set(query.keys) | {UNIQUE_KEYS[lvl] for lvl in LEVELS[: depth + 1]}
+    for keyword, _descending in query.order_by:
+        attr = BY_KEYWORD.get(keyword)
+        if attr is None or level_index(attr.level) > depth:
+            raise QueryError(f"cannot sort {query.level.lower()}-level results by {keyword[:40]!r}")
+        wanted.add(keyword)
     for keyword in sorted(wanted):
         attr = BY_KEYWORD.get(keyword)
         if attr is None or level_index(attr.level) > depth:
@@ -329,13 +339,27 @@ def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
         conditions.append(expression_condition(query.where, depth, sqlite=sqlite))
     charset_table = schema.study if depth >= 1 else schema.patient
     columns.append(charset_table.c.charset.label("_charset"))
-    level_table = tables[-1]
-    stmt = select(*columns).select_from(joined).where(*conditions).order_by(level_table.c.pk)
+    stmt = select(*columns).select_from(joined).where(*conditions)
+    if query.order_by:
+        by_label = stmt.selected_columns
+        stmt = stmt.order_by(*(by_label[k].desc() if desc else by_label[k].asc() for k, desc in query.order_by))
+    else:
+        stmt = stmt.order_by(tables[-1].c.pk)
     if query.limit is not None:
         stmt = stmt.limit(query.limit)
     if query.offset:
         stmt = stmt.offset(query.offset)
     return stmt, keywords
+
+
+def count_statement(query: Query, *, sqlite: bool) -> Select[Any]:
+    """``SELECT count(*)`` over what ``query`` matches, ignoring its ordering and paging.
+
+    It counts the joined rows straight (no subquery of the selected columns): the same plan
+    SQLite uses for the page's matching, with nothing to sort.
+    """
+    stmt, _keywords = build(query, sqlite=sqlite)
+    return stmt.with_only_columns(func.count()).order_by(None).limit(None).offset(None)
 
 
 def _parent_fk(table: Any) -> str:

@@ -16,11 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-
 from ..archive import Archive
 from ..config import Settings
-from ..index import schema
 
 LOG_TAIL_BYTES = 256 * 1024
 RECENT_LINES = 20
@@ -105,8 +102,7 @@ def collect(archive: Archive, host: str) -> dict[str, Any]:
         archive.index.ping()
         ping_ms = (time.perf_counter() - start) * 1000
         counts = archive.index.counts()
-        with archive.index.engine.connect() as conn:
-            used = conn.execute(select(func.coalesce(func.sum(schema.instance.c.file_size), 0))).scalar_one()
+        used = archive.index.stored_bytes()
         index_detail = f"round trip {ping_ms:.1f} ms"
         if archive.index.is_sqlite:
             db = data_dir / "index.sqlite"

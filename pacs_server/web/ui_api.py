@@ -1,7 +1,7 @@
 """JSON endpoints of the pages under ``/api/ui``: study search, nodes, send, delete, ZIP, status.
 
-Each is a thin adapter over the archive's one way of doing the job: the study search goes
-through the one matcher (``index.matcher.build``; the page adds sorting, paging and the total),
+Each is a thin adapter over the archive's one way of doing the job: the study search is one
+query through the one matcher, sorted, paged and counted by the index (``Index.page``),
 nodes through ``nodes.NodeRegistry`` and ``dimse.scu.echo`` (as ``macpacs nodes`` does), sending
 through ``dimse.scu.send``, delete through ``delete.delete_matching``, and the ZIP reads files
 through ``retrieve``. State-changing calls need the page's CSRF token in ``X-CSRF-Token``.
@@ -20,14 +20,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
 
 from ..archive import Archive
 from ..delete import delete_matching
 from ..dimse import scu
 from ..dimse.subops import PeerError, Progress
 from ..index import Query, QueryError
-from ..index.matcher import build
 from ..jobs import Job
 from ..nodes import Node, NodeError
 from ..retrieve import FileMissing, instance_path
@@ -119,21 +117,22 @@ def search_studies(
         low = _day(date_from, "from date") if date_from else ""
         high = _day(date_to, "to date") if date_to else ""
         keys["StudyDate"] = low if low and low == high else f"{low}-{high}"
+    descending = order == "desc"
+    ordering = [(sort, descending)] + ([("StudyTime", descending)] if sort == "StudyDate" else [])
     archive = _archive(request)
-    query = Query("STUDY", keys, case_insensitive_names=archive.settings.dicom.case_insensitive_names)
+    query = Query(
+        "STUDY",
+        keys,
+        case_insensitive_names=archive.settings.dicom.case_insensitive_names,
+        order_by=ordering,
+        limit=limit,
+        offset=offset,
+    )
     try:
-        stmt, keywords = build(query, sqlite=archive.index.is_sqlite)
+        page, total = archive.index.page(query)
     except QueryError as exc:
         raise HTTPException(400, f"invalid search: {exc}") from None
-    column = stmt.selected_columns[sort]
-    ordering = [column.desc() if order == "desc" else column.asc()]
-    if sort == "StudyDate":
-        time_column = stmt.selected_columns["StudyTime"]
-        ordering.append(time_column.desc() if order == "desc" else time_column.asc())
-    with archive.index.engine.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
-        page = conn.execute(stmt.order_by(None).order_by(*ordering).limit(limit).offset(offset)).mappings().all()
-    studies = [{k: row[k] for k in keywords} for row in page]
+    studies = [{k: row[k] for k in STUDY_FIELDS} for row in page]
     return {"total": total, "offset": offset, "limit": limit, "studies": studies}
 
 

@@ -3,8 +3,9 @@
 - Instances go out as ``multipart/related; type="application/dicom"`` streamed from the stored
   files. ``transfer-syntax=*`` (or none) sends them exactly as stored; asking for Explicit VR
   Little Endian decompresses compressed ones.
-- Metadata comes from the cache written at ingest (``Index.series_metadata``): no file is
-  opened; relative BulkDataURIs in the cache are made absolute here.
+- Metadata comes from the cache written at ingest (``Index.series_metadata`` and
+  ``Index.instance_metadata``): no file is opened; relative BulkDataURIs in the cache are made
+  absolute here.
 - Frames: ``transfer-syntax=*`` returns each frame in its stored encoding (a JPEG codestream
   stays one); otherwise frames are native little-endian pixels, decoded server-side if needed.
 """
@@ -24,14 +25,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 from pydicom.encaps import generate_frames
-from sqlalchemy import select
 
 from ... import render
 from ...archive import Archive
 from ...index import Query as IndexQuery
 from ...index import StoredInstance
-from ...index.schema import instance as instance_table
-from ...index.schema import instance_metadata
 from ...retrieve import instance_path, stored_file
 from ..auth import Principal, require_read
 from ..lookup import check_uid, instances, one_instance
@@ -268,13 +266,7 @@ def _metadata(archive: Archive, base: str, study: str, series: str | None, sop: 
     parts: list[bytes] = []
     if sop is not None:
         (series_uid,) = _series_of(archive, study, series)
-        i, m = instance_table.c, instance_metadata.c
-        with archive.index.engine.connect() as conn:
-            blob = conn.execute(
-                select(m.data)
-                .select_from(instance_metadata.join(instance_table, i.pk == m.instance_pk))
-                .where(i.sop_instance_uid == check_uid(sop, "instance UID"))
-            ).scalar()
+        blob = archive.index.instance_metadata(series_uid, check_uid(sop, "instance UID"))
         if blob is None:
             raise HTTPException(404, f"not found: instance {sop}")
         parts.append(_absolute(blob, f"{base}/studies/{study}/series/{series_uid}/".encode()))
@@ -318,7 +310,7 @@ async def series_metadata(
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata", response_class=Response, responses=_JSON)
-async def instance_metadata_(
+async def instance_metadata(
     request: Request,
     study: str,
     series: str,
