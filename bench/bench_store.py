@@ -40,7 +40,7 @@ from bench.common import (
     study_date,
 )
 from macpacs.pacs_server.index import Index
-from macpacs.pacs_server.storage import storage_key
+from macpacs.pacs_server.storage import blob_key
 
 WORK = DATA / "work"
 
@@ -167,7 +167,7 @@ def fill_index(data_dir: Path, instances: int) -> Path:
                         "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
                         "instance_number": i + 1,
                         "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                        "storage_key": storage_key(sop),
+                        "storage_key": blob_key(sop),
                         "file_size": 0,
                         "received_at": now,
                     }

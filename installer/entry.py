@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "retrieve": ("macpacs.pacs_server.cli_scu", "retrieve", "Retrieve studies from a remote node (C-MOVE or C-GET)."),
     "send": ("macpacs.pacs_server.cli_scu", "send", "Send a study, series or instance to a node (C-STORE)."),
     "users": ("macpacs.pacs_server.cli_users", "users", "Manage web admin users."),
+    "plugins": ("macpacs.pacs_server.cli_plugins", "plugins", "List installed plugins and which are enabled."),
     "install": ("macpacs.installer.cli", "install", "Turn this host into an unattended macpacs server."),
     "uninstall": ("macpacs.installer.cli", "uninstall", "Undo `macpacs install`."),
     "doctor": ("macpacs.installer.cli", "doctor", "Check every part of an installation."),

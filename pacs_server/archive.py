@@ -2,9 +2,9 @@
 
 The main server process, each DICOM worker process and each CLI command open exactly one
 Archive with ``open_archive``. It holds every part an adapter needs (index, blob store,
-ingestor, nodes, users, background jobs) so that the DIMSE, DICOMweb, WADO-URI, page, XML-RPC
-and CLI adapters receive one object instead of wiring the parts themselves: the wiring exists
-here only.
+ingestor, nodes, users, background jobs, plugins) so that the DIMSE, DICOMweb, WADO-URI, page,
+XML-RPC and CLI adapters receive one object instead of wiring the parts themselves: the wiring
+exists here only.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from .index import Index, IndexUnreadable
 from .ingest import Ingestor
 from .jobs import Jobs
 from .nodes import NodeRegistry
+from .plugins import Plugins
 from .reindex import reindex
-from .storage import FileStore
+from .storage import BlobStore, FileStore
 from .users import Users
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ def _nothing() -> None:
 class Archive:
     """Everything of one archive that a protocol adapter may use.
 
+    ``role`` says which process this is: ``"server"`` (the main process of ``macpacs serve``),
+    ``"dicom-worker"`` or ``"command"`` (a CLI command); plugins read it in their ``startup``.
     ``request_stop``, ``stop_web_listener`` and ``dicom_status`` are set by the server process
     (``server.py``): XML-RPC ``KillOsiriX`` and the admin pages stop the process through the
     first, the debug fault switch uses the second, ``/health`` reads the third. Elsewhere they
@@ -43,24 +46,27 @@ class Archive:
     """
 
     settings: Settings
+    role: str
     index: Index
-    blobs: FileStore
+    blobs: BlobStore
     ingestor: Ingestor
     nodes: NodeRegistry
     users: Users
     jobs: Jobs
+    plugins: Plugins
     started_at: float = field(default_factory=time.time)
     request_stop: Callable[[], None] = _nothing
     stop_web_listener: Callable[[], None] = _nothing
     dicom_status: Callable[[], dict[str, Any]] | None = None
 
     def close(self) -> None:
-        """Release what the archive holds (the job pool, the index's connections)."""
+        """Release what the archive holds (plugins, the job pool, the index's connections)."""
+        self.plugins.shutdown()
         self.jobs.close()
         self.index.close()
 
 
-def open_archive(settings: Settings, *, migrate: bool = True, repair: bool = False) -> Archive:
+def open_archive(settings: Settings, role: str = "command", *, migrate: bool = True, repair: bool = False) -> Archive:
     """Build the archive of this process from ``settings``.
 
     ``migrate`` brings the index schema up to date (the main process and CLI commands do; DICOM
@@ -68,20 +74,25 @@ def open_archive(settings: Settings, *, migrate: bool = True, repair: bool = Fal
     a corrupt SQLite index is moved aside and rebuilt from the stored files in the background
     (server mode), or, with ``server.server_mode = false``, start-up stops and says what to do.
     """
+    plugins = Plugins(settings.plugins.enable, settings.plugins.options)  # a typo'd name stops here
     blobs = FileStore(settings.data_dir)
     index = _open_index(settings, blobs, migrate=migrate, repair=repair)
-    return Archive(
+    archive = Archive(
         settings=settings,
+        role=role,
         index=index,
         blobs=blobs,
-        ingestor=Ingestor(blobs, index, settings.storage),
+        ingestor=Ingestor(blobs, index, settings.storage, plugins),
         nodes=NodeRegistry(index),
         users=Users(index),
         jobs=Jobs(),
+        plugins=plugins,
     )
+    plugins.startup(archive)
+    return archive
 
 
-def _open_index(settings: Settings, blobs: FileStore, *, migrate: bool, repair: bool) -> Index:
+def _open_index(settings: Settings, blobs: BlobStore, *, migrate: bool, repair: bool) -> Index:
     index = Index(settings.index_url)
     if not migrate:
         return index

@@ -189,7 +189,7 @@ def reindex(config_path: str | None, data_dir: str | None) -> None:
     from .reindex import reindex as run_reindex
 
     archive = command_archive(config_path, data_dir)
-    total = sum(1 for _ in archive.blobs.iter_files())
+    total = sum(1 for _ in archive.blobs.iter_keys())
     with click.progressbar(length=total, label=f"Reindexing {total} files", file=sys.stderr) as bar:
         report = run_reindex(archive.blobs, archive.index, progress=bar.update)
     for path, reason in report.failed:

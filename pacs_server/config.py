@@ -10,7 +10,6 @@ The installer imports this module to write a configuration that the server will 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tomllib
@@ -123,6 +122,16 @@ class ServerSettings:
 
 
 @dataclass
+class PluginsSettings:
+    """Which installed plugins run (docs/plugins.md), and their own settings."""
+
+    # Entry point names in the ``macpacs.plugins`` group, e.g. ["example"].
+    enable: list[str] = field(default_factory=list)
+    # Each plugin's ``[plugins.<name>]`` table, as written (the plugin checks its own keys).
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class Settings:
     """All settings of one archive process."""
 
@@ -131,6 +140,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     xmlrpc: XmlRpcSettings = field(default_factory=XmlRpcSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    plugins: PluginsSettings = field(default_factory=PluginsSettings)
 
     # -- derived paths ---------------------------------------------------------------------
     @property
@@ -194,6 +204,7 @@ def _section_classes() -> dict[str, type]:
         "web": WebSettings,
         "xmlrpc": XmlRpcSettings,
         "server": ServerSettings,
+        "plugins": PluginsSettings,
     }
 
 
@@ -236,8 +247,11 @@ def apply(settings: Settings, values: Mapping[str, Mapping[str, Any]], origin: s
         if not isinstance(items, Mapping):
             raise ConfigError(f"{origin}: [{section}] must be a table")
         target = getattr(settings, section)
-        known = {f.name for f in fields(target)}
+        known = {f.name for f in fields(target)} - {"options"}
         for key, value in items.items():
+            if section == "plugins" and isinstance(value, Mapping):  # a [plugins.<name>] table
+                target.options[key] = dict(value)
+                continue
             if key not in known:
                 choices = ", ".join(sorted(known))
                 raise ConfigError(f"{origin}: unknown setting {section}.{key} (known: {choices})")
@@ -286,25 +300,3 @@ def load(
         given = {s: {k: v for k, v in items.items() if v is not None} for s, items in overrides.items()}
         apply(settings, given, "command line")
     return settings.validate()
-
-
-def to_toml(settings: Settings) -> str:
-    """Render settings as TOML (the installer writes this; ``load`` reads it back unchanged)."""
-    lines: list[str] = []
-    for section, values in dataclasses.asdict(settings).items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from .index import Index, Query
-from .storage import FileStore
+from .storage import BlobStore
 
 log = logging.getLogger("macpacs.delete")
 
@@ -35,7 +35,7 @@ class Deleted:
         )
 
 
-def delete_matching(index: Index, store: FileStore, query: Query, *, reason: str = "") -> Deleted:
+def delete_matching(index: Index, blobs: BlobStore, query: Query, *, reason: str = "") -> Deleted:
     """Remove every instance under what ``query`` matches at its level, and the parents left empty.
 
     A Series query removes those series only, never their whole study; an Image query removes
@@ -47,14 +47,16 @@ def delete_matching(index: Index, store: FileStore, query: Query, *, reason: str
     removed = index.remove_instances([v.pk for v in victims])
     not_removed = 0
     for victim in victims:
-        path = store.path(victim.storage_key)
-        try:
-            path.unlink()
-        except FileNotFoundError:
+        if blobs.size(victim.storage_key) is None:
             not_removed += 1
+            continue
+        try:
+            blobs.delete(victim.storage_key)
         except OSError as exc:
             not_removed += 1
-            log.error("delete: could not remove file %s of instance %s: %s", path, victim.sop_instance_uid, exc)
+            log.error(
+                "delete: could not remove file %s of instance %s: %s", victim.storage_key, victim.sop_instance_uid, exc
+            )
     result = Deleted(removed["instances"], removed["series"], removed["studies"], removed["patients"], not_removed)
     log.warning("delete%s: %s", f" ({reason})" if reason else "", result)
     if not_removed:

@@ -8,13 +8,11 @@ same way everywhere.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from .index import Index, Query, StoredInstance
-from .storage import FileStore
+from .storage import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +26,26 @@ def locate(index: Index, keys: Mapping[str, str | None], *, case_insensitive: bo
     return index.instances(Query(level="IMAGE", keys=keys, case_insensitive_names=case_insensitive))
 
 
-def instance_path(store: FileStore, instance: StoredInstance) -> Path:
+def instance_path(blobs: BlobStore, instance: StoredInstance) -> Path:
     """The file of a stored instance, exactly as it was received (file meta + dataset)."""
-    return Path(stored_file(store, instance)[0])
+    return Path(stored_file(blobs, instance)[0])
 
 
-def stored_file(store: FileStore, instance: StoredInstance) -> tuple[str, int]:
-    """The file of a stored instance and its size, from one ``stat``.
+def stored_file(blobs: BlobStore, instance: StoredInstance) -> tuple[str, int]:
+    """The local file of a stored instance and its size, from one ``stat``.
 
     A series retrieval takes hundreds of these before its first byte, so the path stays a
-    ``str`` and goes to ``os.stat``: 500 files in ~0.5 ms, against ~2.5 ms through pathlib.
+    ``str``: 500 files in ~0.5 ms, against ~2.5 ms through pathlib.
     """
-    path = os.path.join(store.root, instance.storage_key)
-    try:
-        info = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        info = None
-    if info is None or not stat.S_ISREG(info.st_mode):
+    size = blobs.size(instance.storage_key)
+    path = blobs.local_path(instance.storage_key)
+    if size is None:
         log.error(
             "file of instance %s is missing from the store (%s); run `macpacs reindex` after restoring files",
             instance.sop_instance_uid,
-            path,
+            path or instance.storage_key,
         )
         raise FileMissing(f"file of instance {instance.sop_instance_uid} is missing from the store")
-    return path, info.st_size
+    if path is None:  # an object store: reading through a local cache is the scale-out issue's work
+        raise FileMissing(f"{blobs.describe()} keeps no local file of instance {instance.sop_instance_uid}")
+    return path, size

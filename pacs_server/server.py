@@ -82,10 +82,10 @@ class ArchiveServer:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.pid_file.acquire()
-        archive = self.archive = open_archive(s, repair=True)
+        archive = self.archive = open_archive(s, "server", repair=True)
         archive.started_at = self.started_at
         archive.request_stop = self.request_stop
-        removed = archive.blobs.clean_temp()
+        removed = archive.blobs.clean_staging()
         if removed:
             log.info("removed %d temporary files left by interrupted transfers", removed)
         workers = s.dicom.worker_count()

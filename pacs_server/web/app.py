@@ -7,8 +7,6 @@ OpenAPI document is at ``/openapi.json`` (browsable at ``/api/docs``).
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -20,20 +18,14 @@ from . import api, debug, health, pages, wado_uri
 from .auth import Authenticator, load_secret
 from .dicomweb import router as dicomweb_router
 from .dicomweb.frames_fast import FrameShortPath
-
-
-def _version() -> str:
-    try:
-        return version("macpacs")
-    except PackageNotFoundError:
-        return "0"
+from .status import package_version
 
 
 def create_app(archive: Archive) -> FastAPI:
     settings = archive.settings
     app = FastAPI(
         title="macpacs",
-        version=_version(),
+        version=package_version(),
         description="DICOM archive: WADO-URI, DICOMweb (QIDO-RS, WADO-RS, STOW-RS), JSON API, health.",
         docs_url="/api/docs",
         redoc_url=None,
@@ -75,4 +67,6 @@ def create_app(archive: Archive) -> FastAPI:
 
     # Browser pages (login, study list, viewer, settings) and their static files: pages.py.
     pages.install(app, archive)
+    for router in archive.plugins.routes():  # the register_routes hook (docs/plugins.md)
+        app.include_router(router)
     return app

@@ -141,9 +141,15 @@ def test_settings_layering(tmp_path):
     assert settings.storage.on_conflict == "overwrite"
     assert settings.data_dir == (tmp_path / "rel" / "data").resolve()  # relative to the file
     assert config.load(None, environ={}).dicom.port == 11112
-    rendered = tmp_path / "again.toml"
-    rendered.write_text(config.to_toml(settings))
-    assert config.load(rendered, environ={}) == settings
+
+
+def test_plugin_settings(tmp_path):
+    path = tmp_path / "macpacs.toml"
+    path.write_text('[plugins]\nenable = ["example"]\n[plugins.example]\nlog = "x.jsonl"\nlimit = 3\n')
+    settings = config.load(path, environ={})
+    assert settings.plugins.enable == ["example"]
+    assert settings.plugins.options == {"example": {"log": "x.jsonl", "limit": 3}}
+    assert config.load(path, environ={"MACPACS_PLUGINS_ENABLE": "a, b"}).plugins.enable == ["a", "b"]
 
 
 @pytest.mark.parametrize(

@@ -19,19 +19,16 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import event
 
-from macpacs.pacs_server.config import StorageSettings
-from macpacs.pacs_server.index import Index
+from macpacs.pacs_server import archive
+from macpacs.pacs_server.config import load
 from macpacs.pacs_server.index.attributes import ATTRIBUTES
 from macpacs.pacs_server.ingest import BULK_THRESHOLD, Ingestor, Outcome, RejectedInstance, read_instance
-from macpacs.pacs_server.storage import FileStore, storage_key
+from macpacs.pacs_server.storage import blob_key
 from tests.synthetic import make_instance, write_series
 
 
 def open_archive(data_dir: Path) -> Ingestor:
-    store = FileStore(data_dir)
-    index = Index(f"sqlite:///{data_dir / 'index.sqlite'}")
-    index.migrate()
-    return Ingestor(store, index, StorageSettings())
+    return archive.open_archive(load(overrides={"storage": {"data_dir": str(data_dir)}}, environ={})).ingestor
 
 
 def query(data_dir: Path, sql: str) -> list[tuple]:
@@ -63,11 +60,11 @@ def test_commit_comes_after_both_fsyncs(tmp_path: Path, monkeypatch: pytest.Monk
     result = ingestor.ingest_file(source)
 
     assert result.outcome is Outcome.STORED
-    final = ingestor.store.path(storage_key(result.sop_instance_uid))
+    final = Path(ingestor.blobs.local_path(blob_key(result.sop_instance_uid)))
     assert len(at_commit) == 1
     done = at_commit[0]
     assert str(final.parent) in done, "the folder holding the renamed file was synced before the commit"
-    assert any(name.startswith(str(ingestor.store.tmp_dir)) or name == str(final) for name in done), done
+    assert any(name.startswith(str(tmp_path / "data" / "tmp")) or name == str(final) for name in done), done
 
 
 def test_folder_sync_failure_refuses_and_removes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,7 +84,7 @@ def test_folder_sync_failure_refuses_and_removes_the_file(tmp_path: Path, monkey
     assert result.outcome is Outcome.OUT_OF_RESOURCES
     assert "cannot store file" in result.message
     assert query(tmp_path / "data", "SELECT count(*) FROM instance") == [(0,)]
-    assert list(ingestor.store.iter_files()) == []
+    assert list(ingestor.blobs.iter_keys()) == []
 
 
 def _ingest_all(data_dir: str, files: list[str]) -> list[str]:
@@ -295,7 +292,7 @@ def test_flush_uses_full_fsync_where_it_exists(tmp_path: Path, monkeypatch: pyte
     """Where F_FULLFSYNC exists (macOS) it is used; a volume refusing it gets a plain fsync."""
     import fcntl
 
-    from macpacs.pacs_server import storage
+    from macpacs.pacs_server.storage import filesystem as storage
 
     calls: list[str] = []
     monkeypatch.setattr(storage, "FULLFSYNC", 51)  # F_FULLFSYNC's value on macOS

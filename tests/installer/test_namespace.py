@@ -38,6 +38,11 @@ def test_the_wheel_holds_only_the_macpacs_import_name(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"macpacs", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
+    # Every module of the four folders is in it (pyproject.toml lists the packages one by one).
+    for folder in ("pacs_server", "installer", "supervisor", "templates"):
+        for source in (ROOT / folder).rglob("*.py"):
+            if "__pycache__" not in source.parts:
+                assert f"macpacs/{source.relative_to(ROOT).as_posix()}" in names, f"{source} is not in the wheel"
     # Templates, migrations and web assets travel with the code.
     assert "macpacs/templates/launchd/job.plist.j2" in names
     assert "macpacs/pacs_server/index/migrations/script.py.mako" in names

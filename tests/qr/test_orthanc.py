@@ -75,13 +75,13 @@ def test_retrieve_to_an_unknown_destination_explains(loaded, orthanc):
 
 def assert_stored(server, sources: dict, study_uid: str) -> None:
     """Every instance of the study is in our store, with the dataset Orthanc had."""
-    from macpacs.pacs_server.storage import storage_key
+    from macpacs.pacs_server.storage import blob_key
 
     expected = {
         u for u, p in sources.items() if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study_uid
     }
     for uid in expected:
-        stored = server.data_dir / "files" / storage_key(uid)
+        stored = server.data_dir / "files" / blob_key(uid)
         assert stored.is_file(), f"{uid} was not stored"
         assert dataset_bytes(stored) == dataset_bytes(sources[uid])
 

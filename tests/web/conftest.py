@@ -41,9 +41,9 @@ class Loaded:
         return self.base + "/dicom-web"
 
     def stored_path(self, sop_uid: str) -> Path:
-        from macpacs.pacs_server.storage import storage_key
+        from macpacs.pacs_server.storage import blob_key
 
-        return self.server.data_dir / "files" / storage_key(sop_uid)
+        return self.server.data_dir / "files" / blob_key(sop_uid)
 
 
 def start_server(data_dir: Path, env: dict[str, str] | None = None) -> ServerProcess:

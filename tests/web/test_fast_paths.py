@@ -15,7 +15,7 @@ import time
 import pydicom
 import requests
 
-from macpacs.pacs_server.storage import storage_key
+from macpacs.pacs_server.storage import blob_key
 from tests.conftest import MACPACS, run_tool
 from tests.synthetic import write_series
 
@@ -153,7 +153,7 @@ def test_series_with_a_file_gone_from_the_store_is_a_clear_error(tmp_path, loade
         files = sorted(loaded.series_dir.glob("*.dcm"))
         run_tool("storescu", *server.dicom_args(), *map(str, files))
         study, series, sop = uids(files[0])
-        (server.data_dir / "files" / storage_key(sop)).unlink()
+        (server.data_dir / "files" / blob_key(sop)).unlink()
         url = f"http://127.0.0.1:{server.web_port}/dicom-web/studies/{study}/series/{series}"
         r = requests.get(url, headers=SERIES_ACCEPT, timeout=30)
         assert r.status_code == 500

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -56,7 +56,7 @@ class _Receiver:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.parts: list[Part] = []
-        self._fh: BinaryIO | None = None
+        self._fh: IO[bytes] | None = None
         self._field = b""
         self._value = b""
         self.finished = False
@@ -75,9 +75,8 @@ class _Receiver:
     def part_begin(self) -> None:
         if len(self.parts) >= MAX_PARTS:
             raise HTTPException(413, f"more than {MAX_PARTS} parts in one request")
-        part = Part(self.archive.blobs.new_temp())
-        self.parts.append(part)
-        self._fh = open(part.path, "wb")  # noqa: SIM115 - closed in part_end / close
+        self._fh = self.archive.blobs.stage()  # closed in part_end / close
+        self.parts.append(Part(Path(self._fh.name)))
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         assert self._fh is not None
@@ -177,7 +176,7 @@ def _store(archive: Archive, parts: list[Part], study: str | None, source: str) 
                 message = f"instance belongs to study {found}, not to {study} named in the URL"
                 results.append((IngestResult(Outcome.INVALID, message, sop_uid, sop_class), FAILURE_STUDY_MISMATCH))
                 continue
-        result = archive.ingestor.ingest(part.path, source_ae=source)
+        result = archive.ingestor.ingest(part.path, via="stow", source=source)
         results.append((result, result.dicom_status))
     return results
 

@@ -1,0 +1,80 @@
+"""The plugin hooks: each one documented function, the whole contract between the core and a plugin.
+
+A plugin is a module (or object) with functions of these names, marked with
+``macpacs.pacs_server.plugins.hookimpl``, found through the ``macpacs.plugins`` entry point group
+and enabled by its entry point's name (docs/plugins.md). An implementation may take any subset
+of a hook's arguments, by name.
+
+The core calls these, never an adapter, so that every protocol triggers them the same way:
+``accept_instance`` and ``instance_stored`` come from the one ingest path, whatever brought the
+instance (C-STORE, STOW-RS, upload, ``macpacs import``, C-GET). Plugins load in every process of
+the archive, DICOM worker processes included: ``archive.role`` says which one this is.
+
+A hook that raises is logged with the plugin's name and skipped; the other plugins still run,
+and nothing acknowledged is lost. Hooks run in the thread of the request that caused them:
+slow work (sending, calling a RIS) belongs in ``archive.jobs``, not in the hook itself.
+
+Room to grow: the integration and scale-out issues add hooks here (a study that became stable,
+jobs, extra DICOM services such as worklists, blob stores), each documented the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from .types import Instance
+
+if TYPE_CHECKING:
+    from ..archive import Archive
+
+hookspec = pluggy.HookspecMarker("macpacs")
+
+
+@hookspec
+def startup(archive: Archive) -> None:
+    """The archive of this process is open; the plugin may set itself up.
+
+    Called once per process, after every part of ``archive`` exists and before any listener
+    accepts: in the main server process (``archive.role == "server"``), in each DICOM worker
+    process (``"dicom-worker"``) and in each CLI command (``"command"``). Start a listener of
+    your own only in the server process.
+    """
+
+
+@hookspec
+def shutdown(archive: Archive) -> None:
+    """The process is closing its archive (a clean stop); release what ``startup`` took."""
+
+
+@hookspec
+def accept_instance(archive: Archive, instance: Instance) -> str | None:
+    """Decide whether ``instance`` may be stored, before anything is written.
+
+    Return None to accept, or a reason (one line an administrator understands) to refuse. A
+    refusal is answered as DICOM status 0x0124 (refused: not authorized) to a C-STORE or C-GET,
+    as a failed instance with that reason to STOW-RS and upload, and as a refused file to
+    ``macpacs import``. Every plugin is asked; one refusal is enough. ``instance.dataset`` is
+    the header (no pixel data): read it, do not change it.
+    """
+
+
+@hookspec
+def instance_stored(archive: Archive, instance: Instance, outcome: str) -> None:
+    """``instance`` is durable on disk and in the index (``outcome``: ``"stored"`` or ``"overwritten"``).
+
+    Called before the sender is answered, for every protocol that ingests. Re-sends of an
+    identical instance and re-sends that were kept out (``on_conflict = keep``) are not
+    reported: nothing changed.
+    """
+
+
+@hookspec
+def register_routes(archive: Archive) -> Any:
+    """Web routes of the plugin: a FastAPI ``APIRouter`` (or a list of them) to mount on the web port.
+
+    Routes are mounted as the router declares them; use a prefix of your own, such as
+    ``/plugins/<name>``. Authentication is the plugin's: ``macpacs.pacs_server.web.auth``'s
+    ``require_read``/``require_admin`` dependencies give the archive's own rules.
+    """
