@@ -15,3 +15,24 @@ def test_an_archive_ingests_and_answers_without_a_server(archive, tmp_path: Path
     rows = archive.index.find_all(Query("STUDY", {"PatientName": "DOE*", "StudyInstanceUID": None}))
     assert len(rows) == 1
     assert archive.index.counts()["instances"] == 3
+
+
+def test_import_and_c_store_follow_one_rule_for_a_meta_uid_that_differs(archive, server, tmp_path: Path) -> None:
+    """pydicom's rtdose.dcm has a MediaStorageSOPInstanceUID that differs from its SOPInstanceUID:
+    C-STORE always stored it (the meta comes from the command), and import now does too."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from tests.conftest import findscu, run_tool
+
+    path = Path(get_testdata_file("rtdose.dcm"))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
+    result = archive.ingestor.ingest_file(path)
+    assert result.outcome.value == "stored", result.message
+    assert result.sop_instance_uid == ds.SOPInstanceUID  # indexed under the dataset's own UID
+
+    run_tool("storescu", *server.dicom_args(), str(path))
+    keys = ("QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={ds.StudyInstanceUID}")
+    (found,) = findscu(server, tmp_path / "find", *keys, f"SeriesInstanceUID={ds.SeriesInstanceUID}", "SOPInstanceUID")
+    assert found.SOPInstanceUID == ds.SOPInstanceUID
