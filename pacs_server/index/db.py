@@ -457,6 +457,19 @@ class Index:
         with self.engine.connect() as conn:
             return conn.execute(select(func.coalesce(func.sum(schema.instance.c.file_size), 0))).scalar_one()
 
+    def database_files(self) -> dict[str, int]:
+        """Bytes of the SQLite database and its WAL (empty for a database server), for the status page."""
+        database = self.engine.url.database if self.is_sqlite else None
+        if not database or database == ":memory:":
+            return {}
+        sizes = {}
+        for name, suffix in (("database", ""), ("wal", "-wal")):
+            try:
+                sizes[name] = Path(database + suffix).stat().st_size
+            except FileNotFoundError:
+                sizes[name] = 0
+        return sizes
+
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             return {

@@ -26,7 +26,7 @@ from ..dimse.subops import PeerError
 from ..index import Query, QueryError
 from ..nodes import Node, NodeError, validate
 from ..users import User
-from . import csrf, server_status, ui_api
+from . import csrf, status_page, ui_api
 from .auth import SESSION_COOKIE, check_login, clear_session, client_address, issue_session, load_secret
 
 log = logging.getLogger("macpacs.web.pages")
@@ -258,7 +258,7 @@ def nodes_page(request: Request) -> Response:
 
 def _locations_line(request: Request) -> str:
     s = _archive(request).settings
-    return server_status.locations_line(s, request.url.hostname or socket.gethostname())
+    return status_page.locations_line(s, request.url.hostname or socket.gethostname())
 
 
 @router.get("/register")
@@ -364,10 +364,10 @@ def register(
 
 
 @router.get("/status")
-def status_page(request: Request) -> Response:
+def server_status(request: Request) -> Response:
     user, denied = _reader(request)
     if denied:
         return denied
     archive = _archive(request)
-    info = server_status.collect(archive, request.url.hostname or socket.gethostname())
+    info = status_page.view(archive, request.url.hostname or socket.gethostname())
     return render(request, "status.html", user, s=info, active="status")

@@ -1,4 +1,4 @@
-"""JSON endpoints of the pages under ``/api/ui``: study search, nodes, send, delete, ZIP, status.
+"""JSON endpoints of the pages under ``/api/ui``: study search, nodes, send, delete, ZIP.
 
 Each is a thin adapter over the archive's one way of doing the job: the study search is one
 query through the one matcher, sorted, paged and counted by the index (``Index.page``),
@@ -29,7 +29,6 @@ from ..index import Query, QueryError
 from ..jobs import Job
 from ..nodes import Node, NodeError
 from ..retrieve import FileMissing, instance_path
-from . import server_status
 from .auth import Principal, require_admin, require_read
 from .csrf import require_csrf_header
 
@@ -412,9 +411,3 @@ def echo_node(request: Request, name: str, _who: Principal = ADMIN) -> dict[str,
             "message": f"Failed: {exc} ({node.ae_title}@{node.host}:{node.port}; is its DICOM listener running?)",
         }
     return {"ok": True, "ms": ms, "message": f"C-ECHO OK in {ms:.1f} ms"}
-
-
-@router.get("/status")
-def server_state(request: Request, _who: Principal = READER) -> dict[str, Any]:
-    """What the status page shows, as JSON (for scripts and monitoring)."""
-    return server_status.collect(_archive(request), request.url.hostname or "localhost")

@@ -23,6 +23,11 @@ def test_testdbalive_answers_exactly_what_osirix_watchdogs_expect(tmp_path):
         assert r.headers["content-type"].startswith("text/html")
         health = requests.get(f"http://127.0.0.1:{server.web_port}/health", timeout=10).json()
         assert health["status"] == "ok" and health["index"] == "ok" and health["storage"] == "ok"
+        # The one status document: what the status page shows, for scripts.
+        assert health["counts"] == {"patients": 0, "studies": 0, "series": 0, "instances": 0}
+        assert health["stored_bytes"] == 0 and health["free_mb"] > 0 and health["low_disk"] is False
+        assert health["version"] and health["dicom"]["associations"] == 0
+        assert health["supervisor"] == {"state": "not configured"}
     finally:
         server.stop()
 

@@ -1,0 +1,136 @@
+"""The one status document: is the archive healthy, what does it hold, how does it run.
+
+``/health`` serves it as JSON and the status page renders it, so that a monitoring script and a
+person looking at the page see the same figures from the same checks. It is built from the
+running archive's own parts when asked for (nothing is cached): the index and storage checks
+that ``/testdbalive`` also runs, the index's counts and stored bytes, free space, the DICOM
+associations and workers (``archive.dicom_status``), uptime, version and the watchdog's last
+round (the supervisor's status file, when ``server.supervisor_status_file`` names it).
+
+A check that says "ok" while the archive cannot store is worse than none, so the checks do what
+a C-STORE needs: a write transaction on the index through the server's own connection pool
+(``Index.check_writable``: in SQLite's WAL mode a plain read is *not* blocked by another
+process holding an exclusive lock, so a read alone would call a stuck database healthy), with
+this process's index writer lock taken too, and a file written where incoming blobs are staged
+(``BlobStore.probe``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from ..archive import Archive
+
+BUSY_TIMEOUT_MS = 2000  # how long the index check waits for a locked SQLite database before failing
+WRITER_LOCK_TIMEOUT_S = 5.0
+# Warn when free space is under this multiple of storage.min_free_mb (where stores are refused).
+WARN_FACTOR = 4
+
+
+class HealthError(RuntimeError):
+    """One part of the archive failed its check; the message says which and why."""
+
+
+def check_index(archive: Archive) -> None:
+    """The index's write path, as a C-STORE takes it, changing nothing (``Index.check_writable``)."""
+    try:
+        archive.index.check_writable(WRITER_LOCK_TIMEOUT_S, BUSY_TIMEOUT_MS)
+    except Exception as exc:
+        raise HealthError(f"index: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def check_storage(archive: Archive) -> None:
+    """A small file written where incoming instances are staged (``BlobStore.probe``)."""
+    try:
+        archive.blobs.probe()
+    except OSError as exc:
+        raise HealthError(f"storage: {exc.strerror or exc}") from None
+
+
+def package_version() -> str:
+    try:
+        return version("macpacs")
+    except PackageNotFoundError:
+        return "0"
+
+
+def supervisor_state(path_text: str) -> dict[str, Any]:
+    """The watchdog's last round from its ``--status-file``, or ``state`` and why it is unknown."""
+    if not path_text:
+        return {"state": "not configured"}
+    path = Path(path_text).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"state": "unknown", "detail": f"no status file at {path} yet (is the watchdog running?)"}
+    except (OSError, ValueError) as exc:
+        return {"state": "unknown", "detail": f"status file {path} unreadable: {exc}"}
+    return {
+        "state": data.get("state", "?"),
+        "last_check": data.get("last_check", "?"),
+        "restarts_24h": data.get("restarts_24h", 0),
+        "failed": [
+            {"probe": r.get("probe"), "detail": r.get("detail")} for r in data.get("results", []) if not r.get("ok")
+        ],
+    }
+
+
+def document(archive: Archive) -> dict[str, Any]:
+    """The status document. ``status`` is ``"ok"`` only when the index and storage checks pass.
+
+    ``index`` and ``storage`` are ``"ok"`` or what failed; figures that could not be read are
+    None rather than missing, so that a reader need not guess which keys exist.
+    """
+    s = archive.settings
+    body: dict[str, Any] = {
+        "status": "ok",
+        "version": package_version(),
+        "pid": os.getpid(),
+        "started": datetime.fromtimestamp(archive.started_at, UTC).isoformat(timespec="seconds"),
+        "uptime_s": round(time.time() - archive.started_at, 1),
+        "ae_title": s.dicom.ae_title,
+        "dicom_port": s.dicom.port,
+        "web_port": s.web.port,
+        "https": bool(s.web.tls_cert),
+        "xmlrpc_port": s.xmlrpc.port if s.xmlrpc.enabled else None,
+    }
+    start = time.perf_counter()
+    body["index"] = _outcome(check_index, archive)
+    body["index_ms"] = round((time.perf_counter() - start) * 1000, 1) if body["index"] == "ok" else None
+    body["storage"] = _outcome(check_storage, archive)
+    try:
+        body["counts"] = archive.index.counts()
+        body["stored_bytes"] = archive.index.stored_bytes()
+        body["index_files"] = archive.index.database_files()
+    except Exception as exc:  # the document must still say what is wrong
+        body.update(counts=None, stored_bytes=None, index_files={})
+        if body["index"] == "ok":
+            body["index"] = f"index: {type(exc).__name__}: {exc}".splitlines()[0]
+    try:
+        free = archive.blobs.free_bytes()
+        body["free_mb"] = free // (1024 * 1024)
+        body["low_disk"] = free < WARN_FACTOR * s.storage.min_free_mb * 1024 * 1024
+    except OSError:
+        body["free_mb"] = body["low_disk"] = None
+    if archive.dicom_status is not None:
+        body["dicom"] = archive.dicom_status()
+    body["supervisor"] = supervisor_state(s.server.supervisor_status_file)
+    if body["index"] != "ok" or body["storage"] != "ok":
+        body["status"] = "failing"
+    return body
+
+
+def _outcome(check: Callable[[Archive], None], archive: Archive) -> str:
+    """``"ok"``, or the check's message."""
+    try:
+        check(archive)
+    except HealthError as exc:
+        return str(exc)
+    return "ok"
