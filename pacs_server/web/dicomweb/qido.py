@@ -100,20 +100,16 @@ def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
                 keys.setdefault(attr.keyword, None)
     keys.update(fixed)
     capped = limit is None
-    query = Query(level=level, keys=keys, case_insensitive_names=fuzzy, limit=limit or MAX_RESULTS, offset=offset)
-    rows = _run(archive, query)
-    if limit == 0:
-        rows = []
+    query = Query(
+        level=level, keys=keys, case_insensitive_names=fuzzy, limit=MAX_RESULTS if capped else limit, offset=offset
+    )
+    rows = archive.index.find_all(query)
     if capped and len(rows) >= MAX_RESULTS:
         warnings.append(f"more than {MAX_RESULTS} results: use limit and offset to page through them")
     base = base_url(request)
     body = [_to_json(row, level, base) for row in rows]
     headers = {"Warning": ", ".join(f'299 macpacs "{w}"' for w in warnings)[:4000]} if warnings else None
     return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
-
-
-def _run(archive: Archive, query: Query) -> list[dict[str, Any]]:
-    return archive.index.find_all(query)
 
 
 def _int_param(name: str, value: str, low: int, high: int) -> int:
