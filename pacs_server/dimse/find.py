@@ -1,7 +1,7 @@
 """C-FIND SCP: a DICOM identifier → the one matcher → pending responses filled from the index.
 
 Return keys come from index columns only; no file is opened to answer a query. The responses
-are encoded straight from the index rows (``IdentifierEncoder``, ``wire.response_command``) and
+are encoded straight from the index rows (``IdentifierEncoder``, ``codec.response_command``) and
 written to the socket in batches (``serve_find``), not through pynetdicom's per-message path.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import select
-import socket
 import ssl
 import struct
 import time
@@ -31,9 +29,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from .. import dicom_status
 from ..index import Index, Query, QueryError
 from ..index.attributes import BY_KEYWORD
-from . import wire
+from . import codec, pynetdicom_ext
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,6 @@ LEVELS_BY_MODEL = {
 }
 # IS attributes kept as integers in the index (US attributes such as Rows stay integers).
 _IS_KEYWORDS = {"SeriesNumber", "InstanceNumber", "AcquisitionNumber", "NumberOfFrames"}
-
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_BAD_IDENTIFIER = 0xA900  # Identifier does not match SOP Class
-STATUS_UNABLE = 0xC001  # Unable to process
 
 
 class IdentifierError(ValueError):
@@ -64,7 +58,7 @@ def identifier_to_query(identifier: Dataset, model: str, *, case_insensitive: bo
     allowed = LEVELS_BY_MODEL.get(UID(model), ("PATIENT", "STUDY", "SERIES", "IMAGE"))
     if level not in allowed:
         raise IdentifierError(
-            STATUS_BAD_IDENTIFIER,
+            dicom_status.DOES_NOT_MATCH_SOP_CLASS,
             f"QueryRetrieveLevel {level!r} is not one of {', '.join(allowed)} for this model",
         )
     keys: dict[str, str | None] = {}
@@ -273,23 +267,23 @@ def find_responses(
         return
     except QueryError as exc:
         log.warning("C-FIND refused: %s", exc)
-        yield _failure(STATUS_UNABLE, str(exc))
+        yield _failure(dicom_status.QUERY_UNABLE_TO_PROCESS, str(exc))
         return
     count = 0
     try:
         encoder = IdentifierEncoder(identifier, query, keywords, retrieve_ae, transfer_syntax)
         for row in rows:
-            yield STATUS_PENDING, encoder.encode(row)
+            yield dicom_status.PENDING, encoder.encode(row)
             count += 1
             if max_results and count >= max_results:
                 log.info("C-FIND stopped at dicom.max_find_results = %d", max_results)
                 break
     except Exception as exc:
         log.exception("C-FIND failed after %d matches", count)
-        yield _failure(STATUS_UNABLE, f"C-FIND failed: {exc}")
+        yield _failure(dicom_status.QUERY_UNABLE_TO_PROCESS, f"C-FIND failed: {exc}")
         return
     log.info("C-FIND %s level: %d matches in %.1f ms", query.level, count, (time.perf_counter() - started) * 1000)
-    yield 0x0000, None
+    yield dicom_status.SUCCESS, None
 
 
 BATCH_MESSAGES = 32  # pending responses per socket write, between two looks for a C-CANCEL
@@ -300,8 +294,8 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
     """The C-FIND SCP, in place of pynetdicom's (``subops.RetrieveServiceClass`` calls it).
 
     The EVT_C_FIND handler (``scp.DicomListener._on_find``, ``find_responses``) yields encoded
-    identifiers; each response is framed here (command set by ``wire.response_command``) and up to
-    BATCH_MESSAGES of them are written to the socket at once by ``wire.write_parts``, instead of
+    identifiers; each response is framed here (command set by ``codec.response_command``) and up to
+    BATCH_MESSAGES of them are written to the socket at once by ``pynetdicom_ext.write_parts``, instead of
     going one PDU per reactor loop through pynetdicom's queues (~0.5 ms a match).
 
     C-CANCEL: after every batch the socket is looked at for a C-CANCEL-RQ (``_cancel_requested``),
@@ -314,7 +308,7 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
     msg_id = int(req.MessageID)
     sop_class = str(req.AffectedSOPClassUID)
     max_pdu = assoc.dimse.maximum_pdu_size
-    pending = wire.response_command(wire.C_FIND_RSP, sop_class, msg_id, STATUS_PENDING, dataset=True)
+    pending = codec.response_command(codec.C_FIND_RSP, sop_class, msg_id, dicom_status.PENDING, dataset=True)
     parts: list[bytes | memoryview] = []
     batched = size = count = 0
 
@@ -323,9 +317,9 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
         if isinstance(status, Dataset):
             comment = status.get("ErrorComment")
             status = int(status.Status)
-        command = wire.response_command(wire.C_FIND_RSP, sop_class, msg_id, status, dataset=False, comment=comment)
-        parts.extend(wire.small_message(cx_id, command, None, max_pdu))
-        wire.write_parts(assoc, [b"".join(parts)])  # one buffer: cheaper than ~130 small ones
+        command = codec.response_command(codec.C_FIND_RSP, sop_class, msg_id, status, dataset=False, comment=comment)
+        parts.extend(codec.small_message(cx_id, command, None, max_pdu))
+        pynetdicom_ext.write_parts(assoc, [b"".join(parts)])  # one buffer: cheaper than ~130 small ones
         parts.clear()
 
     try:
@@ -337,25 +331,25 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
         for status, identifier in responses or ():
             if not assoc.is_established:
                 return
-            if status != STATUS_PENDING or identifier is None:
+            if status != dicom_status.PENDING or identifier is None:
                 finish(status)
                 return
-            parts += wire.small_message(cx_id, pending, identifier, max_pdu)
+            parts += codec.small_message(cx_id, pending, identifier, max_pdu)
             count += 1
             batched += 1
             size += len(identifier)
             if batched >= BATCH_MESSAGES or size >= BATCH_BYTES:
-                wire.write_parts(assoc, [b"".join(parts)])  # one buffer: cheaper than ~130 small ones
+                pynetdicom_ext.write_parts(assoc, [b"".join(parts)])  # one buffer: cheaper than ~130 small ones
                 parts.clear()
                 batched = size = 0
                 if _cancel_requested(service, msg_id):
                     if hasattr(responses, "close"):
                         responses.close()  # the generator's index cursor is released now
                     log.info("C-FIND cancelled by the peer after %d matches", count)
-                    finish(STATUS_CANCEL)
+                    finish(dicom_status.CANCEL)
                     return
         if assoc.is_established:
-            finish(0x0000)
+            finish(dicom_status.SUCCESS)
     except OSError as exc:
         log.warning("C-FIND: the connection failed after %d matches: %s", count, exc)
     except Exception:
@@ -363,10 +357,7 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
         parts.clear()
         if assoc.is_established:
             with contextlib.suppress(OSError):
-                finish(STATUS_HANDLER_FAILED)
-
-
-STATUS_HANDLER_FAILED = 0xC311  # pynetdicom's status when the EVT_C_FIND handler raises
+                finish(dicom_status.FIND_HANDLER_FAILED)
 
 
 def _cancel_requested(service: Any, msg_id: int) -> bool:
@@ -384,23 +375,13 @@ def _cancel_requested(service: Any, msg_id: int) -> bool:
     if raw is None or lock is None or isinstance(raw, ssl.SSLSocket):
         return False
     with lock:
-        poller = select.poll()  # not select.select: no limit on the descriptor number
-        poller.register(raw, select.POLLIN)
-        if not poller.poll(0):
+        peeked = codec.peek_command(raw, _MAX_CANCEL_PDU, 0.0, 0.0)  # only what has arrived
+        if peeked is None:
             return False
-        header = raw.recv(6, socket.MSG_PEEK)
-        if len(header) < 6 or header[0] != 0x04:
+        us = peeked.command.us
+        if us.get(0x0100) != codec.C_CANCEL_RQ or us.get(0x0120) != msg_id:
             return False
-        length = int.from_bytes(header[2:6], "big")
-        if length > _MAX_CANCEL_PDU:
-            return False
-        pdu = raw.recv(6 + length, socket.MSG_PEEK)
-        if len(pdu) < 6 + length or int.from_bytes(pdu[6:10], "big") + 4 != length or pdu[11] & 0x03 != 0x03:
-            return False  # not one PDV holding a whole command
-        fields = wire.command_us(pdu[12:])
-        if fields.get(0x0100) != 0x0FFF or fields.get(0x0120) != msg_id:
-            return False
-        wire.read_exact(raw, 6 + length)
+        codec.read_exact(raw, peeked.size)
         return True
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from .. import dicom_status
 from ..index import Index, QueryError
 from ..storage import FileStore
 from . import subops
@@ -39,14 +40,14 @@ def get_responses(
     try:
         instances = subops.match_instances(index, identifier, model, case_insensitive=case_insensitive)
     except (IdentifierError, QueryError) as exc:
-        status = exc.status if isinstance(exc, IdentifierError) else subops.STATUS_BAD_IDENTIFIER
+        status = exc.status if isinstance(exc, IdentifierError) else dicom_status.DOES_NOT_MATCH_SOP_CLASS
         log.warning("C-GET from %s refused: %s", peer, exc)
         yield Response(status, comment=str(exc))
         return
     progress = Progress(len(instances))
     if not instances:
         log.info("C-GET from %s: the identifier matches nothing", peer)
-        yield Response(subops.STATUS_SUCCESS, progress)
+        yield Response(dicom_status.SUCCESS, progress)
         return
     log.info("C-GET from %s: %d instances", peer, len(instances))
     pacer = Pacer()
@@ -63,7 +64,7 @@ def get_responses(
         return
     if is_cancelled():
         log.info("C-GET cancelled by %s: %s", peer, progress.summary())
-        yield Response(subops.STATUS_CANCEL, progress)
+        yield Response(dicom_status.CANCEL, progress)
         return
     level = logging.INFO if not progress.failed else logging.WARNING
     log.log(level, "C-GET by %s done: %s", peer, progress.summary())

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from .. import dicom_status
 from ..index import Index, QueryError
 from ..nodes import NodeRegistry
 from ..storage import FileStore
@@ -58,19 +59,19 @@ def move_responses(
             request.destination,
             why,
         )
-        yield Response(subops.STATUS_UNKNOWN_DESTINATION, comment=f"unknown move destination {request.destination}")
+        yield Response(dicom_status.UNKNOWN_MOVE_DESTINATION, comment=f"unknown move destination {request.destination}")
         return
     try:
         instances = subops.match_instances(index, request.identifier, request.model, case_insensitive=case_insensitive)
     except (IdentifierError, QueryError) as exc:
-        status = exc.status if isinstance(exc, IdentifierError) else subops.STATUS_BAD_IDENTIFIER
+        status = exc.status if isinstance(exc, IdentifierError) else dicom_status.DOES_NOT_MATCH_SOP_CLASS
         log.warning("C-MOVE from %s to %s refused: %s", request.requestor, node.name, exc)
         yield Response(status, comment=str(exc))
         return
     progress = Progress(len(instances))
     if not instances:
         log.info("C-MOVE from %s to %s: the identifier matches nothing", request.requestor, node.name)
-        yield Response(subops.STATUS_SUCCESS, progress)
+        yield Response(dicom_status.SUCCESS, progress)
         return
     log.info(
         "C-MOVE from %s: %d instances to %s (%s:%d)", request.requestor, len(instances), node.name, node.host, node.port
@@ -79,7 +80,7 @@ def move_responses(
     yield from subops.send_to_node(ae, node, store, instances, progress, request.is_cancelled, originator)
     if request.is_cancelled():
         log.info("C-MOVE to %s cancelled by %s: %s", node.name, request.requestor, progress.summary())
-        yield Response(subops.STATUS_CANCEL, progress)
+        yield Response(dicom_status.CANCEL, progress)
         return
     level = logging.INFO if not progress.failed else logging.WARNING
     log.log(level, "C-MOVE to %s done: %s", node.name, progress.summary())

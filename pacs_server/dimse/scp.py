@@ -17,6 +17,7 @@ fastest pynetdicom path for large instances (shared/reference/performance.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -41,7 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ..archive import Archive
 from ..nodes import Node
-from . import store_scp, subops, tuning
+from . import pynetdicom_ext, subops
 from .find import find_responses, status_with_comment
 from .get import get_responses
 from .move import MoveRequest, move_responses
@@ -118,22 +119,18 @@ class DicomListener:
         d = self.settings.dicom
         handlers = self.prepare(self.store.tmp_dir)
         self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=handlers)
-        tuning.share_contexts(self.server)
         log.info("DICOM listener on %s:%d, AE title %s", d.bind, d.port, d.ae_title)
 
     def prepare(self, tmp_dir: Path) -> list[tuple[Any, Any]]:
-        """Install our pynetdicom tunings in this process; return the event handlers to serve with.
+        """Apply our pynetdicom changes in this process; return the event handlers to serve with.
 
         ``start`` listens with them; a worker process (``workers.py``) serves connections that the
-        main process accepted and handed over.
+        main process accepted and handed over. Raises PynetdicomMismatch (a ConfigError) when the
+        installed pynetdicom lacks an internal they rely on.
         """
         # Incoming datasets go straight to a file on the data volume, so ingest can rename it.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(tmp_dir)
-        subops.install()
-        store_scp.install()
-        d = self.settings.dicom
-        clock = tuning.install_clock(d.reactor_poll_ms)
+        stage = functools.partial(tempfile.NamedTemporaryFile, dir=tmp_dir, prefix="in-", suffix=".dcm", delete=False)
+        clock = pynetdicom_ext.apply(self.settings.dicom.reactor_poll_ms, stage)
         return [
             (evt.EVT_CONN_OPEN, clock.opened),
             (evt.EVT_CONN_CLOSE, clock.closed),

@@ -8,6 +8,7 @@ an administrator can act on. Timeouts come from ``dicom.client_timeout``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -34,7 +35,7 @@ from ..archive import Archive
 from ..config import Settings
 from ..nodes import Node
 from ..retrieve import locate
-from . import subops, wire
+from . import pynetdicom_ext, subops
 from .subops import PeerError, Progress
 
 log = logging.getLogger("macpacs.scu")
@@ -64,7 +65,7 @@ MODELS = {
 
 def client_ae(settings: Settings) -> AE:
     """An AE calling with our AE title and the client timeouts of the settings."""
-    wire.tune_sockets()
+    pynetdicom_ext.apply(settings.dicom.reactor_poll_ms)
     d = settings.dicom
     ae = AE(ae_title=d.ae_title)
     ae.acse_timeout = d.client_timeout
@@ -192,8 +193,11 @@ def retrieve(
         assoc = subops.associate(ae, node, [build_context(model)])
         responses = assoc.send_c_move(identifier, destination or settings.dicom.ae_title, model)
     elif method == "get":
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(ingestor.store.tmp_dir)
+        # What comes back is staged where the listener stages, for the one ingest path.
+        stage = functools.partial(
+            tempfile.NamedTemporaryFile, dir=ingestor.store.tmp_dir, prefix="in-", suffix=".dcm", delete=False
+        )
+        pynetdicom_ext.apply(settings.dicom.reactor_poll_ms, stage)
         # 127 contexts: the C-GET model and the 120 most common storage classes, any syntax.
         contexts = [build_context(model)]
         roles = []

@@ -7,8 +7,8 @@ for that SOP class, pydicom decompresses the instance first; when that is imposs
 sub-operation fails and is counted as failed (PS3.4 C.4.2.3).
 
 pynetdicom's own C-MOVE/C-GET SCP needs decoded datasets, proposes every context of the AE on
-a single association and cannot go past 128 contexts, so ``install`` replaces its service class
-for the Query/Retrieve models with ``RetrieveServiceClass``: a thin adapter that sends the
+a single association and cannot go past 128 contexts, so ``pynetdicom_ext.apply`` replaces its
+service class for the Query/Retrieve models with ``RetrieveServiceClass``: a thin adapter that sends the
 responses our handlers (``move.py``, ``get.py``) yield.
 """
 
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pynetdicom.association
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
@@ -32,15 +31,15 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
-from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.status import code_to_category
 
+from .. import dicom_status
 from ..index import StoredInstance
 from ..index.attributes import UNIQUE_KEYS
 from ..nodes import Node
 from ..retrieve import FileMissing, instance_path, locate
 from ..storage import FileStore
-from . import wire
+from . import codec, pynetdicom_ext
 from .find import IdentifierError, identifier_to_query, serve_find
 
 log = logging.getLogger("macpacs.retrieve")
@@ -48,15 +47,7 @@ log = logging.getLogger("macpacs.retrieve")
 MAX_CONTEXTS = 128  # presentation contexts in one association (odd IDs 1..255)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-STATUS_SUCCESS = 0x0000
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_WARNING = 0xB000  # sub-operations complete, one or more failures or warnings
-STATUS_ALL_FAILED = 0xA702  # unable to perform sub-operations
-STATUS_UNKNOWN_DESTINATION = 0xA801
-STATUS_BAD_IDENTIFIER = 0xA900
-STATUS_UNABLE = 0xC000  # unable to process
-STATUS_NOT_AUTHORIZED = 0x0124  # refused: not authorized (PS3.7 C.5.x general status)
+STATUS_NOT_AUTHORIZED = dicom_status.NOT_AUTHORIZED  # where scp.py reads it until its lead edits land
 DUL_IDLE_POLL = 0.005  # seconds between DUL loops while a Channel reads and writes the socket itself
 PENDING_EVERY = 0.05  # seconds between two pending responses (they are optional; each costs a message)
 
@@ -86,10 +77,10 @@ class Progress:
     def final_status(self) -> int:
         """Success, warning (some failed or warned) or failure (all failed), PS3.4 C.4.2.1.5."""
         if not self.failed and not self.warning:
-            return STATUS_SUCCESS
+            return dicom_status.SUCCESS
         if self.failed == self.total:
-            return STATUS_ALL_FAILED
-        return STATUS_WARNING
+            return dicom_status.SUBOPERATIONS_IMPOSSIBLE
+        return dicom_status.WARNING_SUBOPERATIONS
 
     def summary(self) -> str:
         return f"{self.completed} completed, {self.warning} warning, {self.failed} failed, {self.remaining} remaining"
@@ -106,7 +97,7 @@ class Response:
 
     @classmethod
     def pending(cls, progress: Progress) -> Response:
-        return cls(STATUS_PENDING, progress, final=False)
+        return cls(dicom_status.PENDING, progress, final=False)
 
 
 # -- presentation contexts --------------------------------------------------------------------
@@ -184,7 +175,7 @@ class Channel:
         assoc = self.assoc
         self.cancel = cancel or self.cancel
         # Responses are read here, not by pynetdicom's DUL thread, which is told the socket is
-        # not ready (see ``wire._ready``): its PDU, state-machine and pydicom decoding path cost
+        # not ready (see ``pynetdicom_ext._ready``): its PDU, state-machine and pydicom decoding path cost
         # ~0.4 ms per instance. The DUL still sends whatever is queued (C-GET pending responses).
         assoc.dul.socket.direct_reader = True
         self._direct = True
@@ -239,7 +230,7 @@ class Channel:
         if inst.transfer_syntax_uid in syntaxes:
             # The file as stored, after its file meta, never decoded.
             try:
-                return self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)], wire.read_dataset(path)
+                return self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)], codec.read_dataset(path)
             except Exception as exc:
                 raise SubOperationError(f"stored file of {inst.sop_instance_uid} is unreadable: {exc}") from None
         if syntaxes & set(UNCOMPRESSED):
@@ -265,10 +256,10 @@ class Channel:
         assoc = self.assoc
         if not assoc.is_established or not assoc.dul.is_alive():
             raise AssociationLost("the association ended before this sub-operation")
-        command = wire.store_command(inst.sop_class_uid, inst.sop_instance_uid, msg_id, originator_aet, originator_id)
+        command = codec.store_command(inst.sop_class_uid, inst.sop_instance_uid, msg_id, originator_aet, originator_id)
         started = time.monotonic()
         try:
-            wire.write_message(assoc, context_id, command, dataset)
+            pynetdicom_ext.write_message(assoc, context_id, command, dataset)
         except OSError as exc:
             raise AssociationLost(f"the connection failed while sending: {exc}") from None
         return started
@@ -295,41 +286,25 @@ class Channel:
         """Read messages from the socket until the C-STORE-RSP; a C-CANCEL-RQ on the way is noted."""
         assoc = self.assoc
         sock = assoc.dul.socket.socket
+        timeout = assoc.dimse_timeout
         while True:
-            command = self._read_command(sock, assoc.dimse_timeout)
+            try:
+                command = codec.parse_command(codec.read_command(sock))
+            except codec.ProtocolError as exc:  # an A-ABORT, or a release request that has no place here
+                raise AssociationLost(str(exc)) from None
+            except TimeoutError:
+                raise AssociationLost(f"no C-STORE response within {timeout} s (dicom.client_timeout)") from None
+            except OSError as exc:
+                raise AssociationLost(f"the connection failed: {exc}") from None
             assoc.dul._idle_timer.restart()
-            field, status = wire.command_status(command)
-            if field == 0x0FFF:  # C-CANCEL-RQ from a C-GET requestor
+            field = command.us.get(0x0100) if command else None
+            if field == codec.C_CANCEL_RQ:  # from a C-GET requestor
                 self.cancel.set()
                 continue
-            if field != 0x8001 or status is None:
+            status = command.us.get(0x0900) if command else None
+            if field != codec.C_STORE_RSP or status is None:
                 raise SubOperationError(f"the peer answered with command {field!r}, not a C-STORE response")
             return status
-
-    @staticmethod
-    def _read_command(sock: socket.socket, timeout: float | None) -> bytes:
-        """The command set of the next DIMSE message (a dataset part, if any, is skipped)."""
-        command = bytearray()
-        try:
-            while True:
-                pdu_type, body = wire.read_pdu(sock)
-                if pdu_type != 0x04:  # A-ABORT (0x07), or a release request that has no place here
-                    raise AssociationLost(
-                        "the peer aborted the association" if pdu_type == 0x07 else f"unexpected PDU type {pdu_type:#x}"
-                    )
-                pos, control = 0, 0
-                while pos + 6 <= len(body):
-                    length = int.from_bytes(body[pos : pos + 4], "big")
-                    control = body[pos + 5]
-                    if control & 0x01:
-                        command += body[pos + 6 : pos + 4 + length]
-                    pos += 4 + length
-                if control & 0x03 == 0x03:  # the last fragment of a command
-                    return bytes(command)
-        except TimeoutError:
-            raise AssociationLost(f"no C-STORE response within {timeout} s (dicom.client_timeout)") from None
-        except OSError as exc:
-            raise AssociationLost(f"the connection failed: {exc}") from None
 
 
 def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> tuple[Dataset, UID]:
@@ -414,10 +389,10 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         serve_find(self, req, context)  # responses framed and written directly (find.py)
 
     def _move_scp(self, req: C_MOVE, context: Any) -> None:
-        self._serve(req, context, evt.EVT_C_MOVE, wire.C_MOVE_RSP)
+        self._serve(req, context, evt.EVT_C_MOVE, codec.C_MOVE_RSP)
 
     def _get_scp(self, req: C_GET, context: Any) -> None:
-        self._serve(req, context, evt.EVT_C_GET, wire.C_GET_RSP)
+        self._serve(req, context, evt.EVT_C_GET, codec.C_GET_RSP)
 
     def _serve(self, req: Any, context: Any, event: Any, command_field: int) -> None:
         def send(response: Response) -> None:
@@ -441,7 +416,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         except Exception:
             log.exception("retrieve handler failed")
             if self.assoc.is_established:
-                send(Response(STATUS_UNABLE, comment="internal error, see the server log"))
+                send(Response(dicom_status.UNABLE_TO_PROCESS, comment="internal error, see the server log"))
         finally:
             dul._run_loop_delay = delay
 
@@ -449,7 +424,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         p = response.progress
         counts: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
         if p is not None:
-            in_progress = response.status in (STATUS_PENDING, STATUS_CANCEL)
+            in_progress = response.status in (dicom_status.PENDING, dicom_status.CANCEL)
             # US values (at most 65,535): a larger retrieve is still done whole, its counts saturate.
             remaining = min(p.remaining, 0xFFFF) if in_progress else None
             counts = (remaining, min(p.completed, 0xFFFF), min(p.failed, 0xFFFF), min(p.warning, 0xFFFF))
@@ -460,27 +435,13 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
             ds.FailedSOPInstanceUIDList = p.failed_uids
             dataset = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         status = response.status
-        comment = response.comment if status not in (STATUS_SUCCESS, STATUS_PENDING) else None
-        command = wire.response_command(
+        comment = response.comment if status not in (dicom_status.SUCCESS, dicom_status.PENDING) else None
+        command = codec.response_command(
             command_field, sop_class, msg_id, status, dataset=dataset is not None, comment=comment, counts=counts
         )
-        # Written directly, like the C-STOREs (see wire.write_message), so that pynetdicom's outgoing
+        # Written directly, like the C-STOREs (see pynetdicom_ext.write_message), so that pynetdicom's outgoing
         # queue stays empty and a C-STORE never waits behind a pending response.
-        wire.write_message(self.assoc, context.context_id, command, dataset)
-
-
-_original_lookup = uid_to_service_class
-
-
-def _lookup(uid: str) -> type:
-    service_class = _original_lookup(uid)
-    return RetrieveServiceClass if service_class is QueryRetrieveServiceClass else service_class
-
-
-def install() -> None:
-    """Route C-MOVE/C-GET to RetrieveServiceClass; no Nagle on our sockets."""
-    pynetdicom.association.uid_to_service_class = _lookup  # type: ignore[assignment]
-    wire.tune_sockets()
+        pynetdicom_ext.write_message(self.assoc, context.context_id, command, dataset)
 
 
 def send_all(
@@ -562,7 +523,7 @@ def match_instances(index: Any, identifier: Dataset, model: str, *, case_insensi
     value = (query.keys.get(unique) or "").strip()
     if not value or "*" in value or "?" in value:
         raise IdentifierError(
-            STATUS_BAD_IDENTIFIER,
+            dicom_status.DOES_NOT_MATCH_SOP_CLASS,
             f"a retrieve at {query.level} level needs {unique} (no wildcards)",
         )
     return locate(index, query.keys, case_insensitive=case_insensitive)

@@ -51,6 +51,7 @@ from pynetdicom import evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from ..config import Settings
+from . import pynetdicom_ext
 
 log = logging.getLogger("macpacs.dicom")
 
@@ -94,7 +95,9 @@ class WorkerPool:
         """Bind the port (so a port in use fails now) and start the workers; ``serve`` then listens.
 
         Between the two the caller starts the web server, while the workers import and open the index.
+        A pynetdicom the workers could not run with stops the server here, not in each worker.
         """
+        pynetdicom_ext.check()
         d = self.settings.dicom
         family = socket.AF_INET6 if ":" in d.bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -348,7 +351,6 @@ def worker_main(number: int, sock: socket.socket, settings: Settings) -> None:
 def _serve(settings: Settings) -> Any:
     """This worker's own Archive and listener, and a server that does not listen."""
     from ..archive import open_archive
-    from . import tuning
     from .scp import DicomListener
 
     archive = open_archive(settings, migrate=False)  # the main process migrated the index
@@ -364,7 +366,6 @@ def _serve(settings: Settings) -> Any:
         listener.ae.supported_contexts,
         evt_handlers=listener.prepare(archive.blobs.tmp_dir),
     )
-    tuning.share_contexts(server)
     server.listener = listener  # keeps it alive for the handlers bound to its methods
     return server
 

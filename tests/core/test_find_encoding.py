@@ -1,6 +1,6 @@
 """C-FIND responses encoded by hand are the bytes pynetdicom and pydicom produced before (issue 2).
 
-``IdentifierEncoder`` writes index rows straight into a per-query layout; ``wire.response_command``
+``IdentifierEncoder`` writes index rows straight into a per-query layout; ``codec.response_command``
 encodes the C-FIND-RSP command set (and C-STORE, C-MOVE and C-GET responses). Both are compared
 here with the pydicom path they replace, over every transfer syntax a peer can pick and rows
 with empty, numeric, multi-valued, odd-length and non-ASCII values. The end-to-end answers are
@@ -24,7 +24,7 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from macpacs.pacs_server.dimse import wire
+from macpacs.pacs_server.dimse import codec
 from macpacs.pacs_server.dimse.find import IdentifierEncoder, build_response, identifier_to_query
 from macpacs.pacs_server.index.matcher import build
 
@@ -208,7 +208,7 @@ def test_find_command_set_matches_pynetdicom(status, dataset, comment):
     message = C_FIND_RSP()
     message.primitive_to_message(rsp)
     expected = encode(message.command_set, True, True)
-    assert wire.response_command(wire.C_FIND_RSP, MODEL, 7, status, dataset=dataset, comment=comment) == expected
+    assert codec.response_command(codec.C_FIND_RSP, MODEL, 7, status, dataset=dataset, comment=comment) == expected
 
 
 MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -229,7 +229,7 @@ def test_retrieve_command_set_matches_pynetdicom(kind, status, dataset, comment,
     """C-MOVE/C-GET responses are hand-encoded for the retrieve's pending stream: byte-identical
     to what pynetdicom builds from its primitives."""
     rsp, message, field = (
-        (C_MOVE(), C_MOVE_RSP(), wire.C_MOVE_RSP) if kind == "move" else (C_GET(), C_GET_RSP(), wire.C_GET_RSP)
+        (C_MOVE(), C_MOVE_RSP(), codec.C_MOVE_RSP) if kind == "move" else (C_GET(), C_GET_RSP(), codec.C_GET_RSP)
     )
     rsp.MessageIDBeingRespondedTo = 9
     rsp.AffectedSOPClassUID = MOVE_MODEL
@@ -245,7 +245,7 @@ def test_retrieve_command_set_matches_pynetdicom(kind, status, dataset, comment,
     ) = counts
     message.primitive_to_message(rsp)
     expected = encode(message.command_set, True, True)
-    got = wire.response_command(field, MOVE_MODEL, 9, status, dataset=dataset, comment=comment, counts=counts)
+    got = codec.response_command(field, MOVE_MODEL, 9, status, dataset=dataset, comment=comment, counts=counts)
     assert got == expected
 
 
@@ -261,18 +261,18 @@ def test_store_response_command_set_matches_pynetdicom(status, comment):
         rsp.ErrorComment = comment
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)
-    got = wire.response_command(
-        wire.C_STORE_RSP, rsp.AffectedSOPClassUID, 5, status, dataset=False, comment=comment, sop_instance="1.2.3.45"
+    got = codec.response_command(
+        codec.C_STORE_RSP, rsp.AffectedSOPClassUID, 5, status, dataset=False, comment=comment, sop_instance="1.2.3.45"
     )
     assert got == encode(message.command_set, True, True)
 
 
 def test_small_message_is_one_pdu_of_two_pdvs_or_fragments():
     command, dataset = b"c" * 10, b"d" * 20
-    one = b"".join(wire.small_message(3, command, dataset, 16384))
+    one = b"".join(codec.small_message(3, command, dataset, 16384))
     assert one[0] == 0x04 and int.from_bytes(one[2:6], "big") == len(one) - 6
     assert one[6:12] == (12).to_bytes(4, "big") + bytes([3, 0x03]) and one[12:22] == command
     assert one[22:28] == (22).to_bytes(4, "big") + bytes([3, 0x02]) and one[28:] == dataset
     # Too big for the peer's PDU size: command and dataset are fragmented as any message.
-    parts = b"".join(wire.small_message(3, command, dataset, 16))
-    assert parts == b"".join(wire._pdus(3, command, 0x01, 16) + wire._pdus(3, dataset, 0x00, 16))
+    parts = b"".join(codec.small_message(3, command, dataset, 16))
+    assert parts == b"".join(codec.pdus(3, command, 0x01, 16) + codec.pdus(3, dataset, 0x00, 16))

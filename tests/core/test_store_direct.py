@@ -10,17 +10,14 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import time
-from io import BytesIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dsutils import create_file_meta, write_file_meta_info
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
-from macpacs.pacs_server.dimse.store_scp import file_meta
 from macpacs.pacs_server.storage import storage_key
 from tests.conftest import dcmtk, run_tool
 from tests.synthetic import make_instance, write_series
@@ -32,18 +29,6 @@ def _rows(server) -> int:
         return con.execute("SELECT count(*) FROM instance").fetchone()[0]
     finally:
         con.close()
-
-
-def test_file_meta_is_byte_for_byte_pynetdicoms():
-    for sop_class, sop_instance, ts in [
-        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
-        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2"),
-    ]:
-        expected = BytesIO()
-        expected.write(b"\0" * 128 + b"DICM")
-        meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=ts)
-        write_file_meta_info(expected, meta)
-        assert file_meta(sop_class, sop_instance, ts) == expected.getvalue()
 
 
 def test_mixed_services_on_one_association(server, tmp_path):
