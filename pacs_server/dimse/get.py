@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 
 from .. import dicom_status
 from ..index import Index, QueryError
-from ..storage import FileStore
+from ..storage import BlobStore
 from . import subops
 from .find import IdentifierError
 from .subops import AssociationLost, Pacer, Progress, Response
@@ -32,7 +32,7 @@ def get_responses(
     is_cancelled: subops.Cancel,
     *,
     index: Index,
-    store: FileStore,
+    store: BlobStore,
     case_insensitive: bool,
 ) -> Iterator[Response]:
     """The responses of one C-GET, pending ones included, ending with the final one."""

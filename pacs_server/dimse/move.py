@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from .. import dicom_status
 from ..index import Index, QueryError
 from ..nodes import NodeRegistry
-from ..storage import FileStore
+from ..storage import BlobStore
 from . import subops
 from .find import IdentifierError
 from .subops import Progress, Response
@@ -45,7 +45,7 @@ def move_responses(
     *,
     ae: Any,
     index: Index,
-    store: FileStore,
+    store: BlobStore,
     registry: NodeRegistry,
     case_insensitive: bool,
 ) -> Iterator[Response]:

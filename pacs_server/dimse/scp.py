@@ -17,10 +17,8 @@ fastest pynetdicom path for large instances (shared/reference/performance.md).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -117,20 +115,19 @@ class DicomListener:
     def start(self) -> None:
         """Listen on the DICOM port in this process (``dicom.workers = 1``)."""
         d = self.settings.dicom
-        handlers = self.prepare(self.store.tmp_dir)
+        handlers = self.prepare()
         self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=handlers)
         log.info("DICOM listener on %s:%d, AE title %s", d.bind, d.port, d.ae_title)
 
-    def prepare(self, tmp_dir: Path) -> list[tuple[Any, Any]]:
+    def prepare(self) -> list[tuple[Any, Any]]:
         """Apply our pynetdicom changes in this process; return the event handlers to serve with.
 
         ``start`` listens with them; a worker process (``workers.py``) serves connections that the
         main process accepted and handed over. Raises PynetdicomMismatch (a ConfigError) when the
         installed pynetdicom lacks an internal they rely on.
         """
-        # Incoming datasets go straight to a file on the data volume, so ingest can rename it.
-        stage = functools.partial(tempfile.NamedTemporaryFile, dir=tmp_dir, prefix="in-", suffix=".dcm", delete=False)
-        clock = pynetdicom_ext.apply(self.settings.dicom.reactor_poll_ms, stage)
+        # Incoming datasets go straight to a staged file of the blob store, so ingest can put it.
+        clock = pynetdicom_ext.apply(self.settings.dicom.reactor_poll_ms, self.store.stage)
         return [
             (evt.EVT_CONN_OPEN, clock.opened),
             (evt.EVT_CONN_CLOSE, clock.closed),
@@ -259,7 +256,7 @@ class DicomListener:
         if refused:
             self._count(assoc, "refused")
             return status_with_comment(subops.STATUS_NOT_AUTHORIZED, refused)
-        result = self.ingestor.ingest(path, source_ae=assoc.requestor.ae_title)
+        result = self.ingestor.ingest(path, via="c-store", source=assoc.requestor.ae_title)
         self._count(assoc, result.outcome.value)
         if result.ok:
             if result.outcome.value != "stored":

@@ -8,13 +8,10 @@ an administrator can act on. Timeouts come from ``dicom.client_timeout``.
 
 from __future__ import annotations
 
-import functools
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -194,10 +191,7 @@ def retrieve(
         responses = assoc.send_c_move(identifier, destination or settings.dicom.ae_title, model)
     elif method == "get":
         # What comes back is staged where the listener stages, for the one ingest path.
-        stage = functools.partial(
-            tempfile.NamedTemporaryFile, dir=ingestor.store.tmp_dir, prefix="in-", suffix=".dcm", delete=False
-        )
-        pynetdicom_ext.apply(settings.dicom.reactor_poll_ms, stage)
+        pynetdicom_ext.apply(settings.dicom.reactor_poll_ms, archive.blobs.stage)
         # 127 contexts: the C-GET model and the 120 most common storage classes, any syntax.
         contexts = [build_context(model)]
         roles = []
@@ -206,7 +200,7 @@ def retrieve(
             roles.append(build_role(cx.abstract_syntax, scp_role=True))
 
         def on_store(event: Any) -> Any:
-            result = ingestor.ingest(Path(event.dataset_path), source_ae=node.ae_title)
+            result = ingestor.ingest(event.dataset_path, via="c-get", source=node.ae_title)
             if result.ok:
                 stored.append(result.sop_instance_uid)
             else:

@@ -38,7 +38,7 @@ from ..index import StoredInstance
 from ..index.attributes import UNIQUE_KEYS
 from ..nodes import Node
 from ..retrieve import FileMissing, instance_path, locate
-from ..storage import FileStore
+from ..storage import BlobStore
 from . import codec, pynetdicom_ext
 from .find import IdentifierError, identifier_to_query, serve_find
 
@@ -216,7 +216,7 @@ class Channel:
             self.assoc._reactor_checkpoint.set()
             self._paused = False
 
-    def prepare(self, store: FileStore, inst: StoredInstance) -> tuple[int, bytes | memoryview]:
+    def prepare(self, store: BlobStore, inst: StoredInstance) -> tuple[int, bytes | memoryview]:
         """The context ID and encoded dataset to send ``inst`` with; SubOperationError when impossible.
 
         Reads the file through the one retrieve path. ``send_all`` calls it for the next instance
@@ -446,7 +446,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
 
 def send_all(
     assoc: Any,
-    store: FileStore,
+    store: BlobStore,
     instances: Sequence[StoredInstance],
     progress: Progress,
     *,
@@ -593,7 +593,7 @@ def _unreachable(node: Node, timeout: float | None) -> str:
 def send_to_node(
     ae: Any,
     node: Node,
-    store: FileStore,
+    store: BlobStore,
     instances: list[StoredInstance],
     progress: Progress,
     is_cancelled: Cancel | None = None,

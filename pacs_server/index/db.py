@@ -131,15 +131,12 @@ class Index:
         self.engine.dispose()
 
     # -- writes -----------------------------------------------------------------------------
-    def lookup(self, sop_instance_uid: str) -> StoredInstance | None:
-        i = schema.instance.c
+    def content_hash(self, sop_instance_uid: str) -> str | None:
+        """The stored instance's dataset hash, or None (not indexed, or indexed before revision 0003)."""
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(i.pk, i.sop_instance_uid, i.storage_key, i.transfer_syntax_uid, i.sop_class_uid).where(
-                    i.sop_instance_uid == sop_instance_uid
-                )
-            ).first()
-        return StoredInstance(*row) if row else None
+            return conn.execute(
+                select(schema.instance.c.content_hash).where(schema.instance.c.sop_instance_uid == sop_instance_uid)
+            ).scalar()
 
     def add_instance(self, record: InstanceRecord, *, replace: bool = False) -> bool:
         """Insert (or, with ``replace``, update) one instance and its parents in one transaction.
@@ -192,11 +189,6 @@ class Index:
         self._parents.move_to_end(series_uid)
         while len(self._parents) > PARENT_CACHE_SIZE:
             self._parents.popitem(last=False)
-
-    def forget_parents(self) -> None:
-        """Drop the parent cache (call after deleting patients, studies or series)."""
-        with self._write_lock:
-            self._parents.clear()
 
     def _find_or_create_parents(self, cursor: Any, rec: InstanceRecord, now: float) -> tuple[int, int, int]:
         self._run(

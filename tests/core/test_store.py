@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
-from macpacs.pacs_server.storage import storage_key
+from macpacs.pacs_server.storage import blob_key
 from tests.conftest import dcmtk, findscu, free_port, run_tool, wait_for_port
 from tests.synthetic import make_instance, write_series
 
@@ -53,7 +53,7 @@ def index_rows(server, table: str = "instance") -> int:
 
 
 def stored_path(server, sop_uid: str) -> Path:
-    return server.data_dir / "files" / storage_key(sop_uid)
+    return server.data_dir / "files" / blob_key(sop_uid)
 
 
 def test_echo(server):

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification
 
-from macpacs.pacs_server.storage import storage_key
+from macpacs.pacs_server.storage import blob_key
 from tests.conftest import dcmtk, run_tool
 from tests.synthetic import make_instance, write_series
 
@@ -61,7 +61,7 @@ def test_mixed_services_on_one_association(server, tmp_path):
     assert assoc.is_released
     assert _rows(server) == 3
     for path, ds in zip(paths, datasets, strict=True):
-        stored = server.data_dir / "files" / storage_key(ds.SOPInstanceUID)
+        stored = server.data_dir / "files" / blob_key(ds.SOPInstanceUID)
         assert stored.read_bytes().endswith(path.read_bytes()[-1000:])
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and "association released by MIXED" not in server.log():
