@@ -48,13 +48,12 @@ CRASH_LOOP = StartLimit(interval_s=300, burst=20)
 
 @dataclass(frozen=True)
 class Notify:
-    """The service speaks systemd's notify protocol: READY=1, then WATCHDOG=1 pings.
-
-    systemd restarts the service when no ping came for ``watchdog_s``.
+    """The service speaks systemd's notify protocol: READY=1 once it serves, then (with
+    ``watchdog_s``) WATCHDOG=1 pings; systemd restarts it when no ping came for ``watchdog_s``.
     """
 
-    watchdog_s: int
-    # `all`: the pings may come from any process of the unit, not only its main one.
+    watchdog_s: int | None = None
+    # `all`: the messages may come from any process of the unit; `main`: only its main process.
     access: str = "all"
 
 
@@ -105,6 +104,9 @@ def server_service(layout: Layout, user: str) -> Service:
         stdout_path=layout.log_dir / "server.out.log",
         stderr_path=layout.log_dir / "server.err.log",
         after=("network-online.target",),
+        # READY=1 once every listener accepts (pacs_server/server.py), so that the supervisor and
+        # units after this one start against a server that answers; its health is the supervisor's.
+        notify=Notify(access="main"),
     )
 
 

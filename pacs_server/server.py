@@ -23,6 +23,7 @@ from .archive import Archive, open_archive
 from .config import Settings
 from .dimse.scp import DicomListener
 from .dimse.workers import WorkerPool
+from .readiness import notify_ready
 from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
@@ -88,22 +89,37 @@ class ArchiveServer:
         removed = archive.blobs.clean_staging()
         if removed:
             log.info("removed %d temporary files left by interrupted transfers", removed)
+        # Every port is bound and listening before any is served, so that a client that comes
+        # early waits in a backlog instead of being refused. Then each starts serving, DICOM
+        # first, and only when all of them accept is the server ready (log line, systemd).
+        self.web = WebListener(archive)
+        self.web.bind()
+        if s.xmlrpc.enabled:
+            self.xmlrpc = XmlRpcServer(archive)
+            self.xmlrpc.bind()
         workers = s.dicom.worker_count()
         if workers > 1:  # associations served by worker processes: dimse/workers.py says why
             self.listener = WorkerPool(s, workers)
-            self.listener.start()  # they start while the web server does; self.listener.serve() below
+            self.listener.start()
+            self.listener.serve()  # once the workers are ready
         else:
             self.listener = DicomListener(archive)
             self.listener.start()
         archive.dicom_status = self.listener.snapshot
-        self.web = WebListener(archive)
         self.web.start()
-        if s.xmlrpc.enabled:
-            self.xmlrpc = XmlRpcServer(archive)
+        if self.xmlrpc is not None:
             self.xmlrpc.start()
-        if isinstance(self.listener, WorkerPool):
-            self.listener.serve()
-        log.info("macpacs serving data in %s (PID %d)", s.data_dir, os.getpid())
+        xmlrpc = f", XML-RPC {s.xmlrpc.port}" if self.xmlrpc is not None else ""
+        log.info(
+            "macpacs ready: DICOM %d (AE %s), web %d%s; data in %s (PID %d)",
+            s.dicom.port,
+            s.dicom.ae_title,
+            s.web.port,
+            xmlrpc,
+            s.data_dir,
+            os.getpid(),
+        )
+        notify_ready()
 
     def request_stop(self, *_args: object) -> None:
         self._stop.set()

@@ -106,14 +106,26 @@ class ServerProcess:
             "MACPACS_XMLRPC_BIND": "127.0.0.1",
             **self.env,
         }
+        started_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             wait_for_port(self.dicom_port, proc=self.proc)
+            self.wait_ready(started_at)
         except AssertionError:
             self.stop(signal.SIGKILL)
             raise AssertionError(f"macpacs serve did not start; its output:\n{self.log()[-3000:]}") from None
         return self
+
+    def wait_ready(self, log_offset: int, timeout: float = 60.0) -> None:
+        """Until the server logs, after ``log_offset``, that every listener accepts (its ports are
+        bound, and take connections into their backlog, a little earlier)."""
+        assert self.proc is not None and self.log_path is not None
+        deadline = time.monotonic() + timeout
+        while b"macpacs ready:" not in self.log_path.read_bytes()[log_offset:]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("macpacs serve never logged that it is ready")
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.proc is not None

@@ -92,9 +92,8 @@ class WorkerPool:
 
     # -- start and stop -----------------------------------------------------------------------
     def start(self) -> None:
-        """Bind the port (so a port in use fails now) and start the workers; ``serve`` then listens.
-
-        Between the two the caller starts the web server, while the workers import and open the index.
+        """Bind and listen (a port in use fails now; early connections wait in the backlog), start
+        the workers; ``serve`` then accepts, once they are ready.
         A pynetdicom the workers could not run with stops the server here, not in each worker.
         """
         pynetdicom_ext.check()
@@ -103,12 +102,13 @@ class WorkerPool:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((d.bind, d.port))
+        sock.listen(128)
         self._sock = sock
         for number in range(1, self.count + 1):
             self._spawn(number)
 
     def serve(self) -> None:
-        """Wait until the workers are ready, then listen and accept."""
+        """Wait until the workers are ready, then accept."""
         d = self.settings.dicom
         assert self._sock is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -118,7 +118,6 @@ class WorkerPool:
             ready = sum(w.ready for w in self._workers.values())
         if not ready:
             raise RuntimeError(f"no DICOM worker process became ready within {READY_TIMEOUT_S:.0f} s (see the log)")
-        self._sock.listen(128)
         self._sock.settimeout(0.5)  # the accept loop looks at the stop flag this often
         self._acceptor = threading.Thread(target=self._accept_loop, name="dicom-acceptor", daemon=True)
         self._acceptor.start()
@@ -353,7 +352,7 @@ def _serve(settings: Settings) -> Any:
     from ..archive import open_archive
     from .scp import DicomListener
 
-    archive = open_archive(settings, migrate=False)  # the main process migrated the index
+    archive = open_archive(settings, "dicom-worker", migrate=False)  # the main process migrated the index
     listener = DicomListener(archive)
     # pynetdicom's own limit counts association threads, which outlive a closed connection by up
     # to the ACSE timeout; the main process counts connections across workers (the real limit).
@@ -364,7 +363,7 @@ def _serve(settings: Settings) -> Any:
         (d.bind, d.port),
         d.ae_title,
         listener.ae.supported_contexts,
-        evt_handlers=listener.prepare(archive.blobs.tmp_dir),
+        evt_handlers=listener.prepare(),
     )
     server.listener = listener  # keeps it alive for the handlers bound to its methods
     return server

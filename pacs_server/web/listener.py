@@ -1,7 +1,8 @@
 """The web listener: uvicorn serving the FastAPI app in a thread of the archive process.
 
-The socket is bound here, in the caller's thread, so that a port in use or a bad TLS
-certificate stops ``macpacs serve`` with a clear error instead of dying quietly in a thread.
+The socket is bound here (``bind``), in the caller's thread, so that a port in use or a bad TLS
+certificate stops ``macpacs serve`` with a clear error instead of dying quietly in a thread;
+serving starts later (``start``), once the DICOM listener accepts.
 uvicorn installs no signal handlers outside the main thread; the archive's own SIGTERM handler
 stops it through ``stop``.
 """
@@ -34,12 +35,14 @@ class WebListener:
         archive.stop_web_listener = self.request_exit
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
 
     @property
     def scheme(self) -> str:
         return "https" if self.archive.settings.web.tls_cert else "http"
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Build the app, read the TLS files and bind the port; connections wait in its backlog until ``start``."""
         web = self.archive.settings.web
         app = create_app(self.archive)
         config = uvicorn.Config(
@@ -70,7 +73,15 @@ class WebListener:
             raise
         sock.listen(2048)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="web", daemon=True)
+        self._socket = sock
+
+    def start(self) -> None:
+        """Serve the bound port in a thread; returns once uvicorn accepts."""
+        web = self.archive.settings.web
+        assert self.server is not None and self._socket is not None, "bind() first"
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._socket]}, name="web", daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.server.started:
@@ -86,7 +97,10 @@ class WebListener:
             self.server.should_exit = True
 
     def stop(self) -> None:
-        if self.server is None or self.thread is None:
+        if self.thread is None:  # bound, never served
+            if self._socket is not None:
+                self._socket.close()
+            self.server = self._socket = None
             return
         self.server.should_exit = True
         self.thread.join(STOP_TIMEOUT_S)

@@ -165,16 +165,23 @@ class XmlRpcServer:
         assert self._httpd is not None
         return self._httpd.server_address[1]
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Bind and listen on the XML-RPC port; calls wait in its backlog until ``start``."""
         s = self.settings.xmlrpc
         self._httpd = _HttpServer((s.bind, s.port), self)
+
+    def start(self) -> None:
+        """Serve the bound port in a thread."""
+        s = self.settings.xmlrpc
+        assert self._httpd is not None, "bind() first"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="xmlrpc", daemon=True)
         self._thread.start()
         log.info("XML-RPC (OsiriX) listening on %s:%d", s.bind, self.port)
 
     def stop(self) -> None:
         if self._httpd is not None:
-            self._httpd.shutdown()
+            if self._thread is not None:  # shutdown() waits for a serve_forever that must have begun
+                self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
         if self._thread is not None:

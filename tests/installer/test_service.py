@@ -42,7 +42,6 @@ PLIST_ONLY = {"Label", "RunAtLoad", "ProcessType"}
 # systemd only: Type (and the notify settings: launchd has no readiness or watchdog), User
 # (launchd: UserName for daemons only, an agent runs as the logged-in user).
 SYSTEMD_ONLY = {"Type", "User"}
-NOTIFY = {"NotifyAccess", "WatchdogSec"}
 # [Unit]: ordering and the crash-loop limit have no launchd counterpart.
 UNIT_SECTION = {"Description", "StartLimitIntervalSec", "StartLimitBurst"}
 
@@ -132,7 +131,10 @@ def test_every_key_is_shared_or_has_a_reason(agent: bool):
         plist, unit, whole = both(service, agent=agent)
         launchd_only = PLIST_ONLY | ({"LimitLoadToSessionType"} if agent else {"UserName"})
         assert set(plist) == set(SHARED) | launchd_only
-        assert set(unit) == set(SHARED.values()) | SYSTEMD_ONLY | (NOTIFY if service.notify else set())
+        notify = (
+            {"NotifyAccess"} | ({"WatchdogSec"} if service.notify.watchdog_s else set()) if service.notify else set()
+        )
+        assert set(unit) == set(SHARED.values()) | SYSTEMD_ONLY | notify
         assert set(whole) == {"Unit", "Service", "Install"}
         ordering = {"After", "Wants"} if service.after else set()
         assert set(whole["Unit"]) == UNIT_SECTION | ordering
@@ -144,7 +146,10 @@ def test_each_service_is_stopped_alike_and_limited_alike():
     assert server.stop_timeout_s == SERVER_STOP_TIMEOUT_S == 30  # closes associations and the index
     assert supervisor.stop_timeout_s == SUPERVISOR_STOP_TIMEOUT_S == 20  # ends its round (--timeout 10)
     assert server.open_files == supervisor.open_files == 8192
-    assert server.notify is None  # the server does not send READY=1: Type=simple
+    # The server sends READY=1 once every listener accepts; only the supervisor pings a watchdog.
+    assert server.notify is not None and (server.notify.access, server.notify.watchdog_s) == ("main", None)
+    _plist, unit, _whole = both(server, agent=False)
+    assert (unit["Type"], unit["NotifyAccess"], "WatchdogSec" in unit) == ("notify", "main", False)
     assert supervisor.notify is not None and supervisor.notify.access == "all"
     _plist, unit, whole = both(supervisor, agent=False)
     assert (unit["Type"], unit["WatchdogSec"], unit["NotifyAccess"]) == ("notify", "180", "all")
