@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-log = logging.getLogger("macpacs.installer")
+log = logging.getLogger(__name__)
 
 MASK = "********"
 

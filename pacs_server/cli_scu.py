@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from . import dicom_status
 from .cli import command_archive, config_options
 from .nodes import Node, NodeError, NodeRegistry
 
@@ -212,21 +213,26 @@ def retrieve(
         raise click.ClickException(_explain(result, target, method, destination or settings.dicom.ae_title))
 
 
+# A peer's C-MOVE/C-GET refusal we never send ourselves: out of resources, unable to calculate the
+# number of matches (PS3.4 C.4.2.1.5).
+OUT_OF_RESOURCES_COUNTING = 0xA701
+
+
 def _explain(result: Any, target: Node, method: str, destination: str) -> str:
     """A failed retrieve in words, with what to check."""
     status, p = result.status, result.progress
     move_hint = (
         f"; check that {target.name} knows the destination {destination} as a DICOM node" if method == "move" else ""
     )
-    if status == 0xA801:
+    if status == dicom_status.UNKNOWN_MOVE_DESTINATION:
         why = f"{target.name} does not know the destination {destination}; register it there as a DICOM node"
-    elif status == 0xB000:
+    elif status == dicom_status.WARNING_SUBOPERATIONS:
         why = f"{p.failed} of {p.total} instances failed"
-    elif status == 0xFE00:
+    elif status == dicom_status.CANCEL:
         why = "cancelled"
-    elif status in (0xA701, 0xA702):
+    elif status in (OUT_OF_RESOURCES_COUNTING, dicom_status.SUBOPERATIONS_IMPOSSIBLE):
         why = f"{target.name} could not perform the sub-operations ({p.failed} failed){move_hint}"
-    elif status == 0xA900 or 0xC000 <= status <= 0xCFFF:
+    elif status == dicom_status.DOES_NOT_MATCH_SOP_CLASS or 0xC000 <= status <= 0xCFFF:  # Cxxx: failed
         why = f"{target.name} could not process the request (status 0x{status:04X}){move_hint}"
     else:
         why = f"{target.name} answered status 0x{status:04X}"

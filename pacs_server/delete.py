@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .index import Index, Query
 from .storage import BlobStore
 
-log = logging.getLogger("macpacs.delete")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Logging: one line per event, to a rotated file in the logs folder and to stderr."""
+"""Logging: one line per event, to a rotated file in the logs folder and to stderr.
+
+Every logger is named for its module (``logging.getLogger(__name__)``), so each line says where it
+came from (``macpacs.pacs_server.dimse.scp``, ``macpacs.supervisor.core``...) and one prefix,
+``macpacs``, selects all of ours.
+"""
 
 from __future__ import annotations
 

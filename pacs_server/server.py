@@ -27,7 +27,7 @@ from .readiness import notify_ready
 from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
-log = logging.getLogger("macpacs.server")
+log = logging.getLogger(__name__)
 
 
 class AlreadyRunning(RuntimeError):

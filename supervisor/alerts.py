@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-log = logging.getLogger("macpacs.supervisor")
+log = logging.getLogger(__name__)
 
 
 class Alerter:

@@ -18,7 +18,7 @@ from .alerts import Alerter
 from .core import Settings, Supervisor
 from .probes import ProbeRunner, build_probes, parse_dicom
 
-log = logging.getLogger("macpacs.supervisor")
+log = logging.getLogger(__name__)
 
 
 def _dicom(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

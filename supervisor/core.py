@@ -33,7 +33,7 @@ from .alerts import Alerter
 from .notify import NOTIFY_VARIABLES, Notifier
 from .probes import ProbeResult, ProbeRunner
 
-log = logging.getLogger("macpacs.supervisor")
+log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
 

@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-log = logging.getLogger("macpacs.supervisor")
+log = logging.getLogger(__name__)
 
 # Variables a spawned server must not inherit: systemd would take its messages for ours.
 NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-log = logging.getLogger("macpacs.supervisor")
+log = logging.getLogger(__name__)
 
 # psutil derives a Linux process's create time from the boot time, which /proc gives in whole
 # seconds, so it can read up to ~1 s late; a process is "older than its PID file" within this slack.

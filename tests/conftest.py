@@ -53,6 +53,14 @@ def run_tool(tool: str, *args: str, timeout: float = 120, check: bool = True) ->
     return proc
 
 
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset after the file meta group: what travelled over the network."""
+    import pydicom
+
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    return path.read_bytes()[144 + int(meta.FileMetaInformationGroupLength) :]
+
+
 def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -140,6 +148,16 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def logged(self, text: str, timeout: float = 10.0) -> bool:
+        """Whether ``text`` appears in the log within ``timeout`` s: a DICOM worker's lines reach
+        the main process's log a moment after the client already has its answer."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def dicom_args(self) -> list[str]:
         return ["-aec", self.ae_title, "127.0.0.1", str(self.dicom_port)]

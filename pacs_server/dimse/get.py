@@ -21,7 +21,7 @@ from . import subops
 from .find import IdentifierError
 from .subops import AssociationLost, Pacer, Progress, Response
 
-log = logging.getLogger("macpacs.retrieve")
+log = logging.getLogger(__name__)
 
 
 def get_responses(

@@ -24,7 +24,7 @@ from . import subops
 from .find import IdentifierError
 from .subops import Progress, Response
 
-log = logging.getLogger("macpacs.retrieve")
+log = logging.getLogger(__name__)
 
 
 @dataclass

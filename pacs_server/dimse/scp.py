@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from .. import dicom_status
 from ..archive import Archive
 from ..nodes import Node
 from . import pynetdicom_ext, subops
@@ -45,7 +46,7 @@ from .find import find_responses, status_with_comment
 from .get import get_responses
 from .move import MoveRequest, move_responses
 
-log = logging.getLogger("macpacs.dicom")
+log = logging.getLogger(__name__)
 
 MAX_RECEIVE_PDU = 131072  # DCMTK's own maximum (ASC_MAXIMUMPDUSIZE)
 
@@ -255,7 +256,7 @@ class DicomListener:
         refused = self._refusal(assoc, "store")
         if refused:
             self._count(assoc, "refused")
-            return status_with_comment(subops.STATUS_NOT_AUTHORIZED, refused)
+            return status_with_comment(dicom_status.NOT_AUTHORIZED, refused)
         result = self.ingestor.ingest(path, via="c-store", source=assoc.requestor.ae_title)
         self._count(assoc, result.outcome.value)
         if result.ok:
@@ -275,7 +276,7 @@ class DicomListener:
         self._count(event.assoc, "find")
         refused = self._refusal(event.assoc, "query")
         if refused:
-            yield status_with_comment(subops.STATUS_NOT_AUTHORIZED, refused), None
+            yield status_with_comment(dicom_status.NOT_AUTHORIZED, refused), None
             return
         d = self.settings.dicom
         yield from find_responses(
@@ -292,7 +293,7 @@ class DicomListener:
         self._count(event.assoc, "move")
         refused = self._refusal(event.assoc, "retrieve")
         if refused:
-            return iter([subops.Response(subops.STATUS_NOT_AUTHORIZED, comment=refused)])
+            return iter([subops.Response(dicom_status.NOT_AUTHORIZED, comment=refused)])
         request = MoveRequest(
             requestor=_peer(event),
             requestor_ae=str(event.assoc.requestor.ae_title).strip(),
@@ -315,7 +316,7 @@ class DicomListener:
         self._count(event.assoc, "get")
         refused = self._refusal(event.assoc, "retrieve")
         if refused:
-            return iter([subops.Response(subops.STATUS_NOT_AUTHORIZED, comment=refused)])
+            return iter([subops.Response(dicom_status.NOT_AUTHORIZED, comment=refused)])
         return get_responses(
             event.assoc,
             event.identifier,

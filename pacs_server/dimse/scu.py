@@ -35,7 +35,7 @@ from ..retrieve import locate
 from . import pynetdicom_ext, subops
 from .subops import PeerError, Progress
 
-log = logging.getLogger("macpacs.scu")
+log = logging.getLogger(__name__)
 
 ScuError = PeerError
 ProgressCallback = Callable[[Progress], None]

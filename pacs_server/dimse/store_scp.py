@@ -35,7 +35,7 @@ from pynetdicom.service_class import StorageServiceClass
 from .. import dicom_status
 from . import codec, pynetdicom_ext
 
-log = logging.getLogger("macpacs.dicom")
+log = logging.getLogger(__name__)
 
 # (association, temporary file path, SOP Instance UID) → a status code or a status dataset.
 StoreFunction = Callable[[Any, Path, str], "int | Dataset"]

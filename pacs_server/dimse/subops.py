@@ -42,12 +42,11 @@ from ..storage import BlobStore
 from . import codec, pynetdicom_ext
 from .find import IdentifierError, identifier_to_query, serve_find
 
-log = logging.getLogger("macpacs.retrieve")
+log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # presentation contexts in one association (odd IDs 1..255)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-STATUS_NOT_AUTHORIZED = dicom_status.NOT_AUTHORIZED  # where scp.py reads it until its lead edits land
 DUL_IDLE_POLL = 0.005  # seconds between DUL loops while a Channel reads and writes the socket itself
 PENDING_EVERY = 0.05  # seconds between two pending responses (they are optional; each costs a message)
 

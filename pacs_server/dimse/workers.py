@@ -53,7 +53,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from ..config import Settings
 from . import pynetdicom_ext
 
-log = logging.getLogger("macpacs.dicom")
+log = logging.getLogger(__name__)
 
 _FRAME = struct.Struct("!cI")
 READY_TIMEOUT_S = 60.0  # start-up: how long to wait for the workers' first "ready"

@@ -22,7 +22,7 @@ from ..config import ConfigError
 from .app import create_app
 from .zerocopy import ZeroCopyProtocol
 
-log = logging.getLogger("macpacs.web")
+log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 

@@ -29,7 +29,7 @@ from ..users import User
 from . import csrf, status_page, ui_api
 from .auth import SESSION_COOKIE, check_login, clear_session, client_address, issue_session, load_secret
 
-log = logging.getLogger("macpacs.web.pages")
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 TEMPLATES = Jinja2Templates(directory=HERE / "templates")

@@ -32,7 +32,7 @@ from ..retrieve import FileMissing, instance_path
 from .auth import Principal, require_admin, require_read
 from .csrf import require_csrf_header
 
-log = logging.getLogger("macpacs.web.ui")
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["pages"])
 READER = Depends(require_read)
 ADMIN = Depends(require_admin)

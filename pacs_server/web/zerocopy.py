@@ -42,7 +42,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-log = logging.getLogger("macpacs.web")
+log = logging.getLogger(__name__)
 SENDFILES = "macpacs.sendfiles"
 # A blocked write gives up after this long without progress, to check whether the client went
 # away (a sendfile that got part of its file out first can take a few times this to return).

@@ -24,7 +24,7 @@ from ..nodes import Node, NodeError
 from ..predicate import PredicateError, parse
 from . import osirix
 
-log = logging.getLogger("macpacs.xmlrpc")
+log = logging.getLogger(__name__)
 
 MAX_ELEMENTS = 100_000  # a reply larger than this is refused: narrow the predicate
 EXECUTE = {"": "Select", "nothing": "Select", "select": "Select", "open": "Select", "delete": "Delete"}

@@ -30,7 +30,7 @@ from defusedxml.xmlrpc import DefusedExpatParser
 from ..archive import Archive
 from .methods import BadRequest, OsirixMethods
 
-log = logging.getLogger("macpacs.xmlrpc")
+log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024  # bytes; an OsiriX call is a few hundred
 MAX_CONCURRENT = 32  # calls served at once; more connections are answered 503

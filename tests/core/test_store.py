@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
 from macpacs.pacs_server.storage import blob_key
-from tests.conftest import dcmtk, findscu, free_port, run_tool, wait_for_port
+from tests.conftest import dataset_bytes, dcmtk, findscu, free_port, run_tool, wait_for_port
 from tests.synthetic import make_instance, write_series
 
 # storescu's flag that proposes a file's own transfer syntax (DCMTK 3.6.7 proposes few by default).
@@ -34,14 +34,6 @@ PROPOSE = {
     "1.2.840.10008.1.2.4.91": "-xw",
     "1.2.840.10008.1.2.5": "-xr",
 }
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The encoded dataset after the file meta group: what was sent over the wire."""
-    data = path.read_bytes()
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    meta_len = int(ds.file_meta.FileMetaInformationGroupLength)
-    return data[144 + meta_len :]
 
 
 def index_rows(server, table: str = "instance") -> int:

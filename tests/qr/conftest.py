@@ -79,13 +79,6 @@ def storescp(out_dir: Path, ae_title: str = "DEST", *extra: str) -> Iterator[int
         proc.wait(10)
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The encoded dataset after the file meta group: what travelled over the network."""
-    data = path.read_bytes()
-    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-    return data[144 + int(meta.FileMetaInformationGroupLength) :]
-
-
 def received(out_dir: Path) -> dict[str, Path]:
     """SOP Instance UID → file, for what a storescp or getscu wrote."""
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in out_dir.iterdir()}

@@ -39,7 +39,7 @@ def test_unregistered_ae_is_rejected_at_association_time(guarded):
     proc = echo(guarded, "STRANGER")
     assert proc.returncode != 0
     assert "Calling AE Title Not Recognized" in proc.stdout + proc.stderr
-    assert "calling AE title 'STRANGER' is not a registered node" in guarded.log()
+    assert guarded.logged("calling AE title 'STRANGER' is not a registered node")
 
 
 def test_registered_node_is_accepted(guarded):
@@ -49,13 +49,13 @@ def test_registered_node_is_accepted(guarded):
 def test_node_from_another_address_is_rejected(guarded):
     proc = echo(guarded, "FAR")
     assert "Calling AE Title Not Recognized" in proc.stdout + proc.stderr
-    assert "registered at 10.255.1.2, not this address" in guarded.log()
+    assert guarded.logged("registered at 10.255.1.2, not this address")
 
 
 def test_pending_node_is_rejected(guarded):
     proc = echo(guarded, "NEW")
     assert "Calling AE Title Not Recognized" in proc.stdout + proc.stderr
-    assert "awaiting approval" in guarded.log()
+    assert guarded.logged("awaiting approval")
 
 
 def test_wrong_called_ae_is_rejected(guarded):
@@ -69,7 +69,7 @@ def test_node_without_retrieve_right_is_refused(guarded, tmp_path):
     assert "0x124" in proc.stdout + proc.stderr  # Refused: Not Authorized (PS3.7 C.5); DCMTK has no name for it
     proc = run_tool("getscu", "-S", "-aet", "WS", "-od", str(tmp_path), *guarded.dicom_args(), *keys, check=False)
     assert not list(tmp_path.iterdir())
-    assert "node WS (WS) is not allowed to retrieve" in guarded.log()
+    assert guarded.logged("node WS (WS) is not allowed to retrieve")
 
 
 def test_rights_change_applies_to_the_next_association(guarded, tmp_path):
@@ -80,7 +80,7 @@ def test_rights_change_applies_to_the_next_association(guarded, tmp_path):
         proc = run_tool("findscu", "-v", "-S", "-aet", "WS", *guarded.dicom_args(), *keys, check=False)
         assert "Find Response" in proc.stdout + proc.stderr
         assert "Pending" not in proc.stdout + proc.stderr  # no match returned
-        assert "node WS (WS) is not allowed to query" in guarded.log()
+        assert guarded.logged("node WS (WS) is not allowed to query")
     finally:
         macpacs("nodes", "edit", "WS", "--allow", "store,query", data_dir=guarded.data_dir)
 

@@ -20,14 +20,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from tests.conftest import free_port, run_tool
+from tests.conftest import dataset_bytes, free_port, run_tool
 from tests.qr.conftest import (
     CT_SERIES,
     CT_STUDY,
     MR_STUDY,
     c_store,
     corrupt_j2k,
-    dataset_bytes,
     macpacs,
     received,
     storescp,

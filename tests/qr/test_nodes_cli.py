@@ -7,8 +7,8 @@ import time
 
 import pydicom
 
-from tests.conftest import free_port
-from tests.qr.conftest import CT_STUDY, dataset_bytes, macpacs, received, storescp
+from tests.conftest import dataset_bytes, free_port
+from tests.qr.conftest import CT_STUDY, macpacs, received, storescp
 
 
 def test_add_list_edit_remove(tmp_path):

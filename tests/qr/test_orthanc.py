@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.qr.conftest import CT_STUDY, MR_STUDY, OrthancPeer, dataset_bytes, macpacs
+from tests.conftest import dataset_bytes
+from tests.qr.conftest import CT_STUDY, MR_STUDY, OrthancPeer, macpacs
 from tests.synthetic import write_series
 
 REMOTE_STUDY = "1.2.826.0.1.3680043.8.498.2001"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CT_STUDY, dataset_bytes, macpacs, received, storescp
+from tests.conftest import dataset_bytes
+
+from .conftest import CT_STUDY, macpacs, received, storescp
 
 
 def _openssl(*args: str) -> None:

@@ -15,7 +15,7 @@ from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from macpacs.pacs_server.ingest import dataset_bytes
+from tests.conftest import dataset_bytes
 
 from .conftest import Loaded, get, start_server, uids
 

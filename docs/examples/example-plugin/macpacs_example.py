@@ -29,7 +29,7 @@ from fastapi import APIRouter, Depends
 from macpacs.pacs_server.plugins import hookimpl
 from macpacs.pacs_server.web.auth import require_read
 
-log = logging.getLogger("macpacs.plugins.example")
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 

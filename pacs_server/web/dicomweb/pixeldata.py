@@ -30,7 +30,7 @@ from ...retrieve import FileMissing, instance_path
 from ..auth import Principal, require_read
 from .common import base_url, parse_accept
 
-log = logging.getLogger("macpacs.web.pixeldata")
+log = logging.getLogger(__name__)
 router = APIRouter()
 READER = Depends(require_read)
 

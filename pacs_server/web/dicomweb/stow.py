@@ -24,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ... import dicom_status
 from ...archive import Archive
 from ...index import Query
 from ...ingest import IngestResult, Outcome
@@ -31,12 +32,10 @@ from ..auth import Principal, require_read
 from ..lookup import check_uid
 from .common import DICOM_JSON, base_url
 
-log = logging.getLogger("macpacs.web.stow")
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["STOW-RS"])
 
 MAX_PARTS = 100_000
-WARNING_ELEMENTS_DISCARDED = 0xB006  # the stored copy was kept, the new one discarded
-FAILURE_STUDY_MISMATCH = 0xA900  # instance does not belong to the study of the request URL
 
 
 @dataclass
@@ -164,9 +163,9 @@ def _uids(path: Path) -> tuple[str, str]:
         return "", ""
 
 
-def _store(archive: Archive, parts: list[Part], study: str | None, source: str) -> list[tuple[IngestResult, int]]:
-    """Ingest each part; returns each result with the failure reason to report (0 when stored)."""
-    results: list[tuple[IngestResult, int]] = []
+def _store(archive: Archive, parts: list[Part], study: str | None, source: str) -> list[IngestResult]:
+    """Ingest each part (a part of another study than the URL's is refused: 0xA900)."""
+    results: list[IngestResult] = []
     for part in parts:
         if study is not None:
             found = _study_of(part.path)
@@ -174,10 +173,9 @@ def _store(archive: Archive, parts: list[Part], study: str | None, source: str) 
                 sop_class, sop_uid = _uids(part.path)
                 part.path.unlink()
                 message = f"instance belongs to study {found}, not to {study} named in the URL"
-                results.append((IngestResult(Outcome.INVALID, message, sop_uid, sop_class), FAILURE_STUDY_MISMATCH))
+                results.append(IngestResult(Outcome.INVALID, message, sop_uid, sop_class))
                 continue
-        result = archive.ingestor.ingest(part.path, via="stow", source=source)
-        results.append((result, result.dicom_status))
+        results.append(archive.ingestor.ingest(part.path, via="stow", source=source))
     return results
 
 
@@ -198,7 +196,7 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
     base = base_url(request)
     stored, failed, warnings = [], [], []
     studies = set()
-    for result, failure in results:
+    for result in results:
         item = {
             "00081150": _uid_element(result.sop_class_uid),
             "00081155": _uid_element(result.sop_instance_uid),
@@ -210,11 +208,12 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
                 studies.add(inst[0])
                 item["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{inst[0]}/series/{inst[1]}/instances/{uid}"]}
             if result.outcome is Outcome.KEPT_EXISTING:
-                item["00081196"] = {"vr": "US", "Value": [WARNING_ELEMENTS_DISCARDED]}
+                # The stored copy was kept, the one sent discarded.
+                item["00081196"] = {"vr": "US", "Value": [dicom_status.ELEMENTS_DISCARDED]}
                 warnings.append(f"{uid}: {result.message}")
             stored.append(item)
         else:
-            item["00081197"] = {"vr": "US", "Value": [failure]}
+            item["00081197"] = {"vr": "US", "Value": [result.dicom_status]}
             failed.append(item)
             warnings.append(f"{result.sop_instance_uid or 'part'}: {result.message}")
             log.warning("STOW-RS refused %s: %s", result.sop_instance_uid or "a part", result.message)
