@@ -39,10 +39,11 @@ from .index import Index, InstanceRecord
 from .index.attributes import ATTRIBUTES, normalize_pn
 from .plugins import Instance, Plugins
 from .storage import BlobStore, StorageError, blob_key, stage_copy
+from .uids import RULE as UID_RULE
+from .uids import is_uid
 
 log = logging.getLogger(__name__)
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 BULK_THRESHOLD = 1024  # bytes: larger binary values are left out of the metadata cache
 
 
@@ -252,11 +253,8 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
         uid = str(value).strip().rstrip("\x00") if value is not None else ""
     if not uid:
         raise RejectedInstance(Outcome.INVALID, f"{keyword} is missing")
-    if len(uid) > 64 or not UID_RE.match(uid):
-        raise RejectedInstance(
-            Outcome.INVALID,
-            f"{keyword} {uid[:80]!r} is not a valid UID (digits and dots, at most 64 characters)",
-        )
+    if not is_uid(uid):
+        raise RejectedInstance(Outcome.INVALID, f"{keyword} {uid[:80]!r} is not a valid UID ({UID_RULE})")
     return uid
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select, true
 
+from ..uids import RULE as UID_RULE
+from ..uids import is_uid
 from . import schema
 from .attributes import BY_KEYWORD, LEVELS, UNIQUE_KEYS, Attr, level_index, normalize_pn
 
@@ -26,7 +28,6 @@ MAX_VALUE_LENGTH = 1024  # longer than any legal matching value; refuse rather t
 MAX_UIDS_IN_LIST = 5000
 ESCAPE = "!"
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DATE_RE = re.compile(r"^\d{8}$")
 TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 # Sorts after every character a stored value can hold: closes a prefix range (SQLite only).
@@ -182,8 +183,8 @@ def condition_for(
         if len(uids) > MAX_UIDS_IN_LIST:
             raise QueryError(f"{attr.keyword} lists {len(uids)} UIDs (limit {MAX_UIDS_IN_LIST})")
         for uid in uids:
-            if len(uid) > 64 or not UID_RE.match(uid):
-                raise QueryError(f"{attr.keyword} {uid[:80]!r} is not a valid UID (digits and dots, up to 64)")
+            if not is_uid(uid):
+                raise QueryError(f"{attr.keyword} {uid[:80]!r} is not a valid UID ({UID_RULE})")
         return column == uids[0] if len(uids) == 1 else column.in_(uids)
     if attr.kind == "date":
         return _range(column, value, DATE_RE, "date")

@@ -6,7 +6,6 @@ touches the index or the disk; a well-formed UID that is not stored is a 404.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -14,14 +13,15 @@ from fastapi import HTTPException
 from ..archive import Archive
 from ..index import StoredInstance
 from ..retrieve import instance_path, locate
-
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+from ..uids import RULE as UID_RULE
+from ..uids import is_uid
 
 
 def check_uid(value: str, name: str) -> str:
+    """``value`` stripped, or HTTP 400 when it is not a UID (the one rule: ``pacs_server.uids``)."""
     value = value.strip()
-    if not value or len(value) > 64 or not UID_RE.match(value):
-        raise HTTPException(400, f"{name} {value[:80]!r} is not a valid UID (digits and dots, at most 64)")
+    if not is_uid(value):
+        raise HTTPException(400, f"{name} {value[:80]!r} is not a valid UID ({UID_RULE})")
     return value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,8 +31,10 @@ BROKEN = ROOT / "tests" / "plugins" / "broken-plugin"
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both plugin packages installed with pip into a folder of their own."""
     site = tmp_path_factory.mktemp("plugin-site")
+    # Built from copies: setuptools leaves build/ and *.egg-info/ in the folder it builds.
+    sources = [shutil.copytree(src, tmp_path_factory.mktemp("src") / src.name) for src in (EXAMPLE, BROKEN)]
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(EXAMPLE), str(BROKEN)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), *map(str, sources)],
         check=True,
         capture_output=True,
         timeout=600,
