@@ -390,7 +390,8 @@ def read_instance(path: Path, *, source_ae: str = "", metadata: bool = True) -> 
     meta_uid = str(meta.get("MediaStorageSOPInstanceUID", "")).rstrip("\x00")
     if meta_uid and meta_uid != sop_uid:
         # The dataset's UID identifies the instance, for every protocol alike (pydicom's rtdose.dcm
-        # has such a meta); the file is still stored exactly as it came.
+        # has such a meta; a C-STORE's meta is written from its request, which ingest checks).
+        # The file is still stored exactly as it came.
         log.warning(
             "SOPInstanceUID %s differs from the file meta's MediaStorageSOPInstanceUID %s; indexed under the dataset's",
             sop_uid,
@@ -446,15 +447,18 @@ class Ingestor:
         self.settings = settings
         self.plugins = plugins
 
-    def ingest(self, staged: str | Path, *, via: str, source: str = "") -> IngestResult:
+    def ingest(self, staged: str | Path, *, via: str, source: str = "", announced_uid: str = "") -> IngestResult:
         """Take ownership of ``staged`` (a file from ``blobs.stage()``) and store it.
 
         ``via`` names the protocol (``c-store``, ``stow``, ``import``, ``c-get``), ``source`` the
-        sender (calling AE title...). Never raises for bad input: the result says what happened
-        and carries the DICOM status. ``staged`` is gone when this returns, stored or deleted.
+        sender (calling AE title...), ``announced_uid`` the SOP Instance UID the sender's request
+        named (a C-STORE's Affected SOP Instance UID): a dataset that is another instance is
+        refused, since the sender would be told one instance is stored while we keep another.
+        Never raises for bad input: the result says what happened and carries the DICOM status.
+        ``staged`` is gone when this returns, stored or deleted.
         """
         try:
-            return self._ingest(Path(staged), via, source)
+            return self._ingest(Path(staged), via, source, announced_uid)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -472,7 +476,7 @@ class Ingestor:
             return IngestResult(outcome, f"cannot copy {source}: {exc.strerror}")
         return self.ingest(staged, via="import")
 
-    def _ingest(self, staged: Path, via: str, source: str) -> IngestResult:
+    def _ingest(self, staged: Path, via: str, source: str, announced_uid: str) -> IngestResult:
         # The durability order is staged fsync → rename → folder fsync → index commit → hooks →
         # answer (BlobStore.put does the first three).
         try:
@@ -480,6 +484,9 @@ class Ingestor:
         except RejectedInstance as exc:
             return IngestResult(exc.outcome, str(exc))
         uid, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
+        if announced_uid and announced_uid != uid:
+            msg = f"the request names SOP Instance UID {announced_uid}, but the dataset is instance {uid}"
+            return IngestResult(Outcome.INVALID, msg, announced_uid, sop_class)
         record = parsed.record.instance
         try:
             record["content_hash"] = dataset_hash(staged)

@@ -257,7 +257,9 @@ class DicomListener:
         if refused:
             self._count(assoc, "refused")
             return status_with_comment(dicom_status.NOT_AUTHORIZED, refused)
-        result = self.ingestor.ingest(path, via="c-store", source=assoc.requestor.ae_title)
+        result = self.ingestor.ingest(
+            path, via="c-store", source=assoc.requestor.ae_title, announced_uid=str(sop_instance_uid)
+        )
         self._count(assoc, result.outcome.value)
         if result.ok:
             if result.outcome.value != "stored":

@@ -200,7 +200,8 @@ def retrieve(
             roles.append(build_role(cx.abstract_syntax, scp_role=True))
 
         def on_store(event: Any) -> Any:
-            result = ingestor.ingest(event.dataset_path, via="c-get", source=node.ae_title)
+            announced = str(event.request.AffectedSOPInstanceUID)
+            result = ingestor.ingest(event.dataset_path, via="c-get", source=node.ae_title, announced_uid=announced)
             if result.ok:
                 stored.append(result.sop_instance_uid)
             else:

@@ -36,3 +36,25 @@ def test_import_and_c_store_follow_one_rule_for_a_meta_uid_that_differs(archive,
     keys = ("QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={ds.StudyInstanceUID}")
     (found,) = findscu(server, tmp_path / "find", *keys, f"SeriesInstanceUID={ds.SeriesInstanceUID}", "SOPInstanceUID")
     assert found.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_a_c_store_whose_request_names_another_instance_is_refused(server) -> None:
+    """pynetdicom sending a file takes the Affected SOP Instance UID from its meta: for rtdose.dcm
+    that is not the dataset's instance, so the sender would be told of one and we would keep another."""
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import RTDoseStorage
+
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(RTDoseStorage, ["1.2.840.10008.1.2"])
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+        assert assoc.is_established
+        status = assoc.send_c_store(Path(get_testdata_file("rtdose.dcm")))
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+    assert status.Status == 0xA900
+    assert status.ErrorComment.startswith("the request names SOP Instance UID")  # 64 characters at most
