@@ -167,7 +167,7 @@ def import_(config_path: str | None, data_dir: str | None, paths: tuple[str, ...
         try:
             for path, outcome, message in results:
                 outcomes[outcome] += 1
-                if outcome in ("invalid", "unreadable", "out-of-resources", "kept-existing"):
+                if outcome in ("invalid", "unreadable", "refused", "out-of-resources", "kept-existing"):
                     problems.append((path, outcome, message))
                 bar.update(1)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import subprocess
@@ -14,8 +15,8 @@ from tests.conftest import MACPACS, findscu, free_port, run_tool
 from tests.synthetic import write_series
 
 
-def macpacs(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MACPACS, *args], capture_output=True, text=True, timeout=timeout)
+def macpacs(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MACPACS, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def count(data_dir: Path, table: str = "instance") -> int:
@@ -74,6 +75,18 @@ def test_corrupt_index_is_moved_aside_and_rebuilt(make_server, tmp_path):
             break
         found = findscu(server, tmp_path / "rsp", "QueryRetrieveLevel=IMAGE", "SOPInstanceUID")
     assert len(found) == 5
+
+
+def test_without_server_mode_a_corrupt_index_stops_the_start_and_says_what_to_do(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    env = {**os.environ, "MACPACS_SERVER_SERVER_MODE": "false"}
+    proc = macpacs("serve", "--data-dir", str(data), "--dicom-port", str(free_port()), timeout=60, env=env)
+    assert proc.returncode != 0
+    assert "server.server_mode is false" in proc.stderr and "macpacs reindex" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(data.glob("index.sqlite.corrupt-*")), "nothing is moved without server mode"
 
 
 def test_serve_explains_a_busy_port(tmp_path):
