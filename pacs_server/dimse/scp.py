@@ -9,8 +9,8 @@ answers 0x0124 (refused: not authorized) when it lacks the right.
 
 Every Storage SOP Class pynetdicom knows (all 170) is accepted in every transfer syntax it knows
 (uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE, HTJ2K...), because files are stored as
-received. Incoming datasets are streamed to a temporary file in the store's ``tmp`` folder
-(pynetdicom's ``STORE_RECV_CHUNKED_DATASET``), which ingest then renames into place: the
+received. Incoming datasets are streamed to a file staged by the blob store (pynetdicom's
+``STORE_RECV_CHUNKED_DATASET``, redirected by ``pynetdicom_ext``), which ingest then puts: the
 fastest pynetdicom path for large instances (shared/reference/performance.md).
 """
 

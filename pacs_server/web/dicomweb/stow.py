@@ -1,7 +1,7 @@
 """STOW-RS (PS3.18 10.5): ``POST /dicom-web/studies[/{study}]`` through the one ingest path.
 
-The multipart/related body is streamed part by part into temporary files in the store's ``tmp``
-folder (never held in memory), then each ``application/dicom`` part goes through
+The multipart/related body is streamed part by part into files staged by the blob store
+(``BlobStore.stage``, never held in memory), then each ``application/dicom`` part goes through
 ``Ingestor.ingest`` exactly like a C-STORE. The answer lists stored instances in
 ReferencedSOPSequence (with WarningReason when the archive kept a different stored copy) and
 refused ones in FailedSOPSequence with the DICOM failure reason; the human-readable reasons are
@@ -50,7 +50,7 @@ class Part:
 
 
 class _Receiver:
-    """python-multipart callbacks writing each part into its own temporary file."""
+    """python-multipart callbacks writing each part into its own staged file."""
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
