@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, Settings
@@ -58,6 +59,8 @@ class Archive:
     request_stop: Callable[[], None] = _nothing
     stop_web_listener: Callable[[], None] = _nothing
     dicom_status: Callable[[], dict[str, Any]] | None = None
+    # Where a corrupt index was moved when the archive was opened with ``repair`` (else None).
+    replaced_index: Path | None = None
 
     def close(self) -> None:
         """Release what the archive holds (plugins, the job pool, the index's connections)."""
@@ -70,13 +73,15 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
     """Build the archive of this process from ``settings``.
 
     ``migrate`` brings the index schema up to date (the main process and CLI commands do; DICOM
-    workers open an index the main process already migrated). ``repair`` is the server's start:
-    a corrupt SQLite index is moved aside and rebuilt from the stored files in the background
-    (server mode), or, with ``server.server_mode = false``, start-up stops and says what to do.
+    workers open an index the main process already migrated). With ``repair``, a corrupt SQLite
+    index is moved aside (``Archive.replaced_index`` says where) and a fresh one created: the
+    server then rebuilds it from the stored files in the background (server mode; with
+    ``server.server_mode = false`` its start stops and says what to do instead), and
+    ``macpacs reindex`` rebuilds it in the foreground.
     """
     plugins = Plugins(settings.plugins.enable, settings.plugins.options)  # a typo'd name stops here
     blobs = FileStore(settings.data_dir)
-    index = _open_index(settings, blobs, migrate=migrate, repair=repair)
+    index, replaced = _open_index(settings, role, migrate=migrate, repair=repair)
     archive = Archive(
         settings=settings,
         role=role,
@@ -87,32 +92,35 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
         users=Users(index),
         jobs=Jobs(),
         plugins=plugins,
+        replaced_index=replaced,
     )
+    if replaced is not None and role == "server":
+        threading.Thread(target=reindex, args=(blobs, index), name="reindex", daemon=True).start()
     plugins.startup(archive)
     return archive
 
 
-def _open_index(settings: Settings, blobs: BlobStore, *, migrate: bool, repair: bool) -> Index:
+def _open_index(settings: Settings, role: str, *, migrate: bool, repair: bool) -> tuple[Index, Path | None]:
+    """The index, and where a corrupt one was moved (None when it could be opened)."""
     index = Index(settings.index_url)
     if not migrate:
-        return index
+        return index, None
     try:
         index.migrate()
         index.ping()
-        return index
+        return index, None
     except IndexUnreadable as exc:
         index.close()
         if not (repair and index.is_sqlite):
             raise
-        if not settings.server.server_mode:
+        if role == "server" and not settings.server.server_mode:
             raise ConfigError(
                 f"the index is unreadable ({exc}) and server.server_mode is false, so it is not rebuilt "
                 "automatically: stop the server, then run `macpacs reindex` (it moves the file aside and "
                 "rebuilds it from the stored files), or set server.server_mode = true"
             ) from None
         moved = index.move_aside()
-        log.error("index is unreadable (%s): moved it aside as %s and rebuilding it from the files", exc, moved)
+        log.error("index is unreadable (%s): moved it aside as %s; rebuilding it from the files", exc, moved)
     index = Index(settings.index_url)
     index.migrate()
-    threading.Thread(target=reindex, args=(blobs, index), name="reindex", daemon=True).start()
-    return index
+    return index, moved

@@ -46,21 +46,30 @@ def load_settings(config_path: str | None, **sections: dict[str, Any]) -> Settin
         raise click.ClickException(f"configuration error: {exc}") from None
 
 
-def command_archive(config_path: str | None, data_dir: str | None) -> Archive:
-    """The archive a command works on (``--config``/``--data-dir``), migrated; closed when the command ends."""
-    return click.get_current_context().with_resource(_opened_archive(config_path, data_dir))
+def command_archive(config_path: str | None, data_dir: str | None, *, repair: bool = False) -> Archive:
+    """The archive a command works on (``--config``/``--data-dir``), migrated; closed when the command ends.
+
+    ``repair``: a corrupt index is moved aside and a fresh one created (``reindex`` fills it).
+    """
+    return click.get_current_context().with_resource(_opened_archive(config_path, data_dir, repair))
 
 
 @contextmanager
-def _opened_archive(config_path: str | None, data_dir: str | None) -> Iterator[Archive]:
+def _opened_archive(config_path: str | None, data_dir: str | None, repair: bool) -> Iterator[Archive]:
     from .archive import open_archive
+    from .index import IndexUnreadable
 
     settings = load_settings(config_path, storage={"data_dir": data_dir})
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        archive = open_archive(settings)
+        archive = open_archive(settings, repair=repair)
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
+    except IndexUnreadable as exc:
+        raise click.ClickException(
+            f"the index of {settings.data_dir} is unreadable ({exc}); `macpacs reindex` moves it aside and "
+            "rebuilds it from the stored files"
+        ) from None
     try:
         yield archive
     finally:
@@ -188,7 +197,9 @@ def reindex(config_path: str | None, data_dir: str | None) -> None:
     """Rebuild the index from the stored files alone (after a restore, or to repair the index)."""
     from .reindex import reindex as run_reindex
 
-    archive = command_archive(config_path, data_dir)
+    archive = command_archive(config_path, data_dir, repair=True)
+    if archive.replaced_index is not None:
+        click.echo(f"The index was unreadable: moved it aside as {archive.replaced_index}.", err=True)
     total = sum(1 for _ in archive.blobs.iter_keys())
     with click.progressbar(length=total, label=f"Reindexing {total} files", file=sys.stderr) as bar:
         report = run_reindex(archive.blobs, archive.index, progress=bar.update)

@@ -89,6 +89,23 @@ def test_without_server_mode_a_corrupt_index_stops_the_start_and_says_what_to_do
     assert not list(data.glob("index.sqlite.corrupt-*")), "nothing is moved without server mode"
 
 
+def test_reindex_rebuilds_an_unreadable_index_and_other_commands_say_so(tmp_path):
+    data = tmp_path / "data"
+    write_series(tmp_path / "ct", 4, size=16)
+    assert macpacs("import", "--data-dir", str(data), str(tmp_path / "ct")).returncode == 0
+    for suffix in ("-wal", "-shm"):
+        (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    (data / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    listed = macpacs("nodes", "list", "--data-dir", str(data))
+    assert listed.returncode != 0 and "Traceback" not in listed.stderr
+    assert "is unreadable" in listed.stderr and "`macpacs reindex`" in listed.stderr
+    done = macpacs("reindex", "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    assert "The index was unreadable: moved it aside as" in done.stderr
+    assert "4 instances indexed" in done.stdout
+    assert count(data) == 4 and list(data.glob("index.sqlite.corrupt-*"))
+
+
 def test_serve_explains_a_busy_port(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
