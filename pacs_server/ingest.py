@@ -126,9 +126,8 @@ def stream_hash(fh: BinaryIO) -> str:
     """``dataset_hash`` of a Part-10 file being read from ``fh``."""
     first = fh.read(_CHUNK)
     offset = _dataset_offset(first)
-    if offset > len(first):  # a file meta larger than a chunk: only a hostile file has one
-        fh.read(offset - len(first))
-        first, offset = b"", 0
+    if offset > len(first):  # a file meta larger than a chunk, which only a hostile file has: all of it
+        offset = 0
     digest = hashlib.sha256(memoryview(first)[offset:])
     while chunk := fh.read(_CHUNK):
         digest.update(chunk)

@@ -58,3 +58,39 @@ def test_a_c_store_whose_request_names_another_instance_is_refused(server) -> No
         _config.STORE_SEND_CHUNKED_DATASET = chunked
     assert status.Status == 0xA900
     assert status.ErrorComment.startswith("the request names SOP Instance UID")  # 64 characters at most
+
+
+def test_the_content_hash_covers_the_dataset_after_the_file_meta(pydicom_test_files, tmp_path: Path) -> None:
+    """Two copies of one instance with different file metas (another sender) have one hash."""
+    import hashlib
+
+    import pydicom
+
+    from macpacs.pacs_server.ingest import dataset_hash
+    from tests.conftest import dataset_bytes
+
+    checked = 0
+    for path in pydicom_test_files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        if "FileMetaInformationGroupLength" not in ds.file_meta or path.read_bytes()[128:132] != b"DICM":
+            continue
+        assert dataset_hash(path) == hashlib.sha256(dataset_bytes(path)).hexdigest(), path.name
+        checked += 1
+    assert checked > 20
+    # The same dataset bytes under another sender's meta, written without a group length.
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    source = Path(pydicom_test_files[0])
+    meta = pydicom.dcmread(source, stop_before_pixels=True).file_meta
+    meta.ImplementationVersionName = "OTHER_SENDER"
+    del meta.FileMetaInformationGroupLength
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta, enforce_standard=False)
+    other = tmp_path / "other.dcm"
+    other.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes(source))
+    assert b"OTHER_SENDER" in other.read_bytes() and dataset_hash(other) == dataset_hash(source)
