@@ -3,9 +3,12 @@
 Access control happens when an association is requested (``_on_requested``): a wrong called AE
 title is rejected unless ``dicom.accept_any_called_ae`` (pynetdicom does that check), and with
 ``dicom.accept_unknown_nodes = false`` a peer whose calling AE title and address do not match an
-active registered node is rejected with reason "calling AE title not recognised". The matched
-node is kept on the association; each service then checks that node's allowed operations and
-answers 0x0124 (refused: not authorized) when it lacks the right.
+active registered node is rejected with reason "calling AE title not recognised". The check
+fails closed: any error while it runs (an unreadable index page, no file descriptor left...)
+rejects the association (transient, "no reason given") with a log line saying so. An admitted
+association carries the decision (``Admission``: the matched node, or an unknown peer admitted
+by setting); each service then checks that node's allowed operations and answers 0x0124
+(refused: not authorized) when it lacks the right, or when the association has no decision.
 
 Every Storage SOP Class pynetdicom knows (all 170) is accepted in every transfer syntax it knows
 (uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE, HTJ2K...), because files are stored as
@@ -59,12 +62,41 @@ class AssociationStats:
     counts: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """``_on_requested``'s positive decision, kept on the association: the registered node that
+    matched, or None for an unknown peer admitted by ``dicom.accept_unknown_nodes``."""
+
+    node: Node | None
+
+
+# A-ASSOCIATE-RJ result, source, reason (PS3.8 9.3.4).
+# Permanent, by the service user, "calling AE title not recognised".
+REJECT_UNKNOWN_CALLING_AE = (0x01, 0x01, 0x03)
+# Transient, by the service provider (presentation), "local limit exceeded", as pynetdicom.
+REJECT_OVER_LIMIT = (0x02, 0x03, 0x02)
+# Transient, by the service user, "no reason given": our fault, the peer may retry.
+REJECT_INTERNAL_ERROR = (0x02, 0x01, 0x01)
+
+
 def _peer(event: Any) -> str:
     return _peer_of(event.assoc)
 
 
 def _peer_of(assoc: Any) -> str:
     return f"{assoc.requestor.ae_title}@{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+def _peer_of_request(assoc: Any) -> str:
+    """The peer of an association being requested (its AE title is only in the request yet).
+
+    Never raises: it names the peer in the log line of a failed access check, which must not fail.
+    """
+    try:
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        return f"{calling}@{assoc.requestor.address}:{assoc.requestor.port}"
+    except Exception:
+        return "an unidentified peer"
 
 
 class DicomListener:
@@ -162,24 +194,44 @@ class DicomListener:
                 stats.counts[what] += 1
 
     def _on_requested(self, event: Any) -> None:
-        """Access control at association time (see the module docstring)."""
+        """Access control at association time, failing closed (see the module docstring).
+
+        pynetdicom calls this as a *notification* handler: an exception escaping it is logged
+        and the association goes on to be accepted. So nothing escapes: any error while the
+        association is checked (an unreadable index page, no file descriptor left...) rejects
+        it, and only a positive decision (``_admit``) lets it through.
+        """
         assoc = event.assoc
+        try:
+            rejection = self._admit(assoc)
+        except Exception as exc:
+            log.error(
+                "association from %s rejected: internal error in the DICOM access check (the calling AE "
+                "title's lookup in the nodes table of the index, dimse/scp.py): %s: %s. The peer may retry; "
+                "if this repeats, the index may be damaged or the server out of file descriptors: see the "
+                "traceback below and /health",
+                _peer_of_request(assoc),
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+            )
+            rejection = REJECT_INTERNAL_ERROR
+        if rejection is not None:
+            self._reject(assoc, rejection)
+
+    def _admit(self, assoc: Any) -> tuple[int, int, int] | None:
+        """Decide on one association: None when admitted (the decision is kept on ``assoc``), else
+        the A-ASSOCIATE-RJ's result, source and reason. Logs why a peer is rejected."""
         calling = assoc.requestor.primitive.calling_ae_title.strip()
         if getattr(assoc, "macpacs_over_limit", False):
             # The main process counts associations across worker processes (workers.py).
             log.warning(
-                "association from %s@%s:%d rejected: dicom.max_associations (%d) associations are open",
-                calling,
-                assoc.requestor.address,
-                assoc.requestor.port,
+                "association from %s rejected: dicom.max_associations (%d) associations are open",
+                _peer_of_request(assoc),
                 self.settings.dicom.max_associations,
             )
-            # Transient, by the service provider (presentation), "local limit exceeded", as pynetdicom.
-            assoc.acse.send_reject(0x02, 0x03, 0x02)
-            assoc.kill()
-            return
+            return REJECT_OVER_LIMIT
         node = self.registry.access_for(calling, assoc.requestor.address)
-        assoc.macpacs_node = node
         if node is None and not self.settings.dicom.accept_unknown_nodes:
             registered = self.registry.by_ae_title(calling)
             if registered is None:
@@ -189,22 +241,39 @@ class DicomListener:
             else:
                 why = f"is node {registered.name!r}, registered at {registered.host}, not this address"
             log.warning(
-                "association from %s@%s:%d rejected: calling AE title %r %s and dicom.accept_unknown_nodes is false",
-                calling,
-                assoc.requestor.address,
-                assoc.requestor.port,
+                "association from %s rejected: calling AE title %r %s and dicom.accept_unknown_nodes is false",
+                _peer_of_request(assoc),
                 calling,
                 why,
             )
-            # Permanent, by the service user, "calling AE title not recognised".
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is out
-            # and the connection closed, else the socket closes first and the peer sees an abort.
-            assoc.kill()
+            return REJECT_UNKNOWN_CALLING_AE
+        assoc.macpacs_admission = Admission(node)
+        return None
+
+    @staticmethod
+    def _reject(assoc: Any, rejection: tuple[int, int, int]) -> None:
+        """Send the A-ASSOCIATE-RJ and end the association; abort it if even the reject cannot be sent."""
+        try:
+            assoc.acse.send_reject(*rejection)
+        except Exception:
+            log.exception("could not send the A-ASSOCIATE-RJ to %s: aborting the association", _peer_of_request(assoc))
+            assoc.abort()
+        # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is out and the
+        # connection closed, else the socket closes first and the peer sees an abort.
+        assoc.kill()
 
     def _refusal(self, assoc: Any, operation: str) -> str | None:
-        """Why the peer of ``assoc`` may not perform ``operation``, or None when it may."""
-        node: Node | None = getattr(assoc, "macpacs_node", None)
+        """Why the peer of ``assoc`` may not perform ``operation``, or None when it may.
+
+        Fails closed: an association without an admission decision (its check never completed)
+        may do nothing.
+        """
+        admission: Admission | None = getattr(assoc, "macpacs_admission", None)
+        if admission is None:
+            message = "the association's access check did not complete (internal error: see the server log)"
+            log.error("%s refused from %s: %s", operation, _peer_of(assoc), message)
+            return message
+        node = admission.node
         if node is None or node.allows(operation):
             return None
         message = f"node {node.name} ({node.ae_title}) is not allowed to {operation}"
