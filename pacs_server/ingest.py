@@ -35,7 +35,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from . import dicom_status
 from .config import StorageSettings
-from .index import Index, InstanceRecord
+from .index import Index, InstanceRecord, WriterLockTimeout
 from .index.attributes import ATTRIBUTES, normalize_pn
 from .plugins import Instance, Plugins
 from .storage import BlobStore, StorageError, blob_key, stage_copy
@@ -504,7 +504,10 @@ class Ingestor:
             if self._stored_hash(uid, key) == record["content_hash"]:
                 # Also repairs a crash between the blob's rename and the index commit.
                 parsed.add_metadata()
-                self.index.add_instance(parsed.record)
+                try:
+                    self.index.add_instance(parsed.record)
+                except WriterLockTimeout as exc:  # another writer hangs: the sender retries later
+                    return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
                 return IngestResult(Outcome.DUPLICATE, "identical instance already stored", uid, sop_class)
             if self.settings.on_conflict == "keep":
                 msg = (

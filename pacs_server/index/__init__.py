@@ -2,5 +2,6 @@
 
 from .db import Index, IndexUnreadable, InstanceRecord, StoredInstance
 from .matcher import Query, QueryError
+from .writer_lock import WriterLockTimeout
 
-__all__ = ["Index", "IndexUnreadable", "InstanceRecord", "Query", "QueryError", "StoredInstance"]
+__all__ = ["Index", "IndexUnreadable", "InstanceRecord", "Query", "QueryError", "StoredInstance", "WriterLockTimeout"]

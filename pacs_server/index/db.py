@@ -3,13 +3,14 @@
 SQLite (default) runs in WAL mode with ``synchronous=FULL``: a committed row survives a power
 cut, which is what lets a C-STORE be acknowledged right after the commit. Writers are
 serialised by a process lock (SQLite has one writer anyway) so that concurrent associations
-queue instead of failing with "database is locked".
+queue instead of failing with "database is locked". That lock is waited for at most the busy
+timeout (``SQLITE_BUSY_TIMEOUT_MS``), then a write raises ``WriterLockTimeout`` naming the holder,
+which ingest answers with 0xA700 (``writer_lock.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -94,10 +95,11 @@ class Index:
         self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._write_lock: Any = _NoLock()
-        if self.is_sqlite:  # across processes too (DICOM workers): writer_lock.py says why
+        self._write_lock: WriterLock | _NoLock = _NoLock()
+        if self.is_sqlite:  # across processes too (DICOM workers), bounded: writer_lock.py says why
             database = self.engine.url.database
-            self._write_lock = WriterLock(Path(database)) if database and database != ":memory:" else threading.Lock()
+            on_disk = Path(database) if database and database != ":memory:" else None
+            self._write_lock = WriterLock(on_disk, SQLITE_BUSY_TIMEOUT_MS / 1000)
         self._parents: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self._compiled: dict[str | tuple[str, ...], _Compiled] = {}
         self._stored_bytes: tuple[float, int] | None = None  # (monotonic time, bytes): stored_bytes()
@@ -511,14 +513,13 @@ class Index:
     def check_writable(self, lock_timeout: float, busy_timeout_ms: int) -> None:
         """Go through the write path as a C-STORE would, changing nothing (for /testdbalive).
 
-        Takes this process's writer lock (TimeoutError after ``lock_timeout`` s: a writer is hung
-        here) and then the database's write lock with a no-op UPDATE, waiting at most
-        ``busy_timeout_ms`` on SQLite (the driver's error: another process holds the database).
-        With SQLite in WAL mode a plain read is not blocked by another process's exclusive lock,
-        so ``ping`` alone would call a stuck database alive.
+        Takes the writer lock (WriterLockTimeout, naming the holder, after ``lock_timeout`` s: a
+        writer is hung, here or in another process) and then the database's write lock with a
+        no-op UPDATE, waiting at most ``busy_timeout_ms`` on SQLite (the driver's error: another
+        process holds the database). With SQLite in WAL mode a plain read is not blocked by
+        another process's exclusive lock, so ``ping`` alone would call a stuck database alive.
         """
-        if not self._write_lock.acquire(timeout=lock_timeout):
-            raise TimeoutError(f"index writer busy for more than {lock_timeout:.0f} s")
+        self._write_lock.acquire(timeout=lock_timeout)
         try:
             with self.engine.connect() as conn:
                 if self.is_sqlite:
@@ -603,8 +604,8 @@ class _NoLock:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def acquire(self, timeout: float = -1) -> bool:
-        return True
+    def acquire(self, timeout: float | None = None) -> None:
+        return None
 
     def release(self) -> None:
         return None
