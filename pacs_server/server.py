@@ -1,5 +1,8 @@
 """Starts and stops everything of one archive process: index, store, DICOM listener; PID file.
 
+The PID file (``pidfile.py``) is locked first and held until the process ends: a second server
+on the same data folder stops there, before it opens anything.
+
 Server mode: nothing here ever waits for a person. A corrupt SQLite index is moved aside and
 rebuilt from the stored files in the background while the listener already accepts stores
 (``archive.open_archive``).
@@ -7,63 +10,27 @@ rebuilt from the stored files in the background while the listener already accep
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 from types import FrameType
-
-import psutil
 
 from . import logs
 from .archive import Archive, open_archive
 from .config import Settings
 from .dimse.scp import DicomListener
 from .dimse.workers import WorkerPool
+from .pidfile import AlreadyRunning, PidFile
 from .readiness import notify_ready
 from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
 log = logging.getLogger(__name__)
 
-
-class AlreadyRunning(RuntimeError):
-    """Another archive process owns this data folder."""
-
-
-class PidFile:
-    """``macpacs.pid``: written atomically at start, removed at a clean stop.
-
-    The supervisor reads it to find this process and checks command line and start time, so a
-    stale file left by a crash is harmless; we only refuse to start when its PID is a live macpacs.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def acquire(self) -> None:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            pid = int(self.path.read_text().strip())
-            if pid != os.getpid() and psutil.pid_exists(pid):
-                with contextlib.suppress(psutil.Error):
-                    cmdline = " ".join(psutil.Process(pid).cmdline())
-                    if "macpacs" in cmdline or "pacs_server" in cmdline:
-                        raise AlreadyRunning(
-                            f"another macpacs server (PID {pid}) uses this data folder; stop it first "
-                            f"or give this one another --data-dir (PID file {self.path})"
-                        )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_suffix(".pid.tmp")
-        temp.write_text(f"{os.getpid()}\n")
-        os.replace(temp, self.path)
-
-    def release(self) -> None:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if int(self.path.read_text().strip()) == os.getpid():
-                self.path.unlink()
+# AlreadyRunning is what ``macpacs serve`` (cli.py) reports when the PID file is held.
+__all__ = ["AlreadyRunning", "ArchiveServer", "run"]
 
 
 class ArchiveServer:
@@ -72,7 +39,7 @@ class ArchiveServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = time.time()
-        self.pid_file = PidFile(settings.pid_file)
+        self.pid_file = PidFile(settings.pid_file, settings.data_dir)
         self._stop = threading.Event()
         self.archive: Archive | None = None
         self.listener: DicomListener | WorkerPool | None = None

@@ -72,14 +72,21 @@ def _regex(_ctx: click.Context, _param: click.Parameter, value: str) -> re.Patte
 @click.option(
     "--pid-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The server's PID file (<data dir>/macpacs.pid), verified before use.",
+    help="The server's PID file (<data dir>/macpacs.pid). Kill mode stops only the process it proves to be "
+    "the server; without it, none.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The server's data folder, which the PID file must name.  [default: the PID file's folder]",
 )
 @click.option(
     "--process-match",
     default=r"macpacs serve\b",
     show_default=True,
     callback=_regex,
-    help="Regular expression the server's command line must match (searched in the space-joined argv).",
+    help="Regular expression the server's command line must match (searched in the space-joined argv), "
+    "one of the checks before a kill.",
 )
 @click.option(
     "--mode",
@@ -130,6 +137,7 @@ def supervise(
     failures: int,
     startup_grace: float,
     pid_file: Path | None,
+    data_dir: Path | None,
     process_match: re.Pattern[str],
     mode: str,
     status_file: Path | None,
@@ -166,6 +174,7 @@ def supervise(
         failures=failures,
         startup_grace=startup_grace,
         pid_file=pid_file,
+        data_dir=data_dir,
         process_match=process_match,
         mode=mode,
         command=list(command),

@@ -10,6 +10,10 @@ States, each change logged as exactly one line:
 - ``crash-loop``: more than ``--max-restarts`` restarts within ``--restart-window``: an alert went
   out, and nothing is killed or started until the window has room again.
 - ``stopped``: the supervisor itself is exiting.
+
+In kill mode the server is stopped only once proven to be this installation's (``process.py``);
+the proof is renewed every round, shown in the status file and logged when it changes, and a
+server that fails but cannot be proven is left alone, with an error line and one alert.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Settings:
     failures: int = 3
     startup_grace: float = 60.0
     pid_file: Path | None = None
+    data_dir: Path | None = None  # the server's data folder; None: the PID file's folder
     process_match: re.Pattern[str] = field(default_factory=lambda: re.compile(r"macpacs serve\b"))
     mode: str = "kill"
     command: list[str] = field(default_factory=list)
@@ -100,6 +105,9 @@ class Supervisor:
         self.respawn_at: float | None = None
         self.unhealthy_restarts = 0  # restarts since the server was last healthy: the backoff exponent
         self.crash_loop_alerted = False
+        # kill mode: the last proof of the server's identity, and whether this episode alerted
+        self.identity: process.Identity | None = None
+        self.unproven_alerted = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -113,6 +121,11 @@ class Supervisor:
         )
         if self.s.mode == "spawn":
             self._spawn(initial=True)
+        elif self.s.pid_file is None:
+            log.warning(
+                "kill mode without --pid-file: no process can be proven to be the server, so none will "
+                "ever be stopped (failures are logged, alerted and reported to systemd's watchdog only)"
+            )
         self.notifier.ready()
         if self.notifier.watchdog_seconds and self.notifier.watchdog_seconds < 2 * self.s.interval:
             log.warning(
@@ -138,6 +151,8 @@ class Supervisor:
             return
         results = self.s.runner.run_round()
         self.results, self.last_check = results, time.time()
+        if self.s.mode == "kill":
+            self._identify()
         if all(r.ok for r in results):
             self._healthy_round()
         elif time.monotonic() < self.grace_until and self.state in ("starting", "restarting"):
@@ -151,6 +166,7 @@ class Supervisor:
         self.consecutive_failures = 0
         self.unhealthy_restarts = 0
         self.crash_loop_alerted = False
+        self.unproven_alerted = False
         if self.state != "healthy":
             detail = "all probes pass"
             if self.fault_at is not None:
@@ -193,8 +209,9 @@ class Supervisor:
             self.crash_loop_alerted = True
             self.alerter.alert(
                 self._alert_payload(
+                    "crash-loop",
                     f"crash loop: {len(recent)} restarts within {self.s.restart_window / 60:g} min "
-                    f"(--max-restarts {self.s.max_restarts}); holding off until {_iso(resume)}"
+                    f"(--max-restarts {self.s.max_restarts}); holding off until {_iso(resume)}",
                 )
             )
         return resume
@@ -202,14 +219,18 @@ class Supervisor:
     def _act(self, reason: str) -> None:
         if not self._restart_allowed():
             return
+        self.consecutive_failures = 0
         if self.s.mode == "spawn":
             target = process.own_process(self.child.pid) if self.child is not None else None
+            if target is None:
+                log.error("server is unhealthy (%s) but the server this supervisor started is gone", reason)
+                return
         else:
-            target = process.find_server(self.s.pid_file, self.s.process_match)
-        self.consecutive_failures = 0
-        if target is None:
-            log.error("server is unhealthy (%s) but no process to stop was found", reason)
-            return
+            identity = self._identify()
+            if identity.process is None:
+                self._cannot_stop(reason, identity)
+                return
+            target = identity.process
         outcome = process.terminate(target, self.s.kill_grace, self.child)
         self.grace_until = time.monotonic() + self.s.startup_grace
         if self.s.mode == "spawn":
@@ -219,6 +240,26 @@ class Supervisor:
         else:
             self._record_restart()
             self._transition("restarting", f"stopped the server ({reason}): {outcome}; the service manager restarts it")
+
+    def _identify(self) -> process.Identity:
+        """Prove the server's identity again (kill mode); log when the outcome changes."""
+        identity = process.prove_server(self.s.pid_file, self.s.data_dir, self.s.process_match)
+        if self.identity is None or identity.detail != self.identity.detail:
+            level = logging.INFO if identity.proven else logging.WARNING
+            log.log(level, "server identity: %s", identity.describe())
+        self.identity = identity
+        return identity
+
+    def _cannot_stop(self, reason: str, identity: process.Identity) -> None:
+        """A failing server that is not proven to be ours: leave it, say so, alert once per episode."""
+        message = (
+            f"server is unhealthy ({reason}) but {identity.describe()}: nothing stopped. Check that "
+            "--pid-file and --data-dir name this installation's server, and restart it by hand if it hangs"
+        )
+        log.error("%s", message)
+        if not self.unproven_alerted:
+            self.unproven_alerted = True
+            self.alerter.alert(self._alert_payload("cannot-stop", message))
 
     def _record_restart(self) -> None:
         now = time.time()
@@ -289,9 +330,9 @@ class Supervisor:
         log.log(level, "%s -> %s: %s", self.state, state, detail)
         self.state, self.state_since = state, time.time()
 
-    def _alert_payload(self, reason: str) -> dict[str, Any]:
+    def _alert_payload(self, event: str, reason: str) -> dict[str, Any]:
         return {
-            "event": "crash-loop",
+            "event": event,
             "reason": reason,
             "host": socket.gethostname(),
             "time": _iso(time.time()),
@@ -307,7 +348,8 @@ class Supervisor:
             "since": _iso(self.state_since),
             "mode": self.s.mode,
             "supervisor_pid": os.getpid(),
-            "server_pid": self.child.pid if self.child is not None else None,
+            "server_pid": self._server_pid(),
+            "server_identity": self._identity_text(),
             "last_check": _iso(self.last_check),
             "results": [r.as_dict() for r in self.results],
             "healthy": bool(self.results) and all(r.ok for r in self.results),
@@ -316,6 +358,16 @@ class Supervisor:
             "restarts_24h": sum(1 for t in self.restarts if t >= cutoff),
             "last_restart": _iso(self.restarts[-1]) if self.restarts else None,
         }
+
+    def _server_pid(self) -> int | None:
+        if self.s.mode == "spawn":
+            return self.child.pid if self.child is not None else None
+        return self.identity.process.pid if self.identity and self.identity.process else None
+
+    def _identity_text(self) -> str:
+        if self.s.mode == "spawn":
+            return f"started by this supervisor: PID {self.child.pid}" if self.child else "no server running"
+        return self.identity.describe() if self.identity else "not checked yet"
 
     def _write_status(self) -> None:
         if self.s.status_file is None:

@@ -13,17 +13,23 @@ break a healthy server at a known instant. Modes:
 - ``trickle``: answers one byte every 0.1 s, forever: socket timeouts never fire, only the
   supervisor's hard deadline stops the probe;
 - ``sleep``: listens on nothing; a decoy for the PID-file tests.
+
+With ``--pid-file`` it writes and locks a PID file as ``macpacs serve`` does, through the server's
+own ``PidFile`` (so the supervisor's reader is tested against the server's writer), for the
+data folder ``--data-dir`` (default: the PID file's folder).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 import time
 import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from macpacs.pacs_server.pidfile import PidFile
 
 MODE = "healthy"
 
@@ -78,16 +84,15 @@ def main() -> None:
     parser.add_argument("--mode", default="healthy")
     parser.add_argument("--fault", default="hang", help="mode to switch to on SIGUSR1")
     parser.add_argument("--pid-file")
+    parser.add_argument("--data-dir", help="the data folder the PID file names (default: its folder)")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (forces SIGKILL)")
     parser.add_argument("--tag", default="", help="free text, so tests can match the command line")
     args = parser.parse_args()
     MODE = args.mode
 
     if args.pid_file:
-        tmp = f"{args.pid_file}.tmp"
-        with open(tmp, "w") as out:
-            out.write(f"{os.getpid()}\n")
-        os.replace(tmp, args.pid_file)
+        pid_file = Path(args.pid_file)
+        PidFile(pid_file, Path(args.data_dir) if args.data_dir else pid_file.parent).acquire()  # held until exit
     if MODE == "crash":
         raise SystemExit(3)
     if args.ignore_term:

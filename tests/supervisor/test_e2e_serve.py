@@ -69,7 +69,7 @@ class Serve:
 
     def pid(self) -> int | None:
         try:
-            return int((self.data_dir / "macpacs.pid").read_text())
+            return int((self.data_dir / "macpacs.pid").read_text().split("\n")[0])  # line 1: the PID
         except (FileNotFoundError, ValueError):
             return None
 

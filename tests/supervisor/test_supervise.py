@@ -6,6 +6,7 @@ failed rounds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from .conftest import Peer, pid_alive, wait_until
@@ -59,61 +61,106 @@ def test_sigterm_ignored_escalates_to_sigkill(peer: Peer, launchd, supervise):
     assert f"PID {old} ignored SIGTERM for 1 s and was killed (SIGKILL)" in sup.log
 
 
-def test_no_pid_file_falls_back_to_process_match(peer: Peer, launchd, supervise):
+def _never_stopped(sup, job, peer: Peer, detail: str) -> None:
+    """The supervisor sees the fault, cannot prove the peer is the server, and leaves it running."""
+    old = job.pid
+    os.kill(old, signal.SIGUSR1)
+    # Two attempts to act (FAST acts after every two failed rounds): each one refused.
+    wait_until(lambda: sup.log.count("supervisor.core: server is unhealthy") >= 2, 15)
+    assert pid_alive(old) and job.pids == [old]
+    assert "cannot prove the server's identity: " + detail in sup.log
+    status = sup.status()
+    assert status["state"] == "failing" and status["restarts_24h"] == 0
+    assert status["server_identity"].startswith("cannot prove the server's identity: " + detail)
+    assert status["server_pid"] is None
+    assert sup.log.count("ALERT cannot-stop") == 1, "one alert per episode"
+
+
+def test_no_pid_file_stops_nothing(peer: Peer, launchd, supervise, procs):
+    """No PID file (a clean stop removes it): a matching command line alone proves nothing, even
+    when it is the only match."""
     job = launchd(peer.argv("healthy", pid_file=False))
     wait_until(peer.answers, 10)
     sup = supervise(*peer.urls(), *FAST, "--pid-file", str(peer.pid_file), "--process-match", peer.match)
     sup.wait_state("healthy", 10)
-    old = job.pid
-    os.kill(old, signal.SIGUSR1)
-    wait_until(lambda: job.pid != old and peer.answers(), 15)
-    assert f"no PID file at {peer.pid_file}" in sup.log
+    _never_stopped(sup, job, peer, f"no PID file at {peer.pid_file}")
+
+
+def _pid_file_text(pid: int, create_time: float, data_dir: Path) -> str:
+    return f"{pid}\nformat=macpacs-pid-1\ncreate_time={create_time!r}\ndata_dir={data_dir.resolve()}\n"
+
+
+def _locked(path: Path) -> Any:
+    """Hold the file's flock from this test process, as a live server holds its own."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def test_pid_file_of_another_program_is_not_touched(peer: Peer, launchd, supervise, procs):
+    """The file is locked and names a live PID with its true start time, but that process is not
+    the server (its command line does not match): neither it nor the server is stopped."""
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     procs.append(bystander)
     job = launchd(peer.argv("healthy", pid_file=False))
     wait_until(peer.answers, 10)
-    peer.pid_file.write_text(f"{bystander.pid}\n")
-    sup = supervise(*peer.urls(), *FAST, "--pid-file", str(peer.pid_file), "--process-match", peer.match)
-    sup.wait_state("healthy", 10)
-    old = job.pid
-    os.kill(old, signal.SIGUSR1)
-    wait_until(lambda: job.pid != old and peer.answers(), 15)
-    assert bystander.poll() is None
-    assert f"names PID {bystander.pid}, which is another program" in sup.log
+    peer.pid_file.write_text(_pid_file_text(bystander.pid, psutil.Process(bystander.pid).create_time(), peer.tmp))
+    fd = _locked(peer.pid_file)
+    try:
+        sup = supervise(*peer.urls(), *FAST, "--pid-file", str(peer.pid_file), "--process-match", peer.match)
+        sup.wait_state("healthy", 10)
+        _never_stopped(sup, job, peer, f"PID {bystander.pid} from {peer.pid_file} runs")
+        assert bystander.poll() is None
+        assert "which does not match --process-match" in sup.log
+    finally:
+        os.close(fd)
 
 
 def test_recycled_pid_is_not_killed(peer: Peer, launchd, supervise, procs):
-    """A decoy with a matching command line, born after the PID file was written, survives."""
+    """A decoy with a matching command line whose start time is not the one the file records."""
     job = launchd(peer.argv("healthy", pid_file=False))
     wait_until(peer.answers, 10)
     decoy = subprocess.Popen(peer.argv("sleep", pid_file=False))
     procs.append(decoy)
-    # The file predates the decoy, as when the server that wrote it died and its PID was reused.
-    peer.pid_file.write_text(f"{decoy.pid}\n")
-    past = time.time() - 30
-    os.utime(peer.pid_file, (past, past))
+    # Written by a server that started 30 s before the decoy and died; its PID went to the decoy.
+    created = psutil.Process(decoy.pid).create_time()
+    peer.pid_file.write_text(_pid_file_text(decoy.pid, created - 30, peer.tmp))
+    fd = _locked(peer.pid_file)
+    try:
+        sup = supervise(*peer.urls(), *FAST, "--pid-file", str(peer.pid_file), "--process-match", peer.match)
+        sup.wait_state("healthy", 10)
+        _never_stopped(sup, job, peer, f"PID {decoy.pid} started at")
+        assert decoy.poll() is None, "the decoy was killed"
+        assert "a recycled PID, another program" in sup.log
+    finally:
+        os.close(fd)
+
+
+def test_matching_process_that_does_not_hold_the_pid_file_is_not_killed(peer: Peer, launchd, supervise, procs):
+    """PID, start time and command line all match, and the file is locked, but by someone else."""
+    job = launchd(peer.argv("healthy", pid_file=False))
+    wait_until(peer.answers, 10)
+    decoy = subprocess.Popen(peer.argv("sleep", pid_file=False))
+    procs.append(decoy)
+    peer.pid_file.write_text(_pid_file_text(decoy.pid, psutil.Process(decoy.pid).create_time(), peer.tmp))
+    fd = _locked(peer.pid_file)
+    try:
+        sup = supervise(*peer.urls(), *FAST, "--pid-file", str(peer.pid_file), "--process-match", peer.match)
+        sup.wait_state("healthy", 10)
+        _never_stopped(sup, job, peer, f"PID {decoy.pid} does not have {peer.pid_file} open")
+        assert decoy.poll() is None, "the decoy was killed"
+    finally:
+        os.close(fd)
+
+
+def test_pid_file_of_another_data_folder_is_not_trusted(peer: Peer, launchd, supervise, tmp_path: Path):
+    """The server's own, locked PID file, but for another data folder than the supervisor's."""
+    other = tmp_path / "other-installation"
+    job = launchd(peer.argv("healthy", "--data-dir", str(other)))
+    wait_until(peer.answers, 10)
     sup = supervise(*peer.urls(), *FAST, "--pid-file", str(peer.pid_file), "--process-match", peer.match)
     sup.wait_state("healthy", 10)
-    old = job.pid
-    os.kill(old, signal.SIGUSR1)
-    wait_until(lambda: job.pid != old and peer.answers(), 15)
-    assert decoy.poll() is None, "the decoy was killed"
-    assert f"names PID {decoy.pid}, started" in sup.log
-    assert "a recycled PID, not touching it" in sup.log
-
-
-def test_ambiguous_process_match_kills_nothing(peer: Peer, supervise, procs):
-    """Two processes match and no PID file says which: guessing could kill the wrong archive."""
-    first = subprocess.Popen(peer.argv("hang", pid_file=False))
-    second = subprocess.Popen(peer.argv("sleep", pid_file=False))
-    procs += [first, second]
-    sup = supervise(*peer.urls(), *FAST, "--startup-grace", "0", "--process-match", peer.match)
-    wait_until(lambda: "refusing to guess" in sup.log, 10)
-    assert first.poll() is None and second.poll() is None
-    assert sup.status()["state"] == "failing"
+    _never_stopped(sup, job, peer, f"the PID file {peer.pid_file} is for the data folder {other.resolve()}")
 
 
 class Webhook(ThreadingHTTPServer):
