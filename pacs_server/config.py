@@ -10,6 +10,7 @@ The installer imports this module to write a configuration that the server will 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -22,6 +23,20 @@ from typing import Any
 # an automatic count would cost memory for little gain (more can be set explicitly).
 MAX_AUTO_WORKERS = 8
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, 1..16 chars
+# A DNS name: labels of letters, digits and inner hyphens (an IPv4 address is one too).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def is_host_name(text: str) -> bool:
+    """Whether ``text`` is a host name or an IP address as it appears in a Host header (no port)."""
+    if HOST_NAME_RE.fullmatch(text):
+        return True
+    try:
+        ipaddress.IPv6Address(text.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
 
 
 class ConfigError(ValueError):
@@ -106,6 +121,14 @@ class XmlRpcSettings:
     enabled: bool = True
     # Addresses allowed to call it besides localhost.
     allowed_hosts: list[str] = field(default_factory=list)
+    # Names clients may put in the Host header besides localhost and this machine's own names
+    # and addresses (a DNS alias such as "pacs.example.org"). Any other Host is refused, so that
+    # a web page cannot reach the port through DNS rebinding.
+    allowed_host_names: list[str] = field(default_factory=list)
+    # Let the calls that change or stop something (DBWindowFind with Delete, KillOsiriX,
+    # Retrieve, CMove) run without credentials from the allowed hosts, for OsiriX clients that
+    # cannot send any. Off: they need HTTP Basic with a macpacs user or an API token.
+    open_changes: bool = False
 
 
 @dataclass
@@ -194,6 +217,12 @@ class Settings:
             raise ConfigError("web.max_upload_mb must be at least 1")
         if bool(self.web.tls_cert) != bool(self.web.tls_key):
             raise ConfigError("web.tls_cert and web.tls_key must be set together")
+        for name in self.xmlrpc.allowed_host_names:
+            if not is_host_name(name):
+                raise ConfigError(
+                    f"xmlrpc.allowed_host_names: {name!r} is not a host name or address "
+                    '(write it as clients type it, without port or scheme, e.g. "pacs.example.org" or "10.1.2.3")'
+                )
         return self
 
 

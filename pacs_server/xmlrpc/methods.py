@@ -30,6 +30,10 @@ MAX_ELEMENTS = 100_000  # a reply larger than this is refused: narrow the predic
 EXECUTE = {"": "Select", "nothing": "Select", "select": "Select", "open": "Select", "delete": "Delete"}
 CGET_RETRIEVE_MODE = 1  # OsiriX's retrieveMode values: 0 C-MOVE, 1 C-GET, 2 WADO
 MAX_FILTERS = 9  # filterKey/filterValue, filterKey2/filterValue2 ... filterKey9/filterValue9
+# Calls that change or stop something, and who may make them (``needs``): removing and stopping
+# are an admin's, as on the web pages; pulling studies in is any user's, as sending is there.
+CHANGING = {"killosirix": "admin", "retrieve": "user", "cmove": "user"}
+FIND_METHODS = ("dbwindowfind", "findobject")
 
 
 class BadRequest(ValueError):
@@ -39,6 +43,19 @@ class BadRequest(ValueError):
 def _struct(params: tuple[Any, ...]) -> dict[str, Any]:
     """OsiriX methods take one struct; anything else counts as an empty one."""
     return params[0] if params and isinstance(params[0], dict) else {}
+
+
+def needs(method: str, params: tuple[Any, ...]) -> str | None:
+    """Who may make this call: None (anyone allowed to reach the port), "user" or "admin".
+
+    ``DBWindowFind``/``FindObject`` read unless ``execute`` is Delete, read exactly as the method
+    reads it, so that no spelling of Delete slips past as a read.
+    """
+    name = method.lower()
+    if name in FIND_METHODS:
+        execute = EXECUTE.get(str(_struct(params).get("execute") or "").strip().lower())
+        return "admin" if execute == "Delete" else None
+    return CHANGING.get(name)
 
 
 def _text(args: dict[str, Any], *names: str) -> str:
@@ -61,6 +78,7 @@ class OsirixMethods:
 
     @property
     def caller(self) -> str:
+        """Who makes the current call, for log lines: ``user@address``, or the address alone."""
         return getattr(self.local, "caller", "?")
 
     def table(self) -> dict[str, Callable[..., Any]]:

@@ -1,8 +1,11 @@
 """The XML-RPC listener: OsiriX's dialect on its own port, in threads of the archive process.
 
-POST to any path; method names are case-insensitive. Bodies are size-limited before they are
-read and parsed by defusedxml's expat parser (no DTD, no entities: an XML bomb is refused, not
-expanded). Calls are accepted from localhost and from ``xmlrpc.allowed_hosts`` only.
+POST to any path; method names are case-insensitive. Calls are accepted from localhost and from
+``xmlrpc.allowed_hosts`` only, and only as an XML-RPC client sends them (``guard``: no Origin,
+an XML Content-Type, a Host naming this server), checked with any credentials before the body
+is read. Bodies are size-limited before they are read and parsed by defusedxml's expat parser
+(no DTD, no entities: an XML bomb is refused, not expanded). Calls that change or stop something
+need credentials unless ``xmlrpc.open_changes`` is on (``guard.authorize``).
 
 HTTP status follows OsiriX: 200 with the method's struct; 400 (a struct ``{error: "400",
 message}``) for a call it cannot serve; 500 for an unknown method. The reason phrase carries the
@@ -28,7 +31,9 @@ from defusedxml import DefusedXmlException
 from defusedxml.xmlrpc import DefusedExpatParser
 
 from ..archive import Archive
-from .methods import BadRequest, OsirixMethods
+from ..users import User
+from .guard import Refused, authenticate, authorize, check_headers, own_host_names
+from .methods import BadRequest, OsirixMethods, needs
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +117,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.client_address[0], format % args)
 
-    def reply(self, status: int, reason: str, body: bytes, content_type: str = "text/xml") -> None:
+    def reply(self, status: int, reason: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        """Send the answer; ``headers`` are constants or numbers, never text from the request."""
         self.send_response(status, _reason(reason))
-        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Type", "text/xml")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -154,9 +162,11 @@ class XmlRpcServer:
 
     def __init__(self, archive: Archive) -> None:
         self.settings = archive.settings
+        self.users = archive.users
         self.methods = OsirixMethods(archive)
         self.dispatcher = Dispatcher(self.methods.table())
         self.networks = allowed_networks(self.settings.xmlrpc.allowed_hosts)
+        self.host_names = own_host_names(self.settings.xmlrpc.allowed_host_names)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -206,6 +216,17 @@ class XmlRpcServer:
             req.reply(403, message, _error_struct("403", message))
             return
         try:
+            check_headers(req.headers, req.connection.getsockname()[0], self.host_names)
+            user = authenticate(req.headers, self.users, host)
+        except Refused as exc:
+            _discard_body(req)
+            self._refuse(req, host, exc)
+            return
+        self._call(req, host, user)
+
+    def _call(self, req: _Handler, host: str, user: User | None) -> None:
+        """Read, parse, authorize and dispatch one call from an admitted client."""
+        try:
             length = int(req.headers.get("Content-Length") or "-1")
         except ValueError:
             length = -1
@@ -229,7 +250,12 @@ class XmlRpcServer:
         except (xml.parsers.expat.ExpatError, xmlrpc.client.ResponseError, ValueError, TypeError) as exc:
             self._bad(req, f"not a valid XML-RPC <methodCall>: {exc}")
             return
-        self.methods.local.caller = host
+        try:
+            authorize(method[:80], needs(method, params), user, self.settings.xmlrpc.open_changes)
+        except Refused as exc:
+            self._refuse(req, host, exc)
+            return
+        self.methods.local.caller = f"{user.username}@{host}" if user else host
         try:
             result = self.dispatcher._dispatch(method, params)
         except UnknownMethod:
@@ -251,8 +277,25 @@ class XmlRpcServer:
         req.reply(200, "OK", body)
 
     @staticmethod
+    def _refuse(req: _Handler, host: str, exc: Refused) -> None:
+        log.warning("XML-RPC: refused a call from %s: %s", host, exc.message.removeprefix("XML-RPC: "))
+        req.reply(exc.status, exc.message, _error_struct(str(exc.status), exc.message), exc.headers)
+
+    @staticmethod
     def _bad(req: _Handler, message: str) -> None:
         req.reply(400, message, _error_struct("400", message))
+
+
+def _discard_body(req: _Handler) -> None:
+    """Read and drop the body of a call refused on its headers (never parsed), up to MAX_BODY:
+    closing a connection with unread data resets it, and the client might lose the answer."""
+    try:
+        length = int(req.headers.get("Content-Length") or "0")
+    except ValueError:
+        return
+    if 0 < length <= MAX_BODY:
+        with contextlib.suppress(OSError):
+            req.rfile.read(length)
 
 
 def _error_struct(code: str, message: str) -> bytes:

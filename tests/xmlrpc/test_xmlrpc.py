@@ -49,12 +49,30 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Any:
     server.stop()
 
 
-def proxy(server: ServerProcess) -> xmlrpc.client.ServerProxy:
-    return xmlrpc.client.ServerProxy(f"http://127.0.0.1:{server.xmlrpc_port}/")
+ADMIN = ("admin", "admin password")
 
 
-def find(server: ServerProcess, request: str, table: str = "Study", **extra: str) -> dict[str, Any]:
-    return proxy(server).DBWindowFind({"request": request, "table": table, **extra})
+def add_admin(data_dir: Path) -> None:
+    """An admin user (``ADMIN``) in the archive, for the calls that change or stop something."""
+    subprocess.run(
+        [MACPACS, "users", "add", ADMIN[0], "--data-dir", str(data_dir), "--password-stdin"],
+        input=ADMIN[1] + "\n",
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def proxy(server: ServerProcess, auth: tuple[str, str] | None = None) -> xmlrpc.client.ServerProxy:
+    credentials = f"{auth[0]}:{auth[1]}@" if auth else ""
+    return xmlrpc.client.ServerProxy(f"http://{credentials}127.0.0.1:{server.xmlrpc_port}/")
+
+
+def find(
+    server: ServerProcess, request: str, table: str = "Study", auth: tuple[str, str] | None = None, **extra: str
+) -> dict[str, Any]:
+    return proxy(server, auth).DBWindowFind({"request": request, "table": table, **extra})
 
 
 def patient_ids(reply: dict[str, Any]) -> set[str]:
@@ -195,9 +213,11 @@ def test_supervisor_probe_passes(archive: ServerProcess) -> None:
 # -- bad input -----------------------------------------------------------------------------------------
 
 
-def refused(server: ServerProcess, params: Any, method: str = "DBWindowFind") -> xmlrpc.client.ProtocolError:
+def refused(
+    server: ServerProcess, params: Any, method: str = "DBWindowFind", auth: tuple[str, str] | None = None
+) -> xmlrpc.client.ProtocolError:
     with pytest.raises(xmlrpc.client.ProtocolError) as info:
-        getattr(proxy(server), method)(params)
+        getattr(proxy(server, auth), method)(params)
     return info.value
 
 
@@ -310,6 +330,7 @@ def test_oversized_body_is_refused_before_it_is_read(archive: ServerProcess) -> 
     conn = http.client.HTTPConnection("127.0.0.1", archive.xmlrpc_port, timeout=15)
     try:
         conn.putrequest("POST", "/")
+        conn.putheader("Content-Type", "text/xml")
         conn.putheader("Content-Length", str(1024 * 1024 + 1))
         conn.endheaders()  # no body sent: the answer must not wait for it
         response = conn.getresponse()
@@ -327,10 +348,14 @@ def test_any_path_but_only_post(archive: ServerProcess) -> None:
     assert post(archive, b"", method="GET")[0] == 405
 
 
+# An XML-RPC call whose body never arrives: its headers pass every check, then the server waits.
+STUCK_REQUEST = b"POST / HTTP/1.0\r\nContent-Type: text/xml\r\nContent-Length: 500\r\n\r\n<methodCall>"
+
+
 def test_a_slow_client_does_not_block_others(archive: ServerProcess) -> None:
     """Calls are served in threads: a client stuck halfway through its request holds only its own."""
     with socket.create_connection(("127.0.0.1", archive.xmlrpc_port)) as stuck:
-        stuck.sendall(b"POST / HTTP/1.0\r\nContent-Length: 500\r\n\r\n<methodCall>")
+        stuck.sendall(STUCK_REQUEST)
         started = time.monotonic()
         assert find(archive, XMLRPC_PARAMS["request"])["error"] == "0"
         assert time.monotonic() - started < 5
@@ -341,7 +366,7 @@ def test_too_many_stuck_clients_get_503_then_service_resumes(archive: ServerProc
     try:
         for _ in range(MAX_CONCURRENT):
             sock = socket.create_connection(("127.0.0.1", archive.xmlrpc_port))
-            sock.sendall(b"POST / HTTP/1.0\r\nContent-Length: 500\r\n\r\n<methodCall>")
+            sock.sendall(STUCK_REQUEST)
             stuck.append(sock)
         deadline = time.monotonic() + 10
         while post(archive, call_body("DBWindowFind", XMLRPC_PARAMS))[0] != 503:
@@ -415,26 +440,27 @@ def stored_files(server: ServerProcess) -> int:
 
 
 def test_delete_removes_rows_and_files(tmp_path: Path) -> None:
+    add_admin(tmp_path / "data")
     server = start(tmp_path)
     try:
         store_studies(server, tmp_path / "in", STUDIES)
         assert stored_files(server) == 12
         # One image of DOE^JOHN's series.
         [image] = find(server, 'series.study.patientID == "PID001" AND instanceNumber == 2', "Image")["elements"]
-        reply = find(server, f'sopInstanceUID == "{image["sopInstanceUID"]}"', "Image", execute="Delete")
+        reply = find(server, f'sopInstanceUID == "{image["sopInstanceUID"]}"', "Image", ADMIN, execute="Delete")
         assert reply["error"] == "0" and len(reply["elements"]) == 1
         assert stored_files(server) == 11
         assert find(server, 'patientID == "PID001"')["elements"][0]["numberOfImages"] == "2"
 
         # The MR series of SMITH^ANNA: the study stays, with its CT series, counts and modalities updated.
-        reply = find(server, 'study.patientID == "PID003" AND modality == "MR"', "Series", execute="Delete")
+        reply = find(server, 'study.patientID == "PID003" AND modality == "MR"', "Series", ADMIN, execute="Delete")
         assert [e["modality"] for e in reply["elements"]] == ["MR"]
         assert stored_files(server) == 9
         [study] = find(server, 'patientID == "PID003"')["elements"]
         assert (study["modality"], study["numberOfImages"]) == ("CT", "4")
 
         # Whole studies: patients disappear with their last study; C-FIND agrees.
-        reply = find(server, 'name BEGINSWITH "DOE"', "Study", execute="delete")
+        reply = find(server, 'name BEGINSWITH "DOE"', "Study", ADMIN, execute="delete")
         assert patient_ids(reply) == {"PID001", "PID002"}
         assert stored_files(server) == 5
         assert patient_ids(find(server, "TRUEPREDICATE")) == {"PID003", "PID004"}
@@ -453,13 +479,15 @@ def test_delete_removes_rows_and_files(tmp_path: Path) -> None:
         assert counts[0].ModalitiesInStudy == "CT"
 
         # Matching nothing deletes nothing; the deleted study can be stored again.
-        assert find(server, 'patientID == "NOBODY"', execute="Delete") == {"error": "0", "elements": []}
+        assert find(server, 'patientID == "NOBODY"', auth=ADMIN, execute="Delete") == {"error": "0", "elements": []}
         run_tool("storescu", *server.dicom_args(), "+sd", "+r", str(tmp_path / "in" / "PID002"))
         assert patient_ids(find(server, 'patientID == "PID002"')) == {"PID002"}
         assert stored_files(server) == 7
     finally:
         server.stop()
-    assert "delete (XML-RPC DBWindowFind from 127.0.0.1): 2 studies, 2 series, 4 instances, 2 patients" in server.log()
+    assert "delete (XML-RPC DBWindowFind from admin@127.0.0.1): 2 studies, 2 series, 4 instances, 2 patients" in (
+        server.log()
+    )
 
 
 def test_access_localhost_only_unless_allowed(tmp_path: Path) -> None:
@@ -484,12 +512,13 @@ def test_access_localhost_only_unless_allowed(tmp_path: Path) -> None:
 
 
 def test_kill_osirix_stops_the_server_gracefully(tmp_path: Path) -> None:
+    add_admin(tmp_path / "data")
     server = start(tmp_path)
-    assert proxy(server).KillOsiriX({}) == {"error": "0"}
+    assert proxy(server, ADMIN).KillOsiriX({}) == {"error": "0"}
     assert server.proc is not None
     assert server.proc.wait(20) == 0
     assert not server.pid_file_path().exists()
-    assert "KillOsiriX from 127.0.0.1: stopping the server" in server.log()
+    assert "KillOsiriX from admin@127.0.0.1: stopping the server" in server.log()
 
 
 def test_disabled(tmp_path: Path) -> None:
@@ -548,7 +577,8 @@ def test_retrieve_and_cmove_from_another_node(tmp_path: Path) -> None:
         add_node(remote, "ArchiveA", ours)  # C-MOVE destination PACSA
         unreachable = ServerProcess(tmp_path / "c", free_port(), 0, 0, ae_title="GONE")
         add_node(ours, "Gone", unreachable)
-        p = proxy(ours)
+        add_admin(ours.data_dir)
+        p = proxy(ours, ADMIN)
 
         assert p.Retrieve({"serverName": "Remote", "filterKey": "PatientID", "filterValue": "PID001"}) == {"error": "0"}
         wait_for_images(ours, "PID001", 3)
@@ -573,10 +603,11 @@ def test_retrieve_and_cmove_from_another_node(tmp_path: Path) -> None:
         }
         assert p.Retrieve({"serverName": "Gone", "filterKey": "PatientID", "filterValue": "PID004"}) == {"error": "-1"}
         assert p.CMove({"accessionNumber": "ACC004", "server": "Nowhere"}) == {"error": "-1"}
-        assert refused(ours, {"filterKey": "PatientID", "filterValue": "1"}, "Retrieve").errcode == 400
-        error = refused(ours, {"serverName": "Remote", "filterKey": "Patient'ID", "filterValue": "1"}, "Retrieve")
+        assert refused(ours, {"filterKey": "PatientID", "filterValue": "1"}, "Retrieve", ADMIN).errcode == 400
+        bad_key = {"serverName": "Remote", "filterKey": "Patient'ID", "filterValue": "1"}
+        error = refused(ours, bad_key, "Retrieve", ADMIN)
         assert error.errcode == 400 and "not a DICOM keyword" in error.errmsg
-        assert refused(ours, {"accessionNumber": "", "server": "Remote"}, "CMove").errcode == 400
+        assert refused(ours, {"accessionNumber": "", "server": "Remote"}, "CMove", ADMIN).errcode == 400
     finally:
         ours.stop()
         remote.stop()
