@@ -30,6 +30,7 @@ A comparison needs exactly one key path and one constant (``1 = 1`` is refused).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,10 @@ MAX_LENGTH = 16_384  # characters of predicate text
 MAX_TOKENS = 2_000
 MAX_DEPTH = 32  # nested parentheses / NOT
 MAX_COMPARISONS = 200
+# Numbers the index can compare with: whole numbers fit SQLite's (and PostgreSQL's) 64-bit
+# integers, and others must be finite; anything larger is refused here, not by the database.
+MAX_INTEGER = 2**63 - 1
+MAX_NUMBER_LENGTH = 40  # characters of one number: more precision than a double holds
 
 # NSDate's reference date: CAST(<seconds>, "NSDate") counts from here.
 NSDATE_EPOCH = datetime(2001, 1, 1, tzinfo=UTC)
@@ -109,10 +114,14 @@ class Token:
     value: Value = None
 
 
+_NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_NUMBER_RE = re.compile(_NUMBER)
 _TOKEN_RE = re.compile(
     r"""
     (?P<space>\s+)
-  | (?P<number>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)
+  | (?P<number>"""
+    + _NUMBER
+    + r""")
   | (?P<ident>\#?[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
   | (?P<modifier>\[[A-Za-z]{1,3}\])
   | (?P<op>==|!=|<>|<=|=<|>=|=>|&&|\|\||[=<>!])
@@ -137,11 +146,8 @@ def _read_string(text: str, start: int) -> tuple[str, int]:
                 break
             nxt = text[i + 1]
             if nxt == "u":
-                digits = text[i + 2 : i + 6]
-                if not re.fullmatch(r"[0-9A-Fa-f]{4}", digits):
-                    raise PredicateError(f"at character {i + 1}: \\u needs four hexadecimal digits")
-                out.append(chr(int(digits, 16)))
-                i += 6
+                code, i = _unicode_escape(text, i)
+                out.append(chr(code))
                 continue
             out.append(_ESCAPES.get(nxt, nxt))
             i += 2
@@ -151,9 +157,59 @@ def _read_string(text: str, start: int) -> tuple[str, int]:
     raise PredicateError(f"at character {start + 1}: string opened here is never closed (missing {quote})")
 
 
+def _hex4(text: str, i: int) -> int | None:
+    digits = text[i + 2 : i + 6]
+    return int(digits, 16) if text[i : i + 2] == "\\u" and re.fullmatch(r"[0-9A-Fa-f]{4}", digits) else None
+
+
+def _unicode_escape(text: str, i: int) -> tuple[int, int]:
+    """The character of the ``\\uXXXX`` escape at ``i`` (a UTF-16 pair taken together) and the
+    index after it. A lone half of a pair is no character at all: it could not be stored or
+    compared, so it is refused."""
+    code = _hex4(text, i)
+    if code is None:
+        raise PredicateError(f"at character {i + 1}: \\u needs four hexadecimal digits")
+    if 0xDC00 <= code <= 0xDFFF:
+        raise PredicateError(f"at character {i + 1}: \\u{code:04X} is half of a UTF-16 pair without its first half")
+    if 0xD800 <= code <= 0xDBFF:
+        low = _hex4(text, i + 6)
+        if low is None or not 0xDC00 <= low <= 0xDFFF:
+            raise PredicateError(
+                f"at character {i + 1}: \\u{code:04X} is the first half of a UTF-16 pair; "
+                "follow it with the second half (\\uDC00 to \\uDFFF)"
+            )
+        return 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00), i + 12
+    return code, i + 6
+
+
+def number(word: str, pos: int | None = None) -> int | float:
+    """``word`` (a number token at ``pos``, or a quoted value compared with a numeric attribute)
+    as a number the index can compare with; PredicateError when it is none, or too large."""
+    where = "" if pos is None else f"at character {pos + 1}: "
+    if not _NUMBER_RE.fullmatch(word):
+        raise PredicateError(f"{where}{word[:40]!r} is not a number")
+    if len(word) > MAX_NUMBER_LENGTH:
+        raise PredicateError(f"{where}number {word[:20]}... is too long (limit {MAX_NUMBER_LENGTH} characters)")
+    if not any(c in word for c in ".eE"):
+        value = int(word)
+        if abs(value) > MAX_INTEGER:
+            raise PredicateError(f"{where}{word} is out of range (at most {MAX_INTEGER})")
+        return value
+    real = float(word)
+    if not math.isfinite(real):
+        raise PredicateError(f"{where}{word} is too large for a number")
+    return real
+
+
 def tokenize(text: str) -> list[Token]:
     if len(text) > MAX_LENGTH:
         raise PredicateError(f"predicate is {len(text)} characters long (limit {MAX_LENGTH})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PredicateError(
+            f"at character {exc.start + 1}: the predicate is not valid Unicode text (a lone UTF-16 surrogate)"
+        ) from None
     tokens: list[Token] = []
     pos = 0
     while pos < len(text):
@@ -173,8 +229,7 @@ def tokenize(text: str) -> list[Token]:
         else:
             word = m.group()
             if kind == "number":
-                number: Value = float(word) if any(c in word for c in ".eE") else int(word)
-                tokens.append(Token("number", word, pos, number))
+                tokens.append(Token("number", word, pos, number(word, pos)))
             elif kind == "ident" and word.upper() in KEYWORDS:
                 tokens.append(Token("keyword", word.upper(), pos))
             elif kind == "ident":
@@ -404,7 +459,10 @@ def parse_date(text: str, pos: int = 0) -> DateValue:
         except ValueError:
             continue
         if when.tzinfo is not None:
-            when = when.astimezone().replace(tzinfo=None)
+            try:
+                when = when.astimezone().replace(tzinfo=None)
+            except (OverflowError, ValueError):  # within hours of year 1 or 9999
+                break
         return DateValue(when, has_time)
     raise PredicateError(
         f"at character {pos + 1}: {text[:40]!r} is not a date "

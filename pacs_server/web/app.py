@@ -8,6 +8,7 @@ OpenAPI document is at ``/openapi.json`` (browsable at ``/api/docs``).
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
@@ -49,6 +50,16 @@ def create_app(archive: Archive) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["Content-Type", "Content-Location", "Warning", "X-Total-Count"],
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A 400 saying which parameter is wrong and why, without echoing the value: FastAPI's own
+        # 422 repeats it, and a value no UTF-8 can hold (a JSON lone surrogate) made that a 500.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+            for error in exc.errors()
+        )
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=400)
 
     @app.exception_handler(QueryError)
     async def _bad_query(_request: Request, exc: QueryError) -> JSONResponse:

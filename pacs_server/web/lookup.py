@@ -1,7 +1,9 @@
 """Finding what a web request names: UIDs checked, then the one retrieve path (``retrieve``).
 
-A UID that is not digits and dots (``../``, quotes, NUL) is refused with 400 before anything
-touches the index or the disk; a well-formed UID that is not stored is a 404.
+A UID that is not digits and dots (``*``, a list, a space, a backslash, ``../``, quotes, NUL) is
+refused with 400 before anything touches the index or the disk, in every route that takes one
+(DICOMweb, WADO-URI, the pages and their JSON API); a well-formed UID that is not stored is a
+404.
 """
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ from fastapi.templating import Jinja2Templates
 from ..archive import Archive
 from ..dimse import scu
 from ..dimse.subops import PeerError
-from ..index import Query, QueryError
+from ..index import Query
 from ..nodes import Node, NodeError, validate
 from ..users import User
 from . import csrf, status_page, ui_api
 from .auth import SESSION_COOKIE, check_login, clear_session, client_address, issue_session, load_secret
+from .lookup import check_uid
 
 log = logging.getLogger(__name__)
 
@@ -207,22 +208,32 @@ def _not_found(request: Request, user: User | None, uid: str) -> HTMLResponse:
     )
 
 
+def _invalid_uid(request: Request, user: User | None, exc: HTTPException) -> HTMLResponse:
+    return render(
+        request,
+        "message.html",
+        user,
+        status_code=400,
+        title="Not a valid UID",
+        text=f"{exc.detail}. Open the study from the study list, or check the link you followed.",
+    )
+
+
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, study_uid: str) -> Response:
     user, denied = _reader(request)
     if denied:
         return denied
+    try:
+        study_uid = check_uid(study_uid, "study UID")
+    except HTTPException as exc:
+        return _invalid_uid(request, user, exc)
     archive = _archive(request)
     names = archive.settings.dicom.case_insensitive_names
-    try:
-        found = archive.index.find_all(
-            Query("STUDY", {**dict.fromkeys(STUDY_KEYS), "StudyInstanceUID": study_uid}, names)
-        )
-        series = archive.index.find_all(
-            Query("SERIES", {**dict.fromkeys(SERIES_KEYS), "StudyInstanceUID": study_uid}, names)
-        )
-    except QueryError:
-        found = []
+    found = archive.index.find_all(Query("STUDY", {**dict.fromkeys(STUDY_KEYS), "StudyInstanceUID": study_uid}, names))
+    series = archive.index.find_all(
+        Query("SERIES", {**dict.fromkeys(SERIES_KEYS), "StudyInstanceUID": study_uid}, names)
+    )
     if not found:
         return _not_found(request, user, study_uid)
     series.sort(key=lambda s: (s.get("SeriesNumber") is None, s.get("SeriesNumber") or 0))
@@ -235,6 +246,11 @@ def viewer_page(request: Request, study_uid: str, series: str = "") -> Response:
     user, denied = _reader(request)
     if denied:
         return denied
+    try:
+        study_uid = check_uid(study_uid, "study UID")
+        series = check_uid(series, "series UID") if series else ""
+    except HTTPException as exc:
+        return _invalid_uid(request, user, exc)
     return render(request, "viewer.html", user, study=study_uid, series=series)
 
 

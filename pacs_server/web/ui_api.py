@@ -31,6 +31,7 @@ from ..nodes import Node, NodeError
 from ..retrieve import FileMissing, instance_path
 from .auth import Principal, require_admin, require_read
 from .csrf import require_csrf_header
+from .lookup import check_uid
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["pages"])
@@ -53,6 +54,7 @@ STUDY_FIELDS = (
 )
 SORTABLE = set(STUDY_FIELDS) - {"StudyInstanceUID"}
 MAX_PAGE = 500
+MAX_OFFSET = 10**9  # further than any archive's study list; the index's integers hold far more
 DATE_RE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
 
 
@@ -99,8 +101,8 @@ def search_studies(
         raise HTTPException(400, f"cannot sort by {sort[:40]!r} (use one of {', '.join(sorted(SORTABLE))})")
     if order not in ("asc", "desc"):
         raise HTTPException(400, 'order must be "asc" or "desc"')
-    if not 1 <= limit <= MAX_PAGE or offset < 0:
-        raise HTTPException(400, f"limit must be 1-{MAX_PAGE} and offset at least 0")
+    if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
+        raise HTTPException(400, f"limit must be 1-{MAX_PAGE} and offset 0-{MAX_OFFSET}")
     keys: dict[str, str | None] = dict.fromkeys(STUDY_FIELDS)
     if name.strip():
         keys["PatientName"] = _contains(name)
@@ -143,11 +145,11 @@ def transfer_syntaxes(request: Request, study_uid: str, series_uid: str, _who: P
     into RGB); those of uncompressed files arrive as stored (planar or YBR as the file says). The
     DICOM JSON metadata does not carry the transfer syntax, so the viewer asks here.
     """
-    query = Query("SERIES", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
-    try:
-        found = _archive(request).index.instances(query)
-    except QueryError as exc:
-        raise HTTPException(400, f"invalid UID: {exc}") from None
+    keys = {
+        "StudyInstanceUID": check_uid(study_uid, "study UID"),
+        "SeriesInstanceUID": check_uid(series_uid, "series UID"),
+    }
+    found = _archive(request).index.instances(Query("SERIES", keys))
     return {inst.sop_instance_uid: inst.transfer_syntax_uid for inst in found}
 
 
@@ -163,10 +165,8 @@ def delete_study(
     who: Principal = ADMIN,
 ) -> dict[str, Any]:
     archive = _archive(request)
-    try:
-        result = delete_matching(archive.index, archive.blobs, _study_query(study_uid), reason=f"web, {who.name}")
-    except QueryError as exc:
-        raise HTTPException(400, f"invalid study UID: {exc}") from None
+    study_uid = check_uid(study_uid, "study UID")
+    result = delete_matching(archive.index, archive.blobs, _study_query(study_uid), reason=f"web, {who.name}")
     if not result.instances:
         raise HTTPException(404, f"study {study_uid} is not in the archive (already deleted?)")
     return {
@@ -213,27 +213,25 @@ def study_zip(
 ) -> StreamingResponse:
     """The study's files as received, in Patient/Study/Series folders (no DICOMDIR), streamed."""
     archive = _archive(request)
-    try:
-        study = archive.index.find_all(
-            Query(
-                "STUDY",
-                {
-                    "StudyInstanceUID": study_uid,
-                    "PatientName": None,
-                    "PatientID": None,
-                    "StudyDate": None,
-                    "StudyDescription": None,
-                },
-            )
+    study_uid = check_uid(study_uid, "study UID")
+    study = archive.index.find_all(
+        Query(
+            "STUDY",
+            {
+                "StudyInstanceUID": study_uid,
+                "PatientName": None,
+                "PatientID": None,
+                "StudyDate": None,
+                "StudyDescription": None,
+            },
         )
-        series = archive.index.find_all(
-            Query(
-                "SERIES",
-                {"StudyInstanceUID": study_uid, "SeriesNumber": None, "SeriesDescription": None, "Modality": None},
-            )
+    )
+    series = archive.index.find_all(
+        Query(
+            "SERIES",
+            {"StudyInstanceUID": study_uid, "SeriesNumber": None, "SeriesDescription": None, "Modality": None},
         )
-    except QueryError as exc:
-        raise HTTPException(400, f"invalid study UID: {exc}") from None
+    )
     if not study:
         raise HTTPException(404, f"study {study_uid} is not in the archive")
     s = study[0]
@@ -308,6 +306,7 @@ def send_study(
     who: Principal = READER,
 ) -> dict[str, Any]:
     archive = _archive(request)
+    study_uid = check_uid(study_uid, "study UID")
     try:
         node = archive.nodes.get(body.node)
     except NodeError as exc:

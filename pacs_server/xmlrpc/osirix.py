@@ -14,7 +14,7 @@ from typing import Any
 
 from ..index.attributes import BY_KEYWORD, LEVELS
 from ..index.matcher import All, AnyOf, Expr, Match, Not
-from ..predicate import And, Comparison, Constant, DateValue, Node, Or, PredicateError, parse_date
+from ..predicate import And, Comparison, Constant, DateValue, Node, Or, PredicateError, number, parse_date
 from ..predicate import Not as PNot
 
 TABLES = {"study": "Study", "series": "Series", "image": "Image"}
@@ -118,6 +118,11 @@ def _leaf(entity: str, node: Comparison) -> Expr:
         if attr.kind in ("int", "count") or op not in ("eq", "ne"):
             raise PredicateError(f"{node.key} cannot be compared with nil")
         value = ""  # the index keeps absent strings as empty ones
+    if attr.kind in ("int", "count") and isinstance(value, str):
+        try:  # "12" as 12; a quoted number out of range is refused as an unquoted one is
+            value = number(value.strip().removeprefix("+"))
+        except PredicateError as exc:
+            raise PredicateError(f"{node.key} is a number: {exc}") from None
     return Match(keyword, op, value, case_insensitive=node.case_insensitive)
 
 

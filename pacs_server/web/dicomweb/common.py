@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,26 @@ def base_url(request: Request) -> str:
     if url.port is None and server and server[1] not in (80, 443):
         url = url.replace(port=server[1])
     return str(url).rstrip("/") + "/dicom-web"
+
+
+def warning_header(messages: Iterable[str], limit: int = 4000) -> str:
+    """A ``Warning`` header value (code 299, one per message) that no message can break.
+
+    Messages quote what clients sent (a keyword, a UID read from an uploaded file), and a CR or
+    LF in a header ends it: the server would then send no response at all. So every character
+    outside printable ASCII becomes ``?`` and quotes and backslashes are escaped; messages that
+    do not fit in ``limit`` characters are left out whole, never cut inside their quotes.
+    """
+    parts: list[str] = []
+    length = 0
+    for message in messages:
+        text = "".join(ch if " " <= ch <= "~" else "?" for ch in message[:limit])
+        part = '299 macpacs "' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if parts and length + 2 + len(part) > limit:
+            break
+        parts.append(part)
+        length += len(part) + 2
+    return ", ".join(parts)
 
 
 def tag_hex(keyword: str) -> str:

@@ -21,12 +21,13 @@ from ...index import Query
 from ...index.attributes import ATTRIBUTES, BY_KEYWORD, LEVELS, UNIQUE_KEYS, level_index
 from ..auth import Principal, require_read
 from ..lookup import check_uid
-from .common import DICOM_JSON, base_url, json_element, tag_hex
+from .common import DICOM_JSON, base_url, json_element, tag_hex, warning_header
 
 router = APIRouter(tags=["QIDO-RS"])
 
 MAX_RESULTS = 10_000  # without a limit, at most this many results (with a Warning saying so)
 CONTROL_PARAMS = {"includefield", "limit", "offset", "fuzzymatching"}
+MAX_INTEGER = 2**63 - 1  # the largest number the index's integer columns hold (SQLite, PostgreSQL)
 
 
 def _keyword(name: str) -> str:
@@ -93,6 +94,8 @@ def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
                 continue
             if attr.kind == "uid":
                 value = value.replace(",", "\\")
+            elif attr.kind == "int":
+                _check_whole_number(keyword, value)
             keys[keyword] = value
     if include_all:
         for attr in ATTRIBUTES:
@@ -108,8 +111,22 @@ def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
         warnings.append(f"more than {MAX_RESULTS} results: use limit and offset to page through them")
     base = base_url(request)
     body = [_to_json(row, level, base) for row in rows]
-    headers = {"Warning": ", ".join(f'299 macpacs "{w}"' for w in warnings)[:4000]} if warnings else None
+    headers = {"Warning": warning_header(warnings)} if warnings else None
     return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
+
+
+def _check_whole_number(keyword: str, value: str) -> None:
+    """400 unless ``value`` is universal matching or a whole number the index can compare with
+    (a 64-bit integer): a longer one would fail in the database instead, as a server error."""
+    text = value.strip(" ")
+    if text in ("", "*"):
+        return
+    try:
+        number = int(text)
+    except ValueError:
+        raise HTTPException(400, f"{keyword} {value[:40]!r} is not a whole number") from None
+    if abs(number) > MAX_INTEGER:
+        raise HTTPException(400, f"{keyword} {value[:40]!r} is out of range (at most {MAX_INTEGER})")
 
 
 def _int_param(name: str, value: str, low: int, high: int) -> int:

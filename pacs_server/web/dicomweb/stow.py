@@ -30,7 +30,7 @@ from ...index import Query
 from ...ingest import IngestResult, Outcome
 from ..auth import Principal, require_read
 from ..lookup import check_uid
-from .common import DICOM_JSON, base_url
+from .common import DICOM_JSON, base_url, warning_header
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["STOW-RS"])
@@ -225,10 +225,7 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
     if stored:
         body["00081199"] = {"vr": "SQ", "Value": stored}
     status = 200 if not failed and not warnings else (409 if not stored else 202)
-    headers = {}
-    if warnings:
-        text = "; ".join(warnings).replace('"', "'")
-        headers["Warning"] = f'299 macpacs "{text[:2000]}"'
+    headers = {"Warning": warning_header(warnings)} if warnings else {}
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
