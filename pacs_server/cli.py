@@ -1,9 +1,18 @@
-"""Commands of the archive: ``serve``, ``import``, ``reindex`` (dispatched by ``installer.entry``)."""
+"""Commands of the archive: ``serve``, ``import``, ``reindex`` (dispatched by ``installer.entry``).
+
+Every command that writes the archive (``serve``, and all that open it through
+``command_archive``) first makes what it creates private to its account (``keep_private``) and
+closes up an archive left more open by an older version or another umask (``fix_modes``): the
+index holds every patient's data and the users' password hashes, and on macOS an account's
+group (``staff``) is every local user.
+"""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,6 +29,63 @@ if TYPE_CHECKING:
     from .archive import Archive
 
 _archive: Archive | None = None  # the archive of an import worker process
+log = logging.getLogger(__name__)
+
+PRIVATE_UMASK = 0o077  # what this process creates: its account only (logs.py makes logs 0640)
+DATA_DIR_MODE = 0o700
+INDEX_FILE_MODE = 0o600
+# The SQLite index and the files SQLite and the writer lock keep beside it.
+INDEX_SUFFIXES = ("", "-wal", "-shm", "-journal", ".writer-lock")
+
+
+def keep_private() -> None:
+    """Files and folders this process creates from now on are readable by its account alone.
+
+    A umask, not a mode per file, so that nothing escapes it: SQLite's files, the blob store's
+    folders, the PID file. Child processes (DICOM workers, import jobs) inherit it.
+    """
+    os.umask(PRIVATE_UMASK)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` index URL; None for another database or an in-memory one."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def fix_modes(settings: Settings) -> None:
+    """Take group and other rights off the data folder and the index files where they have any.
+
+    Only rights are removed, never added; each change is one log line. The stored files were
+    always 0600 (the blob store stages them with ``mkstemp``), and the folders under the data
+    folder are out of reach once it is 0700, so they are not walked.
+    """
+    targets = [(settings.data_dir, DATA_DIR_MODE)]
+    database = _sqlite_path(settings.index_url)
+    if database is not None:
+        targets += [(database.with_name(database.name + suffix), INDEX_FILE_MODE) for suffix in INDEX_SUFFIXES]
+    for path, allowed in targets:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if not mode & ~allowed:
+            continue
+        try:
+            path.chmod(mode & allowed)
+        except OSError as exc:
+            log.error(
+                "%s is mode %04o, readable by other accounts, and cannot be changed (%s): run chmod %o %s",
+                path,
+                mode,
+                exc.strerror,
+                mode & allowed,
+                path,
+            )
+            continue
+        log.warning("%s was mode %04o, readable by other accounts: now %04o", path, mode, mode & allowed)
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,8 +125,10 @@ def _opened_archive(config_path: str | None, data_dir: str | None, repair: bool)
     from .archive import open_archive
     from .index import IndexUnreadable
 
+    keep_private()
     settings = load_settings(config_path, storage={"data_dir": data_dir})
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    fix_modes(settings)
     try:
         archive = open_archive(settings, repair=repair)
     except ConfigError as exc:
@@ -91,8 +159,10 @@ def serve(
     xmlrpc_port: int | None,
 ) -> None:
     """Run the archive in the foreground until SIGTERM or Ctrl-C."""
+    from . import logs
     from .server import AlreadyRunning, run
 
+    keep_private()
     settings = load_settings(
         config_path,
         storage={"data_dir": data_dir},
@@ -101,6 +171,8 @@ def serve(
         xmlrpc={"port": xmlrpc_port},
     )
     try:
+        logs.setup(settings.log_dir, settings.server.log_level)  # so that fix_modes' lines are in the log
+        fix_modes(settings)
         run(settings)
     except AlreadyRunning as exc:
         raise click.ClickException(str(exc)) from None

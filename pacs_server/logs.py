@@ -3,22 +3,58 @@
 Every logger is named for its module (``logging.getLogger(__name__)``), so each line says where it
 came from (``macpacs.pacs_server.dimse.scp``, ``macpacs.supervisor.core``...) and one prefix,
 ``macpacs``, selects all of ours.
+
+Log lines name patients' studies and the addresses of callers, so the files are 0640 (the
+account and its admin group, nobody else) whatever the process's umask, and the folder the
+server creates for them 0750.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
+import os
+from io import TextIOWrapper
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FILE_MODE = 0o640
+LOG_DIR_MODE = 0o750
+
+
+class LogFile(logging.handlers.RotatingFileHandler):
+    """``macpacs.log`` (10 MB × 10 files), each file 0640 from the moment it is opened.
+
+    The mode is set on the open file itself: the umask of ``macpacs serve`` (0077) would make it
+    0600, and another process's umask (a shell's 0022) 0644. Rotated files keep it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, maxBytes=10 * 1024 * 1024, backupCount=10)
+
+    def _open(self) -> TextIOWrapper:
+        stream = super()._open()
+        with contextlib.suppress(OSError):  # a file owned by another account keeps its mode
+            os.fchmod(stream.fileno(), LOG_FILE_MODE)
+        return stream
 
 
 def setup(log_dir: Path, level: str = "INFO") -> Path:
-    """Log to ``<log_dir>/macpacs.log`` (10 MB × 10 files) and stderr; returns the log file path."""
-    log_dir.mkdir(parents=True, exist_ok=True)
+    """Log to ``<log_dir>/macpacs.log`` and stderr; returns the log file path.
+
+    A second call for the same file keeps the handlers in place: ``macpacs serve`` logs from
+    the moment it starts (the file modes it fixes), before the server sets its logging up.
+    """
     path = log_dir / "macpacs.log"
-    file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024 * 1024, backupCount=10)
+    root = logging.getLogger()
+    if any(isinstance(h, LogFile) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
+        return path
+    if not log_dir.exists():
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            log_dir.chmod(LOG_DIR_MODE)
+    file_handler = LogFile(path)
     stream_handler = logging.StreamHandler()
     for handler in (file_handler, stream_handler):
         handler.setFormatter(logging.Formatter(FORMAT))
