@@ -15,6 +15,8 @@ HTTP 429 with the time left.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
 import secrets
@@ -80,6 +82,21 @@ class User:
 
 def _user(row: Mapping[str, Any]) -> User:
     return User(**{name: row[name] for name in USER_COLUMNS})
+
+
+def basic_credentials(value: str) -> tuple[str, str]:
+    """User name and password of an HTTP Basic ``Authorization`` value (RFC 7617); AuthFailed if malformed.
+
+    The web and XML-RPC ports both take Basic credentials, so both parse them here.
+    """
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise AuthFailed("malformed Basic credentials") from None
+    username, sep, password = decoded.partition(":")
+    if not sep:
+        raise AuthFailed("malformed Basic credentials")
+    return username, password
 
 
 def token_hash(token: str) -> str:

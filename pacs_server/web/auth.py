@@ -12,8 +12,6 @@ Wrong credentials answer 401; repeated wrong passwords answer 429 with ``Retry-A
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import os
 import secrets
@@ -23,7 +21,7 @@ from pathlib import Path
 from fastapi import Depends, HTTPException, Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from ..users import AuthFailed, Throttled, User, Users
+from ..users import AuthFailed, Throttled, User, Users, basic_credentials
 
 SESSION_COOKIE = "macpacs_session"
 SECRET_FILE = "web-secret"
@@ -94,7 +92,7 @@ class Authenticator:
         scheme, _, value = header.partition(" ")
         try:
             if scheme.lower() == "basic":
-                username, password = _basic(value.strip())
+                username, password = basic_credentials(value.strip())
                 return self.users.verify_password(username, password, address)
             if scheme.lower() == "bearer":
                 return self.users.verify_token(value.strip())
@@ -120,17 +118,6 @@ class Authenticator:
         if self.anonymous_read == "all":
             return True
         return self.anonymous_read == "localhost" and is_loopback(client_address(request))
-
-
-def _basic(value: str) -> tuple[str, str]:
-    try:
-        decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise AuthFailed("malformed Basic credentials") from None
-    username, sep, password = decoded.partition(":")
-    if not sep:
-        raise AuthFailed("malformed Basic credentials")
-    return username, password
 
 
 def client_address(request: Request) -> str:

@@ -19,15 +19,13 @@ macpacs user (``macpacs users``, with the web's throttling of wrong passwords) o
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
 from email.message import Message
 
-from ..users import TOKEN_PREFIX, AuthFailed, Throttled, User, Users
+from ..users import TOKEN_PREFIX, AuthFailed, Throttled, User, Users, basic_credentials
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +44,22 @@ class Refused(Exception):
         self.headers = headers or {}
 
 
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address (an IPv6 zone dropped, an IPv4-mapped one as IPv4), None if it is none."""
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def _normal(name: str) -> str:
     """A host name or address as compared: lower case, no trailing dot, IPv6 without brackets."""
     name = name.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
-    try:
-        address = ipaddress.ip_address(name.split("%")[0])
-    except ValueError:
-        return name
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
+    address = ip_address(name)
+    return name if address is None else str(address)
 
 
 def own_host_names(extra: Iterable[str]) -> frozenset[str]:
@@ -142,7 +146,7 @@ def authenticate(headers: Message, users: Users, address: str) -> User | None:
             return users.verify_token(value.strip())
         if scheme.lower() != "basic":
             raise AuthFailed("unsupported Authorization scheme: use Basic (user and password or token) or Bearer")
-        username, password = _basic(value.strip())
+        username, password = basic_credentials(value.strip())
         if password.startswith(TOKEN_PREFIX):
             try:
                 user = users.verify_token(password)
@@ -156,17 +160,6 @@ def authenticate(headers: Message, users: Users, address: str) -> User | None:
         raise Refused(401, f"XML-RPC: {exc}", {"WWW-Authenticate": REALM}) from None
     except Throttled as exc:
         raise Refused(429, f"XML-RPC: {exc}", {"Retry-After": str(exc.retry_after)}) from None
-
-
-def _basic(value: str) -> tuple[str, str]:
-    try:
-        decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        raise AuthFailed("malformed Basic credentials") from None
-    username, sep, password = decoded.partition(":")
-    if not sep:
-        raise AuthFailed("malformed Basic credentials")
-    return username, password
 
 
 def authorize(method: str, needs: str | None, user: User | None, open_changes: bool) -> None:

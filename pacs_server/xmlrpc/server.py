@@ -32,7 +32,7 @@ from defusedxml.xmlrpc import DefusedExpatParser
 
 from ..archive import Archive
 from ..users import User
-from .guard import Refused, authenticate, authorize, check_headers, own_host_names
+from .guard import Refused, authenticate, authorize, check_headers, ip_address, own_host_names
 from .methods import BadRequest, OsirixMethods, needs
 
 log = logging.getLogger(__name__)
@@ -199,12 +199,9 @@ class XmlRpcServer:
             self._thread = None
 
     def is_allowed(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
+        address = ip_address(host)
+        if address is None:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         return any(address.version == net.version and address in net for net in self.networks)
 
     # -- one request -------------------------------------------------------------------------------
