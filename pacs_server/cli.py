@@ -171,7 +171,7 @@ def serve(
         xmlrpc={"port": xmlrpc_port},
     )
     try:
-        logs.setup(settings.log_dir, settings.server.log_level)  # so that fix_modes' lines are in the log
+        logs.setup(settings.log_dir, settings.server.log_level)  # first: fix_modes' lines go to the log
         fix_modes(settings)
         run(settings)
     except AlreadyRunning as exc:

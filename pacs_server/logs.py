@@ -43,13 +43,9 @@ class LogFile(logging.handlers.RotatingFileHandler):
 def setup(log_dir: Path, level: str = "INFO") -> Path:
     """Log to ``<log_dir>/macpacs.log`` and stderr; returns the log file path.
 
-    A second call for the same file keeps the handlers in place: ``macpacs serve`` logs from
-    the moment it starts (the file modes it fixes), before the server sets its logging up.
+    ``macpacs serve`` calls it once, first, so that the file modes it fixes are in the log too.
     """
     path = log_dir / "macpacs.log"
-    root = logging.getLogger()
-    if any(isinstance(h, LogFile) and h.baseFilename == os.path.abspath(path) for h in root.handlers):
-        return path
     if not log_dir.exists():
         log_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):

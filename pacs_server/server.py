@@ -17,7 +17,6 @@ import threading
 import time
 from types import FrameType
 
-from . import logs
 from .archive import Archive, open_archive
 from .config import Settings
 from .dimse.scp import DicomListener
@@ -122,8 +121,7 @@ class ArchiveServer:
 
 
 def run(settings: Settings) -> None:
-    """``macpacs serve``: start, wait for a signal, stop cleanly."""
-    logs.setup(settings.log_dir, settings.server.log_level)
+    """``macpacs serve``: start, wait for a signal, stop cleanly (its caller has set up logging)."""
     server = ArchiveServer(settings)
     try:
         server.start()
