@@ -120,14 +120,17 @@ class Index:
     def _migrate(self) -> None:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        head = ScriptDirectory.from_config(config).get_current_head()
+        # Revisions developed side by side may branch from one parent: every head is applied.
+        heads = set(ScriptDirectory.from_config(config).get_heads())
         with self.engine.begin() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-            if current == head:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+            if current == heads:
                 return
-            log.info("index: migrating schema from %s to %s", current or "empty", head)
+            log.info(
+                "index: migrating schema from %s to %s", ", ".join(sorted(current)) or "empty", ", ".join(sorted(heads))
+            )
             config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            command.upgrade(config, "heads")
 
     def close(self) -> None:
         self.engine.dispose()
