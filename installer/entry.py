@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "backup": ("macpacs.pacs_server.cli_maintenance", "backup", "Copy the index online, while the server runs."),
     "restore": ("macpacs.pacs_server.cli_maintenance", "restore", "Put a backup of the index back in place."),
     "jobs": ("macpacs.pacs_server.cli_jobs", "jobs", "List, retry or cancel queued sends and webhooks."),
-    "audit": ("macpacs.pacs_server.cli_audit", "audit", "Show and filter the audit trail."),
+    "audit": ("macpacs.pacs_server.cli_audit", "audit_command", "Show and filter the audit trail."),
     "install": ("macpacs.installer.cli", "install", "Turn this host into an unattended macpacs server."),
     "uninstall": ("macpacs.installer.cli", "uninstall", "Undo `macpacs install`."),
     "doctor": ("macpacs.installer.cli", "doctor", "Check every part of an installation."),

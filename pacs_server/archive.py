@@ -2,7 +2,7 @@
 
 The main server process, each DICOM worker process and each CLI command open exactly one
 Archive with ``open_archive``. It holds every part an adapter needs (index, blob store,
-ingestor, nodes, users, background jobs, plugins) so that the DIMSE, DICOMweb, WADO-URI, page,
+ingestor, nodes, users, background jobs, plugins, the audit trail) so that the DIMSE, DICOMweb, WADO-URI, page,
 XML-RPC and CLI adapters receive one object instead of wiring the parts themselves: the wiring
 exists here only.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .audit import AuditTrail
 from .config import ConfigError, Settings
 from .index import Index, IndexUnreadable
 from .ingest import Ingestor
@@ -55,6 +56,7 @@ class Archive:
     users: Users
     jobs: Jobs
     plugins: Plugins
+    audit: AuditTrail
     started_at: float = field(default_factory=time.time)
     request_stop: Callable[[], None] = _nothing
     stop_web_listener: Callable[[], None] = _nothing
@@ -67,6 +69,7 @@ class Archive:
         self.plugins.shutdown()
         self.jobs.close()
         self.index.close()
+        self.audit.close()
 
 
 def open_archive(settings: Settings, role: str = "command", *, migrate: bool = True, repair: bool = False) -> Archive:
@@ -92,6 +95,9 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
         users=Users(index),
         jobs=Jobs(),
         plugins=plugins,
+        audit=AuditTrail(
+            settings.log_dir, file_mb=settings.audit.file_mb, files=settings.audit.files, syslog=settings.audit.syslog
+        ),
         replaced_index=replaced,
     )
     if replaced is not None and role == "server":

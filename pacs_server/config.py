@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .audit import parse_syslog_target
+
 # Each DICOM worker costs ~100 MB (Python, pynetdicom, its own SQLite cache): beyond this many,
 # an automatic count would cost memory for little gain (more can be set explicitly).
 MAX_AUTO_WORKERS = 8
@@ -155,6 +157,16 @@ class PluginsSettings:
 
 
 @dataclass
+class AuditSettings:
+    """The audit trail (``audit.jsonl`` in the logs folder: pacs_server/audit.py, docs/security.md)."""
+
+    # Also send every record to syslog: "udp://host:514", "tcp://host:601" or "unix:/var/run/syslog".
+    syslog: str = ""
+    file_mb: int = 20  # rotate the file at this size...
+    files: int = 50  # ...keeping this many old ones
+
+
+@dataclass
 class Settings:
     """All settings of one archive process."""
 
@@ -164,6 +176,7 @@ class Settings:
     xmlrpc: XmlRpcSettings = field(default_factory=XmlRpcSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     plugins: PluginsSettings = field(default_factory=PluginsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     # -- derived paths ---------------------------------------------------------------------
     @property
@@ -217,6 +230,13 @@ class Settings:
             raise ConfigError("web.max_upload_mb must be at least 1")
         if bool(self.web.tls_cert) != bool(self.web.tls_key):
             raise ConfigError("web.tls_cert and web.tls_key must be set together")
+        if self.audit.file_mb < 1 or self.audit.files < 1:
+            raise ConfigError("audit.file_mb and audit.files must be at least 1")
+        if self.audit.syslog:
+            try:
+                parse_syslog_target(self.audit.syslog)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         for name in self.xmlrpc.allowed_host_names:
             if not is_host_name(name):
                 raise ConfigError(
@@ -234,6 +254,7 @@ def _section_classes() -> dict[str, type]:
         "xmlrpc": XmlRpcSettings,
         "server": ServerSettings,
         "plugins": PluginsSettings,
+        "audit": AuditSettings,
     }
 
 

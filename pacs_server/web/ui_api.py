@@ -29,6 +29,7 @@ from ..index import Query, QueryError
 from ..jobs import Job
 from ..nodes import Node, NodeError
 from ..retrieve import FileMissing, instance_path
+from . import audited
 from .auth import Principal, require_admin, require_read
 from .csrf import require_csrf_header
 from .lookup import check_uid
@@ -94,7 +95,7 @@ def search_studies(
     order: str = "desc",
     limit: int = 50,
     offset: int = 0,
-    _who: Principal = READER,
+    who: Principal = READER,
 ) -> dict[str, Any]:
     """Studies matching the search form, one page of them, sorted, with the total count."""
     if sort not in SORTABLE:
@@ -133,6 +134,7 @@ def search_studies(
         page, total = archive.index.page(query)
     except QueryError as exc:
         raise HTTPException(400, f"invalid search: {exc}") from None
+    audited.record_rows(request, who, "query", page, detail=f"study list {request.url.query}"[:500].strip())
     studies = [{k: row[k] for k in STUDY_FIELDS} for row in page]
     return {"total": total, "offset": offset, "limit": limit, "studies": studies}
 
@@ -166,7 +168,18 @@ def delete_study(
 ) -> dict[str, Any]:
     archive = _archive(request)
     study_uid = check_uid(study_uid, "study UID")
+    patients = audited.patients_of(archive.index, [study_uid])()  # before the rows are gone
     result = delete_matching(archive.index, archive.blobs, _study_query(study_uid), reason=f"web, {who.name}")
+    audited.record(
+        request,
+        who,
+        "delete",
+        studies=[study_uid],
+        patients=patients,
+        count=result.instances,
+        outcome="success" if result.instances else "failure",
+        detail=str(result) if result.instances else "no such study",
+    )
     if not result.instances:
         raise HTTPException(404, f"study {study_uid} is not in the archive (already deleted?)")
     return {
@@ -209,7 +222,7 @@ class _Sink(io.RawIOBase):
 def study_zip(
     request: Request,
     study_uid: str,
-    _who: Principal = READER,
+    who: Principal = READER,
 ) -> StreamingResponse:
     """The study's files as received, in Patient/Study/Series folders (no DICOMDIR), streamed."""
     archive = _archive(request)
@@ -235,6 +248,7 @@ def study_zip(
     if not study:
         raise HTTPException(404, f"study {study_uid} is not in the archive")
     s = study[0]
+    audited.record(request, who, "download", studies=[study_uid], patients=[s["PatientID"]], detail="ZIP")
     top = f"{_folder(s['PatientName'], s['PatientID'])}/{_folder(s['StudyDate'], s['StudyDescription'])}"
     plan = []
     for se in series:
@@ -369,6 +383,7 @@ def add_node(request: Request, body: NodeBody, who: Principal = ADMIN) -> dict[s
     except NodeError as exc:
         raise HTTPException(400, str(exc)) from None
     log.info("web: %s added node %s (%s@%s:%d)", who.name, node.name, node.ae_title, node.host, node.port)
+    audited.record(request, who, "node-change", detail=f"added {node.name} ({node.ae_title}@{node.host}:{node.port})")
     return _node_json(node)
 
 
@@ -380,6 +395,7 @@ def edit_node(request: Request, name: str, body: NodeChanges, who: Principal = A
     except NodeError as exc:
         raise HTTPException(404 if "no DICOM node named" in str(exc) else 400, str(exc)) from None
     log.info("web: %s changed node %s: %s", who.name, name, ", ".join(sorted(changes)))
+    audited.record(request, who, "node-change", detail=f"changed {name}: {', '.join(sorted(changes))}")
     return _node_json(node)
 
 
@@ -390,6 +406,7 @@ def remove_node(request: Request, name: str, who: Principal = ADMIN) -> dict[str
     except NodeError as exc:
         raise HTTPException(404, str(exc)) from None
     log.info("web: %s removed node %s", who.name, name)
+    audited.record(request, who, "node-change", detail=f"removed {name}")
     return {"message": f"node {name} removed"}
 
 

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, Response
 
 from .. import render
 from ..archive import Archive
+from . import audited
 from .auth import Principal, require_read
 from .lookup import one_instance
 
@@ -43,7 +44,7 @@ async def wado(
     windowCenter: float | None = Query(None, ge=-1e9, le=1e9),
     windowWidth: float | None = Query(None, ge=1, le=1e9),
     imageQuality: int = Query(render.JPEG_QUALITY, ge=1, le=100),
-    _who: Principal = Depends(require_read),  # noqa: B008
+    who: Principal = Depends(require_read),  # noqa: B008
 ) -> Response:
     """Retrieve one instance as DICOM, JPEG or PNG."""
     if requestType != "WADO":
@@ -51,6 +52,8 @@ async def wado(
     archive: Archive = request.app.state.archive
     _inst, path = await run_in_threadpool(one_instance, archive, studyUID, seriesUID, objectUID)
     media = _choose(contentType)
+    event = "retrieve" if media == "application/dicom" else "view"
+    await run_in_threadpool(audited.record, request, who, event, studies=[studyUID], detail="WADO-URI", coalesce=60)
     if media == "application/dicom":
         if transferSyntax and transferSyntax != _inst.transfer_syntax_uid:
             if transferSyntax not in UNCOMPRESSED:

@@ -19,6 +19,7 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from ...archive import Archive
 from ...index import Query
 from ...index.attributes import ATTRIBUTES, BY_KEYWORD, LEVELS, UNIQUE_KEYS, level_index
+from .. import audited
 from ..auth import Principal, require_read
 from ..lookup import check_uid
 from .common import DICOM_JSON, base_url, json_element, tag_hex, warning_header
@@ -55,7 +56,7 @@ def _default_fields(level: str) -> list[str]:
     return fields
 
 
-def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
+def search(request: Request, level: str, fixed: dict[str, str], who: Principal) -> JSONResponse:
     archive: Archive = request.app.state.archive
     depth = level_index(level)
     keys: dict[str, str | None] = {k: None for k in _default_fields(level)}
@@ -107,6 +108,7 @@ def search(request: Request, level: str, fixed: dict[str, str]) -> JSONResponse:
         level=level, keys=keys, case_insensitive_names=fuzzy, limit=MAX_RESULTS if capped else limit, offset=offset
     )
     rows = archive.index.find_all(query)
+    audited.record_rows(request, who, "query", rows, detail=f"QIDO-RS {level} {request.url.query}"[:500].strip())
     if capped and len(rows) >= MAX_RESULTS:
         warnings.append(f"more than {MAX_RESULTS} results: use limit and offset to page through them")
     base = base_url(request)
@@ -155,12 +157,12 @@ def _to_json(row: dict[str, Any], level: str, base: str) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
-async def _search(request: Request, level: str, _who: Principal, **fixed: str | None) -> JSONResponse:
+async def _search(request: Request, level: str, who: Principal, **fixed: str | None) -> JSONResponse:
     keys = {}
     for keyword, value in fixed.items():
         if value is not None:
             keys[keyword] = check_uid(value, keyword)
-    return await run_in_threadpool(search, request, level, keys)
+    return await run_in_threadpool(search, request, level, keys, who)
 
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {DICOM_JSON: {}}}, 400: {}}

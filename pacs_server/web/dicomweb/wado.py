@@ -31,6 +31,7 @@ from ...archive import Archive
 from ...index import Query as IndexQuery
 from ...index import StoredInstance
 from ...retrieve import instance_path, stored_file
+from .. import audited
 from ..auth import Principal, require_read
 from ..lookup import check_uid, instances, one_instance
 from ..zerocopy import SENDFILES
@@ -188,13 +189,18 @@ def _plan(
     return found, None, 0
 
 
-async def _retrieve(request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
+async def _retrieve(
+    request: Request, who: Principal, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
     archive: Archive = request.app.state.archive
     ts = _dicom_choice(request)
     boundary = _boundary()
     # Parts carry a Content-Location when the series is known (not for a whole study).
     base = f"{base_url(request)}/studies/{study}/series/{series}" if series else None
     found, parts, length = await run_in_threadpool(_plan, archive, study, series, sop, ts, base, boundary)
+    await run_in_threadpool(
+        audited.record, request, who, "retrieve", studies=[study], count=len(found), detail="WADO-RS", coalesce=60
+    )
     if ts not in (None, EXPLICIT_LE):
         wrong = [i for i in found if i.transfer_syntax_uid != ts]
         if wrong:
@@ -218,9 +224,9 @@ _MULTIPART_DICOM: dict[int | str, dict[str, Any]] = {200: {"content": {"multipar
 
 
 @router.get("/studies/{study}", response_class=Response, responses=_MULTIPART_DICOM)
-async def retrieve_study(request: Request, study: str, _who: Principal = Depends(require_read)) -> Response:  # noqa: B008
+async def retrieve_study(request: Request, study: str, who: Principal = Depends(require_read)) -> Response:  # noqa: B008
     """All instances of a study."""
-    return await _retrieve(request, study)
+    return await _retrieve(request, who, study)
 
 
 @router.get("/studies/{study}/series/{series}", response_class=Response, responses=_MULTIPART_DICOM)
@@ -228,10 +234,10 @@ async def retrieve_series(
     request: Request,
     study: str,
     series: str,
-    _who: Principal = Depends(require_read),  # noqa: B008
+    who: Principal = Depends(require_read),  # noqa: B008
 ) -> Response:
     """All instances of a series."""
-    return await _retrieve(request, study, series)
+    return await _retrieve(request, who, study, series)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}", response_class=Response, responses=_MULTIPART_DICOM)
@@ -240,10 +246,10 @@ async def retrieve_instance(
     study: str,
     series: str,
     sop: str,
-    _who: Principal = Depends(require_read),  # noqa: B008
+    who: Principal = Depends(require_read),  # noqa: B008
 ) -> Response:
     """One instance."""
-    return await _retrieve(request, study, series, sop)
+    return await _retrieve(request, who, study, series, sop)
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -278,7 +284,7 @@ def _metadata(archive: Archive, base: str, study: str, series: str | None, sop: 
 
 
 async def _metadata_response(
-    request: Request, study: str, series: str | None = None, sop: str | None = None
+    request: Request, who: Principal, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     for media in parse_accept(request):
         if media.media_type in (DICOM_JSON, "application/json", "*/*", "application/*"):
@@ -286,6 +292,10 @@ async def _metadata_response(
     else:
         raise not_acceptable(request.headers.get("accept", ""), DICOM_JSON)
     body = await run_in_threadpool(_metadata, request.app.state.archive, base_url(request), study, series, sop)
+    # A viewer opens a series with its metadata, then fetches frames: this is the access recorded.
+    await run_in_threadpool(
+        audited.record, request, who, "view", studies=[study], detail="WADO-RS metadata", coalesce=60
+    )
     return Response(body, media_type=DICOM_JSON)
 
 
@@ -293,9 +303,9 @@ _JSON: dict[int | str, dict[str, Any]] = {200: {"content": {DICOM_JSON: {}}}, 40
 
 
 @router.get("/studies/{study}/metadata", response_class=Response, responses=_JSON)
-async def study_metadata(request: Request, study: str, _who: Principal = Depends(require_read)) -> Response:  # noqa: B008
+async def study_metadata(request: Request, study: str, who: Principal = Depends(require_read)) -> Response:  # noqa: B008
     """Metadata (DICOM JSON, bulk data as URIs) of every instance of a study."""
-    return await _metadata_response(request, study)
+    return await _metadata_response(request, who, study)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", response_class=Response, responses=_JSON)
@@ -303,10 +313,10 @@ async def series_metadata(
     request: Request,
     study: str,
     series: str,
-    _who: Principal = Depends(require_read),  # noqa: B008
+    who: Principal = Depends(require_read),  # noqa: B008
 ) -> Response:
     """Metadata of every instance of a series, from the ingest cache."""
-    return await _metadata_response(request, study, series)
+    return await _metadata_response(request, who, study, series)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata", response_class=Response, responses=_JSON)
@@ -315,10 +325,10 @@ async def instance_metadata(
     study: str,
     series: str,
     sop: str,
-    _who: Principal = Depends(require_read),  # noqa: B008
+    who: Principal = Depends(require_read),  # noqa: B008
 ) -> Response:
     """Metadata of one instance."""
-    return await _metadata_response(request, study, series, sop)
+    return await _metadata_response(request, who, study, series, sop)
 
 
 # -- frames ------------------------------------------------------------------------------------
