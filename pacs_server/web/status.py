@@ -27,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .. import verify
 from ..archive import Archive
 
 BUSY_TIMEOUT_MS = 2000  # how long the index check waits for a locked SQLite database before failing
@@ -125,6 +126,7 @@ def document(archive: Archive) -> dict[str, Any]:
     if archive.dicom_status is not None:
         body["dicom"] = archive.dicom_status()
     body["supervisor"] = supervisor_state(s.server.supervisor_status_file)
+    body["verify"] = verify.health_field(s.data_dir)  # the last `macpacs verify`; never fails the status
     if body["index"] != "ok" or body["storage"] != "ok":
         body["status"] = "failing"
     return body

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import verify
 from ..archive import Archive
 from ..config import Settings
 from . import status
@@ -132,6 +133,8 @@ def view(archive: Archive, host: str) -> dict[str, Any]:
         "storage_detail": doc["storage"],
         "dicom": _dicom_text(doc.get("dicom")),
         "supervisor": _supervisor_text(doc["supervisor"]),
+        "verify": verify.describe(verify.load_summary(s.data_dir)),
+        "verify_ok": not any((doc["verify"] or {}).get(key) for key in ("remaining", "lost")),
         "associations": _recent(lines, _ASSOCIATION),
         "errors": _recent(lines, _PROBLEM),
         "log_file": str(log_file),
