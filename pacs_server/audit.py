@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
+import hashlib
 import json
 import logging
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -76,6 +79,11 @@ class Actor:
     user: str = ""
     address: str = ""
     via: str = ""  # "web", "dicom", "xmlrpc", "cli", "hl7"...
+
+
+def local_actor(via: str) -> Actor:
+    """The operating-system account running this process on the server itself (a CLI command)."""
+    return Actor(getpass.getuser(), "local", via)
 
 
 class AuditTrail:
@@ -206,6 +214,50 @@ class AuditTrail:
     def close(self) -> None:
         if self._syslog is not None:
             self._syslog.close()
+
+
+_SECRET = re.compile(r"secret|password|token|passphrase", re.I)
+
+
+def flatten_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"dicom": {"port": 104}}`` → ``{"dicom.port": 104}``, with secrets (a webhook's signing
+    secret in a plugin's options...) replaced by a short digest: a change still shows, the value never."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_settings(value, name + "."))
+        elif _SECRET.search(str(key)) and value:
+            flat[name] = "sha256:" + hashlib.sha256(str(value).encode()).hexdigest()[:12]
+        else:
+            flat[name] = value
+    return flat
+
+
+def settings_changes(saved: Path, current: dict[str, Any]) -> list[str]:
+    """What differs in ``current`` (the effective settings, flattened ``section.key`` → value) from
+    the copy saved at the last start, as ``key: old → new`` lines; the copy is then updated (0600).
+
+    The first start, with nothing saved, reports no change: the start record itself says when
+    the archive began.
+    """
+    try:
+        previous = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        previous = None
+    changes = []
+    if isinstance(previous, dict):
+        for key in sorted(set(previous) | set(current)):
+            if previous.get(key) != current.get(key):
+                changes.append(f"{key}: {previous.get(key, '(unset)')!r} → {current.get(key, '(unset)')!r}")
+    if previous != current:
+        tmp = saved.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(current, fh, indent=1, sort_keys=True)
+            os.replace(tmp, saved)
+    return changes
 
 
 def files(log_dir: Path) -> list[Path]:

@@ -6,7 +6,6 @@ operating-system account that ran the command.
 
 from __future__ import annotations
 
-import getpass
 import json
 import re
 from collections import deque
@@ -161,7 +160,7 @@ def audit_command(
     shown = " ".join(f"{k}={v}" for k, v in filters.items() if v not in (None, (), False))
     trail.record(
         "audit-read",
-        audit.Actor(user=getpass.getuser(), address="local", via="cli"),
+        audit.local_actor("cli"),
         count=len(found),
         detail=f"macpacs audit {shown}".strip(),
     )

@@ -11,14 +11,20 @@ from typing import Any
 
 import click
 
+from .audit import AuditTrail, local_actor
 from .cli import command_archive, config_options
 from .config import Settings
 from .nodes import OPERATIONS, STATUSES, Node, NodeError, NodeRegistry
 
 
-def _registry(config_path: str | None, data_dir: str | None) -> tuple[Settings, NodeRegistry]:
+def _registry(config_path: str | None, data_dir: str | None) -> tuple[Settings, NodeRegistry, AuditTrail]:
     archive = command_archive(config_path, data_dir)
-    return archive.settings, archive.nodes
+    return archive.settings, archive.nodes, archive.audit
+
+
+def _audit(trail: AuditTrail, detail: str) -> None:
+    """A node change in the audit trail, by the account that ran the command."""
+    trail.record("node-change", local_actor("cli"), detail=detail)
 
 
 def _rights(value: str) -> dict[str, bool]:
@@ -45,7 +51,7 @@ def nodes() -> None:
 @config_options
 def list_(config_path: str | None, data_dir: str | None) -> None:
     """List the registered nodes."""
-    _settings, registry = _registry(config_path, data_dir)
+    _settings, registry, _trail = _registry(config_path, data_dir)
     found = registry.list()
     if not found:
         click.echo("no nodes registered (add one with `macpacs nodes add NAME --ae-title AE --host H --port P`)")
@@ -83,13 +89,14 @@ def add(
     description: str,
 ) -> None:
     """Register a node called NAME."""
-    _settings, registry = _registry(config_path, data_dir)
+    _settings, registry, trail = _registry(config_path, data_dir)
     try:
         node = registry.add(
             Node(name, ae_title, host, port, tls=tls, status=status, description=description, **_rights(allow))
         )
     except NodeError as exc:
         raise click.ClickException(str(exc)) from None
+    _audit(trail, f"added {node.name} ({node.ae_title}@{node.host}:{node.port}, may {node.rights})")
     click.echo(f"added node {node.name}: {node.ae_title}@{node.host}:{node.port}, may {node.rights}")
 
 
@@ -106,7 +113,7 @@ def add(
 @click.option("--description")
 def edit(config_path: str | None, data_dir: str | None, name: str, new_name: str | None, **fields: Any) -> None:
     """Change fields of the node NAME (only the options given)."""
-    _settings, registry = _registry(config_path, data_dir)
+    _settings, registry, trail = _registry(config_path, data_dir)
     changes = {k: v for k, v in fields.items() if v is not None and k != "allow"}
     if new_name is not None:
         changes["name"] = new_name
@@ -118,6 +125,7 @@ def edit(config_path: str | None, data_dir: str | None, name: str, new_name: str
         node = registry.edit(name, **changes)
     except NodeError as exc:
         raise click.ClickException(str(exc)) from None
+    _audit(trail, f"changed {name}: {', '.join(sorted(changes))}")
     click.echo(f"node {node.name}: {node.ae_title}@{node.host}:{node.port}, may {node.rights}, {node.status}")
 
 
@@ -126,11 +134,12 @@ def edit(config_path: str | None, data_dir: str | None, name: str, new_name: str
 @click.argument("name")
 def remove(config_path: str | None, data_dir: str | None, name: str) -> None:
     """Remove the node NAME from the registry."""
-    _settings, registry = _registry(config_path, data_dir)
+    _settings, registry, trail = _registry(config_path, data_dir)
     try:
         registry.remove(name)
     except NodeError as exc:
         raise click.ClickException(str(exc)) from None
+    _audit(trail, f"removed {name}")
     click.echo(f"removed node {name}")
 
 
@@ -141,7 +150,7 @@ def echo(config_path: str | None, data_dir: str | None, name: str) -> None:
     """C-ECHO the node NAME and print the round-trip time."""
     from .dimse import scu
 
-    settings, registry = _registry(config_path, data_dir)
+    settings, registry, _trail = _registry(config_path, data_dir)
     try:
         node = registry.get(name)
         ms = scu.echo(node, settings)

@@ -16,6 +16,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from ..archive import Archive
+from ..audit import Actor
 from ..delete import delete_matching
 from ..dimse import scu
 from ..index import Query, QueryError
@@ -132,8 +133,17 @@ class OsirixMethods:
         elements = self._select(entity, where)
         if execute == "Delete" and elements:
             query = Query(level=osirix.LEVEL_OF[entity], where=where)
-            delete_matching(self.index, self.archive.blobs, query, reason=f"XML-RPC DBWindowFind from {self.caller}")
+            deleted = delete_matching(
+                self.index, self.archive.blobs, query, reason=f"XML-RPC DBWindowFind from {self.caller}"
+            )
+            self._audit("delete", count=deleted.instances, detail=f"XML-RPC DBWindowFind {entity} {request}: {deleted}")
+        elif elements:  # an empty answer revealed nothing: the watchdog's probe asks for nothing every few seconds
+            self._audit("query", count=len(elements), detail=f"XML-RPC DBWindowFind {entity} {request}")
         return {"error": "0", "elements": elements}
+
+    def _audit(self, event: str, **details: Any) -> None:
+        user, _, address = self.caller.rpartition("@")
+        self.archive.audit.record(event, Actor(user or "anonymous", address, "xmlrpc"), **details)
 
     def DisplayStudy(self, *params: Any) -> dict[str, Any]:
         """``{PatientID, StudyInstanceUID, AccessionNumber, StudyID}`` (any of them) → the studies."""
@@ -183,6 +193,7 @@ class OsirixMethods:
     def KillOsiriX(self, *params: Any) -> dict[str, Any]:
         """A graceful shutdown, as OsiriX's quit; the reply goes out before the server stops."""
         log.warning("XML-RPC KillOsiriX from %s: stopping the server", self.caller)
+        self._audit("stop", detail="XML-RPC KillOsiriX")
         timer = threading.Timer(0.3, self.archive.request_stop)
         timer.daemon = True
         timer.start()

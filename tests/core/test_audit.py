@@ -194,3 +194,20 @@ def test_a_server_records_who_searched_viewed_and_downloaded(make_server, tmp_pa
     assert len(views) == 1 and views[0]["user"] == "alice" and views[0]["patients"] == ["PIDAUDIT"]
     download = next(e for e in entries if e["event"] == "download")
     assert download["studies"] == [study] and download["atna"] == "DCM 110106 Export"
+    assert entries[0]["event"] == "start" and entries[0]["via"] == "server"
+
+
+def test_a_changed_setting_is_reported_once_and_secrets_never_appear(tmp_path: Path) -> None:
+    saved = tmp_path / "settings.last.json"
+    first = audit.flatten_settings(
+        {"dicom": {"port": 104}, "plugins": {"options": {"webhooks": {"secret": "hunter2"}}}}
+    )
+    assert first["plugins.options.webhooks.secret"].startswith("sha256:")
+    assert audit.settings_changes(saved, first) == []  # the first start: nothing to compare with
+    assert saved.stat().st_mode & 0o777 == 0o600
+    second = audit.flatten_settings({"dicom": {"port": 11112}, "plugins": {"options": {"webhooks": {"secret": "new"}}}})
+    changes = audit.settings_changes(saved, second)
+    assert changes[0] == "dicom.port: 104 → 11112"
+    assert changes[1].startswith("plugins.options.webhooks.secret: 'sha256:")
+    assert "hunter2" not in saved.read_text() and "new" not in "".join(changes)
+    assert audit.settings_changes(saved, second) == []  # reported once
