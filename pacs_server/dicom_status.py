@@ -27,3 +27,14 @@ UNABLE_TO_PROCESS = 0xC000
 QUERY_UNABLE_TO_PROCESS = 0xC001  # C-FIND failed: unable to process (Cxxx, PS3.4 C.4.1.1.4)
 STORE_HANDLER_FAILED = 0xC211  # C-STORE, cannot understand: what pynetdicom answers when its handler raises
 FIND_HANDLER_FAILED = 0xC311  # C-FIND, unable to process: what pynetdicom answers when its handler raises
+
+# DIMSE-N services (MPPS, Storage Commitment, any plugin service: PS3.7 C.4, C.5; PS3.4 F.7.2, J.3)
+PROCESSING_FAILURE = 0x0110  # also a Storage Commitment failure reason (PS3.4 J.3.2.1.1.2)
+INVALID_ATTRIBUTE_VALUE = 0x0106
+DUPLICATE_SOP_INSTANCE = 0x0111
+NO_SUCH_OBJECT_INSTANCE = 0x0112  # also a Storage Commitment failure reason
+INVALID_OBJECT_INSTANCE = 0x0117
+CLASS_INSTANCE_CONFLICT = 0x0119  # also a Storage Commitment failure reason
+MISSING_ATTRIBUTE = 0x0120
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+NO_SUCH_ACTION_TYPE = 0x0123

@@ -48,6 +48,7 @@ from . import pynetdicom_ext, subops
 from .find import find_responses, status_with_comment
 from .get import get_responses
 from .move import MoveRequest, move_responses
+from .plugin_services import PluginServices
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class DicomListener:
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
+        # Plugins' SOP classes (the dicom_services hook): their contexts and handlers.
+        self.plugin_services = PluginServices(archive.plugins.dicom_services(), self._refusal, self._count)
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -143,6 +146,7 @@ class DicomListener:
             StudyRootQueryRetrieveInformationModelGet,
         ):
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
+        self.plugin_services.add_contexts(ae)
         return ae
 
     def start(self) -> None:
@@ -161,7 +165,7 @@ class DicomListener:
         """
         # Incoming datasets go straight to a staged file of the blob store, so ingest can put it.
         clock = pynetdicom_ext.apply(self.settings.dicom.reactor_poll_ms, self.store.stage)
-        return [
+        handlers = [
             (evt.EVT_CONN_OPEN, clock.opened),
             (evt.EVT_CONN_CLOSE, clock.closed),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -175,6 +179,7 @@ class DicomListener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
+        return self.plugin_services.bind(handlers)
 
     def stop(self) -> None:
         if self.server is not None:

@@ -115,6 +115,13 @@ class Plugins:
             routers.extend(result if isinstance(result, list | tuple) else [result])
         return routers
 
+    def dicom_services(self) -> list[Any]:
+        """The ``DicomService`` objects every plugin's ``dicom_services`` returned, flattened."""
+        services: list[Any] = []
+        for result in self._call("dicom_services", archive=self._archive):
+            services.extend(result if isinstance(result, list | tuple) else [result])
+        return services
+
     def _call(self, hook: str, **kwargs: Any) -> list[Any]:
         """Each implementation in turn (pluggy's order), isolated; the results that are not None.
 

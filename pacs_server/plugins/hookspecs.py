@@ -78,3 +78,20 @@ def register_routes(archive: Archive) -> Any:
     ``/plugins/<name>``. Authentication is the plugin's: ``macpacs.pacs_server.web.auth``'s
     ``require_read``/``require_admin`` dependencies give the archive's own rules.
     """
+
+
+@hookspec
+def dicom_services(archive: Archive) -> Any:
+    """Extra DICOM services the plugin serves as SCP: a ``DicomService`` (or a list of them).
+
+    ``DicomService`` (``macpacs.pacs_server.plugins.dicom_services``) names a SOP class (the
+    Modality Worklist FIND model, MPPS, Storage Commitment...) and its handlers: ``find`` for
+    C-FIND, ``n_create``, ``n_set`` and ``n_action``. The DICOM listener asks once, in every
+    process that serves associations (the server process with ``dicom.workers = 1``, else each
+    DICOM worker), adds a presentation context for each class and calls the handlers with a
+    ``DicomRequest`` once the association is admitted and the peer's node has the service's
+    ``right``. Handlers run in the association's thread: a slow one delays only its peer.
+
+    The classes the archive serves itself (Verification, Storage, Query/Retrieve) cannot be
+    taken over; a class two plugins declare goes to the first, and the second is logged.
+    """
