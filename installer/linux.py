@@ -9,21 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import render
+from . import render, schedule
 from .layout import SERVER_UNIT, SUPERVISOR_UNIT, SYSTEMD_DIR
+from .schedule import VERIFY_TIMER
 from .steps import Check, Context, InstallError, Step
 
-UNITS = (SERVER_UNIT, SUPERVISOR_UNIT)
+# Enabled and (re)started: the weekly verify's service is started by its timer, never enabled.
+UNITS = (SERVER_UNIT, SUPERVISOR_UNIT, VERIFY_TIMER)
 
 
 def unit_files(ctx: Context) -> list[tuple[str, Path, str]]:
-    """(unit name, path, content) of both units."""
-    return [(service.unit, SYSTEMD_DIR / service.unit, render.systemd_unit(service)) for service in ctx.services()]
+    """(unit name, path, content) of the server, the supervisor and the weekly verify (service and timer)."""
+    services = [(service.unit, render.systemd_unit(service)) for service in ctx.services()]
+    verify = schedule.systemd_units(schedule.verify_job(ctx.layout, ctx.options.user))
+    return [(name, SYSTEMD_DIR / name, text) for name, text in (*services, *verify)]
 
 
 class Systemd(Step):
     key = "systemd"
-    title = "systemd: server and supervisor units"
+    title = "systemd: server and supervisor units, weekly verify timer"
 
     def skip_reason(self, ctx: Context) -> str | None:
         return None if ctx.options.target == "linux" else "not Linux"

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import kcpassword, render
+from . import kcpassword, render, schedule
 from .layout import KCPASSWORD, LAUNCH_DAEMONS, LOGINWINDOW, SERVER_LABEL, SUPERVISOR_LABEL
+from .schedule import VERIFY_LABEL
 from .steps import Check, Context, InstallError, Step
 
 # -- power ----------------------------------------------------------------------------------------
@@ -167,10 +168,10 @@ POLL_S = 0.5
 
 
 class Launchd(Step):
-    """Two jobs, server and supervisor: LaunchAgents in the user's GUI session, or LaunchDaemons."""
+    """Server, supervisor and weekly verify: LaunchAgents in the user's GUI session, or LaunchDaemons."""
 
     key = "launchd"
-    title = "launchd: server and supervisor jobs"
+    title = "launchd: server, supervisor and weekly verify jobs"
 
     def skip_reason(self, ctx: Context) -> str | None:
         return None if ctx.options.target == "macos" else "not macOS"
@@ -191,12 +192,16 @@ class Launchd(Step):
         return (0, 0) if ctx.options.mode == "daemon" else (ctx.account.uid, ctx.account.gid)  # type: ignore[union-attr]
 
     def jobs(self, ctx: Context) -> list[tuple[str, Path, str]]:
-        """(label, plist path, content) for both jobs."""
+        """(label, plist path, content) for the server, the supervisor and the weekly verify."""
         agent = ctx.options.mode == "agent"
         folder = self.folder(ctx)
+        verify = schedule.verify_job(ctx.layout, ctx.options.user)
         return [
-            (service.label, folder / f"{service.label}.plist", render.launchd_plist(service, agent=agent))
-            for service in ctx.services()
+            *(
+                (service.label, folder / f"{service.label}.plist", render.launchd_plist(service, agent=agent))
+                for service in ctx.services()
+            ),
+            (verify.label, folder / f"{verify.label}.plist", schedule.launchd_plist(verify, agent=agent)),
         ]
 
     def domain_ready(self, ctx: Context) -> bool:
@@ -218,7 +223,7 @@ class Launchd(Step):
             ctx.not_started = self._why_not_started(ctx)
             return Check(True, f"plists in {self.folder(ctx)}; {ctx.not_started}")
         if all(self.loaded(ctx, label) for label, _p, _t in self.jobs(ctx)):
-            return Check(True, f"{SERVER_LABEL} and {SUPERVISOR_LABEL} loaded in {self.domain(ctx)}")
+            return Check(True, f"{SERVER_LABEL}, {SUPERVISOR_LABEL} and {VERIFY_LABEL} loaded in {self.domain(ctx)}")
         return Check(False, "not loaded")
 
     def _why_not_started(self, ctx: Context) -> str:

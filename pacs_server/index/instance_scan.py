@@ -43,8 +43,10 @@ def _key_order(index: Index) -> Any:
     return _i.storage_key if index.is_sqlite else _i.storage_key.collate("C")
 
 
-def by_storage_key(index: Index, page_size: int = PAGE_SIZE) -> Iterator[IndexedFile]:
-    """Every instance row, ascending by storage key (keys are unique: keyset paging is exact)."""
+def by_storage_key(index: Index, page_size: int | None = None) -> Iterator[IndexedFile]:
+    """Every instance row, ascending by storage key (keys are unique: keyset paging is exact), read
+    ``page_size`` (default ``PAGE_SIZE``) at a time."""
+    page_size = page_size or PAGE_SIZE
     key = _key_order(index)
     last = ""
     while True:

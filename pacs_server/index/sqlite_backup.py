@@ -36,7 +36,12 @@ class BackupFailed(Exception):
     """A copy, check or swap could not be done; the message says why and what to do."""
 
 
-def online_copy(database: Path, dest: Path, progress: Callable[[int, int], None] | None = None) -> None:
+def online_copy(
+    database: Path,
+    dest: Path,
+    progress: Callable[[int, int], None] | None = None,
+    pages_per_step: int = PAGES_PER_STEP,
+) -> None:
     """Copy ``database`` (in use, being written) to the new file ``dest``, consistent.
 
     ``progress(done, total)`` hears of the pages copied after each step. The caller makes ``dest``
@@ -49,7 +54,7 @@ def online_copy(database: Path, dest: Path, progress: Callable[[int, int], None]
             source.execute("BEGIN")
             source.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the snapshot starts here
             report = None if progress is None else (lambda _s, left, total: progress(total - left, total))
-            source.backup(target, pages=PAGES_PER_STEP, progress=report)
+            source.backup(target, pages=pages_per_step, progress=report)
             source.execute("COMMIT")
             target.execute("PRAGMA journal_mode=DELETE").fetchone()
         finally:

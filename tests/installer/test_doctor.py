@@ -23,6 +23,10 @@ def levels(found):
 def test_healthy_install_passes(mac):
     mac.install()
     status(mac)
+    finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    (mac.root / "Users/Shared/macpacs/verify-summary.json").write_text(
+        json.dumps({"format": 1, "finished": finished, "instances": 7, "remaining": 0, "repaired": {"missing": 0}})
+    )
     mac.fake.software_update("0")
     ctx = mac.context(mac_options())
     found = doctor.diagnose(ctx)
@@ -35,6 +39,8 @@ def test_healthy_install_passes(mac):
         "FileVault",
         "org.macpacs.server loaded",
         "org.macpacs.supervisor loaded",
+        "org.macpacs.verify loaded",
+        "7 instances, no problems",
         "/testdbalive answers",
         "XML-RPC",
         "supervisor: healthy",
