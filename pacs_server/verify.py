@@ -17,8 +17,8 @@ is compared: the file's size with the row's, and the SHA-256 of the file's datas
 
 The server may be storing, replacing and deleting meanwhile, so a difference is re-read before it
 is reported: the row again by UID (a row deleted or replaced since its page was read is no
-problem), and, for a file written in the last ``RECENT_S`` seconds (ingest renames the file in
-place before it commits the row), again until the index writer lock's bounded wait has passed.
+problem), and, for a file written less than ``SETTLE_S`` ago (ingest renames the file in place
+before it commits the row), again until then.
 
 The run's summary (when, counts, the first problems) is saved in the data folder
 (``SUMMARY_FILE``); the status page and ``/health`` show it.
@@ -48,10 +48,10 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "verify-summary.json"
 SUMMARY_PROBLEMS = 50  # problems kept in the summary file (the command prints them all)
-# A file younger than this may be an ingest between its rename and its index commit (or an
-# overwrite between the two): its row is re-read until the writer lock's wait (10 s) has passed.
-RECENT_S = 120.0
-SETTLE_S = SQLITE_BUSY_TIMEOUT_MS / 1000 + 5.0
+# Ingest renames a file into place, then commits its row after at most the writer lock's wait
+# (10 s) and the commit's fsync; an overwrite replaces the file before its row. So a file renamed
+# less than this long ago may still get (or change) its row: it is re-read until then.
+SETTLE_S = SQLITE_BUSY_TIMEOUT_MS / 1000 + 20.0
 SETTLE_POLL_S = 0.25
 DROP_BATCH = 500
 
@@ -210,7 +210,7 @@ class _Verifier:
         """Re-read a suspect row until what it says holds still; None when it is no problem after all
         (deleted or replaced since its page was read, or the file and the changed row now agree).
         Only the row is polled: the file is examined again when the row changed."""
-        deadline = time.monotonic() + (SETTLE_S if self._recent(row.storage_key) else 0.0)
+        deadline = self._settled_by(row.storage_key)
         while True:
             fresh = instance_scan.by_uid(self.index, row.sop_instance_uid)
             if fresh is None or fresh.storage_key != row.storage_key:
@@ -281,7 +281,10 @@ class _Verifier:
             )
             self._emit(Problem("misplaced", uid, path_text, detail))
             return
-        if self._indexed_meanwhile(uid, key):
+        # With --repair, ingest itself settles a race with an ingest in flight (one row either way).
+        if instance_scan.by_uid(self.index, uid) is not None or (
+            not self.report.repair and self._indexed_meanwhile(uid, key)
+        ):
             return
         problem = Problem(
             "not-indexed",
@@ -295,7 +298,7 @@ class _Verifier:
 
     def _indexed_meanwhile(self, uid: str, key: str) -> bool:
         """Whether a row appears for a file that ingest may have renamed before committing its row."""
-        deadline = time.monotonic() + (SETTLE_S if self._recent(key) else 0.0)
+        deadline = self._settled_by(key)
         while True:
             if instance_scan.by_uid(self.index, uid) is not None:
                 return True
@@ -326,12 +329,15 @@ class _Verifier:
     def _where(self, key: str) -> str:
         return self.blobs.local_path(key) or key
 
-    def _recent(self, key: str) -> bool:
+    def _settled_by(self, key: str) -> float:
+        """The monotonic time after which a file's row can no longer change because of its ingest:
+        ``SETTLE_S`` after the file was written (now, for a file written long ago or gone)."""
         path = self.blobs.local_path(key)
         try:
-            return path is not None and time.time() - os.stat(path).st_mtime < RECENT_S
+            written = os.stat(path).st_mtime if path is not None else 0.0
         except OSError:
-            return False
+            written = 0.0
+        return time.monotonic() + max(0.0, written + SETTLE_S - time.time())
 
     def _lost(self, uid: str, what: str) -> str:
         where = instance_scan.where_is(self.index, uid)
