@@ -110,7 +110,10 @@ def backup(settings: Settings, dest: Path, progress: Any = None) -> dict[str, An
     except BackupFailed as exc:
         raise BackupError(str(exc)) from None
     except OSError as exc:
-        raise BackupError(f"writing the backup into {dest} failed: {exc.strerror or exc}; nothing was kept") from None
+        raise BackupError(
+            f"writing the backup into {dest} failed: {exc.strerror or exc}; the folder holds no complete backup "
+            "(no manifest.json): free space there or choose another folder, then run it again"
+        ) from None
     finally:
         partial.unlink(missing_ok=True)
     log.info("index backed up to %s: %s", dest, _counts_text(counts))

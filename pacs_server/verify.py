@@ -142,12 +142,12 @@ class _Verifier:
                 key = next(files, None)
             elif key is None or row.storage_key < key:
                 self.report.instances += 1
-                self._row(row, file_listed=False)
+                self._row(row)
                 row = next(rows, None)
             else:
                 self.report.files += 1
                 self.report.instances += 1
-                self._row(row, file_listed=True)
+                self._row(row)
                 key, row = next(files, None), next(rows, None)
             self.progress(1)
         self._drop_rows()
@@ -155,7 +155,7 @@ class _Verifier:
         return self.report
 
     # -- an index row (with its file, or without) ----------------------------------------------
-    def _row(self, row: IndexedFile, *, file_listed: bool) -> None:
+    def _row(self, row: IndexedFile) -> None:
         problem, digest = self._examine(row)
         if problem is None:
             return

@@ -226,3 +226,28 @@ def test_a_file_renamed_before_its_row_commits_is_no_problem(archive, tmp_path: 
 def test_verify_of_an_empty_archive(tmp_path: Path) -> None:
     out = macpacs("verify", "--data-dir", str(tmp_path / "data"))
     assert out.returncode == 0 and "0 instances in the index, 0 files" in out.stdout, out.stdout + out.stderr
+
+
+def test_progress_bar_on_a_terminal_only(archive, tmp_path: Path) -> None:
+    import pty
+
+    for path in write_series(tmp_path / "in", 3, size=16):
+        archive.ingestor.ingest_file(path)
+    data_dir = str(archive.settings.data_dir)
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([MACPACS, "verify", "--data-dir", data_dir], stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(primary)
+    assert proc.wait(60) == 0
+    assert b"Verifying 3 instances" in screen and b"100%" in screen, screen
+    piped = macpacs("verify", "--data-dir", data_dir)
+    assert "100%" not in piped.stderr  # a log file gets the counts, not a bar
