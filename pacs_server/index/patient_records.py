@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, delete, func, or_, select, update
 
 from .attributes import normalize_pn
 from .schema import patient, study
@@ -29,7 +29,7 @@ DEMOGRAPHICS = ("patient_name", "patient_birth_date", "patient_birth_time", "pat
 @dataclass(frozen=True)
 class PatientKey:
     patient_id: str
-    issuer: str = ""  # empty: any issuer (the archive often has none)
+    issuer: str = ""  # empty: any issuer
 
 
 def update_demographics(conn: Connection, key: PatientKey, values: Mapping[str, str]) -> int:
@@ -85,9 +85,11 @@ def merge(conn: Connection, prior: PatientKey, surviving: PatientKey, values: Ma
 
 
 def _where(key: PatientKey) -> list[Any]:
+    """The patient rows ``key`` names: its issuer's, and those without an issuer (most modalities
+    send none, so the archive's rows often have none while the RIS names its assigning authority)."""
     conditions = [patient.c.patient_id == key.patient_id]
     if key.issuer:
-        conditions.append(patient.c.issuer_of_patient_id == key.issuer)
+        conditions.append(or_(patient.c.issuer_of_patient_id == key.issuer, patient.c.issuer_of_patient_id == ""))
     return conditions
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    or_,
     select,
     update,
 )
@@ -238,8 +239,8 @@ class ProcedureTable:
         """Patient columns of every step of one patient (ADT update or merge); how many steps changed."""
         t = scheduled_procedure
         stmt = update(t).where(t.c.patient_id == patient_id)
-        if issuer:
-            stmt = stmt.where(t.c.issuer_of_patient_id == issuer)
+        if issuer:  # that issuer's steps, and those without one (as patient_records does)
+            stmt = stmt.where(or_(t.c.issuer_of_patient_id == issuer, t.c.issuer_of_patient_id == ""))
         return conn.execute(stmt.values(**_with_norms(columns), updated_at=time.time())).rowcount
 
     def delete(self, pk: int) -> bool:

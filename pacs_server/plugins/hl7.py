@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import ipaddress
 import logging
 import ssl
@@ -283,6 +284,8 @@ class Intake:
                 outcome = self.worklist.put(
                     conn, prefix + step.ScheduledProcedureStepID, item, source="hl7", message_time=message_time
                 )
+                if outcome == "stale":
+                    outcome = "not applied (older than the message last applied to it)"
                 done.append(f"order {order} step {step.ScheduledProcedureStepID} {outcome}")
         if not done:
             raise NotApplied("the message has no ORC/OBR order")
@@ -372,8 +375,7 @@ def _step_item(patient: Dataset, group: _Group, order: str) -> Dataset:
     orc, obr, tq1 = group.orc, group.obr, group.tq1
     if obr is None:
         raise NotApplied(f"order {order} has no OBR segment")
-    item = Dataset()
-    item.update(patient)
+    item = copy.deepcopy(patient)
     accession = _value(obr, 18) or _value(orc, 3) or _value(obr, 3)
     item.AccessionNumber = accession[:16]
     item.RequestedProcedureID = (_value(obr, 19) or accession or order)[:16]
@@ -415,10 +417,8 @@ def _step_items(patient: Dataset, group: _Group, order: str) -> list[Dataset]:
         return [base]
     items = []
     for ipc in group.ipcs:
-        item = Dataset()
-        item.update(base)
-        step = Dataset()
-        step.update(base[SPS_KEY][0])
+        item = copy.deepcopy(base)
+        step = item[SPS_KEY].value[0]
         for keyword, value, target in (
             ("AccessionNumber", _value(ipc, 1), item),
             ("RequestedProcedureID", _value(ipc, 2), item),
@@ -433,9 +433,8 @@ def _step_items(patient: Dataset, group: _Group, order: str) -> list[Dataset]:
                 if keyword == "StudyInstanceUID" and not is_uid(value):
                     raise NotApplied(f"IPC-3 {value[:80]!r} is not a valid Study Instance UID")
                 setattr(target, keyword, value)
-        if not step.get("ScheduledProcedureStepID"):
+        if not _value(ipc, 4):
             raise NotApplied("IPC-4 (scheduled procedure step ID) is empty")
-        item.ScheduledProcedureStepSequence = Sequence([step])
         items.append(item)
     return items
 

@@ -25,9 +25,9 @@ import json
 import logging
 import secrets
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -297,10 +297,9 @@ def register_routes(archive: Archive) -> APIRouter:
         }
 
     @router.post("", status_code=201)
-    async def schedule(request: Request) -> dict[str, Any]:
+    def schedule(body: Annotated[Any, Body()]) -> dict[str, Any]:
         """Schedule one worklist item, given in DICOM JSON (one Scheduled Procedure Step)."""
         try:
-            body = await request.json()
             if not isinstance(body, dict):
                 raise ItemError(
                     "the body must be one DICOM JSON object (a list is several items: post them one by one)"
