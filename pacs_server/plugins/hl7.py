@@ -109,6 +109,8 @@ class Hl7Settings:
                 f"(known: {', '.join(cls.__dataclass_fields__)})"
             )
         settings = cls(**options)
+        if isinstance(settings.allowed_hosts, str):  # one address written without brackets
+            settings.allowed_hosts = [settings.allowed_hosts]
         if not 1 <= int(settings.port) <= 65535:
             raise ValueError(f"[plugins.hl7] port = {settings.port} is not a TCP port (1-65535)")
         if bool(settings.tls_cert) != bool(settings.tls_key):

@@ -71,8 +71,8 @@ class Commitments:
     def n_action(self, request: DicomRequest) -> Response:
         if request.action_type_id != REQUEST_COMMITMENT:
             return _failure(dicom_status.NO_SUCH_ACTION_TYPE, f"action type {request.action_type_id} (use 1)")
-        ds = request.dataset
-        transaction = str(ds.get("TransactionUID", "") if ds is not None else "").strip()
+        ds = request.dataset if request.dataset is not None else Dataset()
+        transaction = str(ds.get("TransactionUID", "")).strip()
         if not is_uid(transaction):
             return _failure(dicom_status.MISSING_ATTRIBUTE, "TransactionUID is missing or not a UID")
         refs = []

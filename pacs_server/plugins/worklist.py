@@ -33,7 +33,6 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
-from sqlalchemy.engine import Connection
 
 from .. import dicom_status
 from ..index.matcher import QueryError
@@ -135,7 +134,7 @@ class Worklist:
         with writing(self.archive.index) as conn:
             return self.table.insert(conn, f"{source}:{secrets.token_hex(8)}", source, columns, to_json(item))
 
-    def put(self, conn: Connection, key: str, item: Dataset, *, source: str, message_time: str = "") -> str:
+    def put(self, conn: Any, key: str, item: Dataset, *, source: str, message_time: str = "") -> str:
         """Create or replace the step ``key`` in the caller's transaction: ``created``, ``updated`` or
         ``stale`` (an older message than the one last applied to it: nothing changed)."""
         existing = self.table.by_key(conn, key)
@@ -154,7 +153,7 @@ class Worklist:
         self.table.change(conn, existing["pk"], columns, to_json(item))
         return "updated"
 
-    def end(self, conn: Connection, keys: list[str], status: str, *, message_time: str = "") -> int:
+    def end(self, conn: Any, keys: list[str], status: str, *, message_time: str = "") -> int:
         """Set the status of the steps ``keys`` (cancel, discontinue, complete); how many changed."""
         changed = 0
         for key in keys:

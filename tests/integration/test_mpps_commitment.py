@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -223,3 +224,34 @@ def test_storage_commitment_report_on_a_new_association(make_server, tmp_path) -
         d.SOPInstanceUID for d in sent
     )
     assert server.logged("on a new association to node modality")
+
+
+def test_orthanc_as_the_storage_commitment_scu(make_server, tmp_path) -> None:
+    """Orthanc asks through its REST API (``/modalities/{id}/storage-commitment``) and reads the report back."""
+    from tests.qr.conftest import OrthancPeer
+
+    server = start_integration_server(make_server, tmp_path)
+    files = write_series(tmp_path / "s", 2, size=16)
+    run_tool("storescu", *server.dicom_args(), *map(str, files))
+    sent = [pydicom.dcmread(f) for f in files]
+    peer = OrthancPeer(tmp_path / "orthanc", {"macpacs": [server.ae_title, "127.0.0.1", server.dicom_port]}).start()
+    try:
+        subprocess.run(
+            [MACPACS, "nodes", "add", "orthanc", "--ae-title", OrthancPeer.AET, "--host", "127.0.0.1",
+             "--port", str(peer.dicom_port), "--data-dir", str(server.data_dir)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        unknown = generate_uid()
+        asked = [{"SOPClassUID": d.SOPClassUID, "SOPInstanceUID": d.SOPInstanceUID} for d in sent]
+        asked.append({"SOPClassUID": sent[0].SOPClassUID, "SOPInstanceUID": unknown})
+        job = peer.rest("POST", "/modalities/macpacs/storage-commitment", {"DicomInstances": asked, "Timeout": 30})
+        deadline = time.monotonic() + 30
+        report = peer.rest("GET", job["Path"])
+        while report.get("Status") == "Pending" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            report = peer.rest("GET", job["Path"])
+    finally:
+        peer.stop()
+    assert report["Status"] == "Failure", report
+    assert sorted(s["SOPInstanceUID"] for s in report["Success"]) == sorted(d.SOPInstanceUID for d in sent)
+    assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in report["Failures"]] == [(unknown, 0x0112)]
