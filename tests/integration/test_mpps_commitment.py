@@ -101,8 +101,8 @@ def test_mpps_in_progress_completed_discontinued(make_server, tmp_path) -> None:
 
 def _stored_file(data_dir: Path, sop_instance_uid: str) -> Path:
     needle = sop_instance_uid.encode()
-    for path in (data_dir).rglob("*"):
-        if path.is_file() and path.suffix not in (".sqlite", ".log") and needle in path.read_bytes()[:4096]:
+    for path in (data_dir / "files").rglob("*.dcm"):  # the file store's blobs (storage/filesystem.py)
+        if needle in path.read_bytes()[:4096]:
             return path
     raise AssertionError(f"no stored file holds {sop_instance_uid}")
 
