@@ -10,7 +10,6 @@ exists here only.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from .ingest import Ingestor
 from .jobs import Jobs
 from .nodes import NodeRegistry
 from .plugins import Plugins
-from .reindex import reindex
+from .recovery import IndexRecovery
 from .storage import BlobStore, FileStore
 from .users import Users
 
@@ -63,9 +62,13 @@ class Archive:
     dicom_status: Callable[[], dict[str, Any]] | None = None
     # Where a corrupt index was moved when the archive was opened with ``repair`` (else None).
     replaced_index: Path | None = None
+    # The server's repair of a corrupt SQLite index (main process of ``macpacs serve`` only).
+    recovery: IndexRecovery | None = None
 
     def close(self) -> None:
         """Release what the archive holds (plugins, the job pool, the index's connections)."""
+        if self.recovery is not None:
+            self.recovery.stop()
         self.plugins.shutdown()
         self.jobs.close()
         self.index.close()
@@ -77,10 +80,12 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
 
     ``migrate`` brings the index schema up to date (the main process and CLI commands do; DICOM
     workers open an index the main process already migrated). With ``repair``, a corrupt SQLite
-    index is moved aside (``Archive.replaced_index`` says where) and a fresh one created: the
-    server then rebuilds it from the stored files in the background (server mode; with
+    index (unreadable, a table missing, or found corrupt by a running process: the recovery file)
+    is moved aside (``Archive.replaced_index`` says where) and a fresh one created: the server then
+    rebuilds it from the stored files in the background (server mode; with
     ``server.server_mode = false`` its start stops and says what to do instead), and
-    ``macpacs reindex`` rebuilds it in the foreground.
+    ``macpacs reindex`` rebuilds it in the foreground. The server's main process also watches for
+    corruption found while it runs and repairs it the same way (``recovery.py``).
     """
     plugins = Plugins(settings.plugins.enable, settings.plugins.options)  # a typo'd name stops here
     blobs = FileStore(settings.data_dir)
@@ -100,8 +105,9 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
         ),
         replaced_index=replaced,
     )
-    if replaced is not None and role == "server":
-        threading.Thread(target=reindex, args=(blobs, index), name="reindex", daemon=True).start()
+    if role == "server" and index.path is not None:
+        archive.recovery = IndexRecovery(index, blobs, server_mode=settings.server.server_mode)
+        archive.recovery.start()  # resumes a rebuild a restart interrupted, too
     plugins.startup(archive)
     return archive
 
@@ -112,21 +118,24 @@ def _open_index(settings: Settings, role: str, *, migrate: bool, repair: bool) -
     if not migrate:
         return index, None
     try:
+        state = index.recovery_state()  # first: a connection would wait for the replacement
+        if state is not None and state.get("state") == "corrupt":
+            raise IndexUnreadable(f"found corrupt while in use: {state.get('error', '?')}")
         index.migrate()
         index.ping()
+        index.check_tables()
         return index, None
     except IndexUnreadable as exc:
-        index.close()
-        if not (repair and index.is_sqlite):
+        if not (repair and index.path is not None):
+            index.close()
             raise
         if role == "server" and not settings.server.server_mode:
+            index.close()
             raise ConfigError(
                 f"the index is unreadable ({exc}) and server.server_mode is false, so it is not rebuilt "
                 "automatically: stop the server, then run `macpacs reindex` (it moves the file aside and "
                 "rebuilds it from the stored files), or set server.server_mode = true"
             ) from None
-        moved = index.move_aside()
-        log.error("index is unreadable (%s): moved it aside as %s; rebuilding it from the files", exc, moved)
-    index = Index(settings.index_url)
-    index.migrate()
+        log.error("index is unreadable (%s): moving it aside and rebuilding it from the files", exc)
+        moved, _copied = index.replace_corrupt(str(exc))
     return index, moved

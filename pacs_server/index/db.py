@@ -22,10 +22,23 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, literal_column, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
-from . import schema
+from . import corruption, schema
+from .corruption import IndexUnreadable
 from .matcher import Query, build, count_statement
 from .writer_lock import WriterLock
 
@@ -78,10 +91,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class IndexUnreadable(Exception):
-    """The index database cannot be read: a corrupt file, or not a database at all."""
-
-
 class Index:
     """One index database, shared by every protocol of the process."""
 
@@ -96,10 +105,19 @@ class Index:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write_lock: WriterLock | _NoLock = _NoLock()
+        # The SQLite file (None for a database server or in memory), and what keeps this process
+        # off it once some process found it corrupt (corruption.py: the rebuild of a corrupt index).
+        self.path: Path | None = None
+        self.guard: corruption.Guard | None = None
         if self.is_sqlite:  # across processes too (DICOM workers), bounded: writer_lock.py says why
             database = self.engine.url.database
-            on_disk = Path(database) if database and database != ":memory:" else None
-            self._write_lock = WriterLock(on_disk, SQLITE_BUSY_TIMEOUT_MS / 1000)
+            self.path = Path(database) if database and database != ":memory:" else None
+            self._write_lock = WriterLock(self.path, SQLITE_BUSY_TIMEOUT_MS / 1000)
+            if self.path is not None:
+                self.guard = corruption.Guard(self.engine, self.path, self.reset_caches)
+        # Every statement's error passes here: corruption is recorded and reported one way.
+        event.listen(self.engine, "handle_error", self._on_error)
+        self._driver_error = self.engine.dialect.loaded_dbapi.DatabaseError
         self._parents: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         self._compiled: dict[str | tuple[str, ...], _Compiled] = {}
         self._stored_bytes: tuple[float, int] | None = None  # (monotonic time, bytes): stored_bytes()
@@ -133,7 +151,68 @@ class Index:
             command.upgrade(config, "heads")
 
     def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
         self.engine.dispose()
+
+    # -- corruption -------------------------------------------------------------------------
+    def _on_error(self, context: Any) -> Exception | None:
+        """SQLAlchemy's hook for every failed statement: corruption becomes ``IndexUnreadable``."""
+        if corruption.is_corruption(context.original_exception):
+            return self.found_corruption(context.original_exception)
+        return None
+
+    def found_corruption(self, exc: BaseException) -> IndexUnreadable:
+        """Record that the SQLite file is corrupt (the recovery file every process reads) and return
+        the error every caller reports: ingest answers 0xA700, C-FIND and QIDO-RS fail, health fails.
+        """
+        reason = str(exc).splitlines()[0]
+        if self.path is not None:
+            corruption.mark_corrupt(self.path, reason)
+        return IndexUnreadable(f"the index database is corrupt: {reason}")
+
+    def recovery_state(self) -> dict[str, Any] | None:
+        """The recovery file's content (``"corrupt"`` or ``"rebuilding"``), None when all is well."""
+        return corruption.read_state(self.path) if self.path is not None else None
+
+    def replace_corrupt(self, error: str) -> tuple[Path, dict[str, int | str]]:
+        """Move the corrupt SQLite file aside and put a fresh one in its place (corruption.py says how).
+
+        Returns where it went and the tables copied from it; the stored files are re-indexed next.
+        """
+        return corruption.replace_corrupt(self, error)
+
+    def end_recovery(self) -> None:
+        """The index is whole again (a rebuild finished): remove the recovery file."""
+        state = self.recovery_state()
+        if self.path is not None and state is not None and state.get("state") == "rebuilding":
+            corruption.clear_state(self.path)
+
+    def integrity_problem(self) -> str | None:
+        """SQLite's ``quick_check``: None when the file is sound, else what it found (reads it all)."""
+        if not self.is_sqlite:
+            return None
+        try:
+            with self.engine.connect() as conn:
+                found = list(conn.exec_driver_sql("PRAGMA quick_check(5)").scalars())
+        except IndexUnreadable as exc:
+            return str(exc)
+        return None if found == ["ok"] else "; ".join(map(str, found))
+
+    def check_tables(self) -> None:
+        """IndexUnreadable when a declared table is missing (dropped by hand, a damaged schema)."""
+        try:
+            present = set(inspect(self.engine).get_table_names())
+        except DatabaseError as exc:
+            raise IndexUnreadable(str(exc.orig or exc)) from exc
+        missing = sorted(set(schema.metadata.tables) - present)
+        if missing:
+            raise IndexUnreadable(f"table(s) {', '.join(missing)} missing from the index database")
+
+    def reset_caches(self) -> None:
+        """Forget what was remembered of the database (it was replaced)."""
+        self._parents.clear()
+        self._stored_bytes = None
 
     # -- writes -----------------------------------------------------------------------------
     def content_hash(self, sop_instance_uid: str) -> str | None:
@@ -187,6 +266,10 @@ class Index:
                     self._parents.clear()
                     if attempt:
                         raise
+                except self._driver_error as exc:  # the driver's cursor, past SQLAlchemy's error hook
+                    if corruption.is_corruption(exc):
+                        raise self.found_corruption(exc) from exc
+                    raise
         raise AssertionError("unreachable")
 
     def _remember(self, series_uid: str, parents: tuple[int, int, int]) -> None:
@@ -498,20 +581,6 @@ class Index:
                 conn.execute(select(func.count()).select_from(patient).where(patient.c.pk == -1)).scalar_one()
         except DatabaseError as exc:
             raise IndexUnreadable(str(exc.orig or exc)) from exc
-
-    def move_aside(self) -> Path:
-        """Rename a (corrupt) SQLite file and its WAL and shared-memory files to ``*.corrupt-<time>``.
-
-        Nothing is deleted: the old file stays for inspection. Returns its new name.
-        """
-        database = Path(self.engine.url.database or "")
-        self.close()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for suffix in ("", "-wal", "-shm"):
-            part = Path(f"{database}{suffix}")
-            if part.exists():
-                part.rename(f"{database}.corrupt-{stamp}{suffix}")
-        return Path(f"{database}.corrupt-{stamp}")
 
     def check_writable(self, lock_timeout: float, busy_timeout_ms: int) -> None:
         """Go through the write path as a C-STORE would, changing nothing (for /testdbalive).

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from ..archive import Archive
-from ..index import QueryError
+from ..index import IndexUnreadable, QueryError
 from ..retrieve import FileMissing
 from . import api, debug, health, pages, wado_uri
 from .auth import Authenticator, load_secret
@@ -68,6 +68,12 @@ def create_app(archive: Archive) -> FastAPI:
     @app.exception_handler(FileMissing)
     async def _missing_file(_request: Request, exc: FileMissing) -> JSONResponse:
         return JSONResponse({"detail": f"{exc}; restore the file or run `macpacs reindex`"}, status_code=500)
+
+    @app.exception_handler(IndexUnreadable)
+    async def _corrupt_index(_request: Request, exc: IndexUnreadable) -> JSONResponse:
+        # The server repairs it by itself in server mode (recovery.py): worth a retry shortly.
+        detail = f"{exc}; see /health for the repair under way"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "10"})
 
     app.include_router(health.router)
     app.include_router(wado_uri.router)

@@ -20,7 +20,11 @@ router = APIRouter(tags=["health"])
 
 @router.get("/testdbalive", response_class=Response, responses={200: {"content": {"text/html": {}}}, 500: {}})
 def testdbalive(request: Request) -> Response:
-    """OsiriX watchdog probe: 200 ``Test DB Alive succeeded`` when index and storage can be written."""
+    """OsiriX watchdog probe: 200 ``Test DB Alive succeeded`` when index and storage can be written.
+
+    500 as soon as any process found the index corrupt; 200 again once a fresh index is in place
+    and takes stores, while the files are re-indexed (the watchdog must not restart that server).
+    """
     archive: Archive = request.app.state.archive
     try:
         status.check_index(archive)
@@ -34,7 +38,7 @@ def testdbalive(request: Request) -> Response:
 def health(request: Request) -> JSONResponse:
     """The status document: checks, counts, storage, DICOM associations and workers, uptime, version.
 
-    503 when the index or storage check fails.
+    503 when the index or storage check fails, and while the index is rebuilt (``"rebuilding"``).
     """
     body = status.document(request.app.state.archive)
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)

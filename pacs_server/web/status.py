@@ -14,6 +14,13 @@ a C-STORE needs: a write transaction on the index through the server's own conne
 process holding an exclusive lock, so a read alone would call a stuck database healthy), with
 this process's index writer lock taken too, and a file written where incoming blobs are staged
 (``BlobStore.probe``).
+
+A corrupt SQLite index fails the index check whichever process met the corruption and whatever
+table it is in: the recovery file (``index/corruption.py``) says so before any statement runs.
+While the server rebuilds the index from the files, the index check passes (the fresh index
+takes stores, so ``/testdbalive`` answers as alive and the supervisor does not restart a server
+that is repairing itself), but the document's ``status`` is ``"rebuilding"`` and ``/health``
+answers 503: queries are incomplete until the rebuild ends.
 """
 
 from __future__ import annotations
@@ -43,7 +50,21 @@ class HealthError(RuntimeError):
 
 
 def check_index(archive: Archive) -> None:
-    """The index's write path, as a C-STORE takes it, changing nothing (``Index.check_writable``)."""
+    """The index's write path, as a C-STORE takes it, changing nothing (``Index.check_writable``).
+
+    Fails at once when some process found the index corrupt (the recovery file).
+    """
+    state = archive.index.recovery_state()
+    if state is not None and state.get("state") == "corrupt":
+        repair = (
+            "the server is moving it aside to rebuild it from the stored files"
+            if archive.settings.server.server_mode
+            else "server.server_mode is false: stop the server and run `macpacs reindex`"
+        )
+        raise HealthError(
+            f"index: the database is corrupt ({state.get('error', '?')}; found {state.get('found_at', '?')} by "
+            f"PID {state.get('found_by_pid', '?')}); {repair}"
+        )
     try:
         archive.index.check_writable(WRITER_LOCK_TIMEOUT_S, BUSY_TIMEOUT_MS)
     except Exception as exc:
@@ -87,7 +108,8 @@ def supervisor_state(path_text: str) -> dict[str, Any]:
 
 
 def document(archive: Archive) -> dict[str, Any]:
-    """The status document. ``status`` is ``"ok"`` only when the index and storage checks pass.
+    """The status document. ``status`` is ``"ok"`` only when the index and storage checks pass
+    and no repair of the index is under way (``"rebuilding"``; otherwise ``"failing"``).
 
     ``index`` and ``storage`` are ``"ok"`` or what failed; figures that could not be read are
     None rather than missing, so that a reader need not guess which keys exist.
@@ -109,7 +131,10 @@ def document(archive: Archive) -> dict[str, Any]:
     body["index"] = _outcome(check_index, archive)
     body["index_ms"] = round((time.perf_counter() - start) * 1000, 1) if body["index"] == "ok" else None
     body["storage"] = _outcome(check_storage, archive)
+    state = archive.index.recovery_state()
     try:
+        if state is not None and state.get("state") == "corrupt":  # not a statement on a corrupt file
+            raise HealthError("index: corrupt")
         body["counts"] = archive.index.counts()
         body["stored_bytes"] = archive.index.stored_bytes(STORED_BYTES_MAX_AGE_S)
         body["index_files"] = archive.index.database_files()
@@ -123,13 +148,24 @@ def document(archive: Archive) -> dict[str, Any]:
         body["low_disk"] = free < WARN_FACTOR * s.storage.min_free_mb * 1024 * 1024
     except OSError:
         body["free_mb"] = body["low_disk"] = None
+    body["index_recovery"] = _recovery(archive)
     if archive.dicom_status is not None:
         body["dicom"] = archive.dicom_status()
     body["supervisor"] = supervisor_state(s.server.supervisor_status_file)
     body["verify"] = verify.health_field(s.data_dir)  # the last `macpacs verify`; never fails the status
     if body["index"] != "ok" or body["storage"] != "ok":
         body["status"] = "failing"
+    elif body["index_recovery"] is not None:
+        body["status"] = "rebuilding"
     return body
+
+
+def _recovery(archive: Archive) -> dict[str, Any] | None:
+    """The index's repair in progress (``detail``: "rebuilding: n of m files"), or None."""
+    if archive.recovery is not None:
+        return archive.recovery.status()
+    state = archive.index.recovery_state()
+    return None if state is None else {"state": state.get("state"), "detail": state.get("state")}
 
 
 def _outcome(check: Callable[[Archive], None], archive: Archive) -> str:
