@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import hl7
 import hl7.mllp
-from hl7.util import generate_message_control_id
+from hl7.util import escape, generate_message_control_id
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -210,15 +210,18 @@ class Intake:
             log.exception("HL7 message from %s could not be recorded in the index", entry.get("peer"))
 
     def _ack(self, entry: dict[str, Any], code: str, text: str, message: hl7.Message | None) -> str:
-        text = _plain(text)
+        """The ACK, built by the hl7 library from the message (MSA-3 escaped with its separators);
+        for input that is no readable message, a minimal ACK with plain text."""
+        text = text[:512]
         if message is not None:
             try:
                 ack = message.create_ack(code, application=APPLICATION, facility=self.settings.facility)
                 if text:
-                    ack.segment("MSA").assign_field(text, 3)
+                    ack.segment("MSA").assign_field(escape(message, " ".join(text.splitlines())), 3)
                 return str(ack)
             except Exception:
                 log.exception("could not build the ACK with the hl7 library; sending a minimal one")
+        text = _plain(text)
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         control = _plain(str(entry.get("control_id") or ""))
         return (

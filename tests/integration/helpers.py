@@ -26,9 +26,10 @@ ADMIN = ("wladmin", "worklist-admin-password")
 PLUGINS = ["hl7", "worklist", "mpps", "storage-commitment"]
 
 
-def start_integration_server(make_server: Any, tmp_path: Path, *, extra: str = "", **kwargs: Any) -> ServerProcess:
-    """A real ``macpacs serve`` with the four integration plugins, an admin user and its own HL7 port."""
-    data = tmp_path / "data"
+def start_integration_server(folder: Path, *, extra: str = "") -> ServerProcess:
+    """A real ``macpacs serve`` in ``folder`` with the four integration plugins, an admin user and
+    its own HL7 port (``server.hl7_port``). The caller stops it."""
+    data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [MACPACS, "users", "add", ADMIN[0], "--password-stdin", "--data-dir", str(data)],
@@ -39,13 +40,28 @@ def start_integration_server(make_server: Any, tmp_path: Path, *, extra: str = "
         timeout=120,
     )
     hl7_port = free_port()
-    config = tmp_path / "macpacs.toml"
+    config = folder / "macpacs.toml"
     enable = ", ".join(f'"{name}"' for name in PLUGINS)
     config.write_text(f"[plugins]\nenable = [{enable}]\n\n[plugins.hl7]\nport = {hl7_port}\n{extra}")
-    server = make_server(data_dir=data, extra_args=["--config", str(config)], **kwargs)
+    server = ServerProcess(
+        data_dir=data,
+        dicom_port=free_port(),
+        web_port=free_port(),
+        xmlrpc_port=free_port(),
+        extra_args=["--config", str(config)],
+    ).start()
     server.hl7_port = hl7_port  # type: ignore[attr-defined]
     wait_for_port(hl7_port, timeout=20)
     return server
+
+
+@contextlib.contextmanager
+def integration_server(folder: Path) -> Iterator[ServerProcess]:
+    server = start_integration_server(folder)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # -- worklist items -------------------------------------------------------------------------------
@@ -251,10 +267,11 @@ def _unwrap(block: bytes) -> str:
 
 
 def ack_code(ack: str) -> tuple[str, str]:
-    """MSA-1 and MSA-3 of an ACK."""
-    msa = next(line for line in ack.split("\r") if line.startswith("MSA|"))
-    fields = msa.split("|")
-    return fields[1], (fields[3] if len(fields) > 3 else "")
+    """MSA-1 and MSA-3 (unescaped) of an ACK, read with the hl7 library."""
+    import hl7
+
+    parsed = hl7.parse(ack)
+    return str(parsed["MSA.F1"]), str(parsed["MSA.F3"])
 
 
 def wait_until(predicate: Any, timeout: float = 10.0) -> Any:

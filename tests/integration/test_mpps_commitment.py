@@ -10,21 +10,29 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, StorageCommitmentPushModel
 
-from tests.conftest import MACPACS, free_port, run_tool
-from tests.integration.helpers import Step, findscu_worklist, item, post_item, start_integration_server
+from tests.conftest import MACPACS, ServerProcess, free_port, run_tool
+from tests.integration.helpers import Step, findscu_worklist, integration_server, item, post_item
 from tests.synthetic import write_series
 
 SPS = "ScheduledProcedureStepSequence[0]"
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with integration_server(tmp_path_factory.mktemp("mpps")) as started:
+        yield started
 
 
 def _statuses(server, tmp_path: Path) -> dict[str, str]:
@@ -57,8 +65,7 @@ def _mpps(step: Dataset, status: str) -> Dataset:
     return ds
 
 
-def test_mpps_in_progress_completed_discontinued(make_server, tmp_path) -> None:
-    server = start_integration_server(make_server, tmp_path)
+def test_mpps_in_progress_completed_discontinued(server, tmp_path) -> None:
     first = item(Step("DOE^JOHN", "P1", "ACC1", "CT01", "CT", "20250101", "100000", "S1"))
     second = item(Step("DOE^JANE", "P2", "ACC2", "CT01", "CT", "20250101", "110000", "S2"))
     post_item(server, first)
@@ -121,8 +128,7 @@ def _commitment_request(refs: list[tuple[str, str]]) -> tuple[Dataset, str]:
     return ds, transaction
 
 
-def test_storage_commitment_reports_committed_and_failed(make_server, tmp_path) -> None:
-    server = start_integration_server(make_server, tmp_path)
+def test_storage_commitment_reports_committed_and_failed(server, tmp_path) -> None:
     files = write_series(tmp_path / "s", 3, size=16)
     run_tool("storescu", *server.dicom_args(), *map(str, files))
     sent = [pydicom.dcmread(f) for f in files]
@@ -169,8 +175,7 @@ def test_storage_commitment_reports_committed_and_failed(make_server, tmp_path) 
     assert server.logged("is not what was received")
 
 
-def test_storage_commitment_report_on_a_new_association(make_server, tmp_path) -> None:
-    server = start_integration_server(make_server, tmp_path)
+def test_storage_commitment_report_on_a_new_association(server, tmp_path) -> None:
     files = write_series(tmp_path / "s", 2, size=16)
     run_tool("storescu", *server.dicom_args(), *map(str, files))
     sent = [pydicom.dcmread(f) for f in files]
@@ -226,11 +231,10 @@ def test_storage_commitment_report_on_a_new_association(make_server, tmp_path) -
     assert server.logged("on a new association to node modality")
 
 
-def test_orthanc_as_the_storage_commitment_scu(make_server, tmp_path) -> None:
+def test_orthanc_as_the_storage_commitment_scu(server, tmp_path) -> None:
     """Orthanc asks through its REST API (``/modalities/{id}/storage-commitment``) and reads the report back."""
     from tests.qr.conftest import OrthancPeer
 
-    server = start_integration_server(make_server, tmp_path)
     files = write_series(tmp_path / "s", 2, size=16)
     run_tool("storescu", *server.dicom_args(), *map(str, files))
     sent = [pydicom.dcmread(f) for f in files]

@@ -7,18 +7,30 @@ A real ``macpacs serve`` (DICOM worker processes: the Modality Worklist SCP come
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import requests
 
+from tests.conftest import ServerProcess
 from tests.integration.helpers import (
     ADMIN,
     Step,
     findscu_worklist,
     flat,
+    integration_server,
     item,
     post_item,
-    start_integration_server,
     wlmscpfs,
 )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the module; each test leaves the worklist as it found it."""
+    with integration_server(tmp_path_factory.mktemp("worklist")) as started:
+        yield started
+
 
 STEPS = [
     Step("DOE^JOHN", "P001", "ACC001", "CT01", "CT", "20250101", "083000", "S001"),
@@ -81,15 +93,14 @@ def _answers(responses: list) -> list[dict]:
     return sorted((flat(r) for r in responses), key=lambda r: r["AccessionNumber"])
 
 
-def test_findscu_worklist_agrees_with_wlmscpfs(make_server, tmp_path) -> None:
-    server = start_integration_server(make_server, tmp_path)
+def test_findscu_worklist_agrees_with_wlmscpfs(server, tmp_path) -> None:
     items = [item(step) for step in STEPS]
     for ds in items:
         post_item(server, ds)
     # A completed step is stored but leaves the worklist.
     done = item(Step("DOE^DONE", "P009", "ACC009", "CT01", "CT", "20250101", "090000", "S009"))
     done.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus = "COMPLETED"
-    post_item(server, done)
+    done_id = post_item(server, done)["id"]
 
     with wlmscpfs(items, tmp_path) as (dcmtk_ae, dcmtk_port):
         for matching, expected in QUERIES:
@@ -99,10 +110,14 @@ def test_findscu_worklist_agrees_with_wlmscpfs(make_server, tmp_path) -> None:
             assert {r["AccessionNumber"] for r in ours} == expected, matching
             assert ours == theirs, matching
     assert server.logged("worklist C-FIND from FINDSCU")
+    listed = requests.get(f"http://127.0.0.1:{server.web_port}/api/worklist", params={"include_ended": "true"},
+                          auth=ADMIN, timeout=10).json()  # fmt: skip
+    assert done_id in [entry["id"] for entry in listed]
+    for entry in listed:
+        requests.delete(f"http://127.0.0.1:{server.web_port}/api/worklist/{entry['id']}", auth=ADMIN, timeout=10)
 
 
-def test_rest_api_lists_deletes_and_refuses_bad_items(make_server, tmp_path) -> None:
-    server = start_integration_server(make_server, tmp_path)
+def test_rest_api_lists_deletes_and_refuses_bad_items(server, tmp_path) -> None:
     base = f"http://127.0.0.1:{server.web_port}/api/worklist"
     created = post_item(server, item(STEPS[0]))
     post_item(server, item(STEPS[2]))
@@ -130,3 +145,5 @@ def test_rest_api_lists_deletes_and_refuses_bad_items(make_server, tmp_path) -> 
     assert requests.delete(f"{base}/{created['id']}", auth=ADMIN, timeout=10).status_code == 404
     answers = findscu_worklist(server.ae_title, server.dicom_port, tmp_path / "find", *_keys({}))
     assert [r.AccessionNumber for r in answers] == ["ACC003"]
+    remaining = requests.get(base, auth=ADMIN, timeout=10).json()
+    assert requests.delete(f"{base}/{remaining[0]['id']}", auth=ADMIN, timeout=10).status_code == 204
