@@ -24,6 +24,7 @@ from .jobs import Jobs
 from .nodes import NodeRegistry
 from .plugins import Plugins
 from .recovery import IndexRecovery
+from .stable import StableWatcher
 from .storage import BlobStore, FileStore
 from .users import Users
 
@@ -64,11 +65,15 @@ class Archive:
     replaced_index: Path | None = None
     # The server's repair of a corrupt SQLite index (main process of ``macpacs serve`` only).
     recovery: IndexRecovery | None = None
+    # The server process's watch for stable studies (stable.py); None in other processes.
+    stable: StableWatcher | None = None
 
     def close(self) -> None:
         """Release what the archive holds (plugins, the job pool, the index's connections)."""
         if self.recovery is not None:
             self.recovery.stop()
+        if self.stable is not None:
+            self.stable.close()
         self.plugins.shutdown()
         self.jobs.close()
         self.index.close()
@@ -98,7 +103,7 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
         ingestor=Ingestor(blobs, index, settings.storage, plugins),
         nodes=NodeRegistry(index),
         users=Users(index),
-        jobs=Jobs(),
+        jobs=Jobs(index, settings.jobs),
         plugins=plugins,
         audit=AuditTrail(
             settings.log_dir, file_mb=settings.audit.file_mb, files=settings.audit.files, syslog=settings.audit.syslog
@@ -109,6 +114,10 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
         archive.recovery = IndexRecovery(index, blobs, server_mode=settings.server.server_mode)
         archive.recovery.start()  # resumes a rebuild a restart interrupted, too
     plugins.startup(archive)
+    if role == "server":  # jobs and stable studies are the main server process's alone
+        archive.jobs.start(archive)
+        archive.stable = StableWatcher(archive)
+        archive.stable.start()
     return archive
 
 

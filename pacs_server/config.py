@@ -90,6 +90,9 @@ class StorageSettings:
     on_conflict: str = "keep"
     # Refuse stores (out of resources) when free space on the data volume falls below this.
     min_free_mb: int = 500
+    # A study is stable once no instance arrived for this many seconds (the study_stable hook:
+    # routing and webhooks on stable studies; pacs_server/stable.py).
+    stable_after: float = 60.0
 
 
 @dataclass
@@ -167,6 +170,22 @@ class AuditSettings:
 
 
 @dataclass
+class JobsSettings:
+    """The persistent job queue (sends, retrieves, routing, webhooks: pacs_server/jobs.py)."""
+
+    # Jobs run at once by the server process (each send holds one association).
+    workers: int = 2
+    # A failed attempt is retried after retry_base_s, doubling up to retry_max_s.
+    retry_base_s: float = 10.0
+    retry_max_s: float = 3600.0
+    # After this many failed attempts an alert is logged (once per job); after max_attempts it stops.
+    alert_after: int = 5
+    max_attempts: int = 50
+    # Finished and cancelled jobs are forgotten after this many days.
+    keep_days: float = 7.0
+
+
+@dataclass
 class Settings:
     """All settings of one archive process."""
 
@@ -176,6 +195,7 @@ class Settings:
     xmlrpc: XmlRpcSettings = field(default_factory=XmlRpcSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     plugins: PluginsSettings = field(default_factory=PluginsSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
     # -- derived paths ---------------------------------------------------------------------
@@ -226,6 +246,14 @@ class Settings:
             )
         if self.web.anonymous_read not in ("localhost", "all", "off"):
             raise ConfigError(f'web.anonymous_read = {self.web.anonymous_read!r}: use "localhost", "all" or "off"')
+        if self.storage.stable_after <= 0:
+            raise ConfigError("storage.stable_after must be a positive number of seconds (default 60)")
+        j = self.jobs
+        if j.workers < 1 or j.alert_after < 1 or j.max_attempts < 1 or j.retry_base_s <= 0 or j.retry_max_s <= 0:
+            raise ConfigError(
+                "jobs.workers, jobs.alert_after and jobs.max_attempts must be at least 1, and "
+                "jobs.retry_base_s and jobs.retry_max_s positive"
+            )
         if self.web.max_upload_mb < 1:
             raise ConfigError("web.max_upload_mb must be at least 1")
         if bool(self.web.tls_cert) != bool(self.web.tls_key):
@@ -254,6 +282,7 @@ def _section_classes() -> dict[str, type]:
         "xmlrpc": XmlRpcSettings,
         "server": ServerSettings,
         "plugins": PluginsSettings,
+        "jobs": JobsSettings,
         "audit": AuditSettings,
     }
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -163,4 +164,49 @@ api_token = Table(
     Column("token_hash", String(128), nullable=False),
     Column("created_at", Float, nullable=False),
     UniqueConstraint("token_hash", name="uq_api_token_hash"),
+)
+
+
+# Work that outlives a request (pacs_server.jobs, SQL in jobs_table.py): sends, retrieves,
+# routing, webhooks. A job is taken by one runner at a time (a conditional UPDATE of ``state``).
+job = Table(
+    "job",
+    metadata,
+    Column("pk", Integer, primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("description", String(512), nullable=False, default=""),
+    Column("payload", Text, nullable=False, default="{}"),  # JSON, the kind's own
+    # Queued jobs with one batch key may run together (instances routed to one node: one association).
+    Column("batch_key", String(255), nullable=True),
+    # At most one job per key, ever: a hook that runs twice (after a crash) queues nothing twice.
+    Column("dedupe_key", String(255), nullable=True),
+    # queued, running, done, failed (gave up or cannot succeed), cancelled
+    Column("state", String(16), nullable=False, default="queued"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("next_run_at", Float, nullable=False),
+    Column("owner", String(128), nullable=False, default=""),  # host:pid:claim of the runner
+    Column("lease_until", Float, nullable=False, default=0.0),  # a running job past it is re-queued
+    Column("total", Integer, nullable=False, default=0),
+    Column("done", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("message", Text, nullable=False, default=""),
+    Column("alerted", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("dedupe_key", name="uq_job_dedupe_key"),
+    Index("ix_job_state_next", "state", "next_run_at"),
+    Index("ix_job_batch", "batch_key", "state"),
+)
+
+# Studies that became stable (pacs_server.stable, SQL in stable_table.py): the study's
+# updated_at when study_stable last fired for it, so that a restart neither repeats nor loses one.
+study_stable = Table(
+    "study_stable",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("seen_updated_at", Float, nullable=False),
+    Column("generation", Integer, nullable=False),  # 1 the first time, +1 each time it fires again
+    Column("state", String(16), nullable=False),  # "firing" while the hooks run, then "fired"
+    Column("fired_at", Float, nullable=False),
 )

@@ -19,7 +19,7 @@ import pluggy
 
 from ..config import ConfigError
 from . import hookspecs
-from .types import Instance
+from .types import Instance, Series, Study
 
 if TYPE_CHECKING:
     from ..archive import Archive
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "macpacs.plugins"
 hookimpl = pluggy.HookimplMarker("macpacs")
 
-__all__ = ["ENTRY_POINT_GROUP", "Instance", "PluginInfo", "Plugins", "available", "hookimpl"]
+__all__ = ["ENTRY_POINT_GROUP", "Instance", "PluginInfo", "Plugins", "Series", "Study", "available", "hookimpl"]
 
 
 @dataclass
@@ -107,6 +107,9 @@ class Plugins:
 
     def stored(self, instance: Instance, outcome: str) -> None:
         self._call("instance_stored", archive=self._archive, instance=instance, outcome=outcome)
+
+    def stable(self, study: Study) -> None:
+        self._call("study_stable", archive=self._archive, study=study)
 
     def routes(self) -> list[Any]:
         """The routers every plugin's ``register_routes`` returned, flattened."""

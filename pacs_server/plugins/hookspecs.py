@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from .types import Instance
+from .types import Instance, Study
 
 if TYPE_CHECKING:
     from ..archive import Archive
@@ -94,4 +94,19 @@ def dicom_services(archive: Archive) -> Any:
 
     The classes the archive serves itself (Verification, Storage, Query/Retrieve) cannot be
     taken over; a class two plugins declare goes to the first, and the second is logged.
+    """
+
+
+@hookspec
+def study_stable(archive: Archive, study: Study) -> None:
+    """No instance of ``study`` arrived for ``storage.stable_after`` seconds (60 by default).
+
+    Called once per study, in the main server process only (``archive.role == "server"``),
+    whichever process stored its instances; again, with ``study.generation`` one higher, if
+    instances arrive later. It is recorded in the index, so a restart neither repeats nor loses
+    it; but a server stopped while the hooks run calls them again for that generation at its
+    next start: queue work with a ``dedupe_key`` naming the study and its generation (as the
+    routing and webhooks plugins do) so that a repeat queues nothing twice. Studies already in
+    the archive when the feature was installed count as stable. Slow work goes to
+    ``archive.jobs``.
     """

@@ -27,3 +27,40 @@ class Instance:
     via: str
     source: str
     dataset: Dataset = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series of a stable study, as the index counts it."""
+
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    instances: int
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study that became stable (the ``study_stable`` hook), with what the index knows of it.
+
+    ``generation`` is 1 the first time the study is stable and one more each time instances
+    arrived after that; ``last_instance_at`` is when its last instance was stored (epoch
+    seconds). ``source_aes`` are the calling AE titles (or ``STOW-RS``...) its instances came
+    from. ``dataset`` is the header of one of its instances, without bulk data, for tag values
+    the index does not keep: read it, do not change it.
+    """
+
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    study_date: str
+    study_description: str
+    modalities: tuple[str, ...]
+    series: tuple[Series, ...]
+    instances: int
+    generation: int
+    last_instance_at: float
+    source_aes: tuple[str, ...] = ()
+    dataset: Dataset = field(default_factory=Dataset, repr=False, compare=False)

@@ -152,6 +152,7 @@ def document(archive: Archive) -> dict[str, Any]:
     if archive.dicom_status is not None:
         body["dicom"] = archive.dicom_status()
     body["supervisor"] = supervisor_state(s.server.supervisor_status_file)
+    body["jobs"] = _jobs(archive)
     body["verify"] = verify.health_field(s.data_dir)  # the last `macpacs verify`; never fails the status
     if body["index"] != "ok" or body["storage"] != "ok":
         body["status"] = "failing"
@@ -166,6 +167,14 @@ def _recovery(archive: Archive) -> dict[str, Any] | None:
         return archive.recovery.status()
     state = archive.index.recovery_state()
     return None if state is None else {"state": state.get("state"), "detail": state.get("state")}
+
+
+def _jobs(archive: Archive) -> dict[str, int] | None:
+    """The job queue by state; ``alerting``: jobs that failed ``jobs.alert_after`` times (pacs_server/jobs.py)."""
+    try:
+        return archive.jobs.counts()
+    except Exception:  # the index check already says what is wrong
+        return None
 
 
 def _outcome(check: Callable[[Archive], None], archive: Archive) -> str:

@@ -21,6 +21,7 @@ from . import status
 
 LOG_TAIL_BYTES = 256 * 1024
 RECENT_LINES = 20
+JOBS_SHOWN = 20
 _ASSOCIATION = re.compile(r"association|C-ECHO|C-STORE .* from|C-FIND|C-MOVE|C-GET", re.IGNORECASE)
 _PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) ")
 
@@ -101,6 +102,18 @@ def _dicom_text(dicom: dict[str, Any] | None) -> str:
     return text
 
 
+def _jobs(archive: Archive) -> list[dict[str, Any]]:
+    """The jobs worth a look: waiting, running or failed, newest first (the rest: ``macpacs jobs list``)."""
+    try:
+        found = archive.jobs.list(["queued", "running", "failed"], limit=JOBS_SHOWN)
+    except Exception:  # the index line of the page says what is wrong
+        return []
+    return [
+        {**job.as_json(), "changed": datetime.fromtimestamp(job.updated_at).strftime("%Y-%m-%d %H:%M:%S")}
+        for job in found
+    ]
+
+
 def view(archive: Archive, host: str) -> dict[str, Any]:
     """What ``status.html`` shows: the status document in words, plus connection help and log lines."""
     s = archive.settings
@@ -133,6 +146,8 @@ def view(archive: Archive, host: str) -> dict[str, Any]:
         "storage_detail": doc["storage"],
         "dicom": _dicom_text(doc.get("dicom")),
         "supervisor": _supervisor_text(doc["supervisor"]),
+        "job_counts": doc["jobs"],
+        "jobs": _jobs(archive),
         "verify": verify.describe(verify.load_summary(s.data_dir)),
         "verify_ok": not any((doc["verify"] or {}).get(key) for key in ("remaining", "lost")),
         "associations": _recent(lines, _ASSOCIATION),

@@ -3,8 +3,9 @@
 Each is a thin adapter over the archive's one way of doing the job: the study search is one
 query through the one matcher, sorted, paged and counted by the index (``Index.page``),
 nodes through ``nodes.NodeRegistry`` and ``dimse.scu.echo`` (as ``macpacs nodes`` does), sending
-through ``dimse.scu.send``, delete through ``delete.delete_matching``, and the ZIP reads files
-through ``retrieve``. State-changing calls need the page's CSRF token in ``X-CSRF-Token``.
+as a ``send`` job of the archive's queue (``jobs``, also listed, retried and cancelled here),
+delete through ``delete.delete_matching``, and the ZIP reads files through ``retrieve``.
+State-changing calls need the page's CSRF token in ``X-CSRF-Token``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from pydantic import BaseModel, Field
 from ..archive import Archive
 from ..delete import delete_matching
 from ..dimse import scu
-from ..dimse.subops import PeerError, Progress
+from ..dimse.subops import PeerError
 from ..index import Query, QueryError
-from ..jobs import Job
+from ..jobs import Job, JobError
 from ..nodes import Node, NodeError
 from ..retrieve import FileMissing, instance_path
 from . import audited
@@ -284,32 +285,9 @@ def study_zip(
     )
 
 
-# -- send to a node ----------------------------------------------------------------------------------
+# -- send to a node, jobs ------------------------------------------------------------------------------
 class SendRequest(BaseModel):
     node: str = Field(max_length=64)
-
-
-def _send(archive: Archive, job: Job, node: Node, study_uid: str) -> None:
-    """The body of a send job: C-STORE the study to ``node`` (subops), with progress on ``job``."""
-
-    def progress(p: Progress) -> None:
-        job.total = p.total
-        job.done = p.completed + p.warning
-        job.failed = p.failed
-
-    try:
-        result = scu.send(node, archive, {"StudyInstanceUID": study_uid}, progress)
-    except (PeerError, OSError, RuntimeError) as exc:
-        job.state, job.message = "failed", f"Sending to {node.name} failed: {exc}"
-        return
-    progress(result)
-    if result.total == 0:
-        job.state, job.message = "failed", "This study has no images left in the archive (deleted meanwhile?)."
-    elif result.failed:
-        job.state = "failed"
-        job.message = f"{result.failed} of {result.total} images were not accepted by {node.name}: {result.summary()}"
-    else:
-        job.state, job.message = "done", f"Sent {result.total} images to {node.name}."
 
 
 @router.post("/studies/{study_uid}/send", dependencies=CSRF)
@@ -319,6 +297,7 @@ def send_study(
     body: SendRequest,
     who: Principal = READER,
 ) -> dict[str, Any]:
+    """Queue a send of the study to a node (a ``send`` job: dimse/transfer_jobs.py); poll ``/jobs/{id}``."""
     archive = _archive(request)
     study_uid = check_uid(study_uid, "study UID")
     try:
@@ -329,17 +308,48 @@ def send_study(
         raise HTTPException(409, f"node {node.name} awaits approval: an admin must activate it first")
     log.info("web: %s sends study %s to %s", who.name, study_uid, node.name)
     job = archive.jobs.submit(
-        "send", f"send study {study_uid} to {node.name}", lambda job: _send(archive, job, node, study_uid)
+        "send", f"send study {study_uid} to {node.name}", {"node": node.name, "keys": {"StudyInstanceUID": study_uid}}
     )
-    return dataclasses.asdict(job)
+    return job.as_json()
+
+
+def _job(request: Request, job_id: int) -> Job:
+    job = _archive(request).jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id} (finished jobs are forgotten after jobs.keep_days)")
+    return job
 
 
 @router.get("/jobs/{job_id}")
-def send_progress(request: Request, job_id: str, _who: Principal = READER) -> dict[str, Any]:
-    job = _archive(request).jobs.get(job_id)
-    if job is None:
-        raise HTTPException(404, "no such send job (the server may have restarted)")
-    return dataclasses.asdict(job)
+def job_progress(request: Request, job_id: int, _who: Principal = READER) -> dict[str, Any]:
+    return _job(request, job_id).as_json()
+
+
+@router.get("/jobs")
+def list_jobs(request: Request, state: str = "", limit: int = 50, _who: Principal = ADMIN) -> list[dict[str, Any]]:
+    """The newest jobs (of one state, if given), for the status page."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise HTTPException(400, f"limit must be 1-{MAX_PAGE}")
+    try:
+        jobs = _archive(request).jobs.list([state] if state else [], limit=limit)
+    except JobError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return [job.as_json() for job in jobs]
+
+
+@router.post("/jobs/{job_id}/{action}", dependencies=CSRF)
+def change_job(request: Request, job_id: int, action: str, who: Principal = ADMIN) -> dict[str, Any]:
+    """Retry or cancel a job (an admin's, as ``macpacs jobs retry|cancel``)."""
+    jobs = _archive(request).jobs
+    if action not in ("retry", "cancel"):
+        raise HTTPException(404, f"a job can be retried or cancelled, not {action[:20]!r}")
+    _job(request, job_id)
+    try:
+        job = jobs.retry(job_id) if action == "retry" else jobs.cancel(job_id)
+    except JobError as exc:
+        raise HTTPException(409, str(exc)) from None
+    log.info("web: %s: %s job %d", who.name, action, job_id)
+    return job.as_json()
 
 
 # -- nodes ----------------------------------------------------------------------------------------------

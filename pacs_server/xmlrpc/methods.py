@@ -252,20 +252,10 @@ class OsirixMethods:
         node = self._node(server_name)
         if node is None:
             return {"error": "-1"}
-
-        def work() -> None:
-            try:
-                studies = scu.query(node, self.settings, "STUDY", {"AccessionNumber": accession})
-            except Exception as exc:
-                log.error("XML-RPC CMove: query for accession %s on %s failed: %s", accession, node.name, exc)
-                return
-            uids = [str(ds.StudyInstanceUID) for ds in studies if ds.get("StudyInstanceUID")]
-            if not uids:
-                log.warning("XML-RPC CMove: no study with accession number %s on %s", accession, node.name)
-            self._retrieve(node, uids, "move")
-
         self.archive.jobs.submit(
-            "cmove", f"XML-RPC CMove of accession {accession} from {node.name}", lambda _job: work()
+            "retrieve",
+            f"XML-RPC CMove of accession {accession} from {node.name}",
+            {"node": node.name, "query": {"AccessionNumber": accession}, "method": "move"},
         )
         return {"error": "0"}
 
@@ -277,21 +267,9 @@ class OsirixMethods:
             return None
 
     def _retrieve_in_background(self, node: Node, uids: list[str], method: str) -> None:
-        description = f"XML-RPC Retrieve of {len(uids)} studies from {node.name}"
-        self.archive.jobs.submit("retrieve", description, lambda _job: self._retrieve(node, uids, method))
-
-    def _retrieve(self, node: Node, uids: list[str], method: str) -> None:
-        for uid in uids:
-            try:
-                result = scu.retrieve(node, self.archive, "STUDY", {"StudyInstanceUID": uid}, method=method)
-            except Exception as exc:
-                log.error("XML-RPC retrieve of study %s from %s failed: %s", uid, node.name, exc)
-                continue
-            if not result.ok:
-                log.error(
-                    "XML-RPC retrieve of study %s from %s: status 0x%04X %s",
-                    uid,
-                    node.name,
-                    result.status,
-                    result.comment,
-                )
+        """A ``retrieve`` job (dimse/transfer_jobs.py): retried by the queue while the node fails."""
+        self.archive.jobs.submit(
+            "retrieve",
+            f"XML-RPC Retrieve of {len(uids)} studies from {node.name}",
+            {"node": node.name, "study_uids": uids, "method": method},
+        )

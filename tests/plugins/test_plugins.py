@@ -139,4 +139,5 @@ def test_an_unknown_plugin_name_stops_the_server_with_a_clear_message(plugin_sit
     done = _macpacs(_env(plugin_site, "exampel"), "serve", "--data-dir", str(tmp_path / "data"))
     assert done.returncode != 0
     assert "plugins.enable names 'exampel', which no installed package provides" in done.stderr
-    assert "installed plugins: broken, example, unloadable" in done.stderr
+    installed = done.stderr.split("installed plugins: ", 1)[1].split(")", 1)[0].split(", ")
+    assert installed == sorted(installed) and {"broken", "example", "unloadable"} <= set(installed)

@@ -19,7 +19,8 @@ sendButton?.addEventListener("click", async () => {
   show(message, "");
   try {
     let job = await api("POST", `/api/ui/studies/${enc(study)}/send`, { node });
-    while (job.state === "running" || job.state === "queued") {
+    // A job queued again after a failed attempt is retried by the server: stop waiting here.
+    while ((job.state === "running" || job.state === "queued") && !job.retrying) {
       bar.max = Math.max(1, job.total);
       bar.value = job.done;
       status.textContent = `${job.done} / ${job.total} images sent to ${job.node}`;
@@ -29,7 +30,8 @@ sendButton?.addEventListener("click", async () => {
     bar.max = Math.max(1, job.total);
     bar.value = job.done;
     status.textContent = `${job.done} / ${job.total} images sent to ${job.node}`;
-    show(message, job.message, job.state === "done" ? "ok" : "error");
+    const retry = job.retrying ? ` The server retries it (job ${job.id}, on the Status page).` : "";
+    show(message, job.message + retry, job.state === "done" ? "ok" : "error");
   } catch (err) {
     if (!loginIfExpired(err)) show(message, err.message, "error");
   } finally {

@@ -1,0 +1,236 @@
+"""The ``job`` table: reads and writes of the persistent job queue (``pacs_server.jobs``).
+
+``jobs`` keeps the rules (back-off, alerts, what a kind does); this module keeps the SQL. A job
+is taken by one runner at a time: ``claim`` moves rows from ``queued`` to ``running`` with a
+conditional UPDATE (``... WHERE state = 'queued'``) under the runner's own owner token and reads
+back only the rows that carry it, so two processes (DICOM workers, several servers on one
+PostgreSQL) never take the same job. On PostgreSQL the selects also skip rows another
+transaction has locked (``FOR UPDATE SKIP LOCKED``); SQLite has one writer at a time anyway.
+
+Writes take the index's writer lock, as ingest does, so that a job queued from a DICOM worker
+waits its turn instead of making an ingest transaction poll for SQLite's lock. On SQLite they
+commit with ``synchronous=NORMAL``: the WAL is not fsynced for them, but it is written (a
+killed process loses nothing) and the next ingest commit, which is ``FULL``, makes them durable
+with it; only a power cut in between can lose the last ones (at worst a routed instance is not
+sent). This keeps a queued job from costing one more fsync per C-STORE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .db import Index
+from .schema import job
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+
+
+@contextmanager
+def quick_write(index: Index) -> Iterator[Connection]:
+    """One write transaction under the writer lock (``BEGIN IMMEDIATE`` on SQLite, without an
+    fsync of its own: the module's docstring says why that is safe)."""
+    with index._write_lock, index.engine.connect() as conn:
+        if index.is_sqlite:
+            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+            conn.commit()
+        try:
+            with conn.begin():
+                if index.is_sqlite:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                yield conn
+        finally:
+            if index.is_sqlite:
+                conn.exec_driver_sql("PRAGMA synchronous=FULL")
+                conn.commit()
+
+
+class JobTable:
+    """The ``job`` rows of one index; every call is one short transaction."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.engine = index.engine
+        self._postgres = self.engine.dialect.name == "postgresql"
+
+    def _writing(self) -> Any:
+        return quick_write(self.index)
+
+    def _insert(self) -> Any:
+        """An INSERT that can skip a taken dedupe key (both dialects spell it ON CONFLICT DO NOTHING)."""
+        return (postgresql.insert if self._postgres else sqlite.insert)(job)
+
+    def _locking(self, stmt: Any) -> Any:
+        return stmt.with_for_update(skip_locked=True) if self._postgres else stmt
+
+    # -- queueing ---------------------------------------------------------------------------------
+    def insert(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Queue ``rows`` in one transaction; the primary key of each, in order.
+
+        A row whose ``dedupe_key`` is already taken is not queued again: its key's existing
+        job is returned instead.
+        """
+        now = time.time()
+        pks: list[int] = []
+        with self._writing() as conn:
+            for row in rows:
+                key = row.get("dedupe_key")
+                values = {"state": QUEUED, "next_run_at": now, "created_at": now, "updated_at": now, **row}
+                stmt = self._insert().values(**values).on_conflict_do_nothing(index_elements=["dedupe_key"])
+                result = conn.execute(stmt)
+                if result.rowcount == 1:
+                    pks.append(result.inserted_primary_key[0])
+                else:  # the key is taken: that job, queued before (maybe by another process)
+                    pks.append(conn.execute(select(job.c.pk).where(job.c.dedupe_key == key)).scalar_one())
+        return pks
+
+    def claim(self, kinds: Sequence[str], owner: str, lease_s: float, batch_limit: int) -> list[dict[str, Any]]:
+        """Take the next due job of ``kinds`` (and up to ``batch_limit - 1`` due jobs of its batch key).
+
+        The rows come back ``running``, owned by ``owner``, with ``attempts`` counted; an empty
+        list when nothing is due.
+        """
+        now = time.time()
+        c = job.c
+        due = (c.state == QUEUED, c.next_run_at <= now, c.kind.in_(list(kinds)))
+        with self._writing() as conn:
+            first = conn.execute(
+                self._locking(select(c.pk, c.batch_key).where(*due).order_by(c.next_run_at, c.pk).limit(1))
+            ).first()
+            if first is None:
+                return []
+            pks = [first.pk]
+            if first.batch_key is not None and batch_limit > 1:
+                pks += conn.execute(
+                    self._locking(
+                        select(c.pk)
+                        .where(*due, c.batch_key == first.batch_key, c.pk != first.pk)
+                        .order_by(c.pk)
+                        .limit(batch_limit - 1)
+                    )
+                ).scalars()
+            conn.execute(
+                update(job)
+                .where(c.pk.in_(pks), c.state == QUEUED)
+                .values(state=RUNNING, owner=owner, lease_until=now + lease_s, attempts=c.attempts + 1, updated_at=now)
+            )
+            rows = conn.execute(select(job).where(c.pk.in_(pks), c.owner == owner, c.state == RUNNING).order_by(c.pk))
+            return [dict(row) for row in rows.mappings()]
+
+    # -- a running job's progress and outcome -------------------------------------------------------
+    def progress(
+        self, pks: Sequence[int], owner: str, lease_s: float, values: Mapping[int, Mapping[str, Any]]
+    ) -> set[int]:
+        """Extend the lease of running jobs and record the counts in ``values``; the jobs no longer
+        ours (cancelled, or re-queued after the lease ran out) are returned."""
+        now = time.time()
+        c = job.c
+        mine = (c.owner == owner, c.state == RUNNING)
+        with self._writing() as conn:
+            for pk, counts in values.items():
+                conn.execute(update(job).where(c.pk == pk, *mine).values(**counts))
+            ours: set[int] = set()
+            for start in range(0, len(pks), 500):
+                chunk = list(pks[start : start + 500])
+                conn.execute(
+                    update(job).where(c.pk.in_(chunk), *mine).values(lease_until=now + lease_s, updated_at=now)
+                )
+                ours.update(conn.execute(select(c.pk).where(c.pk.in_(chunk), *mine)).scalars())
+        return set(pks) - ours
+
+    def next_due(self, kinds: Sequence[str]) -> float | None:
+        """When the next queued job of ``kinds`` is due (a read, so idle runners take no lock)."""
+        c = job.c
+        stmt = select(func.min(c.next_run_at)).where(c.state == QUEUED, c.kind.in_(list(kinds)))
+        with self.engine.connect() as conn:
+            return conn.execute(stmt).scalar()
+
+    def finish(self, outcomes: Mapping[int, Mapping[str, Any]], owner: str) -> None:
+        """Store the outcome of running jobs (their new ``state``, message, counts, next run)."""
+        now = time.time()
+        with self._writing() as conn:
+            for pk, values in outcomes.items():
+                conn.execute(
+                    update(job)
+                    .where(job.c.pk == pk, job.c.owner == owner, job.c.state == RUNNING)
+                    .values(**values, owner="", lease_until=0.0, updated_at=now)
+                )
+
+    # -- an administrator's actions -------------------------------------------------------------------
+    def retry(self, pk: int) -> bool:
+        """Queue a failed, cancelled or waiting job to run now, with its attempts counted from zero."""
+        with self._writing() as conn:
+            return (
+                conn.execute(
+                    update(job)
+                    .where(job.c.pk == pk, job.c.state.in_((QUEUED, FAILED, CANCELLED)))
+                    .values(state=QUEUED, attempts=0, alerted=False, next_run_at=time.time(), updated_at=time.time())
+                ).rowcount
+                == 1
+            )
+
+    def cancel(self, pk: int) -> bool:
+        """Cancel a queued, running or failed job (a running one stops at its next progress report)."""
+        with self._writing() as conn:
+            return (
+                conn.execute(
+                    update(job)
+                    .where(job.c.pk == pk, job.c.state.in_((QUEUED, RUNNING, FAILED)))
+                    .values(state=CANCELLED, owner="", updated_at=time.time())
+                ).rowcount
+                == 1
+            )
+
+    # -- housekeeping ------------------------------------------------------------------------------------
+    def requeue(self, *, owner_prefix: str | None = None) -> int:
+        """Put running jobs back in the queue: those whose lease ran out (their runner died or
+        hangs), or with ``owner_prefix`` every one a runner of that prefix holds (its process
+        is known to be gone). Returns how many."""
+        now = time.time()
+        where = job.c.owner.startswith(owner_prefix, autoescape=True) if owner_prefix else job.c.lease_until < now
+        with self._writing() as conn:
+            return conn.execute(
+                update(job)
+                .where(job.c.state == RUNNING, where)
+                .values(state=QUEUED, owner="", lease_until=0.0, next_run_at=now, updated_at=now)
+            ).rowcount
+
+    def purge(self, before: float) -> int:
+        """Forget finished and cancelled jobs last changed before ``before``."""
+        with self._writing() as conn:
+            return conn.execute(
+                delete(job).where(job.c.state.in_((DONE, CANCELLED)), job.c.updated_at < before)
+            ).rowcount
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    def get(self, pk: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(job).where(job.c.pk == pk)).mappings().first()
+        return dict(row) if row else None
+
+    def list(
+        self, states: Sequence[str] = (), kinds: Sequence[str] = (), limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """Jobs, newest first, optionally only of some states and kinds."""
+        stmt = select(job).order_by(job.c.pk.desc()).limit(limit).offset(offset)
+        if states:
+            stmt = stmt.where(job.c.state.in_(list(states)))
+        if kinds:
+            stmt = stmt.where(job.c.kind.in_(list(kinds)))
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(stmt).mappings()]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state, plus ``alerting``: queued or failed jobs that raised an alert."""
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(select(job.c.state, func.count()).group_by(job.c.state)).all())
+            alerting = conn.execute(
+                select(func.count()).where(job.c.alerted.is_(True), job.c.state.in_((QUEUED, RUNNING, FAILED)))
+            ).scalar_one()
+        return {**{state: int(found.get(state, 0)) for state in STATES}, "alerting": int(alerting)}

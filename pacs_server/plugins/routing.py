@@ -1,0 +1,253 @@
+"""The ``routing`` plugin: OsiriX's routing rules, sending what arrives on to other DICOM nodes.
+
+Each rule of ``[[plugins.routing.rules]]`` says when (``on = "stored"``: each instance as it is
+stored; ``on = "stable"``: the whole study once it is stable), what (conditions on the modality,
+the calling AE title and any tag values, all of which must match) and where (``to``: registered
+node names), optionally as another transfer syntax::
+
+    [[plugins.routing.rules]]
+    name = "CT to the reading room"
+    on = "stored"
+    to = ["READING1", "BACKUP"]
+    modality = ["CT", "MR"]                  # any of them
+    calling_ae = ["CT_SCANNER"]              # any of them
+    tags = { StudyDescription = "*HEAD*", "0008,0080" = "GENERAL HOSPITAL" }
+    transfer_syntax = "1.2.840.10008.1.2.1"  # optional: send as Explicit VR Little Endian
+
+Every match becomes a ``send`` job of the archive's queue (``pacs_server/jobs.py``): it survives a
+restart and is retried with back-off while a destination is down. Instances routed to one node
+go out together on one association. Each job has a ``dedupe_key`` (the rule, the node, the
+instance and its content hash; or the study and its stable generation), so a hook that runs
+twice queues nothing twice, and an instance overwritten with new content is routed again.
+
+Only the public hooks are used: ``instance_stored`` (in whichever process stored the instance)
+and ``study_stable`` (in the server process). A rule that cannot be understood is logged with
+what to fix and skipped; the others still route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from ..config import AE_TITLE_RE
+from ..dimse.transfer_jobs import send_batch_key
+from . import hookimpl
+from .types import Instance, Study
+
+if TYPE_CHECKING:
+    from ..archive import Archive
+
+log = logging.getLogger(__name__)
+
+NAME = "routing"
+KEYS = {"name", "on", "to", "modality", "calling_ae", "tags", "transfer_syntax"}
+_rules: dict[int, list[Rule]] = {}  # by id(archive): the rules of this process
+
+
+class RuleError(ValueError):
+    """A routing rule is malformed; the message names the rule and what to change."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One routing rule, checked."""
+
+    name: str
+    on: str
+    to: tuple[str, ...]
+    modality: frozenset[str] = frozenset()
+    calling_ae: frozenset[str] = frozenset()
+    tags: tuple[tuple[int, str, tuple[re.Pattern[str], ...]], ...] = ()
+    transfer_syntax: str | None = None
+    key: str = field(default="", compare=False)  # short and stable, for dedupe keys
+
+    def matches(self, modalities: Iterable[str], callers: Iterable[str], dataset: Dataset) -> bool:
+        if self.modality and not self.modality & {m.upper() for m in modalities}:
+            return False
+        if self.calling_ae and not self.calling_ae & {c.strip() for c in callers}:
+            return False
+        return all(_tag_matches(dataset, tag, patterns) for tag, _text, patterns in self.tags)
+
+
+def _tag_matches(dataset: Dataset, tag: int, patterns: Sequence[re.Pattern[str]]) -> bool:
+    element = dataset.get(tag)
+    if element is None or element.VR == "SQ":
+        return False
+    value = element.value
+    values = [str(v) for v in value] if element.VM > 1 else ["" if value is None else str(value)]
+    return any(p.fullmatch(v) for p in patterns for v in values)
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    """A DICOM wildcard value (``*`` any run, ``?`` one character) as a regular expression."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in text), re.DOTALL)
+
+
+def _strings(rule: str, key: str, value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise RuleError(f'{rule}: {key} must be a text or a list of texts, e.g. {key} = ["CT", "MR"]')
+    return [v.strip() for v in items]
+
+
+def _tag(rule: str, text: str) -> int:
+    """A tag named by keyword (``StudyDescription``) or number (``0008,1030``)."""
+    keyword_tag = tag_for_keyword(text)
+    if keyword_tag is not None:
+        return int(keyword_tag)
+    match = re.fullmatch(r"\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?", text.strip())
+    if match is None:
+        raise RuleError(f"{rule}: tags: {text!r} is neither a DICOM keyword nor a tag like 0008,1030")
+    return int(Tag(int(match.group(1), 16), int(match.group(2), 16)))
+
+
+def parse_rule(number: int, raw: Any) -> Rule:
+    """Check one ``[[plugins.routing.rules]]`` table; RuleError says what is wrong."""
+    if not isinstance(raw, Mapping):
+        raise RuleError(f"routing rule {number} must be a table ([[plugins.routing.rules]])")
+    name = str(raw.get("name") or f"rule {number}")
+    where = f"routing rule {number} ({name!r})"
+    unknown = set(raw) - KEYS
+    if unknown:
+        raise RuleError(f"{where}: unknown setting {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")
+    on = raw.get("on", "stored")
+    if on not in ("stored", "stable"):
+        raise RuleError(f'{where}: on = {on!r}: use "stored" (each instance) or "stable" (the whole study)')
+    if "to" not in raw:
+        raise RuleError(f'{where}: say where to send with to = ["NODE"] (names from `macpacs nodes list`)')
+    to = tuple(_strings(where, "to", raw["to"]))
+    callers = _strings(where, "calling_ae", raw.get("calling_ae", []) or [])
+    bad = [ae for ae in callers if not AE_TITLE_RE.match(ae)]
+    if bad:
+        raise RuleError(f"{where}: calling_ae {bad[0]!r} is not an AE title (1-16 characters, no backslash)")
+    tags_raw = raw.get("tags", {}) or {}
+    if not isinstance(tags_raw, Mapping):
+        raise RuleError(f'{where}: tags must be a table, e.g. tags = {{ StudyDescription = "*HEAD*" }}')
+    tags = tuple(
+        (_tag(where, str(k)), str(k), tuple(_pattern(v) for v in _strings(where, f"tags.{k}", v)))
+        for k, v in tags_raw.items()
+    )
+    syntax = raw.get("transfer_syntax") or None
+    if syntax is not None:
+        uid = UID(str(syntax))
+        if not uid.is_transfer_syntax:
+            raise RuleError(
+                f"{where}: transfer_syntax {syntax!r} is not a transfer syntax UID "
+                "(e.g. 1.2.840.10008.1.2.1 Explicit VR Little Endian, 1.2.840.10008.1.2.5 RLE Lossless)"
+            )
+        syntax = str(uid)
+    return Rule(
+        name=name,
+        on=on,
+        to=to,
+        modality=frozenset(m.upper() for m in _strings(where, "modality", raw.get("modality", []) or [])),
+        calling_ae=frozenset(callers),
+        tags=tags,
+        transfer_syntax=syntax,
+        key=hashlib.sha256(f"{number}:{name}".encode()).hexdigest()[:10],
+    )
+
+
+def load_rules(options: Mapping[str, Any], report: bool = True) -> list[Rule]:
+    """The rules of ``[plugins.routing]`` that can be understood (the others are logged when ``report``:
+    the server process says it once, not each DICOM worker again)."""
+    raw_rules = options.get("rules", [])
+    if not isinstance(raw_rules, list):
+        if report:
+            log.error("routing: plugins.routing.rules must be a list of tables ([[plugins.routing.rules]]); no routing")
+        return []
+    rules = []
+    for number, raw in enumerate(raw_rules, 1):
+        try:
+            rules.append(parse_rule(number, raw))
+        except RuleError as exc:
+            if report:
+                log.error("%s; this rule is skipped until the configuration is fixed and the server restarted", exc)
+    return rules
+
+
+@hookimpl
+def startup(archive: Archive) -> None:
+    rules = _rules[id(archive)] = load_rules(archive.plugins.options(NAME), report=archive.role != "dicom-worker")
+    if archive.role != "server":
+        return
+    known = {node.name for node in archive.nodes.list()}
+    for rule in rules:
+        for name in rule.to:
+            if name not in known:
+                log.warning(
+                    "routing rule %r sends to %r, which is not a registered node: its jobs fail until "
+                    "`macpacs nodes add %s ...` registers it",
+                    rule.name,
+                    name,
+                    name,
+                )
+    log.info("routing: %d rule(s): %s", len(rules), "; ".join(f"{r.name} ({r.on} → {', '.join(r.to)})" for r in rules))
+
+
+@hookimpl
+def shutdown(archive: Archive) -> None:
+    _rules.pop(id(archive), None)
+
+
+@hookimpl
+def instance_stored(archive: Archive, instance: Instance) -> None:
+    rules = [rule for rule in _rules.get(id(archive), []) if rule.on == "stored"]
+    if not rules:
+        return
+    modality = str(instance.dataset.get("Modality", "") or "")
+    jobs = []
+    for rule in rules:
+        if not rule.matches([modality], [instance.source], instance.dataset):
+            continue
+        for node in rule.to:
+            jobs.append(
+                (
+                    "send",
+                    f"route {instance.sop_instance_uid} to {node} ({rule.name})",
+                    {
+                        "node": node,
+                        "keys": {"SOPInstanceUID": instance.sop_instance_uid},
+                        "transfer_syntax": rule.transfer_syntax,
+                    },
+                    send_batch_key(node, rule.transfer_syntax),
+                    f"route:{rule.key}:{node}:{instance.sop_instance_uid}:{instance.content_hash[:16]}",
+                )
+            )
+    if jobs:
+        archive.jobs.submit_many(jobs)
+
+
+@hookimpl
+def study_stable(archive: Archive, study: Study) -> None:
+    jobs = []
+    for rule in _rules.get(id(archive), []):
+        if rule.on != "stable" or not rule.matches(study.modalities, study.source_aes, study.dataset):
+            continue
+        for node in rule.to:
+            jobs.append(
+                (
+                    "send",
+                    f"route study {study.study_instance_uid} to {node} ({rule.name})",
+                    {
+                        "node": node,
+                        "keys": {"StudyInstanceUID": study.study_instance_uid},
+                        "transfer_syntax": rule.transfer_syntax,
+                    },
+                    None,
+                    f"route:{rule.key}:{node}:{study.study_instance_uid}:g{study.generation}",
+                )
+            )
+    if jobs:
+        archive.jobs.submit_many(jobs)
+        log.info("routing: study %s queued for %s", study.study_instance_uid, ", ".join(j[2]["node"] for j in jobs))

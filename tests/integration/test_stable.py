@@ -1,0 +1,142 @@
+"""Stable studies (issue 16), heard by a third-party plugin written here and enabled by its name.
+
+The plugin is a module plus the ``dist-info`` pip would write for it (an entry point in the
+``macpacs.plugins`` group) in a folder on PYTHONPATH: the server finds it exactly as an
+installed package. It records every ``study_stable`` call and serves them on a route of its own.
+Instances arrive by C-STORE, served by DICOM worker processes; the hook fires once per study, in
+the main process only, after ``storage.stable_after`` seconds of quiet; again when more instances
+arrive; and neither again nor never across restarts.
+"""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from pydicom.uid import generate_uid
+
+from tests.conftest import run_tool
+from tests.synthetic import write_series
+
+from .jobs_helpers import wait_until
+
+STABLE_AFTER = 1.0
+
+PLUGIN = '''
+"""A site's own plugin: remembers the stable studies and shows them on its own route."""
+
+import json
+import os
+import threading
+import time
+
+from fastapi import APIRouter
+
+from macpacs.pacs_server.plugins import hookimpl
+
+_lock = threading.Lock()
+
+
+def _path(archive):
+    return archive.settings.data_dir / "sitewatch.jsonl"
+
+
+@hookimpl
+def study_stable(archive, study):
+    line = {
+        "time": time.time(),
+        "pid": os.getpid(),
+        "role": archive.role,
+        "study": study.study_instance_uid,
+        "generation": study.generation,
+        "instances": study.instances,
+        "series": [s.instances for s in study.series],
+        "modalities": list(study.modalities),
+        "sources": list(study.source_aes),
+        "last_instance_at": study.last_instance_at,
+        "description": str(study.dataset.get("StudyDescription", "")),
+    }
+    with _lock, open(_path(archive), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\\n")
+
+
+@hookimpl
+def register_routes(archive):
+    router = APIRouter(prefix="/plugins/sitewatch")
+
+    @router.get("/stable")
+    def stable():
+        path = _path(archive)
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    return router
+'''
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """The plugin 'installed' into a folder: its module and the dist-info naming its entry point."""
+    folder = tmp_path / "site"
+    info = folder / "macpacs_sitewatch-1.0.dist-info"
+    info.mkdir(parents=True)
+    (folder / "macpacs_sitewatch.py").write_text(textwrap.dedent(PLUGIN))
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: macpacs-sitewatch\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[macpacs.plugins]\nsitewatch = macpacs_sitewatch\n")
+    return folder
+
+
+def _seen(server) -> list[dict]:
+    return requests.get(f"http://127.0.0.1:{server.web_port}/plugins/sitewatch/stable", timeout=10).json()
+
+
+def test_study_stable_fires_once_per_quiet_study_in_the_main_process_across_restarts(
+    make_server, site: Path, tmp_path: Path
+) -> None:
+    env = {
+        "PYTHONPATH": str(site),
+        "MACPACS_PLUGINS_ENABLE": "sitewatch",
+        "MACPACS_STORAGE_STABLE_AFTER": str(STABLE_AFTER),
+        "MACPACS_DICOM_WORKERS": "2",
+    }
+    server = make_server(env=env)
+    study = generate_uid()
+    first = write_series(tmp_path / "a1", 3, size=16, study_uid=study)
+    run_tool("storescu", "-aet", "MODALITY1", *server.dicom_args(), *map(str, first))
+    (line,) = wait_until("the study to be stable", lambda: _seen(server))
+    assert line["study"] == study and line["generation"] == 1 and line["instances"] == 3
+    assert line["role"] == "server" and line["pid"] == server.proc.pid, "fired by the main process"
+    assert line["sources"] == ["MODALITY1"] and line["modalities"] == ["CT"] and line["description"] == "CT CHEST"
+    assert line["time"] - line["last_instance_at"] >= STABLE_AFTER, "not before stable_after seconds of quiet"
+
+    more = write_series(tmp_path / "a2", 2, size=16, study_uid=study, series_description="SAGITTAL")
+    run_tool("storescu", "-aet", "MODALITY1", *server.dicom_args(), *map(str, more))
+    seen = wait_until("the study to be stable again", lambda: len(_seen(server)) == 2 and _seen(server))
+    assert seen[1]["generation"] == 2 and seen[1]["instances"] == 5 and sorted(seen[1]["series"]) == [2, 3]
+
+    # A study that arrives before a stop and is not stable yet is stable after the restart: not lost...
+    server.stop()
+    server.env["MACPACS_STORAGE_STABLE_AFTER"] = "60"
+    server.start()
+    other = write_series(tmp_path / "b", 2, size=16)
+    run_tool("storescu", *server.dicom_args(), *map(str, other))
+    server.stop(signal.SIGTERM)
+    assert len((server.data_dir / "sitewatch.jsonl").read_text().splitlines()) == 2
+    server.env["MACPACS_STORAGE_STABLE_AFTER"] = str(STABLE_AFTER)
+    server.start()
+    seen = wait_until("the other study to be stable after a restart", lambda: len(_seen(server)) >= 3 and _seen(server))
+    assert seen[2]["generation"] == 1 and seen[2]["instances"] == 2
+    # ... and nothing repeats, neither after that start nor after the next one.
+    time.sleep(3 * STABLE_AFTER)
+    server.stop(signal.SIGKILL)
+    server.start()
+    time.sleep(3 * STABLE_AFTER)
+    seen = _seen(server)
+    assert [(s["study"], s["generation"]) for s in seen] == [
+        (study, 1),
+        (study, 2),
+        (seen[2]["study"], 1),
+    ], "each stable study once"
