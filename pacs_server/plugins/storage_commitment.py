@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,8 @@ PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP instance
 REQUEST_COMMITMENT = 1  # action type
 ALL_COMMITTED, SOME_FAILED = 1, 2  # event types
 UIDS_PER_QUERY = 1000
+# Seconds after the N-ACTION before the report is sent on the requester's association (see _send).
+GRACE_S = 1.0
 
 
 def _failure(status: int, comment: str) -> Response:
@@ -94,7 +97,10 @@ class Commitments:
         # After the N-ACTION-RSP: pynetdicom sends a request on the association only once the
         # response to the current one has left (its reactor is paused between messages).
         threading.Thread(
-            target=self._answer, args=(request, transaction, refs), name="storage-commitment", daemon=True
+            target=self._answer,
+            args=(request, transaction, refs, time.monotonic()),
+            name="storage-commitment",
+            daemon=True,
         ).start()
         return dicom_status.SUCCESS, None
 
@@ -149,12 +155,12 @@ class Commitments:
         return True
 
     # -- the report -------------------------------------------------------------------------------------
-    def _answer(self, request: DicomRequest, transaction: str, refs: list[tuple[str, str]]) -> None:
+    def _answer(self, request: DicomRequest, transaction: str, refs: list[tuple[str, str]], asked: float) -> None:
         try:
             committed, failed = self.check(refs)
             event = event_report(transaction, committed, failed, self.archive.settings.dicom.ae_title)
             event_type = SOME_FAILED if failed else ALL_COMMITTED
-            where = self._send(request, event, event_type)
+            where = self._send(request, event, event_type, asked)
         except Exception:
             log.exception("storage commitment %s for %s: the result could not be sent", transaction, request.calling_ae)
             return
@@ -167,17 +173,27 @@ class Commitments:
             where,
         )
 
-    def _send(self, request: DicomRequest, event: Dataset, event_type: int) -> str:
+    def _send(self, request: DicomRequest, event: Dataset, event_type: int, asked: float) -> str:
+        """Deliver the report: on the requester's association if it still holds it, else on a new one."""
         assoc = request.assoc
-        if self.report != "new" and assoc is not None and assoc.is_established:
-            status = assoc.send_n_event_report(event, event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE)
-            if status is not None and int(status.get("Status", 0xFFFF)) == 0:
-                return "on the same association"
-            if self.report == "same":
-                raise RuntimeError(f"the requester answered the N-EVENT-REPORT with {_status_text(status)}")
-            log.info("storage commitment: the same association did not take the report (%s)", _status_text(status))
-        elif self.report == "same":
-            raise RuntimeError("the requester closed the association before the report (report = same)")
+        if self.report != "new":
+            # A requester that waits for the report keeps the association; one that hangs up (Orthanc)
+            # does so right after the N-ACTION response. Give it that moment before choosing.
+            time.sleep(max(0.0, GRACE_S - (time.monotonic() - asked)))
+            if assoc is not None and assoc.is_established:
+                try:
+                    status, _reply = assoc.send_n_event_report(event, event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+                except (RuntimeError, ValueError) as exc:  # pynetdicom: the association ended meanwhile
+                    status, why = None, str(exc)
+                else:
+                    why = _status_text(status)
+                if status is not None and int(status.get("Status", 0xFFFF)) == 0:
+                    return "on the same association"
+                if self.report == "same":
+                    raise RuntimeError(f"the requester did not take the N-EVENT-REPORT ({why})")
+                log.info("storage commitment: the requester's association did not take the report (%s)", why)
+            elif self.report == "same":
+                raise RuntimeError("the requester closed the association before the report (report = same)")
         node = request.node or self.archive.nodes.by_ae_title(request.calling_ae)
         if node is None:
             raise RuntimeError(
@@ -195,7 +211,7 @@ class Commitments:
         role = build_role(PUSH_MODEL, scu_role=False, scp_role=True)
         assoc = subops.associate(ae, node, [context], ext_neg=[role])
         try:
-            status = assoc.send_n_event_report(event, event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+            status, _reply = assoc.send_n_event_report(event, event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE)
         finally:
             assoc.release()
         if status is None or int(status.get("Status", 0xFFFF)) != 0:

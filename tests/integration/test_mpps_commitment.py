@@ -147,24 +147,30 @@ def test_storage_commitment_reports_committed_and_failed(server, tmp_path) -> No
     ]
 
     reports: list[tuple[int, Dataset]] = []
-    arrived = threading.Event()
+    answered = threading.Event()
 
-    def on_report(event) -> int:
-        reports.append((event.event_type_id, event.event_information))
-        arrived.set()
-        return 0x0000
+    def on_report(event) -> tuple[int, None]:
+        reports.append((int(event.request.EventTypeID), event.event_information))
+        return 0x0000, None
+
+    def on_sent(event) -> None:  # our N-EVENT-REPORT-RSP has left: the modality may hang up now
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            answered.set()
 
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(StorageCommitmentPushModel)
     assoc = ae.associate(
-        "127.0.0.1", server.dicom_port, ae_title=server.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+        "127.0.0.1",
+        server.dicom_port,
+        ae_title=server.ae_title,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)],
     )
     assert assoc.is_established
     try:
         request, transaction = _commitment_request(refs)
         status, _reply = assoc.send_n_action(request, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
         assert status.Status == 0x0000
-        assert arrived.wait(20), "no N-EVENT-REPORT on the same association"
+        assert answered.wait(20), "no N-EVENT-REPORT on the same association"
     finally:
         assoc.release()
     event_type, info = reports[0]
@@ -173,6 +179,7 @@ def test_storage_commitment_reports_committed_and_failed(server, tmp_path) -> No
     failed = {f.ReferencedSOPInstanceUID: f.FailureReason for f in info.FailedSOPSequence}
     assert failed == {damaged.SOPInstanceUID: 0x0110, other.SOPInstanceUID: 0x0119, unknown: 0x0112}
     assert server.logged("is not what was received")
+    assert server.logged(f"storage commitment {transaction} for MODALITY: 1 committed, 3 failed, reported on the same")
 
 
 def test_storage_commitment_report_on_a_new_association(server, tmp_path) -> None:
@@ -184,10 +191,10 @@ def test_storage_commitment_report_on_a_new_association(server, tmp_path) -> Non
     reports: list[tuple[int, Dataset]] = []
     arrived = threading.Event()
 
-    def on_report(event) -> int:
-        reports.append((event.event_type_id, event.event_information))
+    def on_report(event) -> tuple[int, None]:
+        reports.append((int(event.request.EventTypeID), event.event_information))
         arrived.set()
-        return 0x0000
+        return 0x0000, None
 
     port = free_port()
     listener = AE(ae_title="MODALITY")
