@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often every process looks at the recovery file
-CONNECT_WAIT_S = 30.0  # how long a new connection waits for a corrupt database to be replaced
+CONNECT_WAIT_S = 5.0  # how long one new connection waits for a corrupt database to be replaced
 RELEASE_WAIT_S = 60.0  # how long the replacement waits for other programs to close the file
+ABANDONED_S = 2 * RELEASE_WAIT_S  # found corrupt this long ago and not replaced: no server is at it
 QUIET_S = 0.5  # the file must stay unused this long before it is renamed
 # Rebuilt from the stored files; every other table is copied from the corrupt database.
 DERIVED_TABLES = ("patient", "study", "series", "instance", "instance_metadata")
@@ -196,8 +197,10 @@ class Guard:
     """Keeps one process's connections off a database the recovery file calls corrupt.
 
     ``do_connect`` waits while the state is ``"corrupt"``, so that a C-STORE arriving during the
-    replacement is written to the fresh database instead of failing; up to ``CONNECT_WAIT_S`` after
-    the corruption was found, then at once (no server replaces it: ``macpacs reindex`` must).
+    replacement (about a second) is written to the fresh database instead of failing: at most
+    ``CONNECT_WAIT_S`` (then ``IndexUnreadable``, which a sender retries and the heartbeat counts
+    as a read that came back), and not at all once the corruption is ``ABANDONED_S`` old (no
+    server replaces it: ``macpacs reindex`` must).
     A watcher thread (started with the first connection) closes the pooled connections within
     ``POLL_S`` of the file appearing; connections busy at that moment are closed when they come
     back. ``released`` says when none of this process's connections is open on the old file.
@@ -227,13 +230,16 @@ class Guard:
     def _before_connect(self, _dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
         self._start_watcher()
         waited = False
+        deadline = time.monotonic() + CONNECT_WAIT_S
         while (state := read_state(self.database)) is not None and state.get("state") == "corrupt":
             waited = True
-            if time.time() - float(state.get("found_at_epoch", 0)) > CONNECT_WAIT_S:
+            abandoned = time.time() - float(state.get("found_at_epoch", 0)) > ABANDONED_S
+            if abandoned or time.monotonic() > deadline:
                 raise IndexUnreadable(
-                    f"the index database is corrupt ({state.get('error', '?')}) and has not been replaced "
-                    f"within {CONNECT_WAIT_S:.0f} s; see the server log (is `macpacs serve` running in server "
-                    "mode? otherwise run `macpacs reindex`)"
+                    f"the index database is corrupt ({state.get('error', '?')}) and "
+                    + ("nothing has replaced it" if abandoned else f"not replaced within {CONNECT_WAIT_S:.0f} s")
+                    + "; see the server log and /health (a server in server mode replaces it by itself; "
+                    "otherwise run `macpacs reindex`)"
                 )
             time.sleep(0.05)
         if waited:

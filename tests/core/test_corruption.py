@@ -152,7 +152,9 @@ def test_corrupt_instance_table_while_running_is_rebuilt_by_the_server_and_nothi
     assert "corrupt" in watch.health_failed[1]["index"]
 
     # While it is rebuilt: the supervisor's probe answers alive, stores are acknowledged and kept.
-    assert requests.get(f"http://127.0.0.1:{server.web_port}/testdbalive", timeout=10).status_code == 200
+    alive = requests.get(f"http://127.0.0.1:{server.web_port}/testdbalive", timeout=10)
+    assert (alive.status_code, alive.text) == (200, "Test DB Alive succeeded")
+    assert watch.detail.startswith("rebuilding: ")
     during = write_series(tmp_path / "during", DURING, patient_id="CORRUPT2", size=16)
     uid_of = uids(during)
     sending = subprocess.run(
@@ -163,6 +165,7 @@ def test_corrupt_instance_table_while_running_is_rebuilt_by_the_server_and_nothi
         env={**os.environ, "TCP_NODELAY": "1"},
     )
     assert acknowledged(sending.stdout + sending.stderr, uid_of) == set(uid_of.values()), sending.stderr[-2000:]
+    overlap = "all" if watch.health_status == "rebuilding" else "the start"
     sent |= uid_of
     watch.wait_for("ok", timeout=120)
     rebuilt = time.monotonic()
@@ -183,7 +186,7 @@ def test_corrupt_instance_table_while_running_is_rebuilt_by_the_server_and_nothi
         f"\ncorruption figures: {STORED} instances, {pages} instance pages overwritten; "
         f"/testdbalive failed after {watch.alive_failed[0] - started:.2f} s, /health after "
         f"{watch.health_failed[0] - started:.2f} s (from the start of the C-FIND that met it); "
-        f"healthy again {rebuilt - started:.1f} s after; "
+        f"healthy again {rebuilt - started:.1f} s after; {overlap} of the {DURING} stores during the rebuild; "
         + next(line for line in log.splitlines() if "rebuild finished" in line).split("index: ", 1)[1]
     )
 
