@@ -70,6 +70,23 @@ class DicomSettings:
     # Processes serving DICOM associations (pynetdicom serves one process's associations under
     # one GIL): 0 = one per CPU core, at most MAX_AUTO_WORKERS; 1 = inside the main process.
     workers: int = 0
+    # Seconds from TCP accept (and TLS handshake) to the A-ASSOCIATE-RQ; a connection still silent
+    # then is closed. At most max_associations connections wait at once (the oldest is closed).
+    pre_association_timeout: float = 10.0
+    # Connections from one IP address at once (waiting or associated); more are rejected.
+    max_associations_per_peer: int = 20
+    # DICOM over TLS on a second port (PS3.15 B.1), on once tls_cert and tls_key are set (PEM).
+    tls_port: int = 2762
+    tls_cert: str = ""
+    tls_key: str = ""
+    # CA certificates (PEM) that client certificates are verified against; empty: none asked for.
+    tls_ca: str = ""
+    # With tls_ca: refuse a TLS client that presents no certificate signed by one of them.
+    tls_require_client_cert: bool = False
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
 
     def worker_count(self) -> int:
         """How many DICOM worker processes ``workers`` means on this machine (1: none, in-process)."""
@@ -252,6 +269,7 @@ class Settings:
         if j.workers < 1 or j.alert_after < 1 or j.max_attempts < 1 or j.retry_base_s <= 0 or j.retry_max_s <= 0:
             raise ConfigError(
                 "jobs.workers, jobs.alert_after and jobs.max_attempts must be at least 1, and "
+        _validate_dicom_tls(self)
                 "jobs.retry_base_s and jobs.retry_max_s positive"
             )
         if self.web.max_upload_mb < 1:
@@ -298,6 +316,32 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
         raise ConfigError(f"{where} must be true or false, not {value!r}")
     if isinstance(default, int):
         try:
+def _validate_dicom_tls(settings: Settings) -> None:
+    """The DICOM TLS port and the connection limits (their files are read at start: dimse/tls.py)."""
+    d = settings.dicom
+    if d.max_associations_per_peer < 1:
+        raise ConfigError("dicom.max_associations_per_peer must be at least 1")
+    if d.pre_association_timeout <= 0:
+        raise ConfigError("dicom.pre_association_timeout must be a positive number of seconds (default 10)")
+    if bool(d.tls_cert) != bool(d.tls_key):
+        raise ConfigError("dicom.tls_cert and dicom.tls_key must be set together (PEM certificate and its key)")
+    if d.tls_require_client_cert and not d.tls_ca:
+        raise ConfigError(
+            "dicom.tls_require_client_cert needs dicom.tls_ca "
+            "(the CA certificates that client certificates are checked against)"
+        )
+    if not d.tls_enabled:
+        return
+    if not 1 <= d.tls_port <= 65535:
+        raise ConfigError(f"dicom.tls_port = {d.tls_port} is not a TCP port (1-65535)")
+    others = {"dicom.port": d.port, "web.port": settings.web.port}
+    if settings.xmlrpc.enabled:
+        others["xmlrpc.port"] = settings.xmlrpc.port
+    for name, port in others.items():
+        if port == d.tls_port:
+            raise ConfigError(f"dicom.tls_port = {d.tls_port} is also {name}: give the DICOM TLS port its own number")
+
+
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a whole number, not {value!r}") from None

@@ -15,14 +15,24 @@ Every Storage SOP Class pynetdicom knows (all 170) is accepted in every transfer
 received. Incoming datasets are streamed to a file staged by the blob store (pynetdicom's
 ``STORE_RECV_CHUNKED_DATASET``, redirected by ``pynetdicom_ext``), which ingest then puts: the
 fastest pynetdicom path for large instances (shared/reference/performance.md).
+
+Connections reach the listener through ``connections.py`` (the DICOM port, and the TLS port with
+``dicom.tls_cert``/``tls_key``: ``tls.py``): both ports serve every service under the same access
+control. A connection from a peer over ``dicom.max_associations_per_peer`` is rejected here,
+at its A-ASSOCIATE-RQ (transient, "local limit exceeded"), and so is an association beyond
+``dicom.max_associations`` admitted ones (``AssociationSlots``, counted across worker processes);
+connections that have not yet sent their request do not count (the gate bounds them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
+import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +49,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from .. import dicom_status
 from ..archive import Archive
 from ..nodes import Node
-from . import pynetdicom_ext, subops
+from . import connections, pynetdicom_ext, subops, tls
+from .connections import AssociationSlots, Connection
 from .find import find_responses, status_with_comment
 from .get import get_responses
 from .move import MoveRequest, move_responses
@@ -53,6 +63,9 @@ from .plugin_services import PluginServices
 log = logging.getLogger(__name__)
 
 MAX_RECEIVE_PDU = 131072  # DCMTK's own maximum (ASC_MAXIMUMPDUSIZE)
+# pynetdicom's own association limit counts every association thread, connections still waiting
+# for their request and threads outliving their connection included: ours is AssociationSlots.
+PYNETDICOM_LIMIT_FACTOR = 10
 
 
 @dataclass
@@ -103,7 +116,8 @@ def _peer_of_request(assoc: Any) -> str:
 class DicomListener:
     """Owns the AE and the association server; ``start`` returns once the port is listening."""
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, slots: AssociationSlots | None = None) -> None:
+        """``slots``: the count shared with the other worker processes; None, this process alone."""
         self.archive = archive
         self.settings = archive.settings
         self.index = archive.index
@@ -112,7 +126,13 @@ class DicomListener:
         self.registry = archive.nodes
         self._stats: dict[int, AssociationStats] = {}
         self._lock = threading.Lock()
-        self.server: ThreadedAssociationServer | None = None
+        d = self.settings.dicom
+        self.slots = slots or AssociationSlots(
+            multiprocessing.get_context("spawn").Array("i", 1), 0, d.max_associations
+        )
+        self.server: connections.HandoffServer | None = None
+        self._listeners: connections.Listeners | None = None
+        self._gate: connections.ConnectionGate | None = None
         # Plugins' SOP classes (the dicom_services hook): their contexts and handlers.
         self.plugin_services = PluginServices(archive.plugins.dicom_services(), self._refusal, self._count)
         self.ae = self._build_ae()
@@ -120,7 +140,7 @@ class DicomListener:
     def _build_ae(self) -> AE:
         d = self.settings.dicom
         ae = AE(ae_title=d.ae_title)
-        ae.maximum_associations = d.max_associations
+        ae.maximum_associations = PYNETDICOM_LIMIT_FACTOR * d.max_associations
         # The largest P-DATA PDU we accept (pynetdicom's default is 16 KB). Peers fragment what they
         # send us to this size: DCMTK then sends a CT slice in 5 PDUs instead of 33 (~10 % faster).
         ae.maximum_pdu_size = MAX_RECEIVE_PDU
@@ -150,11 +170,47 @@ class DicomListener:
         return ae
 
     def start(self) -> None:
-        """Listen on the DICOM port in this process (``dicom.workers = 1``)."""
+        """Listen on the DICOM port (and the TLS port) and serve in this process (``dicom.workers = 1``).
+
+        Raises ConfigError for an unusable TLS certificate or key, OSError for a port in use.
+        """
         d = self.settings.dicom
-        handlers = self.prepare()
-        self.server = self.ae.start_server((d.bind, d.port), block=False, evt_handlers=handlers)
-        log.info("DICOM listener on %s:%d, AE title %s", d.bind, d.port, d.ae_title)
+        context = tls.server_context(d)
+        self.server = self.handoff_server()
+        gate = connections.ConnectionGate(d)
+
+        def dispatch(sock: socket.socket, connection: Connection) -> None:
+            assert self.server is not None
+            connections.serve(
+                self.server,
+                sock,
+                connection,
+                tls=context,
+                timeout=d.pre_association_timeout,
+                on_requested=gate.requested,
+                on_ended=lambda cid, assoc: (self.connection_ended(assoc), gate.closed(cid)),
+            )
+
+        self._listeners = connections.Listeners(d, gate, dispatch)
+        self._listeners.bind()
+        self._listeners.start()
+        self._gate = gate
+        log.info("DICOM listener on %s:%d, AE title %s%s", d.bind, d.port, d.ae_title, tls.listening_line(d))
+
+    def handoff_server(self) -> connections.HandoffServer:
+        """pynetdicom's server for connections accepted by ``connections.Listeners`` (here or in the main process)."""
+        d = self.settings.dicom
+        server = connections.HandoffServer(
+            self.ae, (d.bind, d.port), d.ae_title, self.ae.supported_contexts, evt_handlers=self.prepare()
+        )
+        server.listener = self  # keeps it alive for the handlers bound to its methods
+        return server
+
+    def connection_ended(self, assoc: Any) -> None:
+        """A connection served here ended: its association's slot (if it had one) is free again."""
+        if assoc is not None and getattr(assoc, "macpacs_slot", False):
+            assoc.macpacs_slot = False
+            self.slots.give()
 
     def prepare(self) -> list[tuple[Any, Any]]:
         """Apply our pynetdicom changes in this process; return the event handlers to serve with.
@@ -182,14 +238,18 @@ class DicomListener:
         return self.plugin_services.bind(handlers)
 
     def stop(self) -> None:
+        if self._listeners is not None:
+            self._listeners.stop()
+            self._listeners = None
         if self.server is not None:
-            self.server.shutdown()
+            abort_all(self.server)
+            self.server.server_close()
             self.server = None
 
     def snapshot(self) -> dict[str, Any]:
-        """Open associations, served in this process (``/health``; workers.py has the same)."""
-        with self._lock:
-            return {"associations": len(self._stats), "workers": []}
+        """Admitted associations and open connections, in this process (``/health``; workers.py has the same)."""
+        connected = self._gate.snapshot() if self._gate is not None else {}
+        return {"associations": self.slots.total(), "workers": [], **connected}
 
     # -- association bookkeeping ---------------------------------------------------------------
     def _count(self, assoc: Any, what: str) -> None:
@@ -227,13 +287,16 @@ class DicomListener:
     def _admit(self, assoc: Any) -> tuple[int, int, int] | None:
         """Decide on one association: None when admitted (the decision is kept on ``assoc``), else
         the A-ASSOCIATE-RJ's result, source and reason. Logs why a peer is rejected."""
+        d = self.settings.dicom
         calling = assoc.requestor.primitive.calling_ae_title.strip()
-        if getattr(assoc, "macpacs_over_limit", False):
-            # The main process counts associations across worker processes (workers.py).
+        if getattr(assoc, "macpacs_peer_over_limit", False):
+            # The accepting process counts connections per address (connections.ConnectionGate).
             log.warning(
-                "association from %s rejected: dicom.max_associations (%d) associations are open",
+                "association from %s rejected: more than dicom.max_associations_per_peer (%d) connections "
+                "from %s are open; raise the setting if this peer needs more at once",
                 _peer_of_request(assoc),
-                self.settings.dicom.max_associations,
+                d.max_associations_per_peer,
+                assoc.requestor.address,
             )
             return REJECT_OVER_LIMIT
         node = self.registry.access_for(calling, assoc.requestor.address)
@@ -252,6 +315,14 @@ class DicomListener:
                 why,
             )
             return REJECT_UNKNOWN_CALLING_AE
+        if not self.slots.take():
+            log.warning(
+                "association from %s rejected: dicom.max_associations (%d) associations are open",
+                _peer_of_request(assoc),
+                d.max_associations,
+            )
+            return REJECT_OVER_LIMIT
+        assoc.macpacs_slot = True  # given back when the connection ends (connection_ended)
         assoc.macpacs_admission = Admission(node)
         return None
 
@@ -290,7 +361,7 @@ class DicomListener:
         event.assoc.macpacs_store = self._store
         with self._lock:
             self._stats[id(event.assoc)] = AssociationStats(_peer(event))
-        log.info("association accepted from %s", _peer(event))
+        log.info("association accepted from %s%s", _peer(event), tls.peer_description(event.assoc.dul.socket.socket))
 
     def _on_rejected(self, event: Any) -> None:
         log.warning("association rejected from %s (called AE %r)", _peer(event), event.assoc.acceptor.ae_title)
@@ -301,7 +372,9 @@ class DicomListener:
             self._discard_partial(event)
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(stats.counts.items())) if stats and stats.counts else "idle"
+        if stats is None:  # never associated (a connection the gate closed, aborted at stop): nothing to say
+            return
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(stats.counts.items())) if stats.counts else "idle"
         level = logging.INFO if how == "released" else logging.WARNING
         log.log(level, "association %s by %s: %s", how, _peer(event), summary)
 
@@ -403,3 +476,15 @@ class DicomListener:
             store=self.store,
             case_insensitive=self.settings.dicom.case_insensitive_names,
         )
+
+
+def abort_all(server: Any) -> None:
+    """Abort the associations of ``server`` (at most a second), so that their peers know."""
+    aborting = [
+        threading.Thread(target=assoc.abort, daemon=True) for assoc in server.active_associations if assoc.is_alive()
+    ]
+    for thread in aborting:
+        thread.start()
+    deadline = time.monotonic() + 1.0
+    for thread in aborting:
+        thread.join(max(0.0, deadline - time.monotonic()))

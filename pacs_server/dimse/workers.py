@@ -11,11 +11,15 @@ the same settings; the SQLite index (WAL, busy timeout) takes writes from all of
 Why the main process accepts, rather than every worker accepting on an inherited listening socket:
 - it gives each new association to the worker with the fewest open ones (a kernel wake-up
   order does not know which process is busy; ``SO_REUSEPORT`` does not balance on macOS);
-- it counts open associations across workers, so ``dicom.max_associations`` holds globally:
-  a connection over the limit is still handed to a worker, marked, and that worker answers the
-  A-ASSOCIATE-RQ with the usual rejection (transient, "local limit exceeded") and log line;
+- it sees every connection, so its gate (``connections.ConnectionGate``) counts connections per
+  peer address and closes those that send no A-ASSOCIATE-RQ in time, across workers; a
+  connection over its peer's limit is still handed to a worker, marked, and that worker answers
+  the A-ASSOCIATE-RQ with the usual rejection (transient, "local limit exceeded") and log line;
+  ``dicom.max_associations`` holds globally through a count in shared memory
+  (``connections.AssociationSlots``, one entry per worker, zeroed when a worker dies);
 - workers hold no listening socket, so a worker that outlives a killed main process can never
   keep the port: a restarted server binds it at once.
+The TLS port is accepted the same way; the worker does the handshake, in the connection's thread.
 
 Lifetime. Workers are started with the ``spawn`` method, so they inherit nothing but their
 end of the Unix socket (no sibling's socket ends, no listening socket: the pitfall the reference
@@ -24,10 +28,13 @@ end-of-file, which happens however the main process ends (SIGTERM, SIGKILL from 
 a crash). Workers ignore SIGINT and SIGTERM: Ctrl-C or launchd's SIGTERM to the process group
 stops the main process, which stops them. A worker that dies on its own is logged and replaced.
 
-Wire format. Main → worker: one byte per connection, ``A`` (serve) or ``L`` (over the limit),
-carrying the connection's descriptor. Worker → main: frames of kind (1 byte), length (4 bytes),
-payload: ``R`` ready, ``C`` one handed-over connection has ended, ``G`` a log record (JSON), which
-the main process writes to its own log, so every line still lands in the one macpacs.log.
+Wire format. Main → worker: one 10-byte message per connection, carrying its descriptor: ``A``
+(serve) or ``P`` (over its peer's limit), TLS (1 byte, 0 or 1), connection id (8 bytes).
+Worker → main: frames of kind (1 byte), length (4 bytes), payload: ``R`` ready, ``Q`` a
+connection's A-ASSOCIATE-RQ arrived and ``C`` a connection ended (payload: its id), ``G`` a log
+record (JSON), which the main process writes to its own log, so every line still lands in the one
+macpacs.log, and
+``H`` a heartbeat: once a second, after an index read of the worker's own (heartbeat.py).
 """
 
 from __future__ import annotations
@@ -43,22 +50,22 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom import evt
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
-
 from ..config import Settings
-from . import pynetdicom_ext
+from . import connections, pynetdicom_ext, tls
+from .connections import AssociationSlots, Connection
 
 log = logging.getLogger(__name__)
 
 _FRAME = struct.Struct("!cI")
+_HANDOFF = struct.Struct("!c?Q")  # A/P, TLS, connection id
+_ID = struct.Struct("!Q")
 READY_TIMEOUT_S = 60.0  # start-up: how long to wait for the workers' first "ready"
 STOP_TIMEOUT_S = 5.0  # stop: how long a worker gets to end its associations before it is killed
 QUICK_CRASH_S = 10.0  # a worker that dies sooner than this after starting is restarted with a delay
+BEAT_S = 1.0  # a worker's heartbeat period
 MAX_RESTART_DELAY_S = 30.0
 
 
@@ -71,7 +78,12 @@ class _Worker:
     channel: socket.socket
     started_at: float = field(default_factory=time.monotonic)
     ready: bool = False
-    active: int = 0  # connections handed over and not yet ended
+    connections: set[int] = field(default_factory=set)  # handed over and not yet ended
+    beat: float = field(default_factory=time.monotonic)  # its last heartbeat
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)
 
 
 class WorkerPool:
@@ -83,34 +95,30 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context("spawn")
         self._cond = threading.Condition()
         self._workers: dict[int, _Worker] = {}
-        self._active = 0
         self._stopping = False
         self._quick_crashes = 0
         self._rotation = itertools.count()
-        self._sock: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
+        # Admitted associations, one count per worker (connections.AssociationSlots).
+        self._slots = self._ctx.Array("i", count)
+        self._gate = connections.ConnectionGate(settings.dicom)
+        self._listeners = connections.Listeners(settings.dicom, self._gate, self._hand_over)
 
     # -- start and stop -----------------------------------------------------------------------
     def start(self) -> None:
         """Bind and listen (a port in use fails now; early connections wait in the backlog), start
         the workers; ``serve`` then accepts, once they are ready.
-        A pynetdicom the workers could not run with stops the server here, not in each worker.
+        A pynetdicom the workers could not run with, or an unusable TLS certificate or key
+        (ConfigError), stops the server here, not in each worker.
         """
         pynetdicom_ext.check()
-        d = self.settings.dicom
-        family = socket.AF_INET6 if ":" in d.bind else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((d.bind, d.port))
-        sock.listen(128)
-        self._sock = sock
+        tls.server_context(self.settings.dicom)  # each worker builds its own; the errors show here
+        self._listeners.bind()
         for number in range(1, self.count + 1):
             self._spawn(number)
 
     def serve(self) -> None:
         """Wait until the workers are ready, then accept."""
         d = self.settings.dicom
-        assert self._sock is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
         with self._cond:
             while not all(w.ready for w in self._workers.values()) and time.monotonic() < deadline:
@@ -118,15 +126,14 @@ class WorkerPool:
             ready = sum(w.ready for w in self._workers.values())
         if not ready:
             raise RuntimeError(f"no DICOM worker process became ready within {READY_TIMEOUT_S:.0f} s (see the log)")
-        self._sock.settimeout(0.5)  # the accept loop looks at the stop flag this often
-        self._acceptor = threading.Thread(target=self._accept_loop, name="dicom-acceptor", daemon=True)
-        self._acceptor.start()
+        self._listeners.start()
         log.info(
-            "DICOM listener on %s:%d, AE title %s, %d worker processes (dicom.workers)",
+            "DICOM listener on %s:%d, AE title %s, %d worker processes (dicom.workers)%s",
             d.bind,
             d.port,
             d.ae_title,
             self.count,
+            tls.listening_line(d),
         )
 
     def stop(self) -> None:
@@ -135,10 +142,7 @@ class WorkerPool:
             self._stopping = True
             workers = list(self._workers.values())
             self._cond.notify_all()
-        if self._acceptor is not None:
-            self._acceptor.join(2.0)
-        if self._sock is not None:
-            self._sock.close()
+        self._listeners.stop()
         for worker in workers:
             with contextlib.suppress(OSError):
                 worker.channel.shutdown(socket.SHUT_WR)  # its end-of-file; its last log lines still arrive
@@ -155,21 +159,27 @@ class WorkerPool:
 
     # -- what the status page and tests read -------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """Open associations in total and per worker PID."""
+        """Admitted associations in total and per worker PID, how long ago each worker's heartbeat came,
+        and open connections (``connections``; ``awaiting_request``: not yet associated)."""
+        now = time.monotonic()
         with self._cond:
-            return {
-                "associations": self._active,
-                "workers": [
-                    {"pid": w.process.pid, "ready": w.ready, "associations": w.active} for w in self._workers.values()
-                ],
-            }
+            workers = [
+                {
+                    "pid": w.process.pid,
+                    "ready": w.ready,
+                    "associations": self._slots[w.number - 1],
+                    "beat_age_s": round(now - w.beat, 2),
+                }
+                for w in self._workers.values()
+            ]
+        return {"associations": sum(self._slots), "workers": workers, **self._gate.snapshot()}
 
     # -- workers ----------------------------------------------------------------------------------
     def _spawn(self, number: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         process = self._ctx.Process(
             target=worker_main,
-            args=(number, theirs, self.settings),
+            args=(number, theirs, self.settings, self._slots),
             name=f"macpacs-dicom-{number}",
             daemon=True,
         )
@@ -190,10 +200,15 @@ class WorkerPool:
                     break
                 kind, length = _FRAME.unpack(head)
                 payload = stream.read(length)
-                if kind == b"C":
+                if kind == b"Q":
+                    self._gate.requested(_ID.unpack(payload)[0])
+                elif kind == b"C":
+                    (connection_id,) = _ID.unpack(payload)
                     with self._cond:
-                        worker.active -= 1
-                        self._active -= 1
+                        worker.connections.discard(connection_id)
+                    self._gate.closed(connection_id)
+                elif kind == b"H":
+                    worker.beat = time.monotonic()
                 elif kind == b"G":
                     record = logging.makeLogRecord(json.loads(payload))
                     logging.getLogger(record.name).handle(record)
@@ -212,8 +227,12 @@ class WorkerPool:
         worker.process.join(5.0)
         with self._cond:
             self._workers.pop(worker.number, None)
-            self._active -= worker.active
+            cut, worker.connections = worker.connections, set()
             stopping = self._stopping
+        for connection_id in cut:
+            self._gate.closed(connection_id)
+        with self._slots.get_lock():
+            self._slots[worker.number - 1] = 0  # its associations died with it
         worker.channel.close()
         if stopping:
             return
@@ -227,7 +246,7 @@ class WorkerPool:
             worker.process.pid,
             _exit_reason(worker.process.exitcode),
             lived,
-            worker.active,
+            len(cut),
             f" in {delay:.0f} s" if delay else "",
         )
         with self._cond:
@@ -236,45 +255,29 @@ class WorkerPool:
         self._spawn(worker.number)
 
     # -- accepting ----------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        while not self._stopping:
-            try:
-                conn, _address = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if self._stopping:
-                    return
-                log.error("DICOM listener: accept failed: %s", exc)
-                time.sleep(0.1)
-                continue
-            with conn:
-                self._hand_over(conn)
-
-    def _hand_over(self, conn: socket.socket) -> None:
-        """Give the connection to the ready worker with the fewest open associations."""
-        while True:
-            with self._cond:
-                while not self._stopping and not any(w.ready for w in self._workers.values()):
-                    self._cond.wait(0.5)  # all workers restarting: the client waits, it is not refused
-                if self._stopping:
-                    return
-                ready = [w for w in self._workers.values() if w.ready]
-                turn = next(self._rotation)
-                worker = min(ready, key=lambda w: (w.active, (w.number - turn) % len(ready)))
-                over_limit = self._active >= self.settings.dicom.max_associations
-                worker.active += 1
-                self._active += 1
-            try:
-                socket.send_fds(worker.channel, [b"L" if over_limit else b"A"], [conn.fileno()])
-                return
-            except OSError:
-                # The worker died this instant: its reader thread replaces it; try another.
+    def _hand_over(self, conn: socket.socket, connection: Connection) -> None:
+        """Give an accepted connection to the ready worker with the fewest open ones."""
+        with conn:
+            message = _HANDOFF.pack(b"P" if connection.peer_over_limit else b"A", connection.tls, connection.id)
+            while True:
                 with self._cond:
-                    worker.ready = False
-                    worker.active -= 1
-                    self._active -= 1
+                    while not self._stopping and not any(w.ready for w in self._workers.values()):
+                        self._cond.wait(0.5)  # all workers restarting: the client waits, it is not refused
+                    if self._stopping:
+                        break
+                    ready = [w for w in self._workers.values() if w.ready]
+                    turn = next(self._rotation)
+                    worker = min(ready, key=lambda w: (w.active, (w.number - turn) % len(ready)))
+                    worker.connections.add(connection.id)
+                try:
+                    socket.send_fds(worker.channel, [message], [conn.fileno()])
+                    return
+                except OSError:
+                    # The worker died this instant: its reader thread replaces it; try another.
+                    with self._cond:
+                        worker.ready = False
+                        worker.connections.discard(connection.id)
+        self._gate.closed(connection.id)  # stopping: never served
 
 
 def _exit_reason(code: int | None) -> str:
@@ -319,7 +322,7 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def worker_main(number: int, sock: socket.socket, settings: Settings) -> None:
+def worker_main(number: int, sock: socket.socket, settings: Settings, slots: Any) -> None:
     """Entry point of a worker process (spawned): serve handed-over connections until end-of-file."""
     from .. import logs
 
@@ -328,111 +331,76 @@ def worker_main(number: int, sock: socket.socket, settings: Settings) -> None:
     channel = _Channel(sock)
     logs.setup_handler(_ForwardHandler(channel), settings.server.log_level)
     try:
-        server = _serve(settings)
+        server = _serve(settings, AssociationSlots(slots, number - 1, settings.dicom.max_associations))
+        context = tls.server_context(settings.dicom)
     except Exception:
         log.exception("DICOM worker %d could not start", number)
         os._exit(3)
     channel.send(b"R")
+    threading.Thread(target=_beat, args=(channel, server.listener.archive), name="heartbeat", daemon=True).start()
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+            data, fds, _flags, _addr = socket.recv_fds(sock, _HANDOFF.size, 1)
         except OSError:
             data, fds = b"", []
         if not data:
             break  # the main process is gone, or stopping: so are we
-        for fd in fds:
-            _serve_connection(server, channel, socket.socket(fileno=fd), over_limit=data == b"L")
+        if len(data) != _HANDOFF.size or len(fds) != 1:
+            log.error(
+                "DICOM worker %d: malformed hand-over (%d bytes, %d descriptors): stopping", number, len(data), len(fds)
+            )
+            break
+        kind, is_tls, connection_id = _HANDOFF.unpack(data)
+        connection = Connection(connection_id, "", is_tls, peer_over_limit=kind == b"P")
+        _serve_connection(server, channel, socket.socket(fileno=fds[0]), connection, context, settings)
     _abort_all(server)
     logging.shutdown()
     os._exit(0)
 
 
-def _serve(settings: Settings) -> Any:
+def _beat(channel: _Channel, archive: Any) -> None:
+    """Once a second: an index read, then a heartbeat to the main process. An index error is a read
+    that came back (not a hang): the corruption handling deals with it."""
+    while True:
+        with contextlib.suppress(Exception):
+            archive.index.ping()
+        channel.send(b"H")
+        time.sleep(BEAT_S)
+
+
+def _serve(settings: Settings, slots: AssociationSlots) -> Any:
     """This worker's own Archive and listener, and a server that does not listen."""
     from ..archive import open_archive
     from .scp import DicomListener
 
     archive = open_archive(settings, "dicom-worker", migrate=False)  # the main process migrated the index
-    listener = DicomListener(archive)
-    # pynetdicom's own limit counts association threads, which outlive a closed connection by up
-    # to the ACSE timeout; the main process counts connections across workers (the real limit).
-    listener.ae.maximum_associations = 10 * settings.dicom.max_associations
-    d = settings.dicom
-    server = _HandoffServer(
-        listener.ae,
-        (d.bind, d.port),
-        d.ae_title,
-        listener.ae.supported_contexts,
-        evt_handlers=listener.prepare(),
+    return DicomListener(archive, slots).handoff_server()
+
+
+def _serve_connection(
+    server: Any, channel: _Channel, sock: socket.socket, connection: Connection, context: Any, settings: Settings
+) -> None:
+    """Serve one handed-over connection (connections.serve); tell the main process of its request and end."""
+    with contextlib.suppress(OSError):  # else already gone: it ends at once
+        connection = Connection(connection.id, sock.getpeername()[0], connection.tls, connection.peer_over_limit)
+
+    def ended(connection_id: int, assoc: Any) -> None:
+        server.listener.connection_ended(assoc)
+        channel.send(b"C", _ID.pack(connection_id))
+
+    connections.serve(
+        server,
+        sock,
+        connection,
+        tls=context,
+        timeout=settings.dicom.pre_association_timeout,
+        on_requested=lambda connection_id: channel.send(b"Q", _ID.pack(connection_id)),
+        on_ended=ended,
     )
-    server.listener = listener  # keeps it alive for the handlers bound to its methods
-    return server
-
-
-def _serve_connection(server: Any, channel: _Channel, sock: socket.socket, *, over_limit: bool) -> None:
-    """Start pynetdicom's association for one connection; report its end to the main process once.
-
-    The end is the connection's close (pynetdicom's EVT_CONN_CLOSE), or else the association
-    thread's end: a peer that connects and goes away at once (a port probe) closes the connection
-    now, while pynetdicom's thread still waits out the ACSE timeout for an A-ASSOCIATE-RQ.
-    """
-    ended = threading.Lock()
-
-    def end(_event: Any = None) -> None:
-        if ended.acquire(blocking=False):
-            channel.send(b"C")
-
-    try:
-        handler = _Handoff(sock, sock.getpeername(), server, over_limit, end)
-    except Exception:
-        log.exception("DICOM worker: could not serve a connection")
-        sock.close()
-        end()
-        return
-
-    def join() -> None:
-        handler.assoc.join()
-        end()
-
-    threading.Thread(target=join, name="association-end", daemon=True).start()
-
-
-class _HandoffServer(ThreadedAssociationServer):
-    """pynetdicom's association server, fed with connections the main process accepted: no socket."""
-
-    def server_bind(self) -> None:
-        pass
-
-    def server_activate(self) -> None:
-        pass
-
-
-class _Handoff(RequestHandler):
-    """pynetdicom's request handler, marking an association over the global limit (scp.py rejects it)."""
-
-    def __init__(
-        self, request: socket.socket, address: Any, server: Any, over_limit: bool, on_close: Callable[[Any], None]
-    ) -> None:
-        self.over_limit = over_limit
-        self.on_close = on_close
-        self.assoc: Any = None
-        super().__init__(request, address, server)
-
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        assoc.macpacs_over_limit = self.over_limit
-        assoc.bind(evt.EVT_CONN_CLOSE, self.on_close)
-        self.assoc = assoc
-        return assoc
 
 
 def _abort_all(server: Any) -> None:
     """The main process went away: abort open associations (at most a second), so peers know."""
-    aborting = [
-        threading.Thread(target=assoc.abort, daemon=True) for assoc in server.active_associations if assoc.is_alive()
-    ]
-    for thread in aborting:
-        thread.start()
-    deadline = time.monotonic() + 1.0
-    for thread in aborting:
-        thread.join(max(0.0, deadline - time.monotonic()))
+    from .scp import abort_all
+
+    abort_all(server)
