@@ -257,6 +257,7 @@ class Settings:
             raise ConfigError(f'storage.on_conflict = {self.storage.on_conflict!r}: use "keep" or "overwrite"')
         if self.dicom.max_associations < 1:
             raise ConfigError("dicom.max_associations must be at least 1")
+        _validate_dicom_tls(self)
         if not 0 <= self.dicom.workers <= 256:
             raise ConfigError(
                 f"dicom.workers = {self.dicom.workers}: use 0 (one per CPU core), 1 (no worker processes) or up to 256"
@@ -269,7 +270,6 @@ class Settings:
         if j.workers < 1 or j.alert_after < 1 or j.max_attempts < 1 or j.retry_base_s <= 0 or j.retry_max_s <= 0:
             raise ConfigError(
                 "jobs.workers, jobs.alert_after and jobs.max_attempts must be at least 1, and "
-        _validate_dicom_tls(self)
                 "jobs.retry_base_s and jobs.retry_max_s positive"
             )
         if self.web.max_upload_mb < 1:
@@ -292,30 +292,6 @@ class Settings:
         return self
 
 
-def _section_classes() -> dict[str, type]:
-    return {
-        "dicom": DicomSettings,
-        "storage": StorageSettings,
-        "web": WebSettings,
-        "xmlrpc": XmlRpcSettings,
-        "server": ServerSettings,
-        "plugins": PluginsSettings,
-        "jobs": JobsSettings,
-        "audit": AuditSettings,
-    }
-
-
-def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
-    """Convert a TOML or environment value to the type of the default, or say what is wrong."""
-    where = f"{section}.{key}"
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{where} must be true or false, not {value!r}")
-    if isinstance(default, int):
-        try:
 def _validate_dicom_tls(settings: Settings) -> None:
     """The DICOM TLS port and the connection limits (their files are read at start: dimse/tls.py)."""
     d = settings.dicom
@@ -342,6 +318,30 @@ def _validate_dicom_tls(settings: Settings) -> None:
             raise ConfigError(f"dicom.tls_port = {d.tls_port} is also {name}: give the DICOM TLS port its own number")
 
 
+def _section_classes() -> dict[str, type]:
+    return {
+        "dicom": DicomSettings,
+        "storage": StorageSettings,
+        "web": WebSettings,
+        "xmlrpc": XmlRpcSettings,
+        "server": ServerSettings,
+        "plugins": PluginsSettings,
+        "jobs": JobsSettings,
+        "audit": AuditSettings,
+    }
+
+
+def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
+    """Convert a TOML or environment value to the type of the default, or say what is wrong."""
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if isinstance(default, int):
+        try:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a whole number, not {value!r}") from None
