@@ -23,7 +23,7 @@ import pydicom
 import pytest
 import requests
 
-from macpacs.pacs_server.index.corruption import is_corruption
+from macpacs.pacs_server.index.corruption import in_use, is_corruption
 from tests.conftest import MACPACS, ServerProcess, dcmtk, findscu, run_tool
 from tests.synthetic import write_series
 
@@ -174,8 +174,12 @@ def test_corrupt_instance_table_while_running_is_rebuilt_by_the_server_and_nothi
 
     found = findscu(server, tmp_path / "rsp", "QueryRetrieveLevel=IMAGE", "SOPInstanceUID")
     assert {str(ds.SOPInstanceUID) for ds in found} == set(sent.values())
-    copies = list(data.glob("index.sqlite.corrupt-*"))
-    assert [p.name for p in copies if not p.name.endswith(("-wal", "-shm"))], "the corrupt file is kept"
+    copies = [p for p in data.glob("index.sqlite.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(copies) == 1, "the corrupt file is kept"
+    assert not in_use(copies[0]), "no process of the server still has the corrupt file open"
+    con = sqlite3.connect(data / "index.sqlite")
+    assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    con.close()
     assert not (data / "index.sqlite.recovery").exists()
     assert "VIEWER" in macpacs("nodes", "list", "--data-dir", str(data)).stdout, "the node table was copied over"
     log = server.log()
