@@ -5,6 +5,10 @@ chosen so that a crash in the middle never leaves the index pointing at missing 
 the parents they leave empty and the counters of the rest) go in one transaction first, files after
 it commits. A crash between the two leaves orphan files only; they cost disk space and are logged,
 and nothing a client can query refers to them.
+
+Each file is removed under its key's lock (``BlobStore.lock``, the one ingest holds from its
+check to its commit), and only if no row describes it by then: an instance sent again while it
+was being deleted, and acknowledged, keeps its file.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import logging
 from dataclasses import dataclass
 
 from .index import Index, Query
-from .storage import BlobStore
+from .storage import BlobStore, KeyLockTimeout
+
+KEY_LOCK_TIMEOUT_S = 15.0  # as ingest's: a store holding the key waits at most 10 s for the index
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +53,15 @@ def delete_matching(index: Index, blobs: BlobStore, query: Query, *, reason: str
     removed = index.remove_instances([v.pk for v in victims])
     not_removed = 0
     for victim in victims:
-        if blobs.size(victim.storage_key) is None:
-            not_removed += 1
-            continue
         try:
-            blobs.delete(victim.storage_key)
-        except OSError as exc:
+            with blobs.lock(victim.storage_key, KEY_LOCK_TIMEOUT_S):
+                if blobs.size(victim.storage_key) is None:
+                    not_removed += 1
+                    continue
+                if index.instances(Query(level="IMAGE", keys={"SOPInstanceUID": victim.sop_instance_uid})):
+                    continue  # stored again meanwhile, and acknowledged: it stays
+                blobs.delete(victim.storage_key)
+        except (OSError, KeyLockTimeout) as exc:
             not_removed += 1
             log.error(
                 "delete: could not remove file %s of instance %s: %s", victim.storage_key, victim.sop_instance_uid, exc

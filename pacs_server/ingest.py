@@ -7,6 +7,16 @@ durable under its key, and only then indexed, with its size and the SHA-256 of i
 Plugins may refuse an instance before anything is written (``accept_instance``) and hear of it
 once it is durable and indexed (``instance_stored``). The caller acknowledges after ``ingest``
 returns, so an acknowledged instance is on disk and in the index.
+
+From the check of what is stored under the instance's key to the index commit, an ingest holds
+the key's lock (``BlobStore.lock``, across processes): two stores of one UID are serialised,
+so the index always describes the file on disk, and a failing store deletes only a file that
+no other ingest can own. A stored file that no index row describes (a crash between its rename
+and the commit, or an index being rebuilt) is indexed again before a re-send is acknowledged.
+
+A deflated dataset (PS3.5 A.5) is inflated as a stream, into a scratch file past
+``INFLATE_IN_MEMORY``, and refused beyond ``storage.max_inflated_mb``: pydicom would inflate it
+whole in memory, and a few hundred KB can inflate to gigabytes.
 """
 
 from __future__ import annotations
@@ -15,36 +25,45 @@ import contextlib
 import enum
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from . import dicom_status
 from .config import StorageSettings
-from .index import Index, InstanceRecord, WriterLockTimeout
+from .index import Index, InstanceRecord, Query, WriterLockTimeout
 from .index.attributes import ATTRIBUTES, normalize_pn
 from .plugins import Instance, Plugins
-from .storage import BlobStore, StorageError, blob_key, stage_copy
+from .storage import ROOM_EVERY, BlobStore, KeyLockTimeout, StorageError, blob_key, is_disk_full, stage_copy
 from .uids import RULE as UID_RULE
 from .uids import is_uid
 
 log = logging.getLogger(__name__)
 
 BULK_THRESHOLD = 1024  # bytes: larger binary values are left out of the metadata cache
+# A deflated dataset is inflated in memory up to this size (an SR, a small image), in a scratch
+# file of the blob store beyond it.
+INFLATE_IN_MEMORY = 8 * 1024 * 1024
+# How long an ingest waits for the lock of its key (BlobStore.lock). The holder may itself wait
+# up to the index writer lock's 10 s (index/writer_lock.py) before it gives up: a little more.
+KEY_LOCK_TIMEOUT_S = 15.0
 
 
 class Outcome(enum.Enum):
@@ -74,9 +93,10 @@ DICOM_STATUS = {
 class RejectedInstance(Exception):
     """The file cannot be stored; ``outcome`` says why, in terms of DICOM status."""
 
-    def __init__(self, outcome: Outcome, message: str) -> None:
+    def __init__(self, outcome: Outcome, message: str, *, disk_full: bool = False) -> None:
         super().__init__(message)
         self.outcome = outcome
+        self.disk_full = disk_full
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,8 @@ class IngestResult:
     message: str
     sop_instance_uid: str = ""
     sop_class_uid: str = ""
+    # OUT_OF_RESOURCES because the data volume is full (STOW-RS answers 507 when nothing was stored).
+    disk_full: bool = False
 
     @property
     def ok(self) -> bool:
@@ -153,6 +175,111 @@ def _dataset_offset(head: bytes) -> int:
 
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_HEAD = 4096  # bytes read to find the transfer syntax; a file meta is a few hundred
+
+
+def _transfer_syntax(head: bytes) -> str | None:
+    """The file meta's TransferSyntaxUID from the first bytes of a Part-10 file ("" when it has
+    none or no meta at all), or None when the meta goes on past ``head``."""
+    if head[128:132] != b"DICM":
+        return ""
+    pos = 132
+    while pos + 8 <= len(head) and head[pos : pos + 2] == b"\x02\x00":
+        if head[pos + 4 : pos + 6] in _LONG_VRS:
+            start, length = pos + 12, int.from_bytes(head[pos + 8 : pos + 12], "little")
+        else:
+            start, length = pos + 8, int.from_bytes(head[pos + 6 : pos + 8], "little")
+        if head[pos + 2 : pos + 4] == b"\x10\x00":
+            if start + length > len(head):
+                return None
+            return head[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    ran_out = pos + 8 > len(head) and len(head) == _HEAD
+    return None if ran_out else ""
+
+
+@dataclass(frozen=True)
+class Inflation:
+    """How ``read_instance`` may inflate a deflated dataset: at most ``limit`` bytes (None: no
+    limit), in memory up to INFLATE_IN_MEMORY, then in a ``scratch`` file, asking ``room``
+    every ROOM_EVERY bytes spilled whether the volume still has space (StorageError if not)."""
+
+    limit: int | None = None
+    scratch: Callable[[], IO[bytes]] = tempfile.TemporaryFile
+    room: Callable[[], None] = lambda: None
+
+
+def _inflate(fp: BinaryIO, inflation: Inflation) -> tuple[BinaryIO, int]:
+    """The rest of ``fp`` inflated (raw deflate, PS3.5 A.5) as a stream: a file positioned at
+    its start, and its size. RejectedInstance beyond the limit, or for a broken or truncated stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    memory = io.BytesIO()
+    out: IO[bytes] = memory
+    in_memory = True
+    size, next_check, data = 0, 0, b""
+    try:
+        while not inflater.eof:
+            if not data:
+                data = fp.read(_CHUNK)
+            if not data:  # all input given: what zlib still holds back, if anything
+                piece = inflater.decompress(b"", _CHUNK)
+                if not piece:
+                    raise RejectedInstance(Outcome.UNREADABLE, "truncated file: the deflated dataset ends early")
+            else:
+                piece = inflater.decompress(data, _CHUNK)
+                data = inflater.unconsumed_tail
+            size += len(piece)
+            if inflation.limit is not None and size > inflation.limit:
+                raise RejectedInstance(
+                    Outcome.OUT_OF_RESOURCES,
+                    f"refused: the deflated dataset inflates to more than storage.max_inflated_mb = "
+                    f"{inflation.limit >> 20} MB (from {os.fstat(fp.fileno()).st_size} bytes sent). "
+                    "If it is a genuine instance, raise storage.max_inflated_mb; the sender may then send it again",
+                )
+            if in_memory and size > INFLATE_IN_MEMORY:
+                spill = inflation.scratch()
+                spill.write(memory.getbuffer())
+                out, in_memory = spill, False
+                memory.close()
+            if not in_memory and size >= next_check:
+                inflation.room()
+                next_check = size + ROOM_EVERY
+            out.write(piece)
+        out.seek(0)
+    except zlib.error as exc:
+        out.close()
+        raise RejectedInstance(Outcome.UNREADABLE, f"the deflated dataset cannot be inflated: {exc}") from None
+    except OSError as exc:
+        out.close()
+        msg = f"cannot inflate the deflated dataset into a scratch file: {exc.strerror or exc}"
+        raise RejectedInstance(Outcome.OUT_OF_RESOURCES, msg, disk_full=is_disk_full(exc)) from None
+    except BaseException:
+        out.close()
+        raise
+    return out, size
+
+
+def _read_deflated(path: Path, fp: BinaryIO, inflation: Inflation) -> tuple[FileDataset, bytes | None]:
+    """``dcmread(stop_before_pixels=True)`` of a deflated file, without inflating it whole in memory
+    (pydicom's own reader does), and the pixel data's VR (``_pixel_data_vr_and_check``)."""
+    meta = read_file_meta_info(path)
+    fp.seek(0)
+    head = fp.read(_CHUNK)
+    offset = _dataset_offset(head)
+    if offset > len(head):
+        raise RejectedInstance(Outcome.UNREADABLE, "file meta information larger than 1 MB")
+    fp.seek(offset)
+    inflated, size = _inflate(fp, inflation)
+    with inflated:
+        dataset = read_dataset(inflated, is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data)
+        ds = FileDataset(str(path), dataset, head[:128], meta, False, True)
+        ds.set_original_encoding(False, True, dataset.original_character_set)
+        return ds, _pixel_data_vr_and_check(inflated, ds, size)
+
+
+def _at_pixel_data(tag: Any, _vr: str | None, _length: int) -> bool:
+    """Where ``stop_before_pixels`` stops pydicom: Pixel Data and its float and double float forms."""
+    return tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)
 
 
 def _pixel_data_vr_and_check(fp: Any, ds: Dataset, size: int) -> bytes | None:
@@ -352,18 +479,28 @@ def _metadata(ds: Dataset, sop_uid: str, pixel_vr: bytes | None) -> bytes:
     return zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
 
 
-def read_instance(path: Path, *, source_ae: str = "", metadata: bool = True) -> ParsedInstance:
+def read_instance(
+    path: Path, *, source_ae: str = "", metadata: bool = True, inflation: Inflation = Inflation()
+) -> ParsedInstance:
     """Read a Part-10 file's header, check it, and build its index record. Raises RejectedInstance.
 
     With ``metadata=False`` the metadata cache entry is left for ``ParsedInstance.add_metadata``,
-    so that ingest builds it only for an instance it goes on to store.
+    so that ingest builds it only for an instance it goes on to store. ``inflation`` bounds what
+    a deflated dataset may cost (the default: no limit, spilling to the system's temporary folder).
     """
     try:
         with open(path, "rb") as fp:
             size = os.fstat(fp.fileno()).st_size
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-            pixel_vr = None if deflated else _pixel_data_vr_and_check(fp, ds, size)
+            head = fp.read(_HEAD)
+            syntax = _transfer_syntax(head)
+            if syntax is None:  # a meta of more than _HEAD bytes: pydicom finds the syntax
+                syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
+            if syntax == DeflatedExplicitVRLittleEndian:
+                ds, pixel_vr = _read_deflated(path, fp, inflation)
+            else:
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True)
+                pixel_vr = _pixel_data_vr_and_check(fp, ds, size)
     except RejectedInstance:
         raise
     except OSError as exc:
@@ -445,19 +582,34 @@ class Ingestor:
         self.index = index
         self.settings = settings
         self.plugins = plugins
+        # Every staged file stops growing below the floor, whichever protocol writes it.
+        blobs.keep_free(settings.min_free_mb * 1024 * 1024)
+        self.inflation = Inflation(settings.max_inflated_mb * 1024 * 1024, blobs.scratch, blobs.check_room)
 
-    def ingest(self, staged: str | Path, *, via: str, source: str = "", announced_uid: str = "") -> IngestResult:
+    def ingest(
+        self,
+        staged: str | Path,
+        *,
+        via: str,
+        source: str = "",
+        announced_uid: str = "",
+        study: str = "",
+        content_hash: str = "",
+    ) -> IngestResult:
         """Take ownership of ``staged`` (a file from ``blobs.stage()``) and store it.
 
         ``via`` names the protocol (``c-store``, ``stow``, ``import``, ``c-get``), ``source`` the
         sender (calling AE title...), ``announced_uid`` the SOP Instance UID the sender's request
         named (a C-STORE's Affected SOP Instance UID): a dataset that is another instance is
         refused, since the sender would be told one instance is stored while we keep another.
-        Never raises for bad input: the result says what happened and carries the DICOM status.
-        ``staged`` is gone when this returns, stored or deleted.
+        ``study``: the Study Instance UID the request is for (STOW-RS to ``/studies/{study}``);
+        an instance of another study is refused. ``content_hash``: ``dataset_hash(staged)``
+        when the receiver computed it while the bytes arrived (store_scp), so that ingest need
+        not read the file again. Never raises for bad input: the result says what happened and
+        carries the DICOM status. ``staged`` is gone when this returns, stored or deleted.
         """
         try:
-            return self._ingest(Path(staged), via, source, announced_uid)
+            return self._ingest(Path(staged), via, source, announced_uid, study, content_hash)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -467,28 +619,31 @@ class Ingestor:
         try:
             staged = stage_copy(self.blobs, source)
         except OSError as exc:
-            outcome = (
-                Outcome.OUT_OF_RESOURCES
-                if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
-                else Outcome.UNREADABLE
-            )
-            return IngestResult(outcome, f"cannot copy {source}: {exc.strerror}")
+            full = is_disk_full(exc) or exc.errno == errno.EROFS
+            outcome = Outcome.OUT_OF_RESOURCES if full else Outcome.UNREADABLE
+            return IngestResult(outcome, f"cannot copy {source}: {exc.strerror}", disk_full=is_disk_full(exc))
         return self.ingest(staged, via="import")
 
-    def _ingest(self, staged: Path, via: str, source: str, announced_uid: str) -> IngestResult:
+    def _ingest(
+        self, staged: Path, via: str, source: str, announced_uid: str, study: str, content_hash: str
+    ) -> IngestResult:
         # The durability order is staged fsync → rename → folder fsync → index commit → hooks →
         # answer (BlobStore.put does the first three).
         try:
-            parsed = read_instance(staged, source_ae=source, metadata=False)
+            parsed = read_instance(staged, source_ae=source, metadata=False, inflation=self.inflation)
         except RejectedInstance as exc:
-            return IngestResult(exc.outcome, str(exc))
+            return IngestResult(exc.outcome, str(exc), disk_full=exc.disk_full)
         uid, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
         if announced_uid and announced_uid != uid:
             msg = f"the request names SOP Instance UID {announced_uid}, but the dataset is instance {uid}"
             return IngestResult(Outcome.INVALID, msg, announced_uid, sop_class)
+        found_study = parsed.record.study["study_uid"]
+        if study and found_study != study:
+            msg = f"instance belongs to study {found_study}, not to {study} named in the URL"
+            return IngestResult(Outcome.INVALID, msg, uid, sop_class)
         record = parsed.record.instance
         try:
-            record["content_hash"] = dataset_hash(staged)
+            record["content_hash"] = content_hash or dataset_hash(staged)
         except OSError as exc:
             return IngestResult(Outcome.OUT_OF_RESOURCES, f"cannot read {staged}: {exc.strerror}", uid, sop_class)
         instance = _instance(parsed, via, source)
@@ -496,69 +651,112 @@ class Ingestor:
         if refusal:
             log.warning("%s %s from %s refused by a plugin: %s", via, uid, source or "?", refusal)
             return IngestResult(Outcome.REFUSED, f"refused by a plugin: {refusal}", uid, sop_class)
-
-        # The stored blob is the truth: its key comes from the UID, so one stat tells a re-send.
-        replace = False
         key = record["storage_key"]
-        if self.blobs.size(key) is not None:
-            if self._stored_hash(uid, key) == record["content_hash"]:
-                # Also repairs a crash between the blob's rename and the index commit.
-                parsed.add_metadata()
-                try:
+        try:
+            with self.blobs.lock(key, KEY_LOCK_TIMEOUT_S):
+                return self._store(staged, parsed, instance, key)
+        except (KeyLockTimeout, WriterLockTimeout) as exc:  # another writer hangs: the sender retries later
+            return IngestResult(Outcome.OUT_OF_RESOURCES, f"busy: {exc}", uid, sop_class)
+        except OSError as exc:  # a lock file or the stored copy cannot be opened (no descriptor left, EIO...)
+            log.error("storing %s failed: %s", uid, exc)
+            return IngestResult(Outcome.OUT_OF_RESOURCES, f"storage unavailable: {exc}", uid, sop_class)
+        except Exception as exc:  # the index cannot be read
+            log.exception("storing %s failed", uid)
+            return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
+
+    def _store(self, staged: Path, parsed: ParsedInstance, instance: Instance, key: str) -> IngestResult:
+        """Check what is stored under ``key``, then put and index; the caller holds the key's lock."""
+        uid, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
+        new_hash = parsed.record.instance["content_hash"]
+        # The stored blob is the truth: its key comes from the UID, so one stat tells a re-send.
+        had_blob = self.blobs.size(key) is not None
+        if had_blob:
+            stored_hash, indexed = self._stored(uid, key)
+            if stored_hash == new_hash:
+                if not indexed:  # renamed, then a crash before the commit (or an index rebuilt since)
+                    parsed.add_metadata()
                     self.index.add_instance(parsed.record)
-                except WriterLockTimeout as exc:  # another writer hangs: the sender retries later
-                    return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
+                    log.warning("%s: its stored file was in no index row; indexed it again", uid)
                 return IngestResult(Outcome.DUPLICATE, "identical instance already stored", uid, sop_class)
-            if self.settings.on_conflict == "keep":
+            if not indexed and not self._index_stored(uid, key, stored_hash):
+                log.warning(
+                    "%s: the stored file %s is not a readable instance and no index row describes it: "
+                    "replaced by the one received",
+                    uid,
+                    key,
+                )
+            elif self.settings.on_conflict == "keep":
                 msg = (
                     "an instance with this SOP Instance UID but different content is stored; "
                     "kept it (on_conflict = keep)"
                 )
                 return IngestResult(Outcome.KEPT_EXISTING, msg, uid, sop_class)
-            replace = True
 
-        free_mb = self.blobs.free_bytes() // (1024 * 1024)
-        if free_mb < self.settings.min_free_mb:
-            msg = (
-                f"refused: only {free_mb} MB free on the data volume, below storage.min_free_mb = "
-                f"{self.settings.min_free_mb}; free space or add storage"
-            )
-            return IngestResult(Outcome.OUT_OF_RESOURCES, msg, uid, sop_class)
+        try:
+            self.blobs.check_room()
+        except StorageError as exc:
+            return IngestResult(Outcome.OUT_OF_RESOURCES, f"refused: {exc.strerror}", uid, sop_class, disk_full=True)
         try:
             self.blobs.put(staged, key)
         except StorageError as exc:
             log.error("storing %s failed: %s", uid, exc)
-            if not replace:
-                self.blobs.delete(key)  # renamed but maybe not durable: not acknowledged, not kept
-            return IngestResult(Outcome.OUT_OF_RESOURCES, str(exc), uid, sop_class)
+            if not had_blob:
+                # Renamed but maybe not durable: not acknowledged, not kept. Only this ingest can
+                # have put it: the key's lock kept every other one out since it was found absent.
+                self.blobs.delete(key)
+            return IngestResult(Outcome.OUT_OF_RESOURCES, str(exc), uid, sop_class, disk_full=is_disk_full(exc))
         parsed.add_metadata()
         try:
-            created = self.index.add_instance(parsed.record, replace=replace)
+            # replace: a row left without its file (a lost file sent again) is made to describe this one.
+            self.index.add_instance(parsed.record, replace=True)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, StorageError) else f"index unavailable: {exc}"
             log.error("storing %s failed: %s", uid, reason)
-            if not replace:
-                # Not acknowledged, so not kept: the sender will retry.
-                self.blobs.delete(key)
-            return IngestResult(Outcome.OUT_OF_RESOURCES, reason, uid, sop_class)
-        if replace:
+            if not had_blob:
+                self.blobs.delete(key)  # not acknowledged, so not kept: the sender will retry
+            full = "database or disk is full" in str(exc) or is_disk_full(exc)
+            return IngestResult(Outcome.OUT_OF_RESOURCES, reason, uid, sop_class, disk_full=full)
+        if had_blob:
             self.plugins.stored(instance, Outcome.OVERWRITTEN.value)
-            return IngestResult(
-                Outcome.OVERWRITTEN, "replaced the stored instance (on_conflict = overwrite)", uid, sop_class
-            )
-        if not created:
-            return IngestResult(Outcome.DUPLICATE, "stored concurrently by another association", uid, sop_class)
+            why = "on_conflict = overwrite" if self.settings.on_conflict == "overwrite" else "it was not readable"
+            return IngestResult(Outcome.OVERWRITTEN, f"replaced the stored instance ({why})", uid, sop_class)
         self.plugins.stored(instance, Outcome.STORED.value)
         return IngestResult(Outcome.STORED, "stored", uid, sop_class)
 
-    def _stored_hash(self, uid: str, key: str) -> str:
-        """The content hash of the stored copy: from the index, else (not indexed yet, or indexed
-        before hashes existed) computed from the blob itself."""
+    def _stored(self, uid: str, key: str) -> tuple[str, bool]:
+        """The content hash of the stored copy, and whether an index row describes the instance:
+        the hash from the index, else (not indexed, or indexed before hashes existed) computed
+        from the blob itself."""
         known = self.index.content_hash(uid)
         if known:
-            return known
+            return known, True
+        indexed = bool(self.index.instances(Query(level="IMAGE", keys={"SOPInstanceUID": uid})))
         with self.blobs.open(key) as fh:
-            return stream_hash(fh)
+            return stream_hash(fh), indexed
+
+    def _index_stored(self, uid: str, key: str, stored_hash: str) -> bool:
+        """Index the stored blob of ``uid``, which no row describes; False when it is not a
+        readable instance of that UID (it was then never acknowledged as one)."""
+        local = self.blobs.local_path(key)
+        if local is None:  # nothing here can read it: verify and reindex will
+            log.warning("%s: its stored blob %s is in no index row; kept as it is", uid, key)
+            return True
+        try:
+            stored = read_instance(Path(local), inflation=Inflation(None, self.blobs.scratch, self.blobs.check_room))
+        except RejectedInstance as exc:
+            if exc.outcome is Outcome.OUT_OF_RESOURCES:
+                raise StorageError(0, f"cannot read the stored file of {uid}: {exc}") from None
+            return False
+        if stored.sop_instance_uid != uid:
+            return False
+        stored.record.instance["content_hash"] = stored_hash
+        self.index.add_instance(stored.record)
+        log.warning(
+            "%s: its stored file was in no index row (a crash between its rename and the index commit, "
+            "or an index being rebuilt); indexed it again",
+            uid,
+        )
+        return True
 
 
 def _instance(parsed: ParsedInstance, via: str, source: str) -> Instance:

@@ -26,11 +26,17 @@ data_dir=/Users/Shared/macpacs
 The file is written in place (never renamed over: the lock belongs to the inode), so a reader may
 catch it half-written for an instant and must then treat it as unproven. At a clean stop the
 server removes the file before letting go of the lock.
+
+A full disk does not stop the start: the lock, which needs no space, is what keeps a second
+server out. The text is then left empty (unproven: the supervisor will not act on it, and says
+so) and written by ``write_pending``, which the server calls once it has cleaned its staging
+folder and then every second until the write succeeds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -82,6 +88,8 @@ class PidFile:
         if "\n" in str(self.data_dir):
             raise ConfigError(f"the data folder's path {str(self.data_dir)!r} contains a line break: rename it")
         self._fd = -1
+        self._pending = b""  # the text still to write (the disk was full)
+        self._waiting = False  # a write failed for want of space (logged once)
 
     def acquire(self) -> None:
         """Lock the file, then write this process into it; AlreadyRunning when another server holds it."""
@@ -97,16 +105,40 @@ class PidFile:
                     previous["pid"],
                 )
             me = psutil.Process()
-            data = render(me.pid, me.create_time(), self.data_dir).encode()
-            # Over the old text, then cut to length: on a full disk, rewriting blocks the file
-            # already has needs no new space, where truncating first would.
-            os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
-            os.fsync(fd)
+            self._pending = render(me.pid, me.create_time(), self.data_dir).encode()
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+        self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write this process's text into the file if it is not there yet (the disk was full)."""
+        if not self._pending or self._fd < 0:
+            return
+        try:
+            # Over the old text, then cut to length: on a full disk, rewriting blocks the file
+            # already has needs no new space, where truncating first would.
+            os.pwrite(self._fd, self._pending, 0)
+            os.ftruncate(self._fd, len(self._pending))
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not self._waiting:
+                raise  # at start: a volume that cannot be written at all stops it, as before
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # no stale text meanwhile; shrinking needs no space
+            if not self._waiting:
+                log.warning(
+                    "cannot write the PID file %s: the disk is full. The server runs and holds its lock, "
+                    "but the supervisor cannot prove which process it is (and will not stop it) until "
+                    "space is freed; the write is retried every second",
+                    self.path,
+                )
+                self._waiting = True
+            return
+        self._pending = b""
+        if self._waiting:
+            log.info("PID file %s written: there is space again", self.path)
 
     def _lock(self) -> int:
         """A descriptor of the file at ``path`` holding its exclusive lock."""

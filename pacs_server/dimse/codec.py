@@ -13,15 +13,19 @@ tests/core/test_codec.py checks every encoder and the parser against pynetdicom'
 
 from __future__ import annotations
 
+import hashlib
 import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, NamedTuple
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import split_dataset
+
+from ..storage import ROOM_EVERY
 
 # Command Field values (PS3.7 E.1).
 C_STORE_RQ, C_CANCEL_RQ = 0x0001, 0x0FFF
@@ -371,12 +375,34 @@ def read_command(sock: socket.socket) -> bytes:
             return bytes(command)
 
 
-def receive_dataset(sock: socket.socket, context_id: int, fh: IO[bytes]) -> None:
-    """Write the PDV payloads of the dataset that follows a command to ``fh``, up to its last fragment.
+class Received(NamedTuple):
+    """What ``receive_dataset`` read: the dataset's content hash, and why it could not all be written."""
 
-    ProtocolError when a fragment is not the dataset's (another context, a command) or another
-    PDU comes (an A-ABORT).
+    # SHA-256 (hex) of the dataset's bytes: ingest.dataset_hash of a file of the file meta and
+    # them. "" when that would differ: a dataset that itself begins with group 0002 bytes, which
+    # dataset_hash takes for more of the meta.
+    content_hash: str
+    # The first OSError of a write, or of ``room``: from there on the rest was read, not written.
+    write_error: OSError | None
+
+
+def receive_dataset(
+    sock: socket.socket, context_id: int, fh: IO[bytes], room: Callable[[], None] | None = None
+) -> Received:
+    """Write the PDV payloads of the dataset that follows a command to ``fh``, up to its last
+    fragment, hashing them as they come.
+
+    A failed write (disk full), or ``room`` raising OSError (it is asked before the first write
+    and every ``ROOM_EVERY`` bytes: one statvfs per 16 MB, never one per PDU), stops the writing
+    but not the reading: the dataset is read to its end, so that the C-STORE can be answered
+    with a failure status instead of aborting the association. ProtocolError when a fragment is
+    not the dataset's (another context, a command) or another PDU comes (an A-ABORT); OSError
+    when the connection fails.
     """
+    digest = hashlib.sha256()
+    write = fh.write
+    failed: OSError | None = None
+    written, next_check, lead = 0, 0, b""
     while True:
         pdu_type, body = read_pdu(sock)
         if pdu_type != 0x04:
@@ -387,9 +413,21 @@ def receive_dataset(sock: socket.socket, context_id: int, fh: IO[bytes]) -> None
             length = int.from_bytes(body[pos : pos + 4], "big")
             if body[pos + 4] != context_id or body[pos + 5] & 0x01 or length < 2:
                 raise ProtocolError("a dataset fragment is not in the C-STORE's presentation context")
-            fh.write(view[pos + 6 : pos + 4 + length])
+            payload = view[pos + 6 : pos + 4 + length]
+            digest.update(payload)
+            if len(lead) < 2:
+                lead += bytes(payload[: 2 - len(lead)])
+            if failed is None:
+                try:
+                    if room is not None and written >= next_check:
+                        room()
+                        next_check = written + ROOM_EVERY
+                    write(payload)
+                    written += len(payload)
+                except OSError as exc:
+                    failed = exc
             if body[pos + 5] & 0x02:
                 if pos + 4 + length != len(body):
                     raise ProtocolError("data after the last fragment of a dataset")
-                return
+                return Received("" if lead == b"\x02\x00" else digest.hexdigest(), failed)
             pos += 4 + length

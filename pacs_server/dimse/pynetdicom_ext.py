@@ -39,7 +39,10 @@ pynetdicom is right but slow where an archive is busiest, and has no options for
 5. **Received datasets** are streamed to a file (``STORE_RECV_CHUNKED_DATASET``), the fastest
    pynetdicom path for large instances, and that file comes from the ``stage_file`` given to
    ``apply`` (on the data volume, so that ingest renames it into place), not from the
-   process-wide temporary folder.
+   process-wide temporary folder. pynetdicom writes it in its DUL thread, where an exception
+   aborts the association and leaves the partial file behind; so it writes through a
+   ``DrainingFile``, which keeps a failed write's error (disk full) for ``store_scp`` to answer
+   0xA700 once the dataset has been read, and removes the partial file at once.
 
 Besides these, the fast paths use pynetdicom's internals directly (``subops.Channel`` pauses the
 association's reactor, ``store_scp`` reads its accepted contexts). ``check`` verifies at start-up
@@ -50,27 +53,32 @@ pyproject.toml pins the minor release tests/core/test_pynetdicom_ext.py passed o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import inspect
+import os
 import socket
 import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import IO, Any
 
 import pynetdicom
 import pynetdicom._config
 import pynetdicom.association
 import pynetdicom.dimse_messages
+import pynetdicom.dimse_primitives
 import pynetdicom.dul
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 from ..config import ConfigError
+from ..storage import StagedFile
 from . import codec
 
 REQUIRED_VERSION = ">=3.0.4,<3.1"  # as pinned in pyproject.toml
@@ -84,6 +92,7 @@ _MODULE_ATTRIBUTES = {
 }
 _CLASS_ATTRIBUTES = {
     pynetdicom.dul.DULServiceProvider: ("_is_transport_event",),
+    pynetdicom.dimse_primitives.C_STORE: ("_dataset_file",),
     AssociationSocket: ("ready", "send"),
     RequestHandler: ("_create_association",),
     QueryRetrieveServiceClass: ("_c_find_scp", "_move_scp", "_get_scp"),
@@ -275,19 +284,82 @@ def _service_class(uid: str) -> type:
 
 
 # -- 5. received datasets -----------------------------------------------------------------------------
-def _pynetdicom_stage() -> IO[bytes]:
-    return tempfile.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+def _pynetdicom_stage() -> StagedFile:
+    fd, name = tempfile.mkstemp(suffix=".dcm")
+    return StagedFile(os.fdopen(fd, "wb"), name, lambda: None)
 
 
-_stage: Callable[[], IO[bytes]] = _pynetdicom_stage  # until apply is given a stage_file
+_stage: Callable[[], StagedFile] = _pynetdicom_stage  # until apply is given a stage_file
 
 
-def _named_temporary_file(*_args: Any, **_kwargs: Any) -> IO[bytes]:
+class DrainingFile:
+    """What pynetdicom writes a received dataset into: a staged file whose failures do not raise.
+
+    A write that fails (disk full, or the store's free-space floor reached) is kept as
+    ``error``; the partial file is removed at once and later writes are dropped, so that
+    pynetdicom reads the dataset to its end and ``store_scp`` answers 0xA700 (``write_failure``).
+    A file that cannot even be created is an ``error`` from the start (``name`` is then "").
+    """
+
+    def __init__(self, staged: IO[bytes] | StagedFile | None, error: OSError | None = None) -> None:
+        self._staged = staged
+        self.name = staged.name if staged is not None else ""
+        self.error = error
+
+    @property
+    def file(self) -> DrainingFile:
+        return self  # pynetdicom calls ``.file.flush()`` after each fragment
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.error is None and self._staged is not None:
+            try:
+                return self._staged.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None and self._staged is not None:
+            try:
+                self._staged.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        if self._staged is not None:
+            with contextlib.suppress(OSError):  # flushed after each fragment: nothing is lost here
+                self._staged.close()
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name)
+
+    def __enter__(self) -> DrainingFile:
+        return self
+
+    def __exit__(
+        self, _type: type[BaseException] | None, _value: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _named_temporary_file(*_args: Any, **_kwargs: Any) -> DrainingFile:
     """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``, from ``stage_file``."""
-    return _stage()
+    try:
+        return DrainingFile(_stage())
+    except OSError as exc:  # no file at all (no descriptor left, a full inode table...)
+        return DrainingFile(None, exc)
 
 
-def staged_file() -> IO[bytes]:
+def write_failure(request: Any) -> OSError | None:
+    """Why the dataset of a C-STORE request received by pynetdicom could not be written, or None."""
+    received = getattr(request, "_dataset_file", None)
+    return received.error if isinstance(received, DrainingFile) else None
+
+
+def staged_file() -> StagedFile:
     """A new file for a received dataset, from the ``stage_file`` given to ``apply`` (``store_scp``'s too)."""
     return _stage()
 
@@ -297,12 +369,12 @@ _clock: ReactorClock | None = None
 _apply_lock = threading.Lock()
 
 
-def apply(poll_ms: float, stage_file: Callable[[], IO[bytes]] | None = None) -> ReactorClock:
+def apply(poll_ms: float, stage_file: Callable[[], StagedFile] | None = None) -> ReactorClock:
     """Check pynetdicom (``check``), then change its behaviour as the module docstring says.
 
     Idempotent: the patches go in on the first call; a later call only sets the reactor poll and,
-    when given, ``stage_file`` (a NamedTemporaryFile-like object open for writing: ``.name``,
-    ``.file``, ``.write``, ``.close``; without one, pynetdicom's own temporary file). Returns the
+    when given, ``stage_file`` (``BlobStore.stage``: a ``StagedFile``; without one, a file in
+    the process's temporary folder). Returns the
     reactor clock, whose ``opened``/``closed`` the listener binds to EVT_CONN_OPEN/CLOSE.
     Raises PynetdicomMismatch (a ConfigError) when pynetdicom lacks an internal we need.
     """

@@ -14,7 +14,15 @@ pynetdicom's own go) laid out exactly as pynetdicom's ``STORE_RECV_CHUNKED_DATAS
 the same store function answers, and the C-STORE-RSP is framed and written by
 ``pynetdicom_ext.write_message``. Anything else (a release or abort request, another service, a
 command spread over several PDUs, a quiet peer) is left unread on the socket for pynetdicom,
-which carries on from there. Not used over TLS.
+which carries on from there. Not used over TLS. The dataset's content hash is computed as its
+fragments arrive (``codec.receive_dataset``) and handed to ingest, which then need not read the
+staged file again.
+
+A full disk costs a C-STORE its answer 0xA700, never the association: on either path a write
+that fails, or free space below ``storage.min_free_mb`` (asked once per 16 MB received), stops
+the writing, the partial file goes at once, the rest of the dataset is read and dropped, and
+the failure status is sent (``_refuse_unwritten``). The peer goes on with its next instance,
+and stores succeed again as soon as space is freed.
 """
 
 from __future__ import annotations
@@ -33,12 +41,13 @@ from pydicom.dataset import Dataset
 from pynetdicom.service_class import StorageServiceClass
 
 from .. import dicom_status
+from ..storage import is_disk_full
 from . import codec, pynetdicom_ext
 
 log = logging.getLogger(__name__)
 
-# (association, temporary file path, SOP Instance UID) → a status code or a status dataset.
-StoreFunction = Callable[[Any, Path, str], "int | Dataset"]
+# (association, staged file path, SOP Instance UID, content hash or "") → a status code or dataset.
+StoreFunction = Callable[[Any, Path, str, str], "int | Dataset"]
 
 IDLE_HANDBACK = 1.0  # seconds without a request before pynetdicom takes the socket back
 _MAX_COMMAND_PDU = 64 * 1024
@@ -48,7 +57,14 @@ class FastStorageServiceClass(StorageServiceClass):
     """pynetdicom's Storage SCP for the first C-STORE, then ``serve_direct`` for the next ones."""
 
     def SCP(self, req: Any, context: Any) -> None:
-        super().SCP(req, context)
+        failure = pynetdicom_ext.write_failure(req)
+        if failure is None:
+            super().SCP(req, context)
+        else:
+            request = _Request(
+                context.context_id, req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, ""
+            )
+            _refuse_unwritten(self.assoc, request, failure)
         store: StoreFunction | None = getattr(self.assoc, "macpacs_store", None)
         if store is not None and self.assoc.is_established:
             serve_direct(self.assoc, store)
@@ -106,24 +122,53 @@ def _take_store_request(raw: socket.socket, assoc: Any) -> _Request | None:
     return _Request(peeked.context_id, us[0x0110], sop_class, ui[0x1000], cx.transfer_syntax[0])
 
 
+class _Nowhere:
+    """Where the rest of a dataset goes once it cannot be written."""
+
+    @staticmethod
+    def write(data: bytes | memoryview) -> int:
+        return len(data)
+
+
 def _serve_one(assoc: Any, raw: socket.socket, request: _Request, store: StoreFunction) -> bool:
     """Receive the dataset, store it, answer; False when the association had to be aborted."""
-    path: Path | None = None
+    failure: OSError | None = None
+    staged: Any = None
     try:
-        with pynetdicom_ext.staged_file() as staged:
-            path = Path(staged.name)
-            fh = getattr(staged, "file", staged)  # the file itself: no wrapper call per PDU
-            fh.write(codec.file_meta(request.sop_class, request.sop_instance, request.transfer_syntax))
-            codec.receive_dataset(raw, request.context_id, fh)
-    except (OSError, ValueError) as exc:
-        if path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        staged = pynetdicom_ext.staged_file()
+    except OSError as exc:  # no file at all (no descriptor left...)
+        failure = exc
+    try:
+        sink: Any = _Nowhere
+        if staged is not None:
+            sink = getattr(staged, "file", staged)  # the file itself: no wrapper call per PDU
+            try:
+                sink.write(codec.file_meta(request.sop_class, request.sop_instance, request.transfer_syntax))
+            except OSError as exc:
+                failure, sink = exc, _Nowhere
+        received = codec.receive_dataset(raw, request.context_id, sink, getattr(staged, "room", None))
+        failure = failure or received.write_error
+        if staged is not None and failure is None:
+            try:
+                staged.close()
+            except OSError as exc:
+                failure = exc
+    except (OSError, ValueError) as exc:  # the connection, or the peer
+        if staged is not None:
+            _discard(staged)
         log.error("C-STORE of %s: receiving the dataset failed (%s); aborting", request.sop_instance, exc)
         assoc._abort_blocking(block=False)
         return False
+    if failure is not None:
+        if staged is not None:
+            _discard(staged)
+        if not assoc.is_established:
+            return False
+        _refuse_unwritten(assoc, request, failure)
+        return True
+    path = Path(staged.name)
     try:
-        result = store(assoc, path, request.sop_instance)
+        result = store(assoc, path, request.sop_instance, received.content_hash)
     except Exception:
         log.exception("C-STORE handler failed")
         result = dicom_status.STORE_HANDLER_FAILED
@@ -134,6 +179,31 @@ def _serve_one(assoc: Any, raw: socket.socket, request: _Request, store: StoreFu
         return False
     pynetdicom_ext.write_message(assoc, request.context_id, store_response(request, result), None)
     return True
+
+
+def _discard(staged: Any) -> None:
+    """Close and remove a staged file whose content is not wanted."""
+    with contextlib.suppress(OSError):
+        staged.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staged.name)
+
+
+def _refuse_unwritten(assoc: Any, request: _Request, failure: OSError) -> None:
+    """Answer 0xA700 for a dataset that was read but could not be written (both paths)."""
+    full = is_disk_full(failure)
+    log.error(
+        "C-STORE of %s from %s refused with 0xA700, nothing kept: cannot write it (%s)%s",
+        request.sop_instance,
+        assoc.requestor.ae_title,
+        failure.strerror or failure,
+        ". The data volume is full: free space or add storage; stores resume by themselves" if full else "",
+    )
+    comment = "out of disk space on the archive" if full else "the archive cannot write the file"
+    status = Dataset()
+    status.Status = dicom_status.OUT_OF_RESOURCES
+    status.ErrorComment = comment
+    pynetdicom_ext.write_message(assoc, request.context_id, store_response(request, status), None)
 
 
 def store_response(request: _Request, result: int | Dataset) -> bytes:

@@ -1,6 +1,26 @@
 """Where instance files live: the ``BlobStore`` interface and its file system implementation."""
 
-from .base import BlobStore, StorageError, blob_key, stage_copy
+from .base import (
+    ROOM_EVERY,
+    BlobStore,
+    KeyLockTimeout,
+    StagedFile,
+    StorageError,
+    blob_key,
+    is_disk_full,
+    stage_copy,
+)
 from .filesystem import FileStore, flush_to_disk
 
-__all__ = ["BlobStore", "FileStore", "StorageError", "blob_key", "flush_to_disk", "stage_copy"]
+__all__ = [
+    "ROOM_EVERY",
+    "BlobStore",
+    "FileStore",
+    "KeyLockTimeout",
+    "StagedFile",
+    "StorageError",
+    "blob_key",
+    "flush_to_disk",
+    "is_disk_full",
+    "stage_copy",
+]

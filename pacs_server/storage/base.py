@@ -10,18 +10,91 @@ volume, so that ``put`` can rename it), hands the staged file's name to ingest, 
 ``put``s it under its key once it is checked. After ``put`` returns, the blob survives a power
 cut. Today's implementation is the local file system (``filesystem.FileStore``); an object
 store implements the same methods and returns None from ``local_path``.
+
+A full disk is a fault like any other: a staged file refuses to grow once free space falls
+below the floor the ingestor sets (``keep_free``: ``storage.min_free_mb``), checked every
+``ROOM_EVERY`` bytes while data streams in, so that the index (whose commits need space too)
+never finds the volume full because of us; the receivers turn that refusal, and a real ENOSPC,
+into 0xA700 or HTTP 507 (``is_disk_full``) and remove what they staged.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
+from types import TracebackType
 from typing import IO, BinaryIO, Protocol
+
+# Free space is checked once per this many bytes written to a staged file: one statvfs per
+# 16 MB costs nothing, where one per network PDU (16 KB) would be felt on the hot path.
+ROOM_EVERY = 16 * 1024 * 1024
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StorageError(OSError):
     """The store could not write or read a blob (disk full, read-only volume...)."""
+
+
+class KeyLockTimeout(TimeoutError):
+    """Another ingest held the lock of a key (``BlobStore.lock``) longer than the bounded wait."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means "no space left": a real ENOSPC or EDQUOT, or the store's free-space floor."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+class StagedFile:
+    """A file being received into the staging area, as ``BlobStore.stage`` returns it.
+
+    It behaves as ``tempfile.NamedTemporaryFile(delete=False)`` does for its users (``name``,
+    ``write``, ``close``, ``file``, a context manager), and every ``ROOM_EVERY`` bytes written
+    asks ``room`` whether the volume still has the space the store keeps free, which raises
+    StorageError (ENOSPC) when not. Hot loops write to ``file`` directly and call ``room``
+    themselves (``dimse/codec.receive_dataset``).
+    """
+
+    __slots__ = ("_next_check", "file", "name", "room", "written")
+
+    def __init__(self, file: BinaryIO, name: str, room: Callable[[], None]) -> None:
+        self.file = file
+        self.name = name
+        self.room = room
+        self.written = 0
+        self._next_check = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.written >= self._next_check:
+            self.room()
+            self._next_check = self.written + ROOM_EVERY
+        count = self.file.write(data)
+        self.written += count
+        return count
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def discard(self) -> None:
+        """Close and remove the file (whatever was written is not wanted: disk full, a refused request)."""
+        with suppress(OSError):  # the buffered tail could not be written either: the file goes anyway
+            self.file.close()
+        with suppress(FileNotFoundError):
+            os.unlink(self.name)
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(
+        self, _type: type[BaseException] | None, _value: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 def blob_key(sop_instance_uid: str) -> str:
@@ -33,12 +106,31 @@ def blob_key(sop_instance_uid: str) -> str:
 class BlobStore(Protocol):
     """Where instance files live. Every method may raise StorageError for a store that fails."""
 
-    def stage(self) -> IO[bytes]:
+    def stage(self) -> StagedFile:
         """A new, empty file to receive a blob into, open for writing (``.name`` is its path).
 
         The caller writes and closes it, then gives its name to ingest, which ``put``s or
-        deletes it. Files left by a crash are removed by ``clean_staging``.
+        deletes it. Files left by a crash are removed by ``clean_staging``. Writing refuses to
+        go below the floor set by ``keep_free`` (StorageError, ENOSPC).
         """
+        ...
+
+    def scratch(self) -> IO[bytes]:
+        """An unnamed temporary file on the store's volume, for work too large for memory
+        (inflating a deflated dataset); gone when closed, or when the process dies."""
+        ...
+
+    def keep_free(self, nbytes: int) -> None:
+        """Keep at least ``nbytes`` free on the volume: staged files stop growing below it."""
+        ...
+
+    def check_room(self) -> None:
+        """StorageError (ENOSPC, with a message for the administrator) when free space is below the floor."""
+        ...
+
+    def lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
+        """Hold ``key`` against every other ingest of this store, in any process of the host, for
+        the check, ``put`` and index commit of one instance; KeyLockTimeout after ``timeout`` s."""
         ...
 
     def put(self, staged: str | Path, key: str) -> None:
@@ -70,7 +162,8 @@ class BlobStore(Protocol):
         ...
 
     def clean_staging(self, older_than: float = 3600.0) -> int:
-        """Remove staged files older than ``older_than`` seconds (left by interrupted transfers)."""
+        """Remove staged files that no live process is writing (left by a crash, a kill, a power
+        cut), and any untouched for ``older_than`` seconds; returns how many went."""
         ...
 
     def probe(self) -> None:
@@ -84,12 +177,13 @@ class BlobStore(Protocol):
 
 def stage_copy(blobs: BlobStore, source: Path) -> str:
     """Copy an outside file into a staged file of ``blobs`` (``macpacs import``); returns its name."""
-    with open(source, "rb") as src, blobs.stage() as staged:
+    with open(source, "rb") as src:
+        staged = blobs.stage()
         try:
             while chunk := src.read(1 << 20):
                 staged.write(chunk)
-        except BaseException:
             staged.close()
-            Path(staged.name).unlink(missing_ok=True)
+        except BaseException:
+            staged.discard()
             raise
     return staged.name
