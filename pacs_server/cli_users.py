@@ -1,4 +1,9 @@
-"""``macpacs users``: web users (admins) and their API tokens, kept in the index."""
+"""``macpacs users``: web users, their rights and API tokens, kept in the index.
+
+Rights (``users.RIGHTS``) come from a role at ``add`` (``users.ROLES``) and can be changed one by
+one with ``rights``. Removing a user, a new password and ``logout`` end the user's browser
+sessions at once.
+"""
 
 from __future__ import annotations
 
@@ -30,42 +35,94 @@ def _fail(exc: Exception) -> click.ClickException:
 
 @click.group()
 def users() -> None:
-    """Web users (for the pages, DICOMweb and WADO) and API tokens."""
+    """Web users (for the pages, DICOMweb, WADO and XML-RPC), their rights and API tokens."""
+
+
+def _rights_list(text: str | None) -> list[str]:
+    return [] if not text else [item for item in text.replace(" ", ",").split(",") if item]
+
+
+ROLE_HELP = "admin: everything; user: read, download, send; uploader: upload only; read: read and download."
 
 
 @users.command("add")
 @config_options
 @click.argument("username")
-@click.option("--role", type=click.Choice(["admin", "read"]), default="admin", show_default=True)
+@click.option("--role", type=click.Choice(["admin", "user", "uploader", "read"]), default="admin", show_default=True,
+              help=ROLE_HELP)  # fmt: skip
+@click.option("--rights", metavar="LIST", help="Exact rights instead of the role's, e.g. read,download.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
-def add(config_path: str | None, data_dir: str | None, username: str, role: str, password_stdin: bool) -> None:
+def add(
+    config_path: str | None, data_dir: str | None, username: str, role: str, rights: str | None, password_stdin: bool
+) -> None:
     """Create a user (asks for the password twice unless --password-stdin)."""
     from .users import UserError
 
     manager = _users(config_path, data_dir)
     try:
-        manager.add(username, _password(password_stdin), role)
+        user = manager.add(username, _password(password_stdin), role, _rights_list(rights) if rights else None)
     except UserError as exc:
         raise _fail(exc) from None
-    click.echo(f"user {username} added ({role})")
+    click.echo(f"user {username} added ({role}: {', '.join(sorted(user.rights))})")
 
 
 @users.command("list")
 @config_options
 def list_(config_path: str | None, data_dir: str | None) -> None:
-    """List users (name, role, created, lock state)."""
+    """List users: name, role, rights, created, open sessions, failed logins and lock."""
     now = time.time()
-    for user in _users(config_path, data_dir).list():
+    for user, failures, sessions in _users(config_path, data_dir).list():
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(user.created_at))
-        lock = f"  locked for {int(user.locked_until - now) + 1} s" if user.locked_until > now else ""
-        click.echo(f"{user.username}\t{user.role}\t{created}{lock}")
+        state = f"  {sessions} session(s)" if sessions else ""
+        state += f"  {failures} failed login(s)" if failures else ""
+        state += f"  locked for {int(user.locked_until - now) + 1} s" if user.locked_until > now else ""
+        click.echo(f"{user.username}\t{user.role}\t{','.join(sorted(user.rights))}\t{created}{state}")
+
+
+@users.command("rights")
+@config_options
+@click.argument("username")
+@click.option("--role", type=click.Choice(["admin", "user", "uploader", "read"]), help="Start from this role's rights.")
+@click.option("--grant", metavar="LIST", help="Rights to add, e.g. upload or download,send.")
+@click.option("--revoke", metavar="LIST", help="Rights to take away.")
+def rights(
+    config_path: str | None,
+    data_dir: str | None,
+    username: str,
+    role: str | None,
+    grant: str | None,
+    revoke: str | None,
+) -> None:
+    """Show or change what a user may do (read, download, send, upload, delete, admin)."""
+    from .users import UserError
+
+    manager = _users(config_path, data_dir)
+    try:
+        user = manager.set_rights(username, role, _rights_list(grant), _rights_list(revoke))
+    except UserError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{user.username}\t{user.role}\t{','.join(sorted(user.rights)) or '(no rights)'}")
+
+
+@users.command("logout")
+@config_options
+@click.argument("username")
+def logout(config_path: str | None, data_dir: str | None, username: str) -> None:
+    """End every browser session of the user (it must log in again)."""
+    from .users import UserError
+
+    try:
+        ended = _users(config_path, data_dir).end_sessions(username)
+    except UserError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{ended} session(s) of {username} ended")
 
 
 @users.command("remove")
 @config_options
 @click.argument("username")
 def remove(config_path: str | None, data_dir: str | None, username: str) -> None:
-    """Delete a user and its API tokens."""
+    """Delete a user with its API tokens and sessions (logged-in browsers are logged out at once)."""
     from .users import UserError
 
     try:
@@ -80,7 +137,7 @@ def remove(config_path: str | None, data_dir: str | None, username: str) -> None
 @click.argument("username")
 @click.option("--password-stdin", is_flag=True, help="Read the new password from the first line of stdin.")
 def passwd(config_path: str | None, data_dir: str | None, username: str, password_stdin: bool) -> None:
-    """Set a new password (also lifts a lock left by wrong passwords)."""
+    """Set a new password (also lifts a lock left by wrong passwords, and ends the user's sessions)."""
     from .users import UserError
 
     manager = _users(config_path, data_dir)

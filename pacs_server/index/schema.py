@@ -152,6 +152,8 @@ web_user = Table(
     Column("created_at", Float, nullable=False),
     Column("failed_logins", Integer, nullable=False, default=0),
     Column("locked_until", Float, nullable=False, default=0.0),
+    # What the user may do: rights names joined by commas (pacs_server.users.RIGHTS), from 0004.
+    Column("rights", String(255), nullable=False, default=""),
     UniqueConstraint("username", name="uq_web_user_username"),
 )
 
@@ -209,4 +211,31 @@ study_stable = Table(
     Column("generation", Integer, nullable=False),  # 1 the first time, +1 each time it fires again
     Column("state", String(16), nullable=False),  # "firing" while the hooks run, then "fired"
     Column("fired_at", Float, nullable=False),
+)
+
+# Browser logins (pacs_server.sessions, SQL in sessions_table.py): the cookie carries a random
+# token, the row its SHA-256, so that logout, a new password or removing the user end it at
+# once on every server node sharing the index.
+web_session = Table(
+    "web_session",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_pk", Integer, ForeignKey("web_user.pk", ondelete="CASCADE"), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # absolute end (web.session_hours)
+    Column("address", String(64), nullable=False, default=""),
+    Index("ix_web_session_user", "user_pk"),
+    Index("ix_web_session_expires", "expires_at"),
+)
+
+# Counters of attempts per key within a window (login failures per client address, workstation
+# registrations per address: users_table.RateLimits), counted with one UPDATE ... SET n = n + 1.
+rate_limit = Table(
+    "rate_limit",
+    metadata,
+    Column("key", String(128), primary_key=True),
+    Column("count", Integer, nullable=False),
+    Column("window_start", Float, nullable=False),
+    Index("ix_rate_limit_window", "window_start"),
 )

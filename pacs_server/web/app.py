@@ -16,7 +16,7 @@ from ..archive import Archive
 from ..index import IndexUnreadable, QueryError
 from ..retrieve import FileMissing
 from . import api, debug, health, pages, wado_uri
-from .auth import Authenticator, load_secret
+from .auth import Authenticator
 from .dicomweb import router as dicomweb_router
 from .dicomweb.frames_fast import FrameShortPath
 from .status import package_version
@@ -33,13 +33,7 @@ def create_app(archive: Archive) -> FastAPI:
     )
     app.state.archive = archive
     app.state.users = archive.users
-    app.state.auth = Authenticator(
-        app.state.users,
-        load_secret(settings.data_dir),
-        anonymous_read=settings.web.anonymous_read,
-        session_hours=settings.web.session_hours,
-        secure=bool(settings.web.tls_cert),
-    )
+    app.state.auth = Authenticator(archive)
     app.add_middleware(FrameShortPath)  # added first: the CORS middleware below wraps it
     if settings.web.cors_origins:
         app.add_middleware(

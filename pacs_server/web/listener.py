@@ -58,6 +58,10 @@ class WebListener:
             server_header=False,
             timeout_graceful_shutdown=5,
             backlog=2048,
+            # X-Forwarded-For / -Proto are believed only from the proxies listed in
+            # web.forwarded_allow_ips (uvicorn's default would believe any local process).
+            proxy_headers=bool(web.forwarded_allow_ips),
+            forwarded_allow_ips=web.forwarded_allow_ips or None,
         )
         try:
             config.load()  # reads the TLS certificate and key now, in this thread

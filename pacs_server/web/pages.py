@@ -3,7 +3,9 @@
 Pages are Jinja2 templates; the study list, nodes page and viewer fill themselves from JSON
 (``ui_api``) and DICOMweb with plain JavaScript modules in ``static/``. Authentication is WEB's
 (``auth.py``): a page that needs a login redirects to ``/login?next=...``, and says so when a
-session existed but has expired. Every form carries a CSRF token (``csrf.py``).
+session existed but has expired; a page needing a right the user lacks says so (403), and the
+pages show only the actions the caller's rights allow (``can`` in the templates). Every form
+carries a CSRF token bound to the session (``csrf.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -25,9 +27,9 @@ from ..dimse import scu
 from ..dimse.subops import PeerError
 from ..index import Query
 from ..nodes import Node, NodeError, validate
-from ..users import User
+from ..users import RIGHT_WORDS, Throttled
 from . import csrf, status_page, ui_api
-from .auth import SESSION_COOKIE, check_login, clear_session, client_address, issue_session, load_secret
+from .auth import SESSION_COOKIE, Principal, check_login, client_address, is_loopback, link_host, load_secret
 from .lookup import check_uid
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ STUDY_KEYS = (
     "NumberOfStudyRelatedInstances",
 )
 SERIES_KEYS = ("SeriesNumber", "SeriesDescription", "Modality", "NumberOfSeriesRelatedInstances")
+# Workstation registrations (each one a C-ECHO from the server) per client address.
+REGISTER_LIMIT = 10
+REGISTER_WINDOW_S = 600.0
 
 
 def _dicom_date(value: str | None) -> str:
@@ -79,48 +84,49 @@ def _archive(request: Request) -> Archive:
     return request.app.state.archive
 
 
-def current_user(request: Request) -> User | None:
-    """The logged-in user, or None (no session, expired session, bad credentials)."""
+def _principal(request: Request) -> Principal | None:
+    """The caller with its rights, None when it must log in (bad credentials count as none here)."""
     try:
-        return request.app.state.auth.identify(request)
+        return request.app.state.auth.principal(request)
     except HTTPException:
         return None
 
 
-def _login_redirect(request: Request, user: User | None) -> RedirectResponse:
+def _login_redirect(request: Request) -> RedirectResponse:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    expired = "&expired=1" if user is None and SESSION_COOKIE in request.cookies else ""
+    expired = "&expired=1" if SESSION_COOKIE in request.cookies else ""
     return RedirectResponse(f"/login?next={quote(target, safe='')}{expired}", status_code=303)
 
 
-def _reader(request: Request) -> tuple[User | None, Response | None]:
-    """(user, None) when the caller may read; (None, redirect to login) otherwise."""
-    user = current_user(request)
-    if user is None and not request.app.state.auth.anonymous_allowed(request):
-        return None, _login_redirect(request, user)
-    return user, None
+def _allowed(request: Request, right: str) -> tuple[Principal | None, Response | None]:
+    """(caller, None) when the caller has ``right``; else (caller, the login redirect or a 403 page)."""
+    who = _principal(request)
+    if who is not None and who.can(right):
+        return who, None
+    if who is None or who.user is None:
+        return who, _login_redirect(request)
+    return who, render(
+        request,
+        "message.html",
+        who,
+        status_code=403,
+        title="Not allowed",
+        text=(
+            f"User {who.name} may not {RIGHT_WORDS[right]}. An administrator can allow it on the server "
+            f"with `macpacs users rights {who.name} --grant {right}`."
+        ),
+    )
 
 
-def _admin(request: Request) -> tuple[User | None, Response | None]:
-    user = current_user(request)
-    if user is None:
-        return None, _login_redirect(request, user)
-    if not user.is_admin:
-        return user, render(
-            request,
-            "message.html",
-            user,
-            status_code=403,
-            title="Admins only",
-            text=f"User {user.username} is not an admin: this page needs an admin login.",
-        )
-    return user, None
-
-
-def render(request: Request, name: str, user: User | None, status_code: int = 200, **context: Any) -> HTMLResponse:
+def render(request: Request, name: str, who: Principal | None, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """A page for ``who``: its user (or None) and ``can(right)`` for the template to show only what it may do."""
     token = csrf.token_for(request)
+    user = who.user if who else None
     response = TEMPLATES.TemplateResponse(
-        request, name, {"user": user, "csrf_token": token, **context}, status_code=status_code
+        request,
+        name,
+        {"user": user, "can": who.can if who else (lambda _right: False), "csrf_token": token, **context},
+        status_code=status_code,
     )
     csrf.remember(request, response)
     response.headers["Cache-Control"] = "no-store"
@@ -170,7 +176,7 @@ def login(
             next=_safe_next(next),
         )
     response = RedirectResponse(_safe_next(next), status_code=303)
-    issue_session(request, response, user.username)
+    request.app.state.auth.issue_session(request, response, user)
     log.info("web login: %s from %s", user.username, client_address(request))
     return response
 
@@ -179,7 +185,7 @@ def login(
 def logout(request: Request, csrf_token: str = Form("")) -> Response:
     csrf.verify(request, csrf_token)
     response = RedirectResponse("/login?logged_out=1", status_code=303)
-    clear_session(request, response)
+    request.app.state.auth.clear_session(request, response)
     return response
 
 
@@ -191,28 +197,28 @@ def home() -> RedirectResponse:
 
 @router.get("/studies")
 def studies_page(request: Request) -> Response:
-    user, denied = _reader(request)
+    who, denied = _allowed(request, "read")
     if denied:
         return denied
-    return render(request, "studies.html", user, modalities=MODALITIES, active="studies")
+    return render(request, "studies.html", who, modalities=MODALITIES, active="studies")
 
 
-def _not_found(request: Request, user: User | None, uid: str) -> HTMLResponse:
+def _not_found(request: Request, who: Principal | None, uid: str) -> HTMLResponse:
     return render(
         request,
         "message.html",
-        user,
+        who,
         status_code=404,
         title="Study not found",
         text=f"Study {uid} is not in the archive (it may have been deleted).",
     )
 
 
-def _invalid_uid(request: Request, user: User | None, exc: HTTPException) -> HTMLResponse:
+def _invalid_uid(request: Request, who: Principal | None, exc: HTTPException) -> HTMLResponse:
     return render(
         request,
         "message.html",
-        user,
+        who,
         status_code=400,
         title="Not a valid UID",
         text=f"{exc.detail}. Open the study from the study list, or check the link you followed.",
@@ -221,13 +227,13 @@ def _invalid_uid(request: Request, user: User | None, exc: HTTPException) -> HTM
 
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, study_uid: str) -> Response:
-    user, denied = _reader(request)
+    who, denied = _allowed(request, "read")
     if denied:
         return denied
     try:
         study_uid = check_uid(study_uid, "study UID")
     except HTTPException as exc:
-        return _invalid_uid(request, user, exc)
+        return _invalid_uid(request, who, exc)
     archive = _archive(request)
     names = archive.settings.dicom.case_insensitive_names
     found = archive.index.find_all(Query("STUDY", {**dict.fromkeys(STUDY_KEYS), "StudyInstanceUID": study_uid}, names))
@@ -235,59 +241,61 @@ def study_page(request: Request, study_uid: str) -> Response:
         Query("SERIES", {**dict.fromkeys(SERIES_KEYS), "StudyInstanceUID": study_uid}, names)
     )
     if not found:
-        return _not_found(request, user, study_uid)
+        return _not_found(request, who, study_uid)
     series.sort(key=lambda s: (s.get("SeriesNumber") is None, s.get("SeriesNumber") or 0))
     nodes = [n for n in archive.nodes.list() if n.status == "active"]
-    return render(request, "study.html", user, study=found[0], series=series, nodes=nodes, active="studies")
+    return render(request, "study.html", who, study=found[0], series=series, nodes=nodes, active="studies")
 
 
 @router.get("/viewer/{study_uid}")
 def viewer_page(request: Request, study_uid: str, series: str = "") -> Response:
-    user, denied = _reader(request)
+    who, denied = _allowed(request, "read")
     if denied:
         return denied
     try:
         study_uid = check_uid(study_uid, "study UID")
         series = check_uid(series, "series UID") if series else ""
     except HTTPException as exc:
-        return _invalid_uid(request, user, exc)
-    return render(request, "viewer.html", user, study=study_uid, series=series)
+        return _invalid_uid(request, who, exc)
+    return render(request, "viewer.html", who, study=study_uid, series=series)
 
 
 @router.get("/upload")
 def upload_page(request: Request) -> Response:
-    user, denied = _reader(request)
+    who, denied = _allowed(request, "upload")
     if denied:
         return denied
-    return render(request, "upload.html", user, active="upload")
+    return render(request, "upload.html", who, active="upload")
 
 
 # -- nodes, registration, status ---------------------------------------------------------------------
 @router.get("/nodes")
 def nodes_page(request: Request) -> Response:
-    user, denied = _admin(request)
+    who, denied = _allowed(request, "admin")
     if denied:
         return denied
     accept = _archive(request).settings.dicom.accept_unknown_nodes
-    return render(request, "nodes.html", user, accept_unknown=accept, active="nodes")
+    return render(request, "nodes.html", who, accept_unknown=accept, active="nodes")
+
+
+def _server_name(request: Request) -> str:
+    """This server's name as the page was reached, when that is one of its names (``auth.link_host``)."""
+    return urlsplit("//" + link_host(request)).hostname or socket.gethostname()
 
 
 def _locations_line(request: Request) -> str:
-    s = _archive(request).settings
-    return status_page.locations_line(s, request.url.hostname or socket.gethostname())
+    return status_page.locations_line(_archive(request).settings, _server_name(request))
 
 
 @router.get("/register")
 def register_page(request: Request) -> HTMLResponse:
-    user = current_user(request)
-    archive = _archive(request)
-    form = {"ae_title": "", "host": client_address(request), "port": "11112", "name": "", "description": ""}
+    form = {"ae_title": "", "port": "11112", "name": "", "description": ""}
     return render(
         request,
         "register.html",
-        user,
+        _principal(request),
         form=form,
-        accept_unknown=archive.settings.dicom.accept_unknown_nodes,
+        address=client_address(request),
         locations_line=_locations_line(request),
         active="register",
     )
@@ -297,51 +305,66 @@ def register_page(request: Request) -> HTMLResponse:
 def register(
     request: Request,
     ae_title: str = Form(""),
-    host: str = Form(""),
     port: str = Form(""),
     name: str = Form(""),
     description: str = Form(""),
     csrf_token: str = Form(""),
 ) -> HTMLResponse:
-    """Register a workstation: validate, C-ECHO it, then save (pending unless the server trusts it).
+    """Register the workstation the request comes from: validate, C-ECHO it, then save it pending.
 
-    Nothing is saved when the echo fails, so a C-MOVE to a registered node is known to work.
+    Only the request's own address is echoed, at most ``REGISTER_LIMIT`` times per window, and
+    every failure has one wording: the page cannot be used to probe other hosts or ports.
+    Nothing is saved when the echo fails, so a C-MOVE to a registered node is known to work. The
+    node is active only when an admin registers it; otherwise it waits for an admin's approval.
     """
     csrf.verify(request, csrf_token)
-    user = current_user(request)
+    who = _principal(request)
+    user = who.user if who else None
     archive = _archive(request)
-    form = {"ae_title": ae_title, "host": host, "port": port, "name": name, "description": description}
-    trusted = archive.settings.dicom.accept_unknown_nodes or (user is not None and user.is_admin)
+    address = client_address(request)
+    form = {"ae_title": ae_title, "port": port, "name": name, "description": description}
 
     def answer(text: str, kind: str, code: int) -> HTMLResponse:
         return render(
             request,
             "register.html",
-            user,
+            who,
             status_code=code,
             form=form,
+            address=address,
             result=text,
             result_kind=kind,
-            accept_unknown=archive.settings.dicom.accept_unknown_nodes,
             locations_line=_locations_line(request),
             active="register",
         )
 
+    if is_loopback(address) and not request.app.state.auth.host_is_ours(request):
+        return answer(
+            "This page was reached through a name that is not this server's, as a web page from another site "
+            "would be: open it at http://localhost or by the server's own name. Nothing was saved.",
+            "error",
+            403,
+        )
+    try:
+        archive.users.rate_limit("register", address, REGISTER_LIMIT, REGISTER_WINDOW_S, "registrations")
+    except Throttled as exc:
+        return answer(f"{exc}. Nothing was saved.", "error", 429)
     try:
         port_number = int(port)
     except ValueError:
         return answer(
-            f"Port {port!r} is not a number: enter the TCP port of the workstation's DICOM listener.", "error", 400
+            f"Port {port[:20]!r} is not a number: enter the TCP port of the workstation's DICOM listener.", "error", 400
         )
     registry = archive.nodes
+    admin = user is not None and user.is_admin
     try:
         node = validate(
             Node(
                 name=(name or ae_title).strip(),
                 ae_title=ae_title,
-                host=host,
+                host=address,
                 port=port_number,
-                status="active" if trusted else "pending",
+                status="active" if admin else "pending",
                 description=description.strip(),
             )
         )
@@ -356,10 +379,11 @@ def register(
     try:
         ms = scu.echo(node, archive.settings)
     except (PeerError, OSError, RuntimeError) as exc:
+        # The reason stays in the log: refused, open-but-not-DICOM and silent ports read alike.
         log.warning("workstation registration: C-ECHO to %s@%s:%d failed: %s", node.ae_title, node.host, node.port, exc)
         return answer(
-            f"C-ECHO to {node.ae_title} at {node.host}:{node.port} failed: {exc}. Start the workstation's DICOM "
-            "listener, check the AE title, port and firewall, then try again. Nothing was saved.",
+            f"C-ECHO to {node.ae_title} at {node.host}:{node.port} failed: no DICOM answer. Start the workstation's "
+            "DICOM listener, check the AE title, port and firewall, then try again. Nothing was saved.",
             "error",
             502,
         )
@@ -367,7 +391,7 @@ def register(
         registry.add(node)
     except NodeError as exc:
         return answer(f"{exc}. Nothing was saved.", "error", 409)
-    by = user.username if user else "anonymous"
+    by = who.name if who else "anonymous"
     log.info("workstation %s@%s:%d registered by %s (%s)", node.ae_title, node.host, node.port, by, node.status)
     if node.status == "pending":
         text = (
@@ -381,9 +405,8 @@ def register(
 
 @router.get("/status")
 def server_status(request: Request) -> Response:
-    user, denied = _reader(request)
+    who, denied = _allowed(request, "read")
     if denied:
         return denied
-    archive = _archive(request)
-    info = status_page.view(archive, request.url.hostname or socket.gethostname())
-    return render(request, "status.html", user, s=info, active="status")
+    info = status_page.view(_archive(request), _server_name(request))
+    return render(request, "status.html", who, s=info, active="status")

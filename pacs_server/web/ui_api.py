@@ -31,7 +31,7 @@ from ..jobs import Job, JobError
 from ..nodes import Node, NodeError
 from ..retrieve import FileMissing, instance_path
 from . import audited
-from .auth import Principal, require_admin, require_read
+from .auth import Principal, require_admin, require_delete, require_download, require_read, require_send
 from .csrf import require_csrf_header
 from .lookup import check_uid
 
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["pages"])
 READER = Depends(require_read)
 ADMIN = Depends(require_admin)
+DOWNLOADER = Depends(require_download)
+SENDER = Depends(require_send)
+DELETER = Depends(require_delete)
 CSRF = [Depends(require_csrf_header)]
 
 STUDY_FIELDS = (
@@ -165,7 +168,7 @@ def _study_query(uid: str, level: str = "STUDY", **more: str) -> Query:
 def delete_study(
     request: Request,
     study_uid: str,
-    who: Principal = ADMIN,
+    who: Principal = DELETER,
 ) -> dict[str, Any]:
     archive = _archive(request)
     study_uid = check_uid(study_uid, "study UID")
@@ -223,7 +226,7 @@ class _Sink(io.RawIOBase):
 def study_zip(
     request: Request,
     study_uid: str,
-    who: Principal = READER,
+    who: Principal = DOWNLOADER,
 ) -> StreamingResponse:
     """The study's files as received, in Patient/Study/Series folders (no DICOMDIR), streamed."""
     archive = _archive(request)
@@ -295,7 +298,7 @@ def send_study(
     request: Request,
     study_uid: str,
     body: SendRequest,
-    who: Principal = READER,
+    who: Principal = SENDER,
 ) -> dict[str, Any]:
     """Queue a send of the study to a node (a ``send`` job: dimse/transfer_jobs.py); poll ``/jobs/{id}``."""
     archive = _archive(request)

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, Response
 from .. import render
 from ..archive import Archive
 from . import audited
-from .auth import Principal, require_read
+from .auth import Principal, denied, require_read
 from .lookup import one_instance
 
 router = APIRouter(tags=["WADO-URI"])
@@ -52,6 +52,8 @@ async def wado(
     archive: Archive = request.app.state.archive
     _inst, path = await run_in_threadpool(one_instance, archive, studyUID, seriesUID, objectUID)
     media = _choose(contentType)
+    if media == "application/dicom" and not who.can("download"):
+        raise denied(who, "download")  # the file itself, not a picture of it
     event = "retrieve" if media == "application/dicom" else "view"
     await run_in_threadpool(audited.record, request, who, event, studies=[studyUID], detail="WADO-URI", coalesce=60)
     if media == "application/dicom":

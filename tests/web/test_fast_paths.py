@@ -82,7 +82,9 @@ def test_series_with_sendfile_is_the_stored_files_and_survives_a_client_leaving(
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", loaded.server.web_port)) as sock:
             path = url.split(str(loaded.server.web_port), 1)[1]
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {SERIES_ACCEPT['Accept']}\r\n\r\n".encode())
+            # Host names this server: from loopback, any other name is a page through DNS rebinding.
+            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {SERIES_ACCEPT['Accept']}\r\n\r\n"
+            sock.sendall(request.encode())
             sock.recv(100)
     with requests.Session() as session:  # keep-alive: the connection serves requests after a sendfile
         for _ in range(2):
@@ -177,7 +179,8 @@ def test_a_client_that_stops_reading_holds_up_nothing_else(tmp_path):
         with socket.socket() as slow:
             slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
             slow.connect(("127.0.0.1", server.web_port))
-            slow.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {SERIES_ACCEPT['Accept']}\r\n\r\n".encode())
+            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {SERIES_ACCEPT['Accept']}\r\n\r\n"
+            slow.sendall(request.encode())
             head = b""
             while b"\r\n\r\n" not in head:
                 head += slow.recv(4096)

@@ -10,6 +10,8 @@ from typing import Any
 from fastapi import HTTPException, Request
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from ..auth import link_host
+
 DICOM_JSON = "application/dicom+json"
 _NUMERIC_VRS = {"IS", "US", "UL", "SS", "SL", "UV", "SV"}
 _FLOAT_VRS = {"DS", "FL", "FD"}
@@ -18,14 +20,16 @@ _FLOAT_VRS = {"DS", "FL", "FD"}
 def base_url(request: Request) -> str:
     """``http(s)://host:port/dicom-web`` for links in answers (RetrieveURL, BulkDataURI).
 
-    ``web.public_url`` when set (behind a reverse proxy); otherwise as the client reached us.
-    Some clients (dicomweb-client) send a Host header without the port: the port we listen
-    on is added then, so that links work.
+    ``web.public_url`` when set (behind a reverse proxy); otherwise as the client reached us,
+    when its Host header names this server, else the address the connection arrived on
+    (``auth.link_host``: a page that reached us through DNS rebinding gets no link to its own
+    name). Some clients (dicomweb-client) send a Host header without the port: the port we
+    listen on is added then, so that links work.
     """
     public = request.app.state.archive.settings.web.public_url
     if public:
         return public.rstrip("/") + "/dicom-web"
-    url = request.base_url
+    url = request.base_url.replace(netloc=link_host(request))
     server = request.scope.get("server")
     if url.port is None and server and server[1] not in (80, 443):
         url = url.replace(port=server[1])

@@ -32,7 +32,7 @@ from ...index import Query as IndexQuery
 from ...index import StoredInstance
 from ...retrieve import instance_path, stored_file
 from .. import audited
-from ..auth import Principal, require_read
+from ..auth import Principal, require_download, require_read
 from ..lookup import check_uid, instances, one_instance
 from ..zerocopy import SENDFILES
 from .common import DICOM_JSON, base_url, not_acceptable, parse_accept
@@ -224,7 +224,7 @@ _MULTIPART_DICOM: dict[int | str, dict[str, Any]] = {200: {"content": {"multipar
 
 
 @router.get("/studies/{study}", response_class=Response, responses=_MULTIPART_DICOM)
-async def retrieve_study(request: Request, study: str, who: Principal = Depends(require_read)) -> Response:  # noqa: B008
+async def retrieve_study(request: Request, study: str, who: Principal = Depends(require_download)) -> Response:  # noqa: B008
     """All instances of a study."""
     return await _retrieve(request, who, study)
 
@@ -234,7 +234,7 @@ async def retrieve_series(
     request: Request,
     study: str,
     series: str,
-    who: Principal = Depends(require_read),  # noqa: B008
+    who: Principal = Depends(require_download),  # noqa: B008
 ) -> Response:
     """All instances of a series."""
     return await _retrieve(request, who, study, series)
@@ -246,7 +246,7 @@ async def retrieve_instance(
     study: str,
     series: str,
     sop: str,
-    who: Principal = Depends(require_read),  # noqa: B008
+    who: Principal = Depends(require_download),  # noqa: B008
 ) -> Response:
     """One instance."""
     return await _retrieve(request, who, study, series, sop)

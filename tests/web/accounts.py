@@ -1,0 +1,57 @@
+"""Users made with the real CLI, and browser-like logins with ``requests``, for the web security tests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import requests
+
+from tests.conftest import MACPACS
+
+META_TOKEN = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
+
+
+def users(data_dir: Path, *args: str, password: str | None = None, check: bool = True) -> str:
+    """Run ``macpacs users ARGS`` on the data folder; its standard output."""
+    done = subprocess.run(
+        [MACPACS, "users", *args, "--data-dir", str(data_dir)],
+        input=None if password is None else password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"macpacs users {' '.join(args)} failed: {done.stderr}")
+    return done.stdout + done.stderr
+
+
+def add_user(data_dir: Path, name: str, password: str, role: str = "admin") -> None:
+    users(data_dir, "add", name, "--role", role, "--password-stdin", password=password)
+
+
+def token(data_dir: Path, name: str) -> dict[str, str]:
+    """A new API token of the user, as request headers."""
+    return {"Authorization": "Bearer " + users(data_dir, "token", name).strip()}
+
+
+def page_token(session: requests.Session, url: str, **kwargs: object) -> str:
+    """The CSRF token a page gives this browser (its ``<meta name="csrf-token">``)."""
+    found = META_TOKEN.search(session.get(url, timeout=30, **kwargs).text)  # type: ignore[arg-type]
+    assert found, f"no CSRF token on {url}"
+    return found.group(1)
+
+
+def login(base: str, name: str, password: str) -> requests.Session:
+    """A browser-like session logged in through the login form (cookies kept)."""
+    session = requests.Session()
+    token = page_token(session, f"{base}/login")
+    r = session.post(
+        f"{base}/login",
+        data={"username": name, "password": password, "csrf_token": token, "next": "/studies"},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert r.status_code == 303, (r.status_code, r.text[:300])
+    return session
