@@ -107,6 +107,10 @@ class StorageSettings:
     on_conflict: str = "keep"
     # Refuse stores (out of resources) when free space on the data volume falls below this.
     min_free_mb: int = 500
+    # A deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99) inflating beyond this is refused
+    # (0xA700): a few hundred KB can inflate to gigabytes. Above the largest real objects (a
+    # tomosynthesis or enhanced multi-frame series, 0.5 to 1.5 GB uncompressed); docs/reliability.md.
+    max_inflated_mb: int = 2048
     # A study is stable once no instance arrived for this many seconds (the study_stable hook:
     # routing and webhooks on stable studies; pacs_server/stable.py).
     stable_after: float = 60.0
@@ -125,8 +129,11 @@ class WebSettings:
     anonymous_read: str = "localhost"
     # Origins allowed to call the web APIs from a browser page elsewhere (CORS); "*" for any.
     cors_origins: list[str] = field(default_factory=list)
-    # Largest STOW-RS / upload request body, in MB (HTTP 413 above it).
-    max_upload_mb: int = 4096
+    # Largest STOW-RS / upload request body, in MB (HTTP 413 above it): a whole CT or MR study,
+    # or one large multi-frame instance; the upload page sends 32 MB batches (docs/security.md).
+    max_upload_mb: int = 1024
+    # STOW-RS / upload requests received at once; more get 503 with Retry-After.
+    max_concurrent_uploads: int = 4
     # How long a browser login lasts at most (absolute), and without any request (idle).
     session_hours: float = 12.0
     session_idle_minutes: float = 60.0
@@ -277,8 +284,10 @@ class Settings:
                 "jobs.workers, jobs.alert_after and jobs.max_attempts must be at least 1, and "
                 "jobs.retry_base_s and jobs.retry_max_s positive"
             )
-        if self.web.max_upload_mb < 1:
-            raise ConfigError("web.max_upload_mb must be at least 1")
+        if self.web.max_upload_mb < 1 or self.web.max_concurrent_uploads < 1 or self.storage.max_inflated_mb < 1:
+            raise ConfigError(
+                "web.max_upload_mb, web.max_concurrent_uploads and storage.max_inflated_mb must be at least 1"
+            )
         if bool(self.web.tls_cert) != bool(self.web.tls_key):
             raise ConfigError("web.tls_cert and web.tls_key must be set together")
         if self.web.session_hours <= 0 or self.web.session_idle_minutes <= 0:

@@ -23,6 +23,7 @@ from .dimse.scp import DicomListener
 from .dimse.workers import WorkerPool
 from .pidfile import AlreadyRunning, PidFile
 from .readiness import notify_ready
+from .storage import FileStore
 from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
@@ -49,12 +50,15 @@ class ArchiveServer:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.pid_file.acquire()
+        # Before anything else is written: what a crash left in the staging folder may be what
+        # fills the disk (the PID file's text waits for space if it must: pidfile.py).
+        removed = FileStore(s.data_dir).clean_staging()
+        if removed:
+            log.info("removed %d temporary files left by interrupted transfers", removed)
+        self.pid_file.write_pending()
         archive = self.archive = open_archive(s, "server", repair=True)
         archive.started_at = self.started_at
         archive.request_stop = self.request_stop
-        removed = archive.blobs.clean_staging()
-        if removed:
-            log.info("removed %d temporary files left by interrupted transfers", removed)
         # Every port is bound and listening before any is served, so that a client that comes
         # early waits in a backlog instead of being refused. Then each starts serving, DICOM
         # first, and only when all of them accept is the server ready (log line, systemd).
@@ -95,7 +99,7 @@ class ArchiveServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         while not self._stop.wait(1.0):
-            pass
+            self.pid_file.write_pending()  # a no-op once written (it waits for space on a full disk)
         self.stop()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

@@ -398,14 +398,19 @@ class DicomListener:
     def _on_store(self, event: Any) -> Any:
         return self._store(event.assoc, Path(event.dataset_path), event.request.AffectedSOPInstanceUID)
 
-    def _store(self, assoc: Any, path: Path, sop_instance_uid: str) -> Any:
-        """One C-STORE, from pynetdicom's event or store_scp's direct path: a status or status dataset."""
+    def _store(self, assoc: Any, path: Path, sop_instance_uid: str, content_hash: str = "") -> Any:
+        """One C-STORE, from pynetdicom's event or store_scp's direct path (which hashed the dataset as
+        it arrived: ``content_hash``): a status or status dataset."""
         refused = self._refusal(assoc, "store")
         if refused:
             self._count(assoc, "refused")
             return status_with_comment(dicom_status.NOT_AUTHORIZED, refused)
         result = self.ingestor.ingest(
-            path, via="c-store", source=assoc.requestor.ae_title, announced_uid=str(sop_instance_uid)
+            path,
+            via="c-store",
+            source=assoc.requestor.ae_title,
+            announced_uid=str(sop_instance_uid),
+            content_hash=content_hash,
         )
         self._count(assoc, result.outcome.value)
         if result.ok:

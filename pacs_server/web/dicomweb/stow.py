@@ -6,8 +6,15 @@ The multipart/related body is streamed part by part into files staged by the blo
 ReferencedSOPSequence (with WarningReason when the archive kept a different stored copy) and
 refused ones in FailedSOPSequence with the DICOM failure reason; the human-readable reasons are
 in ``Warning`` headers and the log. 200: all stored; 202: some refused or with warnings;
-409: none stored. A body over ``web.max_upload_mb`` is refused with 413, malformed multipart
-with 400, other media types with 415; nothing is kept from a refused request.
+409: none stored; 507: none stored because the data volume is full. A body over
+``web.max_upload_mb`` is refused with 413, malformed multipart with 400, other media types with
+415; nothing is kept from a refused request.
+
+Uploads are bounded: at most ``web.max_concurrent_uploads`` requests are received at once
+(more get 503 with Retry-After, before any byte of their body is read), and free space is
+checked before the body is read and every 16 MB while parts stream in (``StagedFile``): below
+``storage.min_free_mb``, or on a real ENOSPC, the request ends with 507 and every part it
+staged is removed.
 """
 
 from __future__ import annotations
@@ -16,9 +23,8 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -28,6 +34,7 @@ from ... import dicom_status
 from ...archive import Archive
 from ...index import Query
 from ...ingest import IngestResult, Outcome
+from ...storage import StagedFile, StorageError, is_disk_full
 from ..auth import Principal, require_upload
 from ..lookup import check_uid
 from .common import DICOM_JSON, base_url, warning_header
@@ -36,6 +43,46 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["STOW-RS"])
 
 MAX_PARTS = 100_000
+RETRY_AFTER_S = 5  # what a client refused for too many uploads at once is told to wait
+
+
+class UploadSlots:
+    """How many STOW-RS requests are being received and stored; one per web app, in its event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> None:
+        """One more upload, or 503 with Retry-After when ``limit`` are running."""
+        if self.taken >= self.limit:
+            raise HTTPException(
+                503,
+                f"{self.taken} uploads are already being received (web.max_concurrent_uploads = {self.limit}): "
+                f"nothing of this request was read; send it again in {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.taken += 1
+
+    def give_back(self) -> None:
+        self.taken -= 1
+
+
+def _slots(request: Request, archive: Archive) -> UploadSlots:
+    slots: UploadSlots | None = getattr(request.app.state, "upload_slots", None)
+    if slots is None:  # the event loop runs one coroutine at a time: no race here
+        slots = request.app.state.upload_slots = UploadSlots(archive.settings.web.max_concurrent_uploads)
+    return slots
+
+
+def _disk_full(exc: OSError) -> HTTPException:
+    """507 for a request whose parts could not all be staged: the volume is full."""
+    reason = exc.strerror or str(exc)
+    if not isinstance(exc, StorageError):
+        reason = f"the data volume is full ({reason})"
+    return HTTPException(
+        507, f"nothing of this request was stored: {reason}. Stores resume by themselves once space is freed"
+    )
 
 
 @dataclass
@@ -55,7 +102,7 @@ class _Receiver:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
         self.parts: list[Part] = []
-        self._fh: IO[bytes] | None = None
+        self._fh: StagedFile | None = None
         self._field = b""
         self._value = b""
         self.finished = False
@@ -105,7 +152,8 @@ class _Receiver:
         self.part_end()
 
     def discard(self) -> None:
-        self.close()
+        with contextlib.suppress(OSError):  # a full disk may refuse the last buffered bytes too
+            self.close()
         for part in self.parts:
             with contextlib.suppress(FileNotFoundError):
                 part.path.unlink()
@@ -125,6 +173,10 @@ async def _receive(request: Request, archive: Archive) -> _Receiver:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body of {int(declared)} bytes exceeds web.max_upload_mb = {limit >> 20}")
+    try:
+        archive.blobs.check_room()
+    except OSError as exc:
+        raise _disk_full(exc) from None
     receiver = _Receiver(archive)
     try:
         parser = MultipartParser(boundary, receiver.callbacks(), max_header_count=32, max_header_size=16384)
@@ -141,42 +193,23 @@ async def _receive(request: Request, archive: Archive) -> _Receiver:
     except HTTPException:
         receiver.discard()
         raise
+    except OSError as exc:  # writing a part: the volume is full, or cannot be written
+        receiver.discard()
+        if is_disk_full(exc):
+            raise _disk_full(exc) from None
+        log.error("STOW-RS: cannot stage an uploaded part: %s", exc)
+        raise HTTPException(
+            503, f"the archive cannot write to its data volume ({exc.strerror or exc}): nothing was stored"
+        ) from None
     except Exception as exc:  # python-multipart raises its own errors on malformed bodies
         receiver.discard()
         raise HTTPException(400, f"malformed multipart body: {exc}") from None
     return receiver
 
 
-def _study_of(path: Path) -> str:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        return str(ds.get("StudyInstanceUID", "")).strip().rstrip("\x00")
-    except Exception:
-        return ""  # ingest explains what is wrong with the file
-
-
-def _uids(path: Path) -> tuple[str, str]:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
-    except Exception:
-        return "", ""
-
-
 def _store(archive: Archive, parts: list[Part], study: str | None, source: str) -> list[IngestResult]:
-    """Ingest each part (a part of another study than the URL's is refused: 0xA900)."""
-    results: list[IngestResult] = []
-    for part in parts:
-        if study is not None:
-            found = _study_of(part.path)
-            if found and found != study:
-                sop_class, sop_uid = _uids(part.path)
-                part.path.unlink()
-                message = f"instance belongs to study {found}, not to {study} named in the URL"
-                results.append(IngestResult(Outcome.INVALID, message, sop_uid, sop_class))
-                continue
-        results.append(archive.ingestor.ingest(part.path, via="stow", source=source))
-    return results
+    """Ingest each part (ingest refuses a part of another study than the URL's: 0xA900)."""
+    return [archive.ingestor.ingest(part.path, via="stow", source=source, study=study or "") for part in parts]
 
 
 def _uid_element(value: str) -> dict[str, Any]:
@@ -187,12 +220,19 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
     archive: Archive = request.app.state.archive
     if study is not None:
         study = check_uid(study, "study UID")
-    receiver = await _receive(request, archive)
-    wrong = [p for p in receiver.parts if p.content_type != "application/dicom"]
-    if wrong:
-        receiver.discard()
-        raise HTTPException(415, f"part of type {wrong[0].content_type!r}: only application/dicom parts are accepted")
-    results = await run_in_threadpool(_store, archive, receiver.parts, study, "STOW-RS")
+    slots = _slots(request, archive)
+    slots.take()
+    try:
+        receiver = await _receive(request, archive)
+        wrong = [p for p in receiver.parts if p.content_type != "application/dicom"]
+        if wrong:
+            receiver.discard()
+            raise HTTPException(
+                415, f"part of type {wrong[0].content_type!r}: only application/dicom parts are accepted"
+            )
+        results = await run_in_threadpool(_store, archive, receiver.parts, study, "STOW-RS")
+    finally:
+        slots.give_back()
     base = base_url(request)
     stored, failed, warnings = [], [], []
     studies = set()
@@ -225,6 +265,8 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
     if stored:
         body["00081199"] = {"vr": "SQ", "Value": stored}
     status = 200 if not failed and not warnings else (409 if not stored else 202)
+    if not stored and all(r.disk_full for r in results if not r.ok):
+        status = 507  # nothing stored, for want of space alone: the client should wait, not give up
     headers = {"Warning": warning_header(warnings)} if warnings else {}
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
@@ -241,6 +283,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"content": {DICOM_JSON: {}}},
     413: {},
     415: {},
+    503: {},
+    507: {"content": {DICOM_JSON: {}}},
 }
 
 
