@@ -26,9 +26,12 @@ ADMIN = ("wladmin", "worklist-admin-password")
 PLUGINS = ["hl7", "worklist", "mpps", "storage-commitment"]
 
 
-def start_integration_server(folder: Path, *, extra: str = "") -> ServerProcess:
+def start_integration_server(
+    folder: Path, *, extra: str = "", site: Path | None = None, more: tuple[str, ...] = ()
+) -> ServerProcess:
     """A real ``macpacs serve`` in ``folder`` with the four integration plugins, an admin user and
-    its own HL7 port (``server.hl7_port``). The caller stops it."""
+    its own HL7 port (``server.hl7_port``); with ``site`` on PYTHONPATH and the plugins ``more``
+    enabled too. The caller stops it."""
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -41,7 +44,7 @@ def start_integration_server(folder: Path, *, extra: str = "") -> ServerProcess:
     )
     hl7_port = free_port()
     config = folder / "macpacs.toml"
-    enable = ", ".join(f'"{name}"' for name in PLUGINS)
+    enable = ", ".join(f'"{name}"' for name in (*PLUGINS, *more))
     config.write_text(f"[plugins]\nenable = [{enable}]\n\n[plugins.hl7]\nport = {hl7_port}\n{extra}")
     server = ServerProcess(
         data_dir=data,
@@ -49,6 +52,7 @@ def start_integration_server(folder: Path, *, extra: str = "") -> ServerProcess:
         web_port=free_port(),
         xmlrpc_port=free_port(),
         extra_args=["--config", str(config)],
+        env={"PYTHONPATH": str(site)} if site else {},
     ).start()
     server.hl7_port = hl7_port  # type: ignore[attr-defined]
     wait_for_port(hl7_port, timeout=20)
@@ -56,8 +60,8 @@ def start_integration_server(folder: Path, *, extra: str = "") -> ServerProcess:
 
 
 @contextlib.contextmanager
-def integration_server(folder: Path) -> Iterator[ServerProcess]:
-    server = start_integration_server(folder)
+def integration_server(folder: Path, **kwargs: Any) -> Iterator[ServerProcess]:
+    server = start_integration_server(folder, **kwargs)
     try:
         yield server
     finally:

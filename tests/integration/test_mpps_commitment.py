@@ -19,7 +19,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ModalityPerformedProcedureStep, StorageCommitmentPushModel
+from pynetdicom.sop_class import (
+    HangingProtocolInformationModelFind,
+    ModalityPerformedProcedureStep,
+    StorageCommitmentPushModel,
+)
 
 from tests.conftest import MACPACS, ServerProcess, free_port, run_tool
 from tests.integration.helpers import Step, findscu_worklist, integration_server, item, post_item
@@ -29,10 +33,67 @@ SPS = "ScheduledProcedureStepSequence[0]"
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 
+# A site's own plugin, installed the way pip installs one (a module and its dist-info with the entry
+# point), serving a SOP class of its own through the same hook as ours.
+SITE_PLUGIN = """
+from pydicom.dataset import Dataset
+
+from macpacs.pacs_server.plugins import hookimpl
+from macpacs.pacs_server.plugins.dicom_services import DicomService
+
+HANGING_PROTOCOL_FIND = "1.2.840.10008.5.1.4.38.2"
+
+
+def find(request):
+    ds = Dataset()
+    ds.HangingProtocolName = "CHEST FOR " + request.calling_ae
+    yield 0xFF00, ds
+    yield 0x0000, None
+
+
+@hookimpl
+def dicom_services(archive):
+    return [
+        DicomService(sop_class_uid=HANGING_PROTOCOL_FIND, name="site hanging protocols", find=find),
+        DicomService(sop_class_uid="1.2.840.10008.1.1", name="site echo", find=find),
+    ]
+"""
+
+
+def _site(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "site_hanging.py").write_text(SITE_PLUGIN)
+    meta = folder / "site_hanging-1.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: site-hanging\nVersion: 1.0\n")
+    (meta / "entry_points.txt").write_text("[macpacs.plugins]\nsite-hanging = site_hanging\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with integration_server(tmp_path_factory.mktemp("mpps")) as started:
+    site = _site(tmp_path_factory.mktemp("site") / "packages")
+    with integration_server(tmp_path_factory.mktemp("mpps"), site=site, more=("site-hanging",)) as started:
         yield started
+
+
+def test_a_site_plugin_serves_its_own_sop_class(server) -> None:
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(HangingProtocolInformationModelFind)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        query = Dataset()
+        query.HangingProtocolName = ""
+        answers = list(assoc.send_c_find(query, HangingProtocolInformationModelFind))
+    finally:
+        assoc.release()
+    assert [(status.Status, ds.HangingProtocolName if ds else None) for status, ds in answers] == [
+        (0xFF00, "CHEST FOR VIEWER"),
+        (0x0000, None),
+    ]
+    assert server.logged("SOP class 1.2.840.10008.1.1 is served by the archive itself: ignored")
+    run_tool("echoscu", *server.dicom_args())  # Verification is still the archive's
 
 
 def _statuses(server, tmp_path: Path) -> dict[str, str]:
