@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 
 from .. import dicom_status
+from ..dimse.find import status_with_comment
 from ..index.worklist_table import PerformedTable, ProcedureTable, writing
 from ..uids import is_uid
 from . import hookimpl
@@ -33,13 +34,6 @@ MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP 
 STEP_STATUS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
 
 
-def _failure(status: int, comment: str) -> Response:
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = comment[:64]
-    return ds, None
-
-
 class PerformedSteps:
     """The MPPS SCP of one archive: what N-CREATE and N-SET do to the index."""
 
@@ -52,14 +46,18 @@ class PerformedSteps:
         uid = request.sop_instance_uid
         ds = request.dataset if request.dataset is not None else Dataset()
         if not uid or not is_uid(uid):
-            return _failure(dicom_status.INVALID_OBJECT_INSTANCE, "the N-CREATE needs an Affected SOP Instance UID")
+            return status_with_comment(
+                dicom_status.INVALID_OBJECT_INSTANCE, "the N-CREATE needs an Affected SOP Instance UID"
+            ), None
         status = str(ds.get("PerformedProcedureStepStatus", "")).strip().upper()
         if status != "IN PROGRESS":
             log.warning("MPPS N-CREATE %s from %s refused: status %r", uid, request.calling_ae, status)
-            return _failure(dicom_status.INVALID_ATTRIBUTE_VALUE, "PerformedProcedureStepStatus must be IN PROGRESS")
+            return status_with_comment(
+                dicom_status.INVALID_ATTRIBUTE_VALUE, "PerformedProcedureStepStatus must be IN PROGRESS"
+            ), None
         with writing(self.archive.index) as conn:
             if self.performed.get(conn, uid) is not None:
-                return _failure(dicom_status.DUPLICATE_SOP_INSTANCE, f"MPPS {uid} exists already")
+                return status_with_comment(dicom_status.DUPLICATE_SOP_INSTANCE, f"MPPS {uid} exists already"), None
             self.performed.insert(conn, uid, status, request.calling_ae, _json(ds))
             steps = self._follow(conn, ds, status)
         log.info("MPPS %s from %s: IN PROGRESS, %d scheduled steps started", uid, request.calling_ae, steps)
@@ -71,18 +69,22 @@ class PerformedSteps:
         with writing(self.archive.index) as conn:
             row = self.performed.get(conn, uid)
             if row is None:
-                return _failure(dicom_status.NO_SUCH_OBJECT_INSTANCE, f"no MPPS {uid} was created here")
+                return status_with_comment(
+                    dicom_status.NO_SUCH_OBJECT_INSTANCE, f"no MPPS {uid} was created here"
+                ), None
             if row["status"] != "IN PROGRESS":
                 log.warning("MPPS N-SET %s from %s refused: it is %s already", uid, request.calling_ae, row["status"])
-                return _failure(
+                return status_with_comment(
                     dicom_status.PROCESSING_FAILURE, f"MPPS is {row['status']}: it may no longer be updated"
-                )
+                ), None
             ds = Dataset.from_json(row["dataset"])
             for element in changes:
                 ds[element.tag] = element
             status = str(ds.get("PerformedProcedureStepStatus", "")).strip().upper()
             if status not in STEP_STATUS:
-                return _failure(dicom_status.INVALID_ATTRIBUTE_VALUE, f"PerformedProcedureStepStatus {status!r}")
+                return status_with_comment(
+                    dicom_status.INVALID_ATTRIBUTE_VALUE, f"PerformedProcedureStepStatus {status!r}"
+                ), None
             self.performed.change(conn, uid, status, _json(ds))
             steps = self._follow(conn, ds, status)
         log.info("MPPS %s from %s: %s, %d scheduled steps follow", uid, request.calling_ae, status, steps)

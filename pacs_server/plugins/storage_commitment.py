@@ -31,6 +31,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pynetdicom.presentation import build_context, build_role
 
 from .. import dicom_status
+from ..dimse.find import status_with_comment
 from ..index import Query
 from ..ingest import stream_hash
 from ..uids import is_uid
@@ -53,13 +54,6 @@ UIDS_PER_QUERY = 1000
 GRACE_S = 1.0
 
 
-def _failure(status: int, comment: str) -> Response:
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = comment[:64]
-    return ds, None
-
-
 class Commitments:
     """Checks requested instances against the index and the blob store, and reports the result."""
 
@@ -73,11 +67,13 @@ class Commitments:
 
     def n_action(self, request: DicomRequest) -> Response:
         if request.action_type_id != REQUEST_COMMITMENT:
-            return _failure(dicom_status.NO_SUCH_ACTION_TYPE, f"action type {request.action_type_id} (use 1)")
+            return status_with_comment(
+                dicom_status.NO_SUCH_ACTION_TYPE, f"action type {request.action_type_id} (use 1)"
+            ), None
         ds = request.dataset if request.dataset is not None else Dataset()
         transaction = str(ds.get("TransactionUID", "")).strip()
         if not is_uid(transaction):
-            return _failure(dicom_status.MISSING_ATTRIBUTE, "TransactionUID is missing or not a UID")
+            return status_with_comment(dicom_status.MISSING_ATTRIBUTE, "TransactionUID is missing or not a UID"), None
         refs = []
         for item in ds.get("ReferencedSOPSequence", []):
             refs.append(
@@ -87,7 +83,7 @@ class Commitments:
                 )
             )
         if not refs:
-            return _failure(dicom_status.MISSING_ATTRIBUTE, "ReferencedSOPSequence is empty")
+            return status_with_comment(dicom_status.MISSING_ATTRIBUTE, "ReferencedSOPSequence is empty"), None
         log.info(
             "storage commitment %s from %s: %d instances asked; the result follows in an N-EVENT-REPORT",
             transaction,

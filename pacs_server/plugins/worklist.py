@@ -35,6 +35,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .. import dicom_status
+from ..dimse.find import status_with_comment
 from ..index.matcher import QueryError
 from ..index.worklist_table import ACTIVE, ENDED, PATIENT_COLUMNS, STATUSES, ProcedureTable, writing
 from ..uids import is_uid
@@ -168,7 +169,10 @@ class Worklist:
     def find(self, request: DicomRequest) -> Iterator[DimseResponse]:
         identifier = request.dataset
         if identifier is None:
-            yield _failure(dicom_status.DOES_NOT_MATCH_SOP_CLASS, "the C-FIND request has no identifier")
+            yield (
+                status_with_comment(dicom_status.DOES_NOT_MATCH_SOP_CLASS, "the C-FIND request has no identifier"),
+                None,
+            )
             return
         keys = matching_keys(identifier)
         settings = self.archive.settings.dicom
@@ -185,7 +189,7 @@ class Worklist:
                 count += 1
         except QueryError as exc:
             log.warning("worklist C-FIND from %s refused: %s", request.calling_ae, exc)
-            yield _failure(dicom_status.QUERY_UNABLE_TO_PROCESS, str(exc))
+            yield status_with_comment(dicom_status.QUERY_UNABLE_TO_PROCESS, str(exc)), None
             return
         log.info("worklist C-FIND from %s: %d items (%s)", request.calling_ae, count, _describe(keys))
         yield dicom_status.SUCCESS, None
@@ -266,13 +270,6 @@ def _text(value: Any) -> str:
 
 def _describe(keys: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in keys.items()) or "no matching keys"
-
-
-def _failure(status: int, comment: str) -> DimseResponse:
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = comment[:64]
-    return ds, None
 
 
 # -- the hooks -------------------------------------------------------------------------------------
