@@ -21,9 +21,24 @@ SERVER_STOP_TIMEOUT_S = 30
 SUPERVISOR_STOP_TIMEOUT_S = 20
 THROTTLE_S = 10  # s before a restart (launchd's default ThrottleInterval, written out)
 OPEN_FILES = 8192  # 100 associations, index, logs, uvicorn sockets
-# The supervisor's defaults (supervisor/cli.py): --interval 15, --timeout 10, --failures 3,
-# --startup-grace 60. It pings systemd only after healthy rounds, so the watchdog must outlast
-# failures*interval + timeout (a kill) + startup grace + 2 intervals: 45 + 10 + 60 + 30 = 145 s.
+# The supervisor as installed (docs/supervisor.md): the heartbeat every second, hung after 5 s
+# without a good one (then SIGTERM, SIGKILL after 3 s); the other probes every 5 s, time-outs not
+# counted while the heartbeat is fresh, 2 wrong answers in a row act. A frozen server is back in
+# about 5 + 1 + its start-up s on launchd, whose ThrottleInterval counts from the last start. (On
+# systemd RestartSec, the same THROTTLE_S, waits after the exit: up to 10 s more.)
+SUPERVISOR_ARGS = (
+    "--heartbeat-interval", "1",
+    "--hung-after", "5",
+    "--interval", "5",
+    "--timeout", "5",
+    "--failures", "2",
+    "--kill-grace", "3",
+)  # fmt: skip
+# Alert once when free space where instances are stored falls under this (about 20 CT studies).
+LOW_SPACE_MB = 10240
+# It pings systemd after every healthy (or busy) turn, so the watchdog must outlast the longest
+# spell without one that ends well: 2 failed rounds (2 x 5 s + 5 s), the kill (3 s) and the
+# start-up grace (60 s): 78 s.
 SUPERVISOR_WATCHDOG_S = 180
 
 
@@ -111,18 +126,33 @@ def server_service(layout: Layout, user: str) -> Service:
 
 
 def supervisor_service(
-    layout: Layout, user: str, *, ae_title: str, dicom_port: int, web_port: int, xmlrpc_port: int
+    layout: Layout,
+    user: str,
+    *,
+    ae_title: str,
+    dicom_port: int,
+    web_port: int,
+    xmlrpc_port: int,
+    web_cert: str = "",
 ) -> Service:
-    """The watchdog in kill mode (options of supervisor/cli.py): the manager restarts what it kills."""
+    """The watchdog in kill mode (options of supervisor/cli.py): the manager restarts what it kills.
+
+    ``web_cert``: the web port serves HTTPS with this certificate, which the probes then trust.
+    """
+    web = f"{'https' if web_cert else 'http'}://127.0.0.1:{web_port}"
     argv = (
         str(layout.macpacs),
         "supervise",
-        "--web-url", f"http://127.0.0.1:{web_port}/testdbalive",
+        "--web-url", f"{web}/testdbalive",
+        "--heartbeat-url", f"{web}/heartbeat",
+        *(("--ca-file", web_cert) if web_cert else ()),
         "--xmlrpc-url", f"http://127.0.0.1:{xmlrpc_port}/",
         "--dicom", f"127.0.0.1:{dicom_port}:{ae_title}",
         "--pid-file", str(layout.pid_file),
         "--status-file", str(layout.status_file),
         "--mode", "kill",
+        *SUPERVISOR_ARGS,
+        "--low-space-mb", str(LOW_SPACE_MB),
     )  # fmt: skip
     return Service(
         label=SUPERVISOR_LABEL,

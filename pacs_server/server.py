@@ -21,6 +21,7 @@ from .archive import Archive, open_archive
 from .config import Settings
 from .dimse.scp import DicomListener
 from .dimse.workers import WorkerPool
+from .heartbeat import Heartbeat
 from .pidfile import AlreadyRunning, PidFile
 from .readiness import notify_ready
 from .storage import FileStore
@@ -45,6 +46,7 @@ class ArchiveServer:
         self.listener: DicomListener | WorkerPool | None = None
         self.web: WebListener | None = None
         self.xmlrpc: XmlRpcServer | None = None
+        self.heartbeat: Heartbeat | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -62,11 +64,13 @@ class ArchiveServer:
         # Every port is bound and listening before any is served, so that a client that comes
         # early waits in a backlog instead of being refused. Then each starts serving, DICOM
         # first, and only when all of them accept is the server ready (log line, systemd).
-        self.web = WebListener(archive)
+        self.heartbeat = Heartbeat(archive)  # GET /heartbeat, for the supervisor: heartbeat.py
+        self.web = WebListener(archive, self.heartbeat)
         self.web.bind()
         if s.xmlrpc.enabled:
             self.xmlrpc = XmlRpcServer(archive)
             self.xmlrpc.bind()
+            self.heartbeat.watch("xmlrpc", lambda: self.xmlrpc.last_loop if self.xmlrpc else None)
         workers = s.dicom.worker_count()
         if workers > 1:  # associations served by worker processes: dimse/workers.py says why
             self.listener = WorkerPool(s, workers)
@@ -79,6 +83,7 @@ class ArchiveServer:
         self.web.start()
         if self.xmlrpc is not None:
             self.xmlrpc.start()
+        self.heartbeat.start()
         xmlrpc = f", XML-RPC {s.xmlrpc.port}" if self.xmlrpc is not None else ""
         log.info(
             "macpacs ready: DICOM %d (AE %s), web %d%s; data in %s (PID %d)",
@@ -107,6 +112,9 @@ class ArchiveServer:
         self._stop.set()
 
     def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
         # Front doors first, so that no request reaches an index that is closing.
         if self.web is not None:
             self.web.stop()

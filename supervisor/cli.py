@@ -16,9 +16,12 @@ import click
 
 from .alerts import Alerter
 from .core import Settings, Supervisor
-from .probes import ProbeRunner, build_probes, parse_dicom
+from .probes import HeartbeatProbe, ProbeRunner, build_probes, parse_dicom
 
 log = logging.getLogger(__name__)
+
+# The heartbeat is answered from memory: 1.5 s without an answer is a missed beat, not a slow one.
+HEARTBEAT_TIMEOUT_S = 1.5
 
 
 def _dicom(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -41,6 +44,45 @@ def _regex(_ctx: click.Context, _param: click.Parameter, value: str) -> re.Patte
 @click.option("--web-url", help="Full URL of the web server's /testdbalive, e.g. http://127.0.0.1:3333/testdbalive.")
 @click.option("--xmlrpc-url", help="URL of the OsiriX XML-RPC server, e.g. http://127.0.0.1:8080/.")
 @click.option("--dicom", callback=_dicom, metavar="HOST:PORT:AET", help="Also probe the DICOM listener with C-ECHO.")
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Certificate(s) to trust for https:// --web-url and --heartbeat-url, e.g. the server's self-signed one.",
+)
+@click.option(
+    "--heartbeat-url",
+    help="The server's heartbeat, e.g. http://127.0.0.1:3333/heartbeat: asked every --heartbeat-interval; "
+    "the server is hung (stopped at once) without a good answer for --hung-after, and only busy when other "
+    "probes time out while it answers.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between two heartbeat requests.",
+)
+@click.option(
+    "--hung-after",
+    type=click.FloatRange(min=0.5),
+    default=5.0,
+    show_default=True,
+    help="Seconds without a good heartbeat after which the server is hung and stopped.",
+)
+@click.option(
+    "--busy-limit",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds that probes may time out while the heartbeat is fresh before such rounds count as failed.",
+)
+@click.option(
+    "--low-space-mb",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Alert once when the heartbeat reports less free space (MB) where instances are stored; 0: never.",
+)
 @click.option(
     "--interval",
     type=click.FloatRange(min=0.1),
@@ -132,6 +174,12 @@ def supervise(
     web_url: str | None,
     xmlrpc_url: str | None,
     dicom: str | None,
+    ca_file: str | None,
+    heartbeat_url: str | None,
+    heartbeat_interval: float,
+    hung_after: float,
+    busy_limit: float,
+    low_space_mb: int,
     interval: float,
     timeout: float,
     failures: int,
@@ -154,6 +202,7 @@ def supervise(
     \b
     kill mode (launchd/systemd restarts the server):
       macpacs supervise --web-url http://127.0.0.1:3333/testdbalive \\
+          --heartbeat-url http://127.0.0.1:3333/heartbeat \\
           --xmlrpc-url http://127.0.0.1:8080/ --pid-file DATA/macpacs.pid
     spawn mode (no service manager):
       macpacs supervise --mode spawn --web-url ... -- macpacs serve --data-dir DATA
@@ -163,9 +212,13 @@ def supervise(
         raise click.UsageError("--mode spawn needs the server's command after --, e.g. -- macpacs serve")
     if mode == "kill" and command:
         raise click.UsageError("a command after -- is only for --mode spawn")
-    probes = build_probes(web_url, xmlrpc_url, dicom)
+    probes = build_probes(web_url, xmlrpc_url, dicom, ca_file=ca_file)
     if not probes:
         raise click.UsageError("give at least one of --web-url, --xmlrpc-url, --dicom")
+    if low_space_mb and not heartbeat_url:
+        raise click.UsageError("--low-space-mb reads free space from the heartbeat: give --heartbeat-url too")
+    if heartbeat_url and hung_after <= HEARTBEAT_TIMEOUT_S:
+        raise click.UsageError(f"--hung-after must be longer than one heartbeat's timeout ({HEARTBEAT_TIMEOUT_S:g} s)")
     if interval < timeout:
         log.info("--interval %g s is shorter than --timeout %g s: a hung round delays the next one", interval, timeout)
     settings = Settings(
@@ -182,6 +235,11 @@ def supervise(
         max_restarts=max_restarts,
         restart_window=restart_window * 60,
         kill_grace=kill_grace,
+        heartbeat=ProbeRunner([HeartbeatProbe(heartbeat_url, ca_file)], HEARTBEAT_TIMEOUT_S) if heartbeat_url else None,
+        heartbeat_interval=heartbeat_interval,
+        hung_after=hung_after,
+        busy_limit=busy_limit,
+        low_space_mb=low_space_mb,
     )
     supervisor = Supervisor(settings, Alerter(alert_command, alert_webhook, timeout=max(timeout, 5.0)))
 

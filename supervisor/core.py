@@ -4,12 +4,23 @@ States, each change logged as exactly one line:
 
 - ``starting``: the server is given ``--startup-grace`` to answer; failures are not counted.
 - ``healthy``: the last round passed.
-- ``failing``: rounds are failing and being counted towards ``--failures``.
+- ``failing``: rounds are failing and being counted towards ``--failures`` (or, with a heartbeat,
+  the heartbeat is missing and ``--hung-after`` is running out).
+- ``busy``: with a heartbeat only: probes time out while the heartbeat is fresh. Nothing is
+  counted until that has lasted ``--busy-limit``.
 - ``restarting``: we stopped the server (and, in spawn mode, start it again); failures are not
   counted until it answers or ``--startup-grace`` runs out.
 - ``crash-loop``: more than ``--max-restarts`` restarts within ``--restart-window``: an alert went
   out, and nothing is killed or started until the window has room again.
 - ``stopped``: the supervisor itself is exiting.
+
+With ``--heartbeat-url`` the loop turns every ``--heartbeat-interval``: each turn asks for the
+heartbeat (GET /heartbeat: the server's own parts' ages, answered on its event loop), and the
+other probes run as a round in the background every ``--interval``. A server is hung when no good
+heartbeat came for ``--hung-after`` seconds: it is stopped at once, without counting rounds. A
+probe that times out while the heartbeat is fresh is a busy server, not counted; a wrong answer
+(an HTTP 500, a refused association) is counted as before. Free space from the heartbeat feeds
+the ``low-space`` alert (``--low-space-mb``), once per crossing.
 
 In kill mode the server is stopped only once proven to be this installation's (``process.py``);
 the proof is renewed every round, shown in the status file and logged when it changes, and a
@@ -35,11 +46,12 @@ from typing import Any
 from . import process
 from .alerts import Alerter
 from .notify import NOTIFY_VARIABLES, Notifier
-from .probes import ProbeResult, ProbeRunner
+from .probes import HeartbeatProbe, ProbeResult, ProbeRunner
 
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600.0
+LOW_SPACE_REARM = 1.1  # the low-space alert goes again once free space was back above threshold x this
 
 
 @dataclass
@@ -60,6 +72,12 @@ class Settings:
     restart_window: float = 600.0  # seconds
     kill_grace: float = 5.0
     backoff_max: float = 60.0
+    # The heartbeat (None: the rounds alone decide, as before): a runner with one HeartbeatProbe.
+    heartbeat: ProbeRunner | None = None
+    heartbeat_interval: float = 1.0
+    hung_after: float = 5.0
+    busy_limit: float = 300.0
+    low_space_mb: int = 0  # 0: no low-space alert
 
 
 def _iso(wall: float | None) -> str | None:
@@ -108,6 +126,17 @@ class Supervisor:
         # kill mode: the last proof of the server's identity, and whether this episode alerted
         self.identity: process.Identity | None = None
         self.unproven_alerted = False
+        # with a heartbeat
+        self.last_good_beat = time.monotonic()
+        self.full_results: list[ProbeResult] = []
+        self.verdict: str | None = None  # of the last background round: "ok", "busy" or "failed"
+        self.slow_since: float | None = None
+        self._round: threading.Thread | None = None
+        self._round_results: list[ProbeResult] = []
+        self._stale_round = False
+        self._next_round = 0.0
+        self.free_mb: int | None = None
+        self.low_space_alerted = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -134,10 +163,11 @@ class Supervisor:
                 self.s.interval,
             )
         self._write_status()
+        period = self.s.heartbeat_interval if self.s.heartbeat is not None else self.s.interval
         while not self.stop_event.is_set():
             started = time.monotonic()
             self.tick()
-            wake = started + self.s.interval
+            wake = started + period
             if self.respawn_at is not None:
                 wake = min(wake, self.respawn_at)
             self.stop_event.wait(max(0.0, wake - time.monotonic()))
@@ -148,6 +178,9 @@ class Supervisor:
         """One round: notice a dead child, probe, count, maybe act; then write the status file."""
         if self.s.mode == "spawn" and not self._child_running():
             self._write_status()
+            return
+        if self.s.heartbeat is not None:
+            self._tick_with_heartbeat()
             return
         results = self.s.runner.run_round()
         self.results, self.last_check = results, time.time()
@@ -160,6 +193,120 @@ class Supervisor:
         else:
             self._failed_round(results)
         self._write_status()
+
+    # -- with a heartbeat ----------------------------------------------------------------------
+
+    def _tick_with_heartbeat(self) -> None:
+        """One turn: the heartbeat now; the other probes' round collected (or started) in the background."""
+        assert self.s.heartbeat is not None
+        before = (self.state, bool(self.results) and self.results[0].ok)
+        beat = self.s.heartbeat.run_round()[0]
+        now = time.monotonic()
+        if beat.ok:
+            self.last_good_beat = now
+        full = self._background_round(now)
+        if full is not None:
+            self.full_results = full
+            if self.s.mode == "kill":
+                self._identify()
+        self.results, self.last_check = [beat, *self.full_results], time.time()
+        self._check_free_space()
+        in_grace = now < self.grace_until and self.state in ("starting", "restarting")
+        missing_for = now - self.last_good_beat
+        if not beat.ok and missing_for >= self.s.hung_after and not in_grace:
+            self._act(
+                f"hung: no good heartbeat for {missing_for:.1f} s (--hung-after {self.s.hung_after:g}): {beat.detail}"
+            )
+            # Whatever came of it, the next decision is --hung-after from now (or after the grace),
+            # and a round still asking the old server is not about the new one.
+            self.last_good_beat = time.monotonic()
+            self.verdict, self.full_results, self.slow_since = None, [], None
+            self._stale_round = self._round is not None
+        else:
+            if full is not None:
+                self.verdict = self._judge(full, now)
+                if self.verdict == "failed" and not in_grace:
+                    self._failed_round(full)
+            if not beat.ok:
+                if self.state in ("healthy", "busy"):
+                    self.fault_at = self.fault_at or now
+                    self._transition("failing", f"heartbeat: {beat.detail}")
+            elif self.verdict == "ok":
+                self._healthy_round()
+            elif self.verdict == "busy":
+                self._busy_round(full)
+        if full is not None or (self.state, beat.ok) != before:
+            self._write_status()
+
+    def _background_round(self, now: float) -> list[ProbeResult] | None:
+        """The other probes' results once their round has ended; starts the next one when due."""
+        if self._round is not None:
+            if self._round.is_alive():
+                return None
+            self._round = None
+            if self._stale_round:
+                self._stale_round = False
+                return None
+            return self._round_results
+        if now >= self._next_round:
+            self._next_round = now + self.s.interval
+            self._round_results = results = []
+            self._round = threading.Thread(
+                target=lambda: results.extend(self.s.runner.run_round()), name="probe-round", daemon=True
+            )
+            self._round.start()
+        return None
+
+    def _judge(self, results: list[ProbeResult], now: float) -> str:
+        """A round's verdict: ``ok``; ``busy`` (only time-outs, heartbeat fresh, within --busy-limit); ``failed``."""
+        failed = [r for r in results if not r.ok]
+        if not failed or any(not r.timed_out for r in failed):
+            self.slow_since = None
+            return "failed" if failed else "ok"
+        if now - self.last_good_beat < self.s.hung_after:
+            self.slow_since = self.slow_since or now
+            if now - self.slow_since < self.s.busy_limit:
+                return "busy"
+            log.warning(
+                "probes have been timing out for %.0f s (--busy-limit %g s) although the heartbeat is fresh: "
+                "counting it as a failed round",
+                now - self.slow_since,
+                self.s.busy_limit,
+            )
+        return "failed"
+
+    def _busy_round(self, results: list[ProbeResult] | None) -> None:
+        self.notifier.watchdog()  # alive: the heartbeat says so
+        self.consecutive_failures = 0
+        if self.state != "busy" and results is not None:
+            self._transition("busy", f"probes slow but the heartbeat is fresh, not counted: {_summary(results)}")
+
+    def _check_free_space(self) -> None:
+        """The low-space alert: once when free space falls under --low-space-mb, again only after it recovered."""
+        assert self.s.heartbeat is not None
+        probe = self.s.heartbeat.probes[0]
+        free = probe.answer.get("free_mb") if isinstance(probe, HeartbeatProbe) else None
+        if not isinstance(free, int) or isinstance(free, bool):
+            return
+        self.free_mb = free
+        threshold = self.s.low_space_mb
+        if not threshold:
+            return
+        if free < threshold and not self.low_space_alerted:
+            self.low_space_alerted = True
+            self.alerter.alert(
+                self._alert_payload(
+                    "low-space",
+                    f"only {free} MB free where the server stores instances (--low-space-mb {threshold}). "
+                    "The server refuses new images when space runs out: free space on that volume or add "
+                    "storage now",
+                )
+            )
+        elif free >= threshold * LOW_SPACE_REARM and self.low_space_alerted:
+            self.low_space_alerted = False
+            log.info(
+                "free space is back to %d MB (--low-space-mb %d): the low-space alert is armed again", free, threshold
+            )
 
     def _healthy_round(self) -> None:
         self.notifier.watchdog()
@@ -357,6 +504,15 @@ class Supervisor:
             "failures_before_action": self.s.failures,
             "restarts_24h": sum(1 for t in self.restarts if t >= cutoff),
             "last_restart": _iso(self.restarts[-1]) if self.restarts else None,
+            **(
+                {
+                    "heartbeat_age_s": round(time.monotonic() - self.last_good_beat, 1),
+                    "hung_after_s": self.s.hung_after,
+                    "free_mb": self.free_mb,
+                }
+                if self.s.heartbeat is not None
+                else {}
+            ),
         }
 
     def _server_pid(self) -> int | None:

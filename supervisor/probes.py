@@ -1,4 +1,5 @@
-"""Health probes: /testdbalive over HTTP, OsiriX XML-RPC ``DBWindowFind``, and an optional C-ECHO.
+"""Health probes: /testdbalive over HTTP, OsiriX XML-RPC ``DBWindowFind``, an optional C-ECHO, and
+the server's heartbeat (``GET /heartbeat``: the server's own account of its parts, see core.py).
 
 A hung server is exactly what we watch for, so no probe is trusted to return on time. Each round
 runs the probes concurrently in worker threads and stops waiting at a hard deadline. A probe still
@@ -29,6 +30,8 @@ class ProbeResult:
     ok: bool
     detail: str
     elapsed_ms: int
+    # Failed for want of an answer in time (a busy server looks the same), not on a wrong answer.
+    timed_out: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,11 +51,12 @@ class HttpProbe(Probe):
 
     name = "web"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ca_file: str | None = None) -> None:
         self.url = url
         self.session = requests.Session()
         # A proxy from the environment must never stand between a watchdog and a loopback server.
         self.session.trust_env = False
+        self.session.verify = ca_file or True  # https: a self-signed server certificate (--ca-file)
 
     def check(self, timeout: float) -> str:
         response = self.session.get(self.url, timeout=timeout, allow_redirects=False)
@@ -63,6 +67,33 @@ class HttpProbe(Probe):
         if body.strip() != HEALTHY_BODY:
             raise ProbeFailed(f"HTTP 200 with unexpected body {body!r}")
         return "HTTP 200"
+
+
+class HeartbeatProbe(Probe):
+    """GET /heartbeat: healthy on 200 and ``"ok": true``; keeps the last answer (free space, PID)."""
+
+    name = "heartbeat"
+
+    def __init__(self, url: str, ca_file: str | None = None) -> None:
+        self.url = url
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.verify = ca_file or True
+        self.answer: dict[str, Any] = {}
+
+    def check(self, timeout: float) -> str:
+        response = self.session.get(self.url, timeout=timeout, allow_redirects=False)
+        try:
+            answer = response.json()
+        except ValueError:
+            raise ProbeFailed(f"HTTP {response.status_code}, not a heartbeat: {response.text[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise ProbeFailed(f"HTTP {response.status_code}: not a heartbeat: {answer!r:.200}")
+        self.answer = answer
+        if response.status_code != 200 or answer.get("ok") is not True:
+            stale = "; ".join(str(part) for part in answer.get("stale") or []) or "no reason given"
+            raise ProbeFailed(f"HTTP {response.status_code}: the server reports {stale}")
+        return f"HTTP 200, PID {answer.get('pid')}"
 
 
 class _TimeoutTransport(xmlrpc.client.Transport):
@@ -193,7 +224,7 @@ class ProbeRunner:
         for probe in self.probes:
             thread = self._busy[probe.name]
             if probe.name not in slots:
-                results.append(ProbeResult(probe.name, False, "previous probe still hung", 0))
+                results.append(ProbeResult(probe.name, False, "previous probe still hung", 0, timed_out=True))
                 continue
             thread.join(max(0.0, deadline - time.monotonic()))
             slot = slots[probe.name]
@@ -201,24 +232,34 @@ class ProbeRunner:
                 results.append(slot[0])
             else:
                 elapsed = int((time.monotonic() - start) * 1000)
-                results.append(ProbeResult(probe.name, False, f"no answer within {self.timeout:g} s", elapsed))
+                results.append(
+                    ProbeResult(probe.name, False, f"no answer within {self.timeout:g} s", elapsed, timed_out=True)
+                )
         return results
 
     def _run_one(self, probe: Probe, slot: list[ProbeResult], start: float) -> None:
         # Socket timeouts a little under the deadline: an ordinary hang reports "timed out" and
         # the thread ends; the deadline in run_round is the backstop for what they cannot catch.
+        timed_out = False
         try:
             ok, detail = True, probe.check(self.timeout * 0.9)
         except Exception as exc:
             ok, detail = False, _describe(exc)
-        slot.append(ProbeResult(probe.name, ok, detail, int((time.monotonic() - start) * 1000)))
+            # A failure that took the whole time allowed (an association that timed out, say) is
+            # a want of an answer too, whatever the library called it.
+            timed_out = isinstance(exc, requests.Timeout | TimeoutError) or (
+                time.monotonic() - start >= self.timeout * 0.85
+            )
+        slot.append(ProbeResult(probe.name, ok, detail, int((time.monotonic() - start) * 1000), timed_out))
 
 
-def build_probes(web_url: str | None, xmlrpc_url: str | None, dicom: str | None) -> list[Probe]:
+def build_probes(
+    web_url: str | None, xmlrpc_url: str | None, dicom: str | None, *, ca_file: str | None = None
+) -> list[Probe]:
     """Probes for the URLs given on the command line; ``dicom`` is ``HOST:PORT:AET``."""
     probes: list[Probe] = []
     if web_url:
-        probes.append(HttpProbe(web_url))
+        probes.append(HttpProbe(web_url, ca_file))
     if xmlrpc_url:
         probes.append(XmlRpcProbe(xmlrpc_url))
     if dicom:

@@ -5,35 +5,81 @@ certificate stops ``macpacs serve`` with a clear error instead of dying quietly 
 serving starts later (``start``), once the DICOM listener accepts.
 uvicorn installs no signal handlers outside the main thread; the archive's own SIGTERM handler
 stops it through ``stop``.
+
+Two things sit outside the FastAPI application, in front of it. ``GET /heartbeat`` is answered
+here, on the event loop, from the heartbeat's memory (``heartbeat.py``): it must not wait behind
+client work for a worker thread or a database connection, nor depend on the application's
+routing and middleware. And the protocol (``request_timeouts.TimedProtocol``) closes connections
+whose request headers or body do not arrive in time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import ssl
 import threading
 import time
+from typing import Any
 
 import uvicorn
 
 from ..archive import Archive
 from ..config import ConfigError
+from ..heartbeat import Heartbeat
 from .app import create_app
-from .zerocopy import ZeroCopyProtocol
+from .request_timeouts import TimedProtocol
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 
+HEARTBEAT_PATH = "/heartbeat"
+
+
+class _HeartbeatFirst:
+    """ASGI app: ``GET /heartbeat`` answered at once on the event loop; anything else to ``app``."""
+
+    def __init__(self, app: Any, heartbeat: Heartbeat) -> None:
+        self.app = app
+        self.heartbeat = heartbeat
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != HEARTBEAT_PATH or scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        snapshot = self.heartbeat.snapshot()
+        body = json.dumps(snapshot).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": 200 if snapshot["ok"] else 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, noting each turn of its main loop (every 0.1 s) for the heartbeat."""
+
+    last_turn: float | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        self.last_turn = time.monotonic()
+        return await super().on_tick(counter)
+
+
 class WebListener:
     """Start, stop, and (debug fault switch) stop-only-the-listener."""
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, heartbeat: Heartbeat) -> None:
         self.archive = archive
+        self.heartbeat = heartbeat
         archive.stop_web_listener = self.request_exit
-        self.server: uvicorn.Server | None = None
+        heartbeat.watch("web", self._last_turn)
+        self.server: _Server | None = None
         self.thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
 
@@ -44,10 +90,11 @@ class WebListener:
     def bind(self) -> None:
         """Build the app, read the TLS files and bind the port; connections wait in its backlog until ``start``."""
         web = self.archive.settings.web
-        app = create_app(self.archive)
+        app = _HeartbeatFirst(create_app(self.archive), self.heartbeat)
         config = uvicorn.Config(
             app,
-            http=ZeroCopyProtocol,  # httptools + sendfile for whole-series retrieval (web/zerocopy.py)
+            # httptools + sendfile for whole-series retrieval (web/zerocopy.py) + read timeouts
+            http=TimedProtocol,
             host=web.bind,
             port=web.port,
             ssl_certfile=web.tls_cert or None,
@@ -76,7 +123,7 @@ class WebListener:
             sock.close()
             raise
         sock.listen(2048)
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
         self._socket = sock
 
     def start(self) -> None:
@@ -93,6 +140,10 @@ class WebListener:
                 raise RuntimeError("the web listener did not start (see the log above)")
             time.sleep(0.01)
         log.info("web listener on %s://%s:%d", self.scheme, web.bind, web.port)
+
+    def _last_turn(self) -> float | None:
+        server = self.server
+        return server.last_turn if server is not None and not server.should_exit else None
 
     def request_exit(self) -> None:
         """Stop accepting web requests; the rest of the process keeps running."""

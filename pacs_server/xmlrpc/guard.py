@@ -1,4 +1,4 @@
-"""Who may call the XML-RPC port: checks on a request's headers, made before its body is read.
+"""Who may call the XML-RPC port: checks on a request's headers, made before its body is parsed.
 
 The port speaks plain HTTP, so any web page open in a browser on the Mac could otherwise POST to
 it: delete studies, stop the server, and (through DNS rebinding, a name of the attacker's that

@@ -1,11 +1,14 @@
 """The XML-RPC listener: OsiriX's dialect on its own port, in threads of the archive process.
 
-POST to any path; method names are case-insensitive. Calls are accepted from localhost and from
-``xmlrpc.allowed_hosts`` only, and only as an XML-RPC client sends them (``guard``: no Origin,
-an XML Content-Type, a Host naming this server), checked with any credentials before the body
-is read. Bodies are size-limited before they are read and parsed by defusedxml's expat parser
-(no DTD, no entities: an XML bomb is refused, not expanded). Calls that change or stop something
-need credentials unless ``xmlrpc.open_changes`` is on (``guard.authorize``).
+POST to any path; method names are case-insensitive. Connections are accepted from localhost and
+``xmlrpc.allowed_hosts`` only (checked on accept: another host is answered 403 and holds
+nothing). One front-end thread reads each request whole under ``request_deadline``'s deadlines
+before it takes one of the call slots (``_HttpServer``), so slow clients cannot hold the slots,
+and localhost keeps a few slots of its own for the supervisor's probe. Calls are accepted only as
+an XML-RPC client sends them (``guard``: no Origin, an XML Content-Type, a Host naming this
+server), checked with any credentials before the body is parsed. Bodies are size-limited and
+parsed by defusedxml's expat parser (no DTD, no entities: an XML bomb is refused, not expanded).
+Calls that change or stop something need credentials unless ``xmlrpc.open_changes`` is on (``guard.authorize``).
 
 HTTP status follows OsiriX: 200 with the method's struct; 400 (a struct ``{error: "400",
 message}``) for a call it cannot serve; 500 for an unknown method. The reason phrase carries the
@@ -16,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import io
 import ipaddress
 import logging
+import selectors
 import socket
-import socketserver
 import threading
+import time
 import xml.parsers.expat
 import xmlrpc.client
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
@@ -31,6 +37,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.xmlrpc import DefusedExpatParser
 
 from ..archive import Archive
+from ..request_deadline import BODY_S, HEADER_S, MIN_RATE, Deadline, SlowClientReport
 from ..users import User
 from .guard import Refused, authenticate, authorize, check_headers, ip_address, own_host_names
 from .methods import BadRequest, OsirixMethods, needs
@@ -38,7 +45,12 @@ from .methods import BadRequest, OsirixMethods, needs
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024  # bytes; an OsiriX call is a few hundred
-MAX_CONCURRENT = 32  # calls served at once; more connections are answered 503
+MAX_HEADER = 64 * 1024  # bytes of request line and headers
+MAX_CONCURRENT = 32  # calls served at once; more complete calls are answered 503
+LOCAL_RESERVED = 4  # more calls, from localhost only, when those are taken (the supervisor's probe)
+MAX_OPEN = 1024  # connections being read at once; more are answered 503
+ACCEPT_BURST = 64  # connections accepted per turn of the front end
+DRAIN_S = 2.0  # after a refusal: how long the client's leftover request is read and dropped
 CONNECTION_TIMEOUT = 10.0  # seconds, as OsiriX
 LOCALHOST = ("127.0.0.1/32", "::1/128")
 
@@ -105,8 +117,14 @@ def _reason(message: str) -> str:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "macpacs-xmlrpc"
     protocol_version = "HTTP/1.0"  # one call per connection
-    timeout = CONNECTION_TIMEOUT
+    timeout = CONNECTION_TIMEOUT  # for writing the answer: the request is already read
     server: _HttpServer
+
+    def setup(self) -> None:
+        super().setup()
+        # The whole request was read by the front end (``_HttpServer``): parse it from memory.
+        self.rfile.close()
+        self.rfile = io.BytesIO(self.server.request_bytes())
 
     def do_POST(self) -> None:
         self.server.app.handle(self)
@@ -128,33 +146,218 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True  # a hung call must not hold up the process's stop
+def _answer(status: int, reason: str, body: bytes = b"") -> bytes:
+    """A complete HTTP/1.0 answer sent by the front end itself (refusals, time-outs)."""
+    head = f"HTTP/1.0 {status} {_reason(reason)}\r\nContent-Type: text/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode("ascii") + body
+
+
+@dataclass(eq=False)
+class _Connection:
+    """A connection the front end is reading a request from (or, once refused, draining)."""
+
+    sock: socket.socket
+    host: str
+    deadline: Deadline
+    data: bytearray = field(default_factory=bytearray)
+    header_end: int | None = None  # offset of the body, once the headers are in
+    total: int | None = None  # bytes of the whole request, once known
+    draining: bool = False  # answered and shut for writing: read and drop until the client closes
+
+
+class _HttpServer(http.server.HTTPServer):
+    """Bind and listen as ``HTTPServer``; serve with one front-end thread and threads per call.
+
+    The front end (``serve``) accepts, checks the allow-list, and reads each request whole
+    (headers, then ``Content-Length`` bytes of body, up to MAX_BODY) from non-blocking sockets
+    in one selector, under ``request_deadline``'s deadlines. Only a complete request takes one
+    of the MAX_CONCURRENT call slots and a thread. So slow or stalled clients hold a buffer and
+    a descriptor for at most the deadline, never a slot; a host not allowed holds nothing; and
+    localhost (the supervisor's probe, OsiriX on the Mac itself) has LOCAL_RESERVED more slots
+    that remote callers cannot take.
+    """
+
     allow_reuse_address = True
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], app: XmlRpcServer) -> None:
         self.app = app
         self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
+        self.local_slots = threading.BoundedSemaphore(LOCAL_RESERVED)
+        self.last_loop = time.monotonic()  # the front end's last turn (heartbeat.py reads it)
+        self._selector = selectors.DefaultSelector()
+        self._open: dict[int, _Connection] = {}
+        self._stopping = threading.Event()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._request = threading.local()
+        self._slow = SlowClientReport(log, "XML-RPC")
         super().__init__(address, _Handler)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # Bounded before a thread exists: a flood of connections cannot pile up threads.
-        if not self.slots.acquire(blocking=False):
-            log.warning(
-                "XML-RPC: %d calls in progress; refused a connection from %s", MAX_CONCURRENT, client_address[0]
-            )
-            with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.0 503 XML-RPC server busy, try again\r\nContent-Length: 0\r\n\r\n")
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    # -- the front end ---------------------------------------------------------------------------
+    def serve(self) -> None:
+        self.socket.setblocking(False)
+        self._wake_read.setblocking(False)
+        self._selector.register(self.socket, selectors.EVENT_READ)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            self.last_loop = now
+            soonest = min((c.deadline.at for c in self._open.values()), default=now + 1.0)
+            for key, _events in self._selector.select(max(0.0, min(1.0, soonest - now))):
+                if key.fileobj is self.socket:
+                    self._accept()
+                elif key.fileobj is self._wake_read:
+                    with contextlib.suppress(OSError):
+                        self._wake_read.recv(64)
+                else:
+                    self._receive(key.data)
+            self._expire(time.monotonic())
+        for conn in list(self._open.values()):
+            self._close(conn)
+        self._selector.close()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def stop(self) -> None:
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and the like: say so, and give the system a moment
+                log.error("XML-RPC: cannot accept a connection: %s", exc)
+                time.sleep(0.05)
+                return
+            self._admit(sock, address)
+
+    def _admit(self, sock: socket.socket, address: Any) -> None:
+        sock.setblocking(False)
+        host = address[0]
+        conn = _Connection(sock, host, Deadline.headers())
+        if len(self._open) >= MAX_OPEN:
+            log.warning("XML-RPC: %d connections open; refused one from %s", MAX_OPEN, host)
+            self._refuse(conn, _answer(503, "XML-RPC server busy, try again"))
+        elif not self.app.is_allowed(host):
+            log.warning("XML-RPC: refused a call from %s: not localhost and not in xmlrpc.allowed_hosts", host)
+            message = f"XML-RPC calls from {host} are not allowed; add it to xmlrpc.allowed_hosts on the server"
+            self._refuse(conn, _answer(403, message, _error_struct("403", message)))
+        else:
+            self._open[sock.fileno()] = conn
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _receive(self, conn: _Connection) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            chunk = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # the client went away (or, draining, read our answer and closed)
+            self._close(conn)
+            return
+        if conn.draining:
+            return
+        conn.data += chunk
+        conn.deadline.received(len(chunk))
+        if conn.header_end is None:
+            end = conn.data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(conn.data) > MAX_HEADER:
+                    self._refuse(conn, _answer(431, f"XML-RPC: request headers over {MAX_HEADER} bytes"))
+                return
+            conn.header_end = end + 4
+            length = _content_length(bytes(conn.data[: conn.header_end]))
+            # Without a usable length, the call's handler answers 411 or 413 from the headers alone.
+            conn.total = conn.header_end + length if 0 <= length <= MAX_BODY else conn.header_end
+            conn.deadline = Deadline.body()
+        assert conn.total is not None
+        if len(conn.data) >= conn.total:
+            self._forget(conn)
+            self._dispatch(conn)
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self._open.values() if c.deadline.at <= now]:
+            if conn.draining:
+                self._close(conn)
+                continue
+            what = "request headers" if conn.header_end is None else "request body"
+            limit = HEADER_S if conn.header_end is None else BODY_S
+            self._slow.closed(conn.host, f"{what} not in within {limit:g} s at {MIN_RATE:g} bytes/s")
+            self._refuse(conn, _answer(408, f"XML-RPC: {what} not received in time"))
+
+    def _refuse(self, conn: _Connection, answer: bytes) -> None:
+        """Answer at once without a thread, then drain what the client still sends for a moment:
+        closing with unread data resets the connection, and the client might lose the answer."""
+        try:
+            conn.sock.send(answer)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.draining = True
+        conn.deadline = Deadline(DRAIN_S)
+        if conn.sock.fileno() not in self._open:
+            self._open[conn.sock.fileno()] = conn
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        if self._open.pop(conn.sock.fileno(), None) is not None:
+            self._selector.unregister(conn.sock)
+
+    def _close(self, conn: _Connection) -> None:
+        self._forget(conn)
+        conn.sock.close()
+
+    # -- calls -------------------------------------------------------------------------------------
+    def _dispatch(self, conn: _Connection) -> None:
+        """A complete request: a slot and a thread for it, or 503 when every slot is taken."""
+        slot = self.slots
+        if not slot.acquire(blocking=False):
+            slot = self.local_slots
+            if not (self.app.is_local(conn.host) and slot.acquire(blocking=False)):
+                log.warning("XML-RPC: %d calls in progress; refused a call from %s", MAX_CONCURRENT, conn.host)
+                self._refuse(conn, _answer(503, "XML-RPC server busy, try again"))
+                return
+        conn.sock.setblocking(True)
+        thread = threading.Thread(target=self._serve_call, args=(conn, slot), name="xmlrpc-call", daemon=True)
+        thread.start()
+
+    def _serve_call(self, conn: _Connection, slot: threading.BoundedSemaphore) -> None:
+        try:
+            self._request.data = bytes(conn.data)
+            address = (conn.host, 0)
+            with contextlib.suppress(OSError):
+                address = conn.sock.getpeername()
+            try:
+                self.finish_request(conn.sock, address)
+            except Exception:
+                log.exception("XML-RPC: a call from %s failed", conn.host)
+            self.shutdown_request(conn.sock)
         finally:
-            self.slots.release()
+            slot.release()
+
+    def request_bytes(self) -> bytes:
+        """The request this thread serves, as the front end read it."""
+        data: bytes = self._request.data
+        return data
+
+
+def _content_length(head: bytes) -> int:
+    """The Content-Length of a request's header block; -1 when absent, repeated or not a number."""
+    values = [
+        line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")[1:] if line[:15].lower() == b"content-length:"
+    ]
+    if len(values) != 1 or not values[0].isdigit():
+        return -1
+    return int(values[0])
 
 
 class XmlRpcServer:
@@ -166,6 +369,7 @@ class XmlRpcServer:
         self.methods = OsirixMethods(archive)
         self.dispatcher = Dispatcher(self.methods.table())
         self.networks = allowed_networks(self.settings.xmlrpc.allowed_hosts)
+        self.local_networks = allowed_networks(())
         self.host_names = own_host_names(self.settings.xmlrpc.allowed_host_names)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -184,39 +388,45 @@ class XmlRpcServer:
         """Serve the bound port in a thread."""
         s = self.settings.xmlrpc
         assert self._httpd is not None, "bind() first"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="xmlrpc", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve, name="xmlrpc", daemon=True)
         self._thread.start()
         log.info("XML-RPC (OsiriX) listening on %s:%d", s.bind, self.port)
 
     def stop(self) -> None:
         if self._httpd is not None:
-            if self._thread is not None:  # shutdown() waits for a serve_forever that must have begun
-                self._httpd.shutdown()
+            self._httpd.stop()
+            if self._thread is not None:
+                self._thread.join(5)
+                self._thread = None
             self._httpd.server_close()
             self._httpd = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+
+    @property
+    def last_loop(self) -> float | None:
+        """Monotonic time of the front end's last turn (it turns at least once a second), for heartbeat.py."""
+        return self._httpd.last_loop if self._httpd is not None and self._thread is not None else None
 
     def is_allowed(self, host: str) -> bool:
+        """Checked on accept, before the connection is read: a host not allowed holds nothing."""
+        return self._within(host, self.networks)
+
+    def is_local(self, host: str) -> bool:
+        return self._within(host, self.local_networks)
+
+    @staticmethod
+    def _within(host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
         address = ip_address(host)
         if address is None:
             return False
-        return any(address.version == net.version and address in net for net in self.networks)
+        return any(address.version == net.version and address in net for net in networks)
 
     # -- one request -------------------------------------------------------------------------------
     def handle(self, req: _Handler) -> None:
         host = req.client_address[0]
-        if not self.is_allowed(host):
-            log.warning("XML-RPC: refused a call from %s: not localhost and not in xmlrpc.allowed_hosts", host)
-            message = f"XML-RPC calls from {host} are not allowed; add it to xmlrpc.allowed_hosts on the server"
-            req.reply(403, message, _error_struct("403", message))
-            return
         try:
             check_headers(req.headers, req.connection.getsockname()[0], self.host_names)
             user = authenticate(req.headers, self.users, host)
         except Refused as exc:
-            _discard_body(req)
             self._refuse(req, host, exc)
             return
         self._call(req, host, user)
@@ -281,18 +491,6 @@ class XmlRpcServer:
     @staticmethod
     def _bad(req: _Handler, message: str) -> None:
         req.reply(400, message, _error_struct("400", message))
-
-
-def _discard_body(req: _Handler) -> None:
-    """Read and drop the body of a call refused on its headers (never parsed), up to MAX_BODY:
-    closing a connection with unread data resets it, and the client might lose the answer."""
-    try:
-        length = int(req.headers.get("Content-Length") or "0")
-    except ValueError:
-        return
-    if 0 < length <= MAX_BODY:
-        with contextlib.suppress(OSError):
-            req.rfile.read(length)
 
 
 def _error_struct(code: str, message: str) -> bytes:

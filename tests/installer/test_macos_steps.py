@@ -10,6 +10,7 @@ import pytest
 
 from macpacs.installer import kcpassword
 from macpacs.installer.layout import LOGINWINDOW
+from macpacs.installer.service import LOW_SPACE_MB, SUPERVISOR_ARGS
 from macpacs.installer.steps import InstallError
 
 from .fakes import GID, PASSWORD, UID, USER
@@ -40,6 +41,8 @@ def test_install_runs_exact_commands_in_order(mac):
         ["launchctl", "bootstrap", f"gui/{UID}", f"{root}/{AGENTS}/org.macpacs.server.plist"],
         ["launchctl", "enable", f"gui/{UID}/org.macpacs.supervisor"],
         ["launchctl", "bootstrap", f"gui/{UID}", f"{root}/{AGENTS}/org.macpacs.supervisor.plist"],
+        ["launchctl", "enable", f"gui/{UID}/org.macpacs.verify"],
+        ["launchctl", "bootstrap", f"gui/{UID}", f"{root}/{AGENTS}/org.macpacs.verify.plist"],
     ]
     # The password reached sysadminctl on stdin only, and dscl checked it (on stdin) before any change.
     stdin = {argv[0]: data for argv, data, _c in mac.system.log if data}
@@ -99,7 +102,7 @@ def test_daemon_mode(mac):
     changes = mac.changes()
     assert not any(a[0] in ("sysadminctl", "defaults") for a in changes)
     assert ("launchctl", "bootstrap", "system", f"{mac.root}/Library/LaunchDaemons/org.macpacs.server.plist") in changes
-    for label in ("org.macpacs.server", "org.macpacs.supervisor"):
+    for label in ("org.macpacs.server", "org.macpacs.supervisor", "org.macpacs.verify"):
         path = mac.root / "Library/LaunchDaemons" / f"{label}.plist"
         st = path.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o644)
@@ -149,6 +152,8 @@ def test_plists_keys_and_types(mac):
         "supervise",
         "--web-url",
         "http://127.0.0.1:3333/testdbalive",
+        "--heartbeat-url",
+        "http://127.0.0.1:3333/heartbeat",
         "--xmlrpc-url",
         "http://127.0.0.1:8080/",
         "--dicom",
@@ -159,6 +164,9 @@ def test_plists_keys_and_types(mac):
         "/Users/Shared/macpacs/supervisor.json",
         "--mode",
         "kill",
+        *SUPERVISOR_ARGS,
+        "--low-space-mb",
+        str(LOW_SPACE_MB),
     ]
     st = (mac.root / AGENTS / "org.macpacs.server.plist").stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (UID, GID, 0o644)
@@ -182,6 +190,7 @@ def test_uninstall_undoes_in_reverse_and_keeps_data(mac):
     mac.uninstall()
     changes = mac.changes()
     assert changes == [
+        ("launchctl", "bootout", f"gui/{UID}/org.macpacs.verify"),
         ("launchctl", "bootout", f"gui/{UID}/org.macpacs.supervisor"),
         ("launchctl", "bootout", f"gui/{UID}/org.macpacs.server"),
         ("defaults", "delete", LOGINWINDOW, "autoLoginUser"),
@@ -259,7 +268,7 @@ def test_interrupted_install_is_completed_by_a_rerun(mac):
     mac.install()
     text = mac.text()
     assert "already done: autorestart 1" in text and "already done: macpacs 0.1.0" in text
-    assert [a[1] for a in mac.changes()] == ["enable", "bootstrap", "enable", "bootstrap"]
+    assert [a[1] for a in mac.changes()] == ["enable", "bootstrap"] * 3  # server, supervisor, verify
     mac.install()
     assert mac.changes() == []
 
@@ -268,6 +277,7 @@ def test_daemon_uninstall_boots_out_of_system_domain(mac):
     mac.install(mode="daemon", password=None)
     mac.uninstall(mode="daemon")
     assert mac.changes() == [
+        ("launchctl", "bootout", "system/org.macpacs.verify"),
         ("launchctl", "bootout", "system/org.macpacs.supervisor"),
         ("launchctl", "bootout", "system/org.macpacs.server"),
         ("pmset", "-a", "autorestart", "0", "sleep", "1", "disksleep", "10"),

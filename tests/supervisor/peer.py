@@ -12,7 +12,13 @@ break a healthy server at a known instant. Modes:
 - ``crash``: exits with status 3 right after start;
 - ``trickle``: answers one byte every 0.1 s, forever: socket timeouts never fire, only the
   supervisor's hard deadline stops the probe;
-- ``sleep``: listens on nothing; a decoy for the PID-file tests.
+- ``sleep``: listens on nothing; a decoy for the PID-file tests;
+- ``slow``: ``/testdbalive`` and XML-RPC never answer, but ``/heartbeat`` does (a busy server);
+- ``stale``: ``/heartbeat`` answers 503, naming a stale part (a server that knows it is stuck).
+
+``GET /heartbeat`` answers as ``macpacs serve`` does (pacs_server/heartbeat.py), from its own
+thread, except in ``hang``, ``trickle`` and ``stale``; its ``free_mb`` is ``--free-mb``, and
+SIGUSR2 sets it to 1,000,000 (space freed).
 
 With ``--pid-file`` it writes and locks a PID file as ``macpacs serve`` does, through the server's
 own ``PidFile`` (so the supervisor's reader is tested against the server's writer), for the
@@ -22,6 +28,8 @@ data folder ``--data-dir`` (default: the PID file's folder).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import threading
 import time
@@ -32,6 +40,7 @@ from pathlib import Path
 from macpacs.pacs_server.pidfile import PidFile
 
 MODE = "healthy"
+FREE_MB = 1_000_000
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,7 +55,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _hang_if_asked(self) -> None:
-        if MODE == "hang":
+        if MODE in ("hang", "slow"):
             time.sleep(3600)
         if MODE == "trickle":
             self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
@@ -56,6 +65,12 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(0.1)
 
     def do_GET(self) -> None:
+        if self.path == "/heartbeat" and MODE not in ("hang", "trickle"):
+            ok = MODE != "stale"
+            stale = [] if ok else ["index read: no sign of life for 12.0 s"]
+            answer = {"ok": ok, "pid": os.getpid(), "parts": {}, "stale": stale, "free_mb": FREE_MB}
+            self._reply(200 if ok else 503, json.dumps(answer).encode(), "application/json")
+            return
         self._hang_if_asked()
         if self.path != "/testdbalive":
             self._reply(404, b"not found", "text/plain")
@@ -77,7 +92,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
-    global MODE
+    global MODE, FREE_MB
     parser = argparse.ArgumentParser()
     parser.add_argument("--web-port", type=int, required=True)
     parser.add_argument("--xmlrpc-port", type=int, required=True)
@@ -87,8 +102,10 @@ def main() -> None:
     parser.add_argument("--data-dir", help="the data folder the PID file names (default: its folder)")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (forces SIGKILL)")
     parser.add_argument("--tag", default="", help="free text, so tests can match the command line")
+    parser.add_argument("--free-mb", type=int, default=FREE_MB, help="free space the heartbeat reports")
     args = parser.parse_args()
     MODE = args.mode
+    FREE_MB = args.free_mb
 
     if args.pid_file:
         pid_file = Path(args.pid_file)
@@ -116,7 +133,12 @@ def main() -> None:
         if MODE == "refuse":
             threading.Thread(target=close_listeners).start()
 
+    def on_usr2(_signum: int, _frame: object) -> None:
+        global FREE_MB
+        FREE_MB = 1_000_000
+
     signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGUSR2, on_usr2)
     while True:
         time.sleep(3600)
 
