@@ -27,11 +27,17 @@ def _log_to_archive(settings: Settings, *modules: str) -> None:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(settings.log_dir / "macpacs.log")
     handler.setFormatter(logging.Formatter(FORMAT))
-    for name in modules:
-        logger = logging.getLogger(name)
+    loggers = [logging.getLogger(name) for name in modules]
+    for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    click.get_current_context().call_on_close(handler.close)
+
+    def detach() -> None:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+    click.get_current_context().call_on_close(detach)
 
 
 @click.command()
