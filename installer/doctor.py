@@ -11,11 +11,13 @@ import json
 
 from macpacs.pacs_server import config as pacs_config
 
+from . import schedule
 from .layout import KCPASSWORD, SOFTWARE_UPDATE
 from .macos import POWER, Launchd, autologin_user, power_differences
 from .steps import MIN_FREE_GB, WARN_FREE_GB, Context, Finding, health_url, lookup_account, server_answers
 
 STALE_STATUS_S = 300  # the supervisor rewrites its status every round (15 s by default)
+STALE_VERIFY_DAYS = 8  # the verify runs weekly
 
 
 def diagnose(ctx: Context) -> list[Finding]:
@@ -63,6 +65,7 @@ def diagnose(ctx: Context) -> list[Finding]:
             else Finding("FAIL", f"XML-RPC {url}: {problem}", "see the server log; is [xmlrpc] enabled?")
         )
     out.append(_supervisor_status(ctx))
+    out.append(_last_verify(ctx))
     out.append(_disk(ctx))
     return out
 
@@ -154,8 +157,8 @@ def _software_update(ctx: Context) -> list[Finding]:
 
 def _systemd(ctx: Context) -> list[Finding]:
     out = []
-    for service in ctx.services():
-        unit = service.unit
+    verify = schedule.verify_job(ctx.layout, ctx.options.user)
+    for unit, stderr_path in (*((s.unit, s.stderr_path) for s in ctx.services()), (verify.timer, verify.stderr_path)):
         res = ctx.host.run(["systemctl", "is-active", unit])
         if res.ok:
             out.append(Finding("PASS", f"{unit} is active"))
@@ -165,7 +168,7 @@ def _systemd(ctx: Context) -> list[Finding]:
                     "FAIL",
                     f"{unit} is {res.stdout.strip() or 'not active'}",
                     f"sudo systemctl restart {unit}; `systemctl status {unit}` shows how it stopped, "
-                    f"{service.stderr_path} what it said",
+                    f"{stderr_path} what it said",
                 )
             )
     return out
@@ -207,6 +210,39 @@ def _supervisor_status(ctx: Context) -> Finding:
         f"supervisor: healthy, {restarts} restarts in 24 h",
         "the server was restarted: look at the supervisor log for why",
     )
+
+
+def _last_verify(ctx: Context) -> Finding:
+    """The summary the last ``macpacs verify`` left in the data folder (pacs_server/verify.py)."""
+    job = schedule.verify_job(ctx.layout, ctx.options.user)
+    path = ctx.layout.data_dir / schedule.VERIFY_SUMMARY
+    run_now = f"{' '.join(job.argv)} (it is safe while the server runs)"
+    text = ctx.host.read_text(path)
+    if text is None:
+        return Finding("WARN", "no verify of the stored files has run yet", f"run it now: {run_now}")
+    try:
+        summary = json.loads(text)
+        finished = dt.datetime.fromisoformat(summary["finished"])
+        remaining, lost = int(summary["remaining"]), int(summary["repaired"]["missing"])
+    except (ValueError, KeyError, TypeError):
+        return Finding("WARN", f"cannot read the last verify's summary {path}", f"run it again: {run_now}")
+    age_days = (dt.datetime.now(dt.UTC) - finished).total_seconds() / 86400
+    when = f"last verify {summary['finished']}"
+    if remaining:
+        return Finding(
+            "FAIL",
+            f"{when}: {remaining} problems remain (missing, unindexed or changed files)",
+            f"`macpacs verify --config {ctx.layout.config_file}` lists them; add --repair to fix what can be fixed",
+        )
+    if age_days > STALE_VERIFY_DAYS:
+        return Finding(
+            "WARN",
+            f"{when}, {age_days:.0f} days ago: the weekly verify has not run since",
+            f"is {job.label} / {job.timer} loaded? its errors go to {job.stderr_path}",
+        )
+    if lost:
+        return Finding("WARN", f"{when}: {lost} images were lost (files gone, their rows dropped)", "see the log")
+    return Finding("PASS", f"{when}: {summary['instances']} instances, no problems")
 
 
 def _disk(ctx: Context) -> Finding:
