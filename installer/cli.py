@@ -101,6 +101,11 @@ def _logging(verbose: bool) -> None:
     show_default=True,
     help="Seconds to wait for /testdbalive after starting the services.",
 )
+@click.option(
+    "--https",
+    is_flag=True,
+    help="Make a self-signed certificate for the web port and serve it over HTTPS (installer/certificate.py).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every check command to stderr.")
 def install(
     user: str,
@@ -118,6 +123,7 @@ def install(
     source: Path | None,
     pip_options: tuple[str, ...],
     wait_timeout: float,
+    https: bool,
     verbose: bool,
 ) -> None:
     """Turn this host into an unattended macpacs server (run with sudo).
@@ -146,6 +152,7 @@ def install(
         source=source.absolute() if source else None,
         pip_options=pip_options,
         wait_timeout=wait_timeout,
+        https=https,
         password=_read_password(password_stdin),
     )
     if options.auto_login and options.password is None and not dry_run and sys.stdin.isatty():

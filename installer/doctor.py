@@ -11,7 +11,7 @@ import json
 
 from macpacs.pacs_server import config as pacs_config
 
-from . import schedule
+from . import certificate, schedule
 from .layout import KCPASSWORD, SOFTWARE_UPDATE
 from .macos import POWER, Launchd, autologin_user, power_differences
 from .steps import MIN_FREE_GB, WARN_FREE_GB, Context, Finding, health_url, lookup_account, server_answers
@@ -24,6 +24,7 @@ def diagnose(ctx: Context) -> list[Finding]:
     opts, host, layout = ctx.options, ctx.host, ctx.layout
     out: list[Finding] = []
     xmlrpc_enabled = True
+    certificates: dict[str, str] = {}  # setting -> certificate file, for its expiry
     if not host.exists(layout.config_file):
         out.append(
             Finding(
@@ -37,6 +38,7 @@ def diagnose(ctx: Context) -> list[Finding]:
             settings = pacs_config.load(host.real(layout.config_file), environ={})
             out.append(Finding("PASS", f"config {layout.config_file} is valid"))
             xmlrpc_enabled = settings.xmlrpc.enabled
+            certificates = {"web.tls_cert": settings.web.tls_cert, "dicom.tls_cert": settings.dicom.tls_cert}
         except pacs_config.ConfigError as exc:
             out.append(Finding("FAIL", f"config: {exc}", f"fix {layout.config_file}, then restart the server"))
     ctx.account = ctx.account or lookup_account(ctx)
@@ -65,6 +67,7 @@ def diagnose(ctx: Context) -> list[Finding]:
             else Finding("FAIL", f"XML-RPC {url}: {problem}", "see the server log; is [xmlrpc] enabled?")
         )
     out.append(_supervisor_status(ctx))
+    out.extend(certificate.findings(ctx, certificates))
     out.append(_last_verify(ctx))
     out.append(_disk(ctx))
     return out

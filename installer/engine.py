@@ -7,6 +7,7 @@ from pathlib import Path
 
 from macpacs.pacs_server import config as pacs_config
 
+from .certificate import Certificate, cert_path, key_path
 from .host import Host
 from .layout import Layout, Options
 from .linux import Systemd
@@ -28,7 +29,18 @@ from .steps import (
 
 def steps() -> list[Step]:
     """Every step, in install order (each says itself when it does not apply)."""
-    return [Preflight(), Power(), AutoLogin(), Application(), Folders(), Config(), Launchd(), Systemd(), Wait()]
+    return [
+        Preflight(),
+        Power(),
+        AutoLogin(),
+        Application(),
+        Folders(),
+        Certificate(),
+        Config(),
+        Launchd(),
+        Systemd(),
+        Wait(),
+    ]
 
 
 def make_context(options: Options, host: Host, *, preview: bool = False) -> Context:
@@ -39,6 +51,8 @@ def make_context(options: Options, host: Host, *, preview: bool = False) -> Cont
     """
     layout = Layout.for_options(options)
     effective = Effective(options.ae_title, options.dicom_port, options.web_port, options.xmlrpc_port)
+    if options.https:
+        effective.web_cert, effective.web_key = str(cert_path(layout)), str(key_path(layout))
     text = host.read_text(layout.config_file)
     if text is not None:
         try:
@@ -47,6 +61,7 @@ def make_context(options: Options, host: Host, *, preview: bool = False) -> Cont
             settings = None  # preflight reports it
         if settings is not None:
             found = Effective(settings.dicom.ae_title, settings.dicom.port, settings.web.port, settings.xmlrpc.port)
+            found.web_cert, found.web_key = settings.web.tls_cert, settings.web.tls_key
             if found != effective or Path(settings.storage.data_dir) != layout.data_dir:
                 host.say(
                     f"note: {layout.config_file} exists and is kept: AE {found.ae_title}, DICOM port "
@@ -134,7 +149,8 @@ def summary(ctx: Context) -> None:
         f"  AE title      {eff.ae_title}",
         f"  address       {ip} ({host.hostname()})",
         f"  DICOM port    {eff.dicom_port}",
-        f"  web           http://{ip}:{eff.web_port}/   (health: http://{ip}:{eff.web_port}/testdbalive)",
+        f"  web           {eff.web_scheme}://{ip}:{eff.web_port}/   "
+        f"(health: {eff.web_scheme}://{ip}:{eff.web_port}/testdbalive)",
         f"  XML-RPC       http://{ip}:{eff.xmlrpc_port}/",
         f"  data          {ctx.layout.data_dir}",
         f"  config        {ctx.layout.config_file}",

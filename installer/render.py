@@ -74,7 +74,10 @@ def render(name: str, **values: Any) -> str:
     return _environment().get_template(name).render(**values)
 
 
-def config(layout: Layout, ae_title: str, dicom_port: int, web_port: int, xmlrpc_port: int) -> str:
+def config(
+    layout: Layout, ae_title: str, dicom_port: int, web_port: int, xmlrpc_port: int, web_tls: tuple[str, str] = ("", "")
+) -> str:
+    """macpacs.toml; ``web_tls``: the certificate and key of the web port (HTTPS), or empty."""
     restart = (
         f"sudo launchctl kickstart -k gui/UID/{SERVER_LABEL}, or system/{SERVER_LABEL} for a daemon"
         if layout.target == "macos"
@@ -86,6 +89,8 @@ def config(layout: Layout, ae_title: str, dicom_port: int, web_port: int, xmlrpc
         dicom_port=dicom_port,
         web_port=web_port,
         xmlrpc_port=xmlrpc_port,
+        web_cert=web_tls[0],
+        web_key=web_tls[1],
         data_dir=str(layout.data_dir),
         log_dir=str(layout.log_dir),
         status_file=str(layout.status_file),

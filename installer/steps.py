@@ -69,6 +69,13 @@ class Effective:
     dicom_port: int
     web_port: int
     xmlrpc_port: int
+    # [web] tls_cert and tls_key (final paths): HTTPS on the web port when set.
+    web_cert: str = ""
+    web_key: str = ""
+
+    @property
+    def web_scheme(self) -> str:
+        return "https" if self.web_cert else "http"
 
 
 @dataclass
@@ -96,6 +103,7 @@ class Context:
                 dicom_port=eff.dicom_port,
                 web_port=eff.web_port,
                 xmlrpc_port=eff.xmlrpc_port,
+                web_cert=eff.web_cert,
             ),
         )
 
@@ -296,7 +304,9 @@ class Folders(Step):
 # -- config ------------------------------------------------------------------------------------
 def rendered_config(ctx: Context) -> str:
     eff = ctx.effective
-    return render.config(ctx.layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port)
+    return render.config(
+        ctx.layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port, web_tls=(eff.web_cert, eff.web_key)
+    )
 
 
 def validate_config_text(text: str, origin: str) -> None:
@@ -365,7 +375,7 @@ class Config(Step):
 
 # -- wait ----------------------------------------------------------------------------------------
 def health_url(ctx: Context) -> str:
-    return f"http://127.0.0.1:{ctx.effective.web_port}/testdbalive"
+    return f"{ctx.effective.web_scheme}://127.0.0.1:{ctx.effective.web_port}/testdbalive"
 
 
 def server_answers(ctx: Context, timeout: float = 5.0) -> bool:

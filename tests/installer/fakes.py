@@ -46,6 +46,7 @@ class FakeMac:
     loaded: dict[str, int] = field(default_factory=dict)  # "gui/501/label" -> remaining teardown prints (-1: up)
     installed: bool = False
     calls: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)
+    cert_not_after: str = "Mar  1 12:00:00 2029 GMT"  # what `openssl x509 -enddate` reads from a made certificate
 
     def __call__(self, argv: Sequence[str], input: str | None, timeout: float) -> Result:
         self.calls.append((tuple(argv), input))
@@ -176,6 +177,19 @@ class FakeMac:
         if argv[1] == "-c" and "version('macpacs')" in argv[2]:
             return result(argv, 0, VERSION + "\n") if self.installed else result(argv, 1, err="PackageNotFound")
         return result(argv, 1)
+
+    # -- openssl (LibreSSL on macOS): makes placeholder PEM files, reads back cert_not_after ------------------
+    def _openssl(self, argv: list[str], _in: str | None) -> Result:
+        if argv[1:3] == ["req", "-x509"]:
+            assert "-config" in argv and Path(argv[argv.index("-config") + 1]).is_file(), argv
+            Path(argv[argv.index("-keyout") + 1]).write_text("-----BEGIN PRIVATE KEY-----\nfake\n")
+            Path(argv[argv.index("-out") + 1]).write_text("-----BEGIN CERTIFICATE-----\nfake\n")
+            return result(argv, 0, err="..+++++\n")
+        if argv[1:4] == ["x509", "-noout", "-enddate"]:
+            if not Path(argv[-1]).is_file():
+                return result(argv, 1, err=f"Could not open file or uri for loading certificate from {argv[-1]}\n")
+            return result(argv, 0, f"notAfter={self.cert_not_after}\n")
+        return result(argv, 1, err="openssl: unexpected command")
 
     def software_update(self, auto: str) -> None:
         self.defaults[(SOFTWARE_UPDATE, "AutomaticallyInstallMacOSUpdates")] = auto
