@@ -655,7 +655,9 @@ class Ingestor:
         try:
             with self.blobs.lock(key, KEY_LOCK_TIMEOUT_S):
                 return self._store(staged, parsed, instance, key)
-        except (KeyLockTimeout, WriterLockTimeout) as exc:  # another writer hangs: the sender retries later
+        except WriterLockTimeout as exc:  # another writer hangs: the sender retries later
+            return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
+        except KeyLockTimeout as exc:
             return IngestResult(Outcome.OUT_OF_RESOURCES, f"busy: {exc}", uid, sop_class)
         except OSError as exc:  # a lock file or the stored copy cannot be opened (no descriptor left, EIO...)
             log.error("storing %s failed: %s", uid, exc)
