@@ -10,6 +10,7 @@ rebuilt from the stored files in the background while the listener already accep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -17,7 +18,9 @@ import threading
 import time
 from types import FrameType
 
+from . import audit
 from .archive import Archive, open_archive
+from .audit import local_actor
 from .config import Settings
 from .dimse.scp import DicomListener
 from .dimse.workers import WorkerPool
@@ -29,6 +32,9 @@ from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
 log = logging.getLogger(__name__)
+
+# The settings of the last start, to tell a configuration change in the audit trail.
+SETTINGS_SEEN = "settings.last.json"
 
 # AlreadyRunning is what ``macpacs serve`` (cli.py) reports when the PID file is held.
 __all__ = ["AlreadyRunning", "ArchiveServer", "run"]
@@ -61,6 +67,7 @@ class ArchiveServer:
         archive = self.archive = open_archive(s, "server", repair=True)
         archive.started_at = self.started_at
         archive.request_stop = self.request_stop
+        _audit_start(archive)
         # Every port is bound and listening before any is served, so that a client that comes
         # early waits in a backlog instead of being refused. Then each starts serving, DICOM
         # first, and only when all of them accept is the server ready (log line, systemd).
@@ -126,10 +133,21 @@ class ArchiveServer:
             self.listener.stop()
             self.listener = None
         if self.archive is not None:
+            self.archive.audit.record("stop", local_actor("server"))
             self.archive.close()
             self.archive = None
         self.pid_file.release()
         log.info("macpacs stopped")
+
+
+def _audit_start(archive: Archive) -> None:
+    """Record the start, and every setting changed since the last start (a configuration change)."""
+    actor = local_actor("server")
+    flat = audit.flatten_settings(dataclasses.asdict(archive.settings))
+    changes = audit.settings_changes(archive.settings.data_dir / SETTINGS_SEEN, flat)
+    archive.audit.record("start", actor, detail=f"PID {os.getpid()}")
+    if changes:
+        archive.audit.record("config-change", actor, detail="; ".join(changes)[:4000])
 
 
 def run(settings: Settings) -> None:

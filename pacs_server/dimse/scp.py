@@ -53,7 +53,7 @@ from pynetdicom.sop_class import (
 from .. import dicom_status
 from ..archive import Archive
 from ..nodes import Node
-from . import connections, pynetdicom_ext, subops, tls
+from . import audited, connections, pynetdicom_ext, subops, tls
 from .connections import AssociationSlots, Connection
 from .find import find_responses, status_with_comment
 from .get import get_responses
@@ -377,6 +377,7 @@ class DicomListener:
         summary = ", ".join(f"{n} {k}" for k, n in sorted(stats.counts.items())) if stats.counts else "idle"
         level = logging.INFO if how == "released" else logging.WARNING
         log.log(level, "association %s by %s: %s", how, _peer(event), summary)
+        audited.stored(self.archive.audit, event.assoc, stats.counts, how)
 
     @staticmethod
     def _discard_partial(event: Any) -> None:
@@ -433,7 +434,7 @@ class DicomListener:
             yield status_with_comment(dicom_status.NOT_AUTHORIZED, refused), None
             return
         d = self.settings.dicom
-        yield from find_responses(
+        responses = find_responses(
             self.index,
             event.identifier,
             event.request.AffectedSOPClassUID,
@@ -442,6 +443,7 @@ class DicomListener:
             max_results=d.max_find_results,
             retrieve_ae=d.ae_title,
         )
+        yield from audited.find(self.archive.audit, event.assoc, event.identifier, responses)
 
     def _on_move(self, event: Any) -> Any:
         self._count(event.assoc, "move")
@@ -457,7 +459,7 @@ class DicomListener:
             message_id=int(event.request.MessageID),
             is_cancelled=subops.Cancel(lambda: event.is_cancelled),
         )
-        return move_responses(
+        responses = move_responses(
             request,
             ae=self.ae,
             index=self.index,
@@ -465,13 +467,15 @@ class DicomListener:
             registry=self.registry,
             case_insensitive=self.settings.dicom.case_insensitive_names,
         )
+        how = f"C-MOVE to {request.destination}"
+        return audited.retrieve(self.archive.audit, self.index, event.assoc, event.identifier, how, responses)
 
     def _on_get(self, event: Any) -> Any:
         self._count(event.assoc, "get")
         refused = self._refusal(event.assoc, "retrieve")
         if refused:
             return iter([subops.Response(dicom_status.NOT_AUTHORIZED, comment=refused)])
-        return get_responses(
+        responses = get_responses(
             event.assoc,
             event.identifier,
             str(event.request.AffectedSOPClassUID),
@@ -481,6 +485,7 @@ class DicomListener:
             store=self.store,
             case_insensitive=self.settings.dicom.case_insensitive_names,
         )
+        return audited.retrieve(self.archive.audit, self.index, event.assoc, event.identifier, "C-GET", responses)
 
 
 def abort_all(server: Any) -> None:

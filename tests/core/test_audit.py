@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,32 @@ def test_a_changed_setting_is_reported_once_and_secrets_never_appear(tmp_path: P
     assert changes[1].startswith("plugins.options.webhooks.secret: 'sha256:")
     assert "hunter2" not in saved.read_text() and "new" not in "".join(changes)
     assert audit.settings_changes(saved, second) == []  # reported once
+
+
+def test_dicom_stores_queries_and_retrieves_are_recorded_with_the_calling_ae(make_server, tmp_path: Path) -> None:
+    server = make_server()
+    study = "1.2.826.0.1.3680043.8.498.78"
+    write_series(tmp_path / "series", 3, study_uid=study, patient_id="PIDDICOM", size=16)
+    run_tool("storescu", *server.dicom_args(), "-aet", "CT_SCANNER", "+sd", "+r", str(tmp_path / "series"))
+    run_tool("findscu", "-S", *server.dicom_args(), "-aet", "WORKSTATION",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=PIDDICOM", "-k", "StudyInstanceUID")  # fmt: skip
+    (tmp_path / "got").mkdir()
+    run_tool("getscu", "-S", *server.dicom_args(), "-aet", "WORKSTATION", "-od", str(tmp_path / "got"),
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}")  # fmt: skip
+
+    def records() -> dict[str, dict]:
+        return {e["event"]: e for e in audit.read(server.data_dir / "logs") if e and e["via"] == "dicom"}
+
+    deadline = time.monotonic() + 10  # the store record is written when the association closes
+    while {"store", "query", "retrieve"} - set(records()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    found = records()
+    store = found["store"]
+    assert store == {**store, "user": "CT_SCANNER", "address": "127.0.0.1", "count": 3, "outcome": "success"}
+    assert "3 stored" in store["detail"]
+    query = found["query"]
+    assert query["user"] == "WORKSTATION" and query["count"] == 1
+    assert query["detail"] == "C-FIND STUDY PatientID=PIDDICOM"
+    retrieve = found["retrieve"]
+    assert retrieve == {**retrieve, "user": "WORKSTATION", "count": 3, "studies": [study], "patients": ["PIDDICOM"]}
+    assert retrieve["detail"].startswith("C-GET: STUDY StudyInstanceUID=")
