@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import ipaddress
 import logging
@@ -534,12 +535,28 @@ class Hl7Listener:
         )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
+        """Close the port and every connection, then the loop. A message being applied meanwhile is
+        committed without its ACK: the sender sends it again and is answered as for a duplicate."""
+        if self._thread is not None and self._thread.is_alive():
+            closing = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
+            with contextlib.suppress(Exception):
+                closing.result(5.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5.0)
+        elif self._server is not None:
+            self._server.close()
+        if not self._loop.is_running():
+            self._loop.close()
         self._pool.shutdown(wait=True)
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        clients = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        await self._server.wait_closed()
 
     def allowed(self, address: str) -> bool:
         try:
