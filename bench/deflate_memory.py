@@ -58,8 +58,8 @@ def main() -> None:
             server.start()
             try:
                 with PeakRss(server.proc.pid) as rss:
-                    sent = run_tool("storescu", "-xd", *server.dicom_args(), str(bomb), check=False)
-                refused = "0xa700" in (sent.stdout + sent.stderr).lower() or "OutOfResources" in sent.stderr
+                    sent = run_tool("storescu", "-v", "-xd", *server.dicom_args(), str(bomb), check=False)
+                refused = "Refused: OutOfResources" in sent.stdout + sent.stderr
                 print(
                     f"server, max_inflated_mb = {limit}: RSS {rss.before / 2**20:.0f} -> {rss.peak / 2**20:.0f} MB "
                     f"(+{rss.growth_mb:.0f} MB), {'refused (0xA700)' if refused else 'stored'}"
