@@ -63,13 +63,13 @@ def test_installed_supervisor_leaves_a_busy_serve_alone_and_restarts_a_frozen_on
     serve = Serve(tmp_path)
     folders = [tmp_path / f"series{n}" for n in range(4)]
     for folder in folders:
-        write_series(folder, 60, size=256, patient_id=f"BUSY{folder.name[-1]}")
+        write_series(folder, 40, size=256, patient_id=f"BUSY{folder.name[-1]}")
     job = launchd(serve.argv, env=ENV)
     wait_until(lambda: alive_answer(serve.web, 1.0), 90, step=0.2)
     sup: Supervisor = supervise(*installed_args(serve), env=ENV)
     sup.wait_state("healthy", 60)
 
-    runs = ingest_load(serve, folders, 15)
+    runs = ingest_load(serve, folders, 10)
     assert runs >= 1
     assert job.pids == [job.pid] and "-> restarting" not in sup.log, sup.log[-3000:]
     assert sup.status()["state"] in ("healthy", "busy"), sup.status()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 import xmlrpc.client
+from collections.abc import Iterator
+
+import pytest
 
 from macpacs.pacs_server.request_deadline import BODY_S, HEADER_S
 from macpacs.pacs_server.xmlrpc.server import MAX_CONCURRENT
 from macpacs.supervisor.probes import XmlRpcProbe, _TimeoutTransport
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, free_port
 from tests.slowloris import Slowloris, timed
 
 SLOW_HEADERS = b"POST / HTTP/1.0\r\nContent-Type: text/xml\r\nX-Slow: "
@@ -21,8 +24,17 @@ BOUND_S = 2.0  # each call while the slow clients are connected
 DRAIN_BOUND_S = 4.0  # a refused client: answered at once, its connection shut for writing
 
 
-def test_slow_clients_hold_no_slot_and_are_closed_at_their_deadline(make_server) -> None:
-    server: ServerProcess = make_server()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for both tests: each starts with no slow client left from the other."""
+    started = ServerProcess(
+        tmp_path_factory.mktemp("xmlrpc-slowloris") / "data", free_port(), free_port(), free_port()
+    ).start()
+    yield started
+    started.stop()
+
+
+def test_slow_clients_hold_no_slot_and_are_closed_at_their_deadline(server: ServerProcess) -> None:
     url = f"http://127.0.0.1:{server.xmlrpc_port}/"
     probe = XmlRpcProbe(url)
     client = xmlrpc.client.ServerProxy(url, transport=_TimeoutTransport(BOUND_S, secure=False))
@@ -52,9 +64,8 @@ def test_slow_clients_hold_no_slot_and_are_closed_at_their_deadline(make_server)
     assert server.logged("XML-RPC: closed", timeout=5)
 
 
-def test_a_host_not_allowed_is_refused_on_accept(make_server) -> None:
+def test_a_host_not_allowed_is_refused_on_accept(server: ServerProcess) -> None:
     """127.0.0.2 is not localhost and not in xmlrpc.allowed_hosts: answered 403 before it sends a byte."""
-    server: ServerProcess = make_server()
     probe = XmlRpcProbe(f"http://127.0.0.1:{server.xmlrpc_port}/")
     with Slowloris(server.xmlrpc_port, MAX_CONCURRENT + 8, b"", every=None, source="127.0.0.2") as strangers:
         closed = strangers.wait_all_closed(DRAIN_BOUND_S)
