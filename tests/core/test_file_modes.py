@@ -29,7 +29,7 @@ def modes(data_dir: Path) -> dict[str, int]:
 
 
 def expected(name: str, path: Path) -> int:
-    if name.startswith("logs/macpacs.log"):
+    if name.startswith(("logs/macpacs.log", "logs/audit.jsonl")):  # the logs and the audit trail
         return 0o640
     if name == "logs":
         return 0o750
