@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from macpacs.pacs_server.index import Query, QueryError
@@ -69,7 +69,9 @@ def test_any_query_gives_rows_or_a_query_error(archive, query: Query) -> None:
         page, total = archive.index.page(query)
     except QueryError as exc:
         assert str(exc)
+        event("refused")
         return
+    event("answered")
     assert len(rows) <= (query.limit if query.limit is not None else len(rows))
     assert rows == page and total >= len(rows)
 
