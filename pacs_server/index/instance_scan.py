@@ -5,8 +5,8 @@ neither has to be held in memory. The index side comes in pages of ``page_size``
 in its own short transaction: a verify of a large archive reads files for hours, and one long
 read transaction would keep SQLite from checkpointing its WAL for as long while the server
 ingests. ``storage_key`` has no index of its own, so each page is one scan of the instance
-table with a bounded sort (about 0.3 s at a million instances), which is little next to reading
-the files.
+table with a bounded sort (a top-N of ``PAGE_SIZE`` rows), which is little next to reading the
+files it lists.
 """
 
 from __future__ import annotations
