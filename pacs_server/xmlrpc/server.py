@@ -338,6 +338,8 @@ class _HttpServer(http.server.HTTPServer):
                 address = conn.sock.getpeername()
             try:
                 self.finish_request(conn.sock, address)
+            except OSError as exc:  # the client gave up (a probe's time-out, say): nothing to answer
+                log.info("XML-RPC: the client at %s went away before its answer was sent (%s)", conn.host, exc)
             except Exception:
                 log.exception("XML-RPC: a call from %s failed", conn.host)
             self.shutdown_request(conn.sock)
