@@ -19,7 +19,7 @@ import requests
 from tests.conftest import ServerProcess, free_port, run_tool
 from tests.synthetic import write_series
 
-TIMEOUT_S = 3  # dicom.pre_association_timeout in these tests (default 10)
+TIMEOUT_S = 5  # dicom.pre_association_timeout in these tests (default 10)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +84,11 @@ def test_hundred_idle_or_slow_connections_do_not_block_dicom(tmp_path: Path, cer
         with _held(idle + slow + handshake) as held:
             assert len(held) == 100  # as many as dicom.max_associations
             time.sleep(0.5)  # all accepted
-            started = time.monotonic()
             run_tool("echoscu", *server.dicom_args(), timeout=30)
             run_tool("storescu", *server.dicom_args(), *map(str, sources), timeout=30)
-            elapsed = time.monotonic() - started
-            assert elapsed < 5, f"echoscu and storescu took {elapsed:.1f} s behind 100 idle connections"
             assert server.logged("5 stored")
+            # They got in while the 100 were still there (less the one closed to make room for each).
+            assert _dicom_health(server)["awaiting_request"] >= 98
             # The server closes every one of them once its time is up (one log line for many).
             deadline = time.monotonic() + TIMEOUT_S + 5
             assert all(_closed_by_server(s, max(0.1, deadline - time.monotonic())) for s in held)
@@ -102,8 +101,12 @@ def test_hundred_idle_or_slow_connections_do_not_block_dicom(tmp_path: Path, cer
         server.stop()
 
 
-def test_waiting_connections_beyond_the_limit_close_the_oldest(tmp_path: Path):
-    env = {"MACPACS_DICOM_MAX_ASSOCIATIONS": "10", "MACPACS_DICOM_PRE_ASSOCIATION_TIMEOUT": "60"}
+def test_waiting_limit_and_per_peer_limit(tmp_path: Path):
+    env = {
+        "MACPACS_DICOM_MAX_ASSOCIATIONS": "10",
+        "MACPACS_DICOM_MAX_ASSOCIATIONS_PER_PEER": "3",
+        "MACPACS_DICOM_PRE_ASSOCIATION_TIMEOUT": "60",
+    }
     server = ServerProcess(tmp_path / "data", free_port(), free_port(), free_port(), env=env).start()
     try:
         with _held([_connect(server.dicom_port, f"127.0.3.{n}") for n in range(1, 16)]) as held:
@@ -112,14 +115,7 @@ def test_waiting_connections_beyond_the_limit_close_the_oldest(tmp_path: Path):
             assert not any(_closed_by_server(s, 0.2) for s in held[5:])
             run_tool("echoscu", *server.dicom_args(), timeout=30)  # closes one more to get in
             assert server.logged("to make room for new ones (at most dicom.max_associations = 10 wait at once)")
-    finally:
-        server.stop()
-
-
-def test_a_peer_over_its_limit_is_rejected_with_a_reason(tmp_path: Path):
-    env = {"MACPACS_DICOM_MAX_ASSOCIATIONS_PER_PEER": "3"}
-    server = ServerProcess(tmp_path / "data", free_port(), free_port(), free_port(), env=env).start()
-    try:
+        # A peer with 3 connections open gets a clear rejection for a 4th, whoever holds them.
         with _held([_connect(server.dicom_port, "127.0.0.1") for _ in range(3)]):
             time.sleep(0.3)
             refused = run_tool("echoscu", *server.dicom_args(), check=False, timeout=30)
