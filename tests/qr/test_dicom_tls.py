@@ -134,9 +134,15 @@ def test_every_service_over_tls_with_optional_client_certificates(pki: Path, tmp
 
 
 def test_required_client_certificate_and_access_control(pki: Path, tmp_path: Path):
+    """With dicom.workers = 1 (associations served in the main process: the other path of connections.py)."""
     tls_port = free_port()
     env = _tls_env(
-        pki, tls_port, tls_ca=str(pki / "siteca.pem"), tls_require_client_cert="true", accept_unknown_nodes="false"
+        pki,
+        tls_port,
+        tls_ca=str(pki / "siteca.pem"),
+        tls_require_client_cert="true",
+        accept_unknown_nodes="false",
+        workers="1",
     )
     data = tmp_path / "data"
     server = ServerProcess(data, free_port(), free_port(), free_port(), env=env).start()
