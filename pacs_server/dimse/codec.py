@@ -387,7 +387,11 @@ class Received(NamedTuple):
 
 
 def receive_dataset(
-    sock: socket.socket, context_id: int, fh: IO[bytes], room: Callable[[], None] | None = None
+    sock: socket.socket,
+    context_id: int,
+    fh: IO[bytes],
+    room: Callable[[], None] | None = None,
+    on_write_error: Callable[[], None] | None = None,
 ) -> Received:
     """Write the PDV payloads of the dataset that follows a command to ``fh``, up to its last
     fragment, hashing them as they come.
@@ -395,9 +399,10 @@ def receive_dataset(
     A failed write (disk full), or ``room`` raising OSError (it is asked before the first write
     and every ``ROOM_EVERY`` bytes: one statvfs per 16 MB, never one per PDU), stops the writing
     but not the reading: the dataset is read to its end, so that the C-STORE can be answered
-    with a failure status instead of aborting the association. ProtocolError when a fragment is
-    not the dataset's (another context, a command) or another PDU comes (an A-ABORT); OSError
-    when the connection fails.
+    with a failure status instead of aborting the association; ``on_write_error`` is called at
+    once when that happens (to free what was written before the rest arrives). ProtocolError
+    when a fragment is not the dataset's (another context, a command) or another PDU comes (an
+    A-ABORT); OSError when the connection fails.
     """
     digest = hashlib.sha256()
     write = fh.write
@@ -426,6 +431,8 @@ def receive_dataset(
                     written += len(payload)
                 except OSError as exc:
                     failed = exc
+                    if on_write_error is not None:
+                        on_write_error()
             if body[pos + 5] & 0x02:
                 if pos + 4 + length != len(body):
                     raise ProtocolError("data after the last fragment of a dataset")

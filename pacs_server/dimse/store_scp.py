@@ -146,7 +146,8 @@ def _serve_one(assoc: Any, raw: socket.socket, request: _Request, store: StoreFu
                 sink.write(codec.file_meta(request.sop_class, request.sop_instance, request.transfer_syntax))
             except OSError as exc:
                 failure, sink = exc, _Nowhere
-        received = codec.receive_dataset(raw, request.context_id, sink, getattr(staged, "room", None))
+        discard = None if staged is None else lambda: _discard(staged)  # frees the space at once
+        received = codec.receive_dataset(raw, request.context_id, sink, getattr(staged, "room", None), discard)
         failure = failure or received.write_error
         if staged is not None and failure is None:
             try:
