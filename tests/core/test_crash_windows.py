@@ -170,12 +170,13 @@ def test_a_file_renamed_but_never_indexed_is_indexed_before_a_resend_is_acknowle
         processes.append(subprocess.Popen([sys.executable, "-c", HOLD, str(data / "index.sqlite"), str(locked)]))
         wait_until(locked.exists, 30)
         go = tmp_path / "go"
-        go.touch()
         for path in (kept, same):
             processes.append(subprocess.Popen([sys.executable, "-c", INGEST, str(data), str(go), str(path)]))
+        wait_until(lambda: len(list(tmp_path.glob("go.*"))) == 2, 60)  # both opened their archive
+        go.touch()  # both store at once, well within the writer lock's 10 s wait
         blobs = [data / "files" / blob_key(uid) for uid in uids]
-        wait_until(lambda: all(blob.exists() for blob in blobs), 30)
-        for proc in processes:
+        wait_until(lambda: all(blob.exists() for blob in blobs), 8)
+        for proc in reversed(processes):  # the ingests first: the holder's end would let them commit
             proc.kill()
             proc.wait()
         assert index_rows(data) == {}, "renamed, never committed"
