@@ -14,11 +14,22 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Column, Connection, Float, Index, Integer, String, Table, Text, UniqueConstraint, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    select,
+)
 
 from . import db
 from .schema import metadata
-from .worklist_table import writing
 
 hl7_message = Table(
     "hl7_message",
@@ -60,12 +71,7 @@ class Hl7Log:
             first = self._first(conn, entry)  # ``writing`` holds the write lock: no one inserts it meanwhile
             if first is not None:
                 raise DuplicateMessage(first)
-        conn.execute(hl7_message.insert().values(**entry, received_at=time.time()))
-
-    def record_alone(self, entry: Mapping[str, Any]) -> None:
-        """Add a message row in a transaction of its own (a message refused before anything was applied)."""
-        with writing(self.index) as conn:
-            self.record(conn, entry)
+        conn.execute(_INSERT, {**entry, "received_at": time.time()})
 
     def recent(self, limit: int = 100) -> list[dict[str, Any]]:
         t = hl7_message
@@ -76,15 +82,14 @@ class Hl7Log:
 
     @staticmethod
     def _first(conn: Connection, entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        t = hl7_message
-        return (
-            conn.execute(
-                select(t).where(
-                    t.c.sending_application == entry["sending_application"],
-                    t.c.sending_facility == entry["sending_facility"],
-                    t.c.control_id == entry["control_id"],
-                )
-            )
-            .mappings()
-            .first()
-        )
+        keys = {"app": entry["sending_application"], "facility": entry["sending_facility"], "cid": entry["control_id"]}
+        return conn.execute(_FIRST, keys).mappings().first()
+
+
+# Built once: the intake runs these for every message.
+_INSERT = hl7_message.insert()
+_FIRST = select(hl7_message).where(
+    hl7_message.c.sending_application == bindparam("app"),
+    hl7_message.c.sending_facility == bindparam("facility"),
+    hl7_message.c.control_id == bindparam("cid"),
+)

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     func,
     or_,
     select,
@@ -142,10 +143,6 @@ def writing(index: db.Index) -> Iterator[Connection]:
         yield conn
 
 
-class DuplicateStep(Exception):
-    """A step with this key exists already."""
-
-
 class ProcedureTable:
     """Scheduled procedure steps of one index."""
 
@@ -186,8 +183,7 @@ class ProcedureTable:
         return dict(row) if row else None
 
     def by_key(self, conn: Connection, item_key: str) -> dict[str, Any] | None:
-        t = scheduled_procedure
-        row = conn.execute(select(t).where(t.c.item_key == item_key)).mappings().first()
+        row = conn.execute(_BY_KEY, {"key": item_key}).mappings().first()
         return dict(row) if row else None
 
     def keys_of_order(self, conn: Connection, prefix: str) -> list[str]:
@@ -198,12 +194,10 @@ class ProcedureTable:
 
     # -- writes ------------------------------------------------------------------------------------
     def insert(self, conn: Connection, item_key: str, source: str, columns: Mapping[str, Any], item: str) -> int:
-        """A new step; DuplicateStep when ``item_key`` exists."""
+        """A new step (the caller knows ``item_key`` is new: ``by_key`` in the same transaction)."""
         now = time.time()
-        values = _with_norms(columns) | {"item_key": item_key, "source": source, "item": item}
-        if self.by_key(conn, item_key) is not None:  # ``writing`` holds the write lock: no race
-            raise DuplicateStep(item_key)
-        result = conn.execute(scheduled_procedure.insert().values(**values, created_at=now, updated_at=now))
+        values = _DEFAULTS | _with_norms(columns) | {"item_key": item_key, "source": source, "item": item}
+        result = conn.execute(_INSERT, values | {"created_at": now, "updated_at": now})
         return int(result.inserted_primary_key[0])
 
     def change(self, conn: Connection, pk: int, columns: Mapping[str, Any], item: str | None = None) -> None:
@@ -283,6 +277,12 @@ class PerformedTable:
             .where(t.c.sop_instance_uid == sop_instance_uid)
             .values(status=status, dataset=dataset, updated_at=time.time())
         )
+
+
+# Built once (the intake writes a step per message): every column, so one compiled insert serves all.
+_INSERT = scheduled_procedure.insert()
+_BY_KEY = select(scheduled_procedure).where(scheduled_procedure.c.item_key == bindparam("key"))
+_DEFAULTS = {c.name: c.default.arg for c in scheduled_procedure.c if c.default is not None and c.default.is_scalar}
 
 
 def _with_norms(columns: Mapping[str, Any]) -> dict[str, Any]:

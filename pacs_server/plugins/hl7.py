@@ -32,6 +32,7 @@ import contextlib
 import copy
 import ipaddress
 import logging
+import queue
 import ssl
 import threading
 import time
@@ -129,8 +130,23 @@ class Hl7Settings:
 
 
 # -- one message --------------------------------------------------------------------------------------
+BATCH = 64  # messages committed together at most (they arrived while the previous commit ran)
+
+
+@dataclass
+class _Outcome:
+    ack: str
+    level: int
+    line: str  # logged once the batch is committed (or has failed)
+
+
 class Intake:
-    """Parses, persists and applies one message at a time (any thread); returns the ACK to send."""
+    """Parses, persists and applies messages; ``handle`` returns each one's ACK once it is durable.
+
+    One writer thread commits: messages that arrive while a commit runs (from several
+    connections) are applied in one transaction, each in a savepoint of its own, and share its
+    fsync. Every ACK waits for the commit that holds its message.
+    """
 
     def __init__(self, archive: Archive, settings: Hl7Settings) -> None:
         self.archive = archive
@@ -138,9 +154,62 @@ class Intake:
         self.log = Hl7Log(archive.index)
         self.worklist = Worklist(archive)
         self.procedures = ProcedureTable(archive.index)
+        self._queue: queue.Queue[tuple[str, str, concurrent.futures.Future[str]] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
 
     def handle(self, text: str, peer: str) -> str:
-        """The ACK (text, segments ended by CR) for one message; never raises."""
+        """The ACK (segments ended by CR) for one message, once the message is committed; never raises."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="hl7-writer", daemon=True)
+                self._writer.start()
+        done: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._queue.put((text, peer, done))
+        return done.result()
+
+    def close(self) -> None:
+        """Let the writer finish what is queued, then end it."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(10.0)
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[str, str, concurrent.futures.Future[str]]]) -> None:
+        outcomes: list[_Outcome] = []
+        try:
+            with writing(self.archive.index) as conn:
+                for text, peer, _done in batch:
+                    outcomes.append(self._one(conn, text, peer))
+        except Exception as exc:  # the transaction itself failed: nothing of the batch is kept
+            log.exception("HL7: %d message(s) could not be committed to the index", len(batch))
+            text_ = f"internal error, nothing applied: {type(exc).__name__}: {exc}; send the message again"
+            outcomes = [
+                _Outcome(self._ack({}, "AE", text_, _readable(text)), logging.ERROR, "") for text, _p, _d in batch
+            ]
+        for (_text, _peer, done), outcome in zip(batch, outcomes, strict=True):
+            if outcome.line:
+                log.log(outcome.level, "%s", outcome.line)
+            done.set_result(outcome.ack)
+
+    def _one(self, conn: Any, text: str, peer: str) -> _Outcome:
+        """Apply one message inside the batch's transaction; its ACK and log line."""
         entry: dict[str, Any] = {"raw": text, "peer": peer[:64], "control_id": None}
         message: hl7.Message | None = None
         try:
@@ -150,41 +219,33 @@ class Intake:
             if kind not in HANDLED:
                 raise Rejected(f"message type {kind or '(none)'} is not handled here (handled: {', '.join(HANDLED)})")
         except Rejected as exc:
-            log.warning("HL7 message from %s rejected (AR): %s", peer, exc)
-            self._keep(entry | {"control_id": None}, "AR", str(exc))
-            return self._ack(entry, "AR", str(exc), message)
+            self._keep(conn, entry | {"control_id": None}, "AR", str(exc))
+            return _Outcome(self._ack(entry, "AR", str(exc), message), logging.WARNING,
+                            f"HL7 message from {peer} rejected (AR): {exc}")  # fmt: skip
         try:
-            with writing(self.archive.index) as conn:
+            with conn.begin_nested():
                 self.log.record(conn, entry | {"ack_code": "AA", "ack_text": ""})
                 summary = self._apply(conn, message, entry)
         except DuplicateMessage as dup:
             first = dup.first
-            log.info(
-                "HL7 %s %s from %s is a duplicate of the message received at %s: answered %s again, not applied again",
-                entry["message_type"],
-                entry["control_id"],
-                peer,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["received_at"])),
-                first["ack_code"],
+            received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["received_at"]))
+            line = (
+                f"HL7 {entry['message_type']} {entry['control_id']} from {peer} is a duplicate of the message "
+                f"received at {received}: answered {first['ack_code']} again, not applied again"
             )
-            return self._ack(entry, first["ack_code"], first["ack_text"], message)
+            return _Outcome(self._ack(entry, first["ack_code"], first["ack_text"], message), logging.INFO, line)
         except (NotApplied, ItemError) as exc:
             text_ = f"{entry['message_type']} not applied: {exc}"
-            log.warning("HL7 %s from %s answered AE: %s", entry["control_id"], peer, text_)
-            self._keep(entry, "AE", text_)
-            return self._ack(entry, "AE", text_, message)
+            self._keep(conn, entry, "AE", text_)
+            line = f"HL7 {entry['control_id']} from {peer} answered AE: {text_}"
+            return _Outcome(self._ack(entry, "AE", text_, message), logging.WARNING, line)
         except Exception as exc:
-            log.exception(
-                "HL7 %s %s from %s could not be applied (internal error)",
-                entry["message_type"],
-                entry["control_id"],
-                peer,
-            )
+            log.exception("HL7 %s %s from %s could not be applied", entry["message_type"], entry["control_id"], peer)
             text_ = f"internal error, nothing applied: {type(exc).__name__}: {exc}; send the message again"
-            self._keep(entry | {"control_id": None}, "AE", text_)  # not remembered as seen: a re-send applies it
-            return self._ack(entry, "AE", text_, message)
-        log.info("HL7 %s %s from %s applied: %s", entry["message_type"], entry["control_id"], peer, summary)
-        return self._ack(entry, "AA", "", message)
+            self._keep(conn, entry | {"control_id": None}, "AE", text_)  # not remembered as seen: a re-send applies it
+            return _Outcome(self._ack(entry, "AE", text_, message), logging.ERROR, "")
+        line = f"HL7 {entry['message_type']} {entry['control_id']} from {peer} applied: {summary}"
+        return _Outcome(self._ack(entry, "AA", "", message), logging.INFO, line)
 
     @staticmethod
     def _parse(text: str) -> hl7.Message:
@@ -199,16 +260,12 @@ class Intake:
             raise Rejected("MSH-10 (message control ID) is empty")
         return message
 
-    def _keep(self, entry: dict[str, Any], code: str, text: str) -> None:
-        """Record a message that changed nothing (rejected, or failed); a failure to do so is logged."""
+    def _keep(self, conn: Any, entry: dict[str, Any], code: str, text: str) -> None:
+        """Record a message that changed nothing (rejected, or not applied), in the batch's transaction."""
         values = {"sending_application": "", "sending_facility": "", "message_type": "", "message_time": ""}
         values |= {k: v for k, v in entry.items() if k in ("raw", "peer", "control_id", *values)}
-        try:
-            self.log.record_alone(values | {"ack_code": code, "ack_text": text[:1024]})
-        except DuplicateMessage:
-            pass
-        except Exception:
-            log.exception("HL7 message from %s could not be recorded in the index", entry.get("peer"))
+        with contextlib.suppress(DuplicateMessage):
+            self.log.record(conn, values | {"ack_code": code, "ack_text": text[:1024]})
 
     def _ack(self, entry: dict[str, Any], code: str, text: str, message: hl7.Message | None) -> str:
         """The ACK, built by the hl7 library from the message (MSA-3 escaped with its separators);
@@ -253,7 +310,7 @@ class Intake:
         raise AssertionError(kind)
 
     def _order(self, conn: Any, message: hl7.Message, message_time: str) -> str:
-        patient = _patient_item(message)
+        _patient(message)  # a message without a usable PID is refused before anything changes
         done = []
         for group in _order_groups(message):
             orc, obr = group.orc, group.obr
@@ -269,7 +326,7 @@ class Intake:
                     raise NotApplied(f"order {order} is not known here, so its status cannot change")
                 if not keys:
                     # A cancel before its order (out of order): remembered, so the late order stays cancelled.
-                    item = _step_item(patient, group, order)
+                    item = _step_item(message, group, order)
                     item[SPS_KEY][0].ScheduledProcedureStepStatus = status
                     self.worklist.put(
                         conn,
@@ -285,7 +342,7 @@ class Intake:
                 continue
             if control not in CREATE_OR_UPDATE:
                 raise NotApplied(f"ORC-1 order control {control or '(empty)'} is not handled (NW, XO, SC, CA, DC...)")
-            for item in _step_items(patient, group, order):
+            for item in _step_items(message, group, order):
                 step = item[SPS_KEY][0]
                 outcome = self.worklist.put(
                     conn, prefix + step.ScheduledProcedureStepID, item, source="hl7", message_time=message_time
@@ -374,14 +431,14 @@ def _patient_item(message: hl7.Message) -> Dataset:
     return ds
 
 
-def _step_item(patient: Dataset, group: _Group, order: str) -> Dataset:
+def _step_item(message: hl7.Message, group: _Group, order: str) -> Dataset:
     """One worklist item from an ORC/OBR group (ORM^O01; IHE field use: OBR-18 accession, OBR-19
     requested procedure ID, OBR-20 step ID, OBR-21 station AE title, OBR-24 modality, ZDS-1
     Study Instance UID, TQ1-7, OBR-27.4 or ORC-7.4 start)."""
     orc, obr, tq1 = group.orc, group.obr, group.tq1
     if obr is None:
         raise NotApplied(f"order {order} has no OBR segment")
-    item = copy.deepcopy(patient)
+    item = _patient_item(message)
     accession = _value(obr, 18) or _value(orc, 3) or _value(obr, 3)
     item.AccessionNumber = accession[:16]
     item.RequestedProcedureID = (_value(obr, 19) or accession or order)[:16]
@@ -414,11 +471,11 @@ def _step_item(patient: Dataset, group: _Group, order: str) -> Dataset:
     return item
 
 
-def _step_items(patient: Dataset, group: _Group, order: str) -> list[Dataset]:
+def _step_items(message: hl7.Message, group: _Group, order: str) -> list[Dataset]:
     """The worklist items of a group: one, or one per IPC segment (OMI^O23, IHE RAD-4: IPC-1
     accession, IPC-2 requested procedure ID, IPC-3 Study Instance UID, IPC-4 step ID, IPC-5
     modality, IPC-7 station name, IPC-9 station AE title)."""
-    base = _step_item(patient, group, order)
+    base = _step_item(message, group, order)
     if not group.ipcs:
         return [base]
     items = []
@@ -548,6 +605,7 @@ class Hl7Listener:
         if not self._loop.is_running():
             self._loop.close()
         self._pool.shutdown(wait=True)
+        self.intake.close()
 
     async def _close(self) -> None:
         assert self._server is not None
@@ -613,6 +671,14 @@ class Hl7Listener:
             log.info("HL7 connection from %s ended: %s", peer, exc)
         finally:
             writer.close()
+
+
+def _readable(text: str) -> hl7.Message | None:
+    """The message, when it can be parsed (to address an ACK to its sender), else None."""
+    try:
+        return hl7.parse(text) if text.startswith("MSH") else None
+    except Exception:
+        return None
 
 
 def _decode(block: bytes) -> tuple[str, str]:

@@ -20,7 +20,6 @@ of the request comes back, with the item's value or empty (PS3.4 K.6.1.2.2).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import secrets
@@ -100,8 +99,7 @@ def item_columns(item: Dataset) -> dict[str, str]:
 
 
 def prepared(item: Dataset) -> Dataset:
-    """A copy of ``item`` with what a modality needs filled in: Study Instance UID, step and procedure IDs."""
-    item = copy.deepcopy(item)
+    """``item`` with what a modality needs filled in (in place): Study Instance UID, step and procedure IDs."""
     if not item.get("StudyInstanceUID"):
         item.StudyInstanceUID = generate_uid()
     steps = item.get(SPS)
@@ -136,11 +134,10 @@ class Worklist:
             return self.table.insert(conn, f"{source}:{secrets.token_hex(8)}", source, columns, to_json(item))
 
     def put(self, conn: Any, key: str, item: Dataset, *, source: str, message_time: str = "") -> str:
-        """Create or replace the step ``key`` in the caller's transaction: ``created``, ``updated`` or
-        ``stale`` (an older message than the one last applied to it: nothing changed)."""
+        """Create or replace the step ``key`` (``item``, completed in place) in the caller's transaction:
+        ``created``, ``updated`` or ``stale`` (older than the message last applied to it: nothing changed)."""
         existing = self.table.by_key(conn, key)
         if existing is not None and not item.get("StudyInstanceUID"):
-            item = copy.deepcopy(item)
             item.StudyInstanceUID = existing["study_uid"]  # an order change keeps the study it named
         item = prepared(item)
         columns = item_columns(item) | {"message_time": message_time}
@@ -241,11 +238,11 @@ def _select(wanted: Dataset, item: Dataset) -> Dataset:
             if have is None or have.VR != "SQ" or not have.value:
                 out.add(DataElement(element.tag, "SQ", Sequence()))
             elif not element.value:  # an empty sequence asks for all of it
-                out.add(copy.deepcopy(have))
+                out.add(have)  # ``item`` was decoded for this answer alone: no copy needed
             else:
                 out.add(DataElement(element.tag, "SQ", Sequence([_select(element.value[0], i) for i in have.value])))
         elif have is not None:
-            out.add(DataElement(element.tag, have.VR, copy.deepcopy(have.value)))
+            out.add(DataElement(element.tag, have.VR, have.value))
         else:
             out.add(DataElement(element.tag, element.VR, None))
     return out
