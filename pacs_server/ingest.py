@@ -448,7 +448,7 @@ def _dataset_json(ds: Dataset, bulk_uri: Callable[[Any], str]) -> dict[str, Any]
         key = f"{tag:08X}"
         try:
             element = _plain_json(ds.get_item(tag))
-        except ValueError:
+        except Exception:  # a number pydicom may read, or an element it cannot even hold (an unknown VR)
             element = None
         if element is None:
             try:
