@@ -30,8 +30,10 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from macpacs.pacs_server.dimse import codec
+from macpacs.pacs_server.index import instance_scan
 from macpacs.pacs_server.index.attributes import ATTRIBUTES
 from macpacs.pacs_server.ingest import RejectedInstance, dataset_hash, read_instance
+from macpacs.pacs_server.storage import blob_key
 from tests.conftest import dataset_bytes
 from tests.core.test_write_path import _ingest_columns, _pydicom_columns, _pydicom_json
 from tests.synthetic import make_instance
@@ -166,6 +168,32 @@ def test_mutated_files_are_read_or_refused(folder: Path, samples: list[bytes], d
         return
     assert parsed.sop_instance_uid and parsed.record.instance["file_size"] == path.stat().st_size
     assert len(dataset_hash(path)) == 64
+
+
+@pytest.fixture(scope="module")
+def ingest_archive(tmp_path_factory: pytest.TempPathFactory):
+    from macpacs.pacs_server.archive import open_archive
+    from macpacs.pacs_server.config import load
+
+    root = tmp_path_factory.mktemp("fuzz-ingest-archive")
+    opened = open_archive(load(overrides={"storage": {"data_dir": str(root / "data")}}, environ={}))
+    yield opened
+    opened.close()
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_mutated_files_through_ingest_never_raise_nor_leave_a_stray(
+    ingest_archive, folder: Path, samples: list[bytes], data: st.DataObject
+) -> None:
+    """The whole ingest path (copy, parse, hash, store, index): a result every time, and a file in
+    the store only with its row (what ``macpacs verify`` would call not indexed)."""
+    path = folder / "mutated-ingest.dcm"
+    path.write_bytes(data.draw(mutation(samples)))
+    result = ingest_archive.ingestor.ingest_file(path)
+    assert result.message
+    if result.sop_instance_uid and ingest_archive.blobs.size(blob_key(result.sop_instance_uid)) is not None:
+        assert instance_scan.by_uid(ingest_archive.index, result.sop_instance_uid) is not None, result
 
 
 # -- the DIMSE command codec ---------------------------------------------------------------------
