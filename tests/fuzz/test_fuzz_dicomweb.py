@@ -76,7 +76,7 @@ def check(response: requests.Response) -> None:
         assert response.text  # a reason, not an empty error
 
 
-@fuzz(120)
+@fuzz(80)
 @given(where=path, params=st.lists(st.tuples(name, param_value), max_size=6))
 def test_qido_parameters_never_fail_the_server(server: ServerProcess, session, where: str, params) -> None:
     # Lone surrogates cannot travel in a URL: percent-encode what a client could send (UTF-8, or raw bytes).

@@ -111,7 +111,7 @@ def reference_columns(path: Path) -> dict[str, object]:
     return columns
 
 
-@fuzz(60)
+@fuzz(40)
 @given(data=st.data())
 def test_generated_files_decode_as_pydicom_decodes_them(folder: Path, data: st.DataObject) -> None:
     path = data.draw(generated_file(folder))
@@ -156,7 +156,7 @@ def mutation(draw: st.DrawFn, samples: list[bytes]) -> bytes:
     return bytes(data)
 
 
-@fuzz(150)
+@fuzz(100)
 @given(data=st.data())
 def test_mutated_files_are_read_or_refused(folder: Path, samples: list[bytes], data: st.DataObject) -> None:
     path = folder / "mutated.dcm"
@@ -215,7 +215,7 @@ def command_set(draw: st.DrawFn) -> bytes:
     return b"".join(codec.command_element(e, elements[e]) for e in sorted(elements))
 
 
-@fuzz(100)
+@fuzz(60)
 @given(command=command_set())
 def test_parse_command_reads_what_pydicom_reads(command: bytes) -> None:
     parsed = codec.parse_command(command)
@@ -229,7 +229,7 @@ def test_parse_command_reads_what_pydicom_reads(command: bytes) -> None:
         assert parsed.ui.get(element) == (str(ds[tag].value) if tag in ds else None)
 
 
-@fuzz(150)
+@fuzz(100)
 @given(command=command_set(), cut=st.integers(0, 200), noise=st.binary(max_size=16))
 def test_parse_command_never_raises_on_mutated_commands(command: bytes, cut: int, noise: bytes) -> None:
     for mutated in (command[:cut], command + noise, noise + command, noise):

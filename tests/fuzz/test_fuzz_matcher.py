@@ -61,7 +61,7 @@ queries = st.builds(
 )
 
 
-@fuzz(200)
+@fuzz(120)
 @given(query=queries)
 def test_any_query_gives_rows_or_a_query_error(archive, query: Query) -> None:
     try:
@@ -80,7 +80,7 @@ def dicom_wildcard(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.DOTALL)
 
 
-@fuzz(150)
+@fuzz(100)
 @given(pattern=st.text(st.sampled_from("AaB*?_%!"), max_size=6))
 def test_wildcards_match_as_dicom_says(archive, pattern: str) -> None:
     rows = archive.index.find_all(Query("PATIENT", {"PatientID": pattern}))

@@ -122,13 +122,13 @@ def run_predicate(archive, text: str) -> None:
         seen(f"{entity}: queried")
 
 
-@fuzz(250)
+@fuzz(150)
 @given(text=mutated())
 def test_generated_predicates_give_rows_or_a_clear_error(archive, text: str) -> None:
     run_predicate(archive, text)
 
 
-@fuzz(150)
+@fuzz(100)
 @given(text=st.text(max_size=200))
 def test_random_text_gives_a_clear_error(archive, text: str) -> None:
     run_predicate(archive, text)
