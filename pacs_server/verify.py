@@ -396,7 +396,19 @@ def load_summary(data_dir: Path) -> dict[str, Any] | None:
         summary = json.loads((data_dir / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) and summary.get("format") == 1 else None
+    if not isinstance(summary, dict) or summary.get("format") != 1:
+        return None
+    # Shown on the status page and in /health: a file edited by hand must not break either.
+    fields = {"finished": str, "instances": int, "files": int, "remaining": int, "found": dict, "repaired": dict}
+    if not all(isinstance(summary.get(key), kind) for key, kind in fields.items()):
+        return None
+    if not all(
+        isinstance(summary[group].get(kind, 0), int)
+        for group, kinds in (("found", KINDS), ("repaired", REPAIRS))
+        for kind in kinds
+    ):
+        return None
+    return summary
 
 
 def health_field(data_dir: Path) -> dict[str, Any] | None:
@@ -415,13 +427,18 @@ def health_field(data_dir: Path) -> dict[str, Any] | None:
 def describe(summary: dict[str, Any] | None) -> str:
     """The last verify in one sentence, for the status page."""
     if summary is None:
-        return "never run: `macpacs verify` checks every stored file against the index (the installer runs it weekly)"
+        return (
+            "never run (or its summary is unreadable): `macpacs verify` checks every stored file against "
+            "the index (the installer runs it weekly)"
+        )
     text = f"{summary['finished']}: {summary['instances']} instances, {summary['files']} files"
-    found = [f"{n} {KINDS[kind]}" for kind, n in summary["found"].items() if n]
+    found = [f"{summary['found'][kind]} {words}" for kind, words in KINDS.items() if summary["found"].get(kind)]
     if not found:
         return text + ", no problems"
     text += "; " + ", ".join(found)
-    repaired = [f"{n} {REPAIRS[kind]}" for kind, n in summary["repaired"].items() if n]
+    repaired = [
+        f"{summary['repaired'][kind]} {words}" for kind, words in REPAIRS.items() if summary["repaired"].get(kind)
+    ]
     if repaired:
         text += " (repaired: " + ", ".join(repaired) + ")"
     if summary["remaining"]:
