@@ -58,13 +58,30 @@ class JobTable:
         self.index = index
         self.engine = index.engine
         self._postgres = self.engine.dialect.name == "postgresql"
+        # Built once: an INSERT that skips a taken dedupe key (both dialects say ON CONFLICT DO
+        # NOTHING), run with each row's values as parameters (building it per row costs more
+        # than the insert itself).
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        self._insert_stmt = dialect_insert(job).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        self._defaults = {
+            "description": "",
+            "payload": "{}",
+            "batch_key": None,
+            "dedupe_key": None,
+            "state": QUEUED,
+            "attempts": 0,
+            "owner": "",
+            "lease_until": 0.0,
+            "total": 0,
+            "done": 0,
+            "failed": 0,
+            "message": "",
+            "alerted": False,
+        }
 
     def _writing(self) -> Any:
         return quick_write(self.index)
 
-    def _insert(self) -> Any:
-        """An INSERT that can skip a taken dedupe key (both dialects spell it ON CONFLICT DO NOTHING)."""
-        return (postgresql.insert if self._postgres else sqlite.insert)(job)
 
     def _locking(self, stmt: Any) -> Any:
         return stmt.with_for_update(skip_locked=True) if self._postgres else stmt
@@ -81,9 +98,8 @@ class JobTable:
         with self._writing() as conn:
             for row in rows:
                 key = row.get("dedupe_key")
-                values = {"state": QUEUED, "next_run_at": now, "created_at": now, "updated_at": now, **row}
-                stmt = self._insert().values(**values).on_conflict_do_nothing(index_elements=["dedupe_key"])
-                result = conn.execute(stmt)
+                values = {**self._defaults, "next_run_at": now, "created_at": now, "updated_at": now, **row}
+                result = conn.execute(self._insert_stmt, values)
                 if result.rowcount == 1:
                     pks.append(result.inserted_primary_key[0])
                 else:  # the key is taken: that job, queued before (maybe by another process)
