@@ -230,7 +230,7 @@ web_session = Table(
 )
 
 # Counters of attempts per key within a window (login failures per client address, workstation
-# registrations per address: users_table.RateLimits), counted with one UPDATE ... SET n = n + 1.
+# registrations per address: users_table), each attempt one upsert adding 1 (SET count = count + 1).
 rate_limit = Table(
     "rate_limit",
     metadata,
