@@ -126,6 +126,40 @@ class WorklistMacpacs(Macpacs):
         return [*super().command(), "--config", str(self.config)]
 
 
+def echoscu(aet: str, port: int) -> float:
+    """One echoscu run (process start, association, C-ECHO, release): the floor under any findscu time."""
+    started = time.perf_counter()
+    subprocess.run(["/usr/bin/echoscu", "-aec", aet, "127.0.0.1", str(port)], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def handler_ms(data_dir: Path, keys: dict[str, str], repeat: int) -> float:
+    """Median ms of the worklist plugin's C-FIND handler alone (in this process, no network)."""
+    from macpacs.pacs_server.archive import open_archive
+    from macpacs.pacs_server.config import load
+    from macpacs.pacs_server.plugins.dicom_services import DicomRequest
+    from macpacs.pacs_server.plugins.worklist import Worklist
+
+    identifier = Dataset()
+    step = Dataset()
+    for key in [*RETURN_KEYS, *keys]:
+        target, keyword = (step, key.split(".", 1)[1]) if key.startswith(SPS) else (identifier, key)
+        setattr(target, keyword, keys.get(key, ""))
+    identifier.ScheduledProcedureStepSequence = Sequence([step])
+    archive = open_archive(load(overrides={"storage": {"data_dir": str(data_dir)}}, environ={}), migrate=False)
+    try:
+        worklist = Worklist(archive)
+        request = DicomRequest("C-FIND", "", "", identifier, "BENCH", "127.0.0.1", None, 1)
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            list(worklist.find(request))
+            times.append(time.perf_counter() - started)
+    finally:
+        archive.close()
+    return round(statistics.median(times) * 1000, 2)
+
+
 def findscu(aet: str, port: int, keys: dict[str, str], out: Path) -> tuple[float, int]:
     """One findscu -W run: (wall seconds, responses)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -165,6 +199,8 @@ def main() -> None:
 
     results = []
     try:
+        echo = statistics.median(echoscu(ours.aet, ours.port) for _ in range(args.repeat))
+        print(json.dumps({"echoscu_median_ms": round(echo * 1000, 1), "note": "process start + association + C-ECHO"}))
         for label, keys in QUERIES:
             times: dict[str, list[float]] = {"macpacs": [], "wlmscpfs": []}
             counts: dict[str, int] = {}
@@ -178,6 +214,7 @@ def main() -> None:
             row = {
                 "query": label,
                 "matches": counts,
+                "handler_median_ms": handler_ms(ours.data_dir, keys, args.repeat),
                 "macpacs_median_ms": round(statistics.median(times["macpacs"]) * 1000, 1),
                 "wlmscpfs_median_ms": round(statistics.median(times["wlmscpfs"]) * 1000, 1),
             }
