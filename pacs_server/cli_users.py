@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import command_archive, config_options
+from .audit import AuditTrail, local_actor
+from .cli import command_archive, config_options, load_settings
 
 if TYPE_CHECKING:
     from .users import Users
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
 
 def _users(config_path: str | None, data_dir: str | None) -> Users:
     return command_archive(config_path, data_dir).users
+
+
+def _audit(config_path: str | None, data_dir: str | None, detail: str) -> None:
+    """A user change in the audit trail, by the account that ran the command."""
+    settings = load_settings(config_path, storage={"data_dir": data_dir})
+    trail = AuditTrail(settings.log_dir, file_mb=settings.audit.file_mb, files=settings.audit.files)
+    trail.record("user-change", local_actor("cli"), detail=detail)
 
 
 def _password(password_stdin: bool, prompt: str = "Password") -> str:
@@ -63,6 +71,7 @@ def add(
         user = manager.add(username, _password(password_stdin), role, _rights_list(rights) if rights else None)
     except UserError as exc:
         raise _fail(exc) from None
+    _audit(config_path, data_dir, f"added {username} ({role}: {', '.join(sorted(user.rights))})")
     click.echo(f"user {username} added ({role}: {', '.join(sorted(user.rights))})")
 
 
@@ -101,6 +110,7 @@ def rights(
         user = manager.set_rights(username, role, _rights_list(grant), _rights_list(revoke))
     except UserError as exc:
         raise _fail(exc) from None
+    _audit(config_path, data_dir, f"rights of {user.username}: {user.role}, {','.join(sorted(user.rights)) or 'none'}")
     click.echo(f"{user.username}\t{user.role}\t{','.join(sorted(user.rights)) or '(no rights)'}")
 
 
@@ -115,6 +125,7 @@ def logout(config_path: str | None, data_dir: str | None, username: str) -> None
         ended = _users(config_path, data_dir).end_sessions(username)
     except UserError as exc:
         raise _fail(exc) from None
+    _audit(config_path, data_dir, f"logged {username} out ({ended} sessions ended)")
     click.echo(f"{ended} session(s) of {username} ended")
 
 
@@ -129,6 +140,7 @@ def remove(config_path: str | None, data_dir: str | None, username: str) -> None
         _users(config_path, data_dir).remove(username)
     except UserError as exc:
         raise _fail(exc) from None
+    _audit(config_path, data_dir, f"removed {username}")
     click.echo(f"user {username} removed")
 
 
@@ -145,6 +157,7 @@ def passwd(config_path: str | None, data_dir: str | None, username: str, passwor
         manager.set_password(username, _password(password_stdin, "New password"))
     except UserError as exc:
         raise _fail(exc) from None
+    _audit(config_path, data_dir, f"password of {username} changed")
     click.echo(f"password of {username} changed")
 
 
@@ -168,8 +181,11 @@ def token(
             return
         if revoke is not None:
             manager.revoke_token(username, revoke)
+            _audit(config_path, data_dir, f"revoked API token {revoke} of {username}")
             click.echo(f"token {revoke} revoked")
             return
-        click.echo(manager.create_token(username, name))
+        created = manager.create_token(username, name)
+        _audit(config_path, data_dir, f"created API token {name!r} for {username}")
+        click.echo(created)
     except UserError as exc:
         raise _fail(exc) from None

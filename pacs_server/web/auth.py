@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request, Response
 
 from ..archive import Archive
+from ..audit import Actor
 from ..sessions import Session
 from ..users import ANONYMOUS_RIGHTS, RIGHT_WORDS, AuthFailed, Busy, Throttled, User, basic_credentials, user_from_row
 from ..xmlrpc.guard import host_of, ip_address, own_host_names
@@ -151,7 +152,12 @@ class Authenticator:
         try:
             if scheme.lower() == "basic":
                 username, password = basic_credentials(value.strip())
-                return self.users.verify_password(username, password, client_address(request))
+                try:
+                    return self.users.verify_password(username, password, client_address(request))
+                except (AuthFailed, Throttled) as exc:  # a success is in the records of what it then does
+                    actor = Actor(username[:64], client_address(request), "web")
+                    request.app.state.archive.audit.record("login", actor, outcome="failure", detail=f"Basic: {exc}")
+                    raise
             if scheme.lower() == "bearer":
                 return self.users.verify_token(value.strip())
             if header:

@@ -23,11 +23,12 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from ..archive import Archive
+from ..audit import Actor
 from ..dimse import scu
 from ..dimse.subops import PeerError
 from ..index import Query
 from ..nodes import Node, NodeError, validate
-from ..users import RIGHT_WORDS, Throttled
+from ..users import RIGHT_WORDS, Throttled, user_from_row
 from . import csrf, status_page, ui_api
 from .auth import SESSION_COOKIE, Principal, check_login, client_address, is_loopback, link_host, load_secret
 from .lookup import check_uid
@@ -166,6 +167,7 @@ def login(
     except HTTPException as exc:
         error = "Wrong user name or password." if exc.status_code == 401 else str(exc.detail)
         log.warning("web login failed for %r from %s (%s)", username, client_address(request), exc.detail)
+        _audit_login(request, username, "failure", str(exc.detail))
         return render(
             request,
             "login.html",
@@ -178,14 +180,24 @@ def login(
     response = RedirectResponse(_safe_next(next), status_code=303)
     request.app.state.auth.issue_session(request, response, user)
     log.info("web login: %s from %s", user.username, client_address(request))
+    _audit_login(request, user.username, "success", "login page")
     return response
+
+
+def _audit_login(request: Request, username: str, outcome: str, detail: str, event: str = "login") -> None:
+    actor = Actor(username.strip()[:64] or "(no name)", client_address(request), "web")
+    request.app.state.archive.audit.record(event, actor, outcome=outcome, detail=detail)
 
 
 @router.post("/logout")
 def logout(request: Request, csrf_token: str = Form("")) -> Response:
     csrf.verify(request, csrf_token)
     response = RedirectResponse("/login?logged_out=1", status_code=303)
-    request.app.state.auth.clear_session(request, response)
+    auth = request.app.state.auth
+    current = auth.session(request)
+    auth.clear_session(request, response)
+    if current is not None:
+        _audit_login(request, user_from_row(current.user_row).username, "success", "logout", event="logout")
     return response
 
 

@@ -241,3 +241,33 @@ def test_dicom_stores_queries_and_retrieves_are_recorded_with_the_calling_ae(mak
     retrieve = found["retrieve"]
     assert retrieve == {**retrieve, "user": "WORKSTATION", "count": 3, "studies": [study], "patients": ["PIDDICOM"]}
     assert retrieve["detail"].startswith("C-GET: STUDY StudyInstanceUID=")
+
+
+def test_logins_logouts_and_user_changes_are_recorded(make_server, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    commands = (
+        (["add", "alice", "--password-stdin"], "correct horse\n"),
+        (["rights", "alice", "--role", "user"], None),
+    )
+    for args, stdin in commands:
+        done = subprocess.run([MACPACS, "users", *args, "--data-dir", str(data)], input=stdin,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    server = make_server(data_dir=data)
+    base = f"http://127.0.0.1:{server.web_port}"
+    wrong = requests.get(f"{base}/dicom-web/studies", auth=("alice", "wrong password"), timeout=10)
+    assert wrong.status_code == 401
+    browser = requests.Session()
+    page = browser.get(f"{base}/login", timeout=10)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]
+    form = {"username": "alice", "password": "correct horse", "csrf_token": token}
+    assert browser.post(f"{base}/login", data=form, timeout=10).status_code == 200
+    page = browser.get(f"{base}/studies", timeout=10)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]
+    assert browser.post(f"{base}/logout", data={"csrf_token": token}, timeout=10).status_code == 200
+    entries = [e for e in audit.read(data / "logs") if e]
+    changes = [e["detail"] for e in entries if e["event"] == "user-change"]
+    assert changes[0].startswith("added alice") and changes[1].startswith("rights of alice: user")
+    logins = [(e["user"], e["outcome"]) for e in entries if e["event"] == "login"]
+    assert logins == [("alice", "failure"), ("alice", "success")]
+    assert [e["user"] for e in entries if e["event"] == "logout"] == ["alice"]
