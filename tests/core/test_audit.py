@@ -186,7 +186,20 @@ def test_a_server_records_who_searched_viewed_and_downloaded(make_server, tmp_pa
         assert requests.get(f"{base}/dicom-web/studies/{study}/metadata", auth=alice, timeout=10).status_code == 200
     assert requests.get(f"{base}/api/ui/studies/{study}/zip", auth=alice, timeout=30).status_code == 200
 
+    upload = write_series(tmp_path / "upload", 1, patient_id="PIDUPLOAD", size=16)[0].read_bytes()
+    body = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + upload + b"\r\n--B--\r\n"
+    stow = requests.post(
+        f"{base}/dicom-web/studies",
+        data=body,
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'},
+        auth=alice,
+        timeout=30,
+    )
+    assert stow.status_code == 200, stow.text
+
     entries = [e for e in audit.read(data / "logs") if e]
+    uploaded = next(e for e in entries if e["event"] == "upload")
+    assert uploaded == {**uploaded, "user": "alice", "count": 1, "patients": ["PIDUPLOAD"], "atna": "DCM 110107 Import"}
     query = next(e for e in entries if e["event"] == "query")
     assert query == {**query, "user": "anonymous", "address": "127.0.0.1", "via": "web", "count": 1}
     assert query["patients"] == ["PIDAUDIT"] and query["studies"] == [study]
@@ -195,7 +208,7 @@ def test_a_server_records_who_searched_viewed_and_downloaded(make_server, tmp_pa
     assert len(views) == 1 and views[0]["user"] == "alice" and views[0]["patients"] == ["PIDAUDIT"]
     download = next(e for e in entries if e["event"] == "download")
     assert download["studies"] == [study] and download["atna"] == "DCM 110106 Export"
-    assert entries[0]["event"] == "start" and entries[0]["via"] == "server"
+    assert [e["event"] for e in entries[:2]] == ["user-change", "start"] and entries[1]["via"] == "server"
 
 
 def test_a_changed_setting_is_reported_once_and_secrets_never_appear(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from ...archive import Archive
 from ...index import Query
 from ...ingest import IngestResult, Outcome
 from ...storage import StagedFile, StorageError, is_disk_full
+from .. import audited
 from ..auth import Principal, require_upload
 from ..lookup import check_uid
 from .common import DICOM_JSON, base_url, warning_header
@@ -216,7 +217,7 @@ def _uid_element(value: str) -> dict[str, Any]:
     return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
 
 
-async def _stow(request: Request, study: str | None) -> JSONResponse:
+async def _stow(request: Request, who: Principal, study: str | None) -> JSONResponse:
     archive: Archive = request.app.state.archive
     if study is not None:
         study = check_uid(study, "study UID")
@@ -268,6 +269,16 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
     if not stored and all(r.disk_full for r in results if not r.ok):
         status = 507  # nothing stored, for want of space alone: the client should wait, not give up
     headers = {"Warning": warning_header(warnings)} if warnings else {}
+    await run_in_threadpool(
+        audited.record,
+        request,
+        who,
+        "upload",
+        studies=sorted(studies),
+        count=len(stored),
+        outcome="failure" if failed else "success",
+        detail=f"STOW-RS: {len(stored)} stored, {len(failed)} refused",
+    )
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
@@ -289,16 +300,16 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/studies", responses=_RESPONSES)
-async def store_instances(request: Request, _who: Principal = Depends(require_upload)) -> JSONResponse:  # noqa: B008
+async def store_instances(request: Request, who: Principal = Depends(require_upload)) -> JSONResponse:  # noqa: B008
     """Store instances (multipart/related; type="application/dicom")."""
-    return await _stow(request, None)
+    return await _stow(request, who, None)
 
 
 @router.post("/studies/{study}", responses=_RESPONSES)
 async def store_study_instances(
     request: Request,
     study: str,
-    _who: Principal = Depends(require_upload),  # noqa: B008
+    who: Principal = Depends(require_upload),  # noqa: B008
 ) -> JSONResponse:
     """Store instances of one study; instances of other studies are refused."""
-    return await _stow(request, study)
+    return await _stow(request, who, study)
