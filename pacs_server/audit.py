@@ -260,6 +260,26 @@ def settings_changes(saved: Path, current: dict[str, Any]) -> list[str]:
     return changes
 
 
+def describe(entry: dict[str, Any]) -> str:
+    """One record as a line for people: ``macpacs audit`` and the status page."""
+    what = []
+    if entry.get("patients"):
+        what.append("patient " + ",".join(entry["patients"]))
+    if entry.get("studies"):
+        studies = entry["studies"]
+        what.append(f"study {studies[0]}" + (f" (+{len(studies) - 1})" if len(studies) > 1 else ""))
+    if "count" in entry:
+        what.append(f"{entry['count']} {'matches' if entry['event'] == 'query' else 'instances'}")
+    if entry.get("detail"):
+        what.append(entry["detail"])
+    who = entry.get("user") or "-"
+    where = entry.get("address") or "-"
+    return (
+        f"{entry['time']}  {entry['event']:<13} {entry.get('outcome', ''):<7}  {who} @ {where} "
+        f"({entry.get('via') or '-'})  {'; '.join(what)}"
+    )
+
+
 def files(log_dir: Path) -> list[Path]:
     """The trail's files, oldest first: audit.jsonl.N … audit.jsonl.1, audit.jsonl."""
     rotated = []

@@ -76,25 +76,6 @@ def matches(
     return not failures or entry.get("outcome") == "failure"
 
 
-def _line(entry: dict[str, Any]) -> str:
-    what = []
-    if entry.get("patients"):
-        what.append("patient " + ",".join(entry["patients"]))
-    if entry.get("studies"):
-        studies = entry["studies"]
-        what.append(f"study {studies[0]}" + (f" (+{len(studies) - 1})" if len(studies) > 1 else ""))
-    if "count" in entry:
-        what.append(f"{entry['count']} {'matches' if entry['event'] == 'query' else 'instances'}")
-    if entry.get("detail"):
-        what.append(entry["detail"])
-    who = entry.get("user") or "-"
-    where = entry.get("address") or "-"
-    return (
-        f"{entry['time']}  {entry['event']:<13} {entry.get('outcome', ''):<7}  {who} @ {where} "
-        f"({entry.get('via') or '-'})  {'; '.join(what)}"
-    )
-
-
 @click.command("audit")
 @config_options
 @click.option("--since", help="Only records from then on: 90m, 24h, 7d, or an ISO date/time (UTC).")
@@ -153,7 +134,7 @@ def audit_command(
         elif matches(entry, **filters):
             found.append(entry)
     for entry in found:
-        click.echo(json.dumps(entry, ensure_ascii=False) if as_json else _line(entry))
+        click.echo(json.dumps(entry, ensure_ascii=False) if as_json else audit.describe(entry))
     if damaged:
         click.echo(f"{damaged} lines of the trail are not records (cut or damaged) and were skipped", err=True)
     trail = audit.AuditTrail(log_dir, file_mb=settings.audit.file_mb, files=settings.audit.files)

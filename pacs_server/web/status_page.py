@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import verify
+from .. import audit, verify
 from ..archive import Archive
 from ..config import Settings
 from . import status
@@ -22,6 +22,7 @@ from . import status
 LOG_TAIL_BYTES = 256 * 1024
 RECENT_LINES = 20
 JOBS_SHOWN = 20
+AUDIT_SHOWN = 15  # newest audit records on the status page (the rest: `macpacs audit`)
 _ASSOCIATION = re.compile(r"association|C-ECHO|C-STORE .* from|C-FIND|C-MOVE|C-GET", re.IGNORECASE)
 _PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) ")
 
@@ -152,5 +153,6 @@ def view(archive: Archive, host: str) -> dict[str, Any]:
         "verify_ok": not any((doc["verify"] or {}).get(key) for key in ("remaining", "lost")),
         "associations": _recent(lines, _ASSOCIATION),
         "errors": _recent(lines, _PROBLEM),
+        "audit": [audit.describe(entry) for entry in archive.audit.latest(AUDIT_SHOWN)],
         "log_file": str(log_file),
     }

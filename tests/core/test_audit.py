@@ -209,6 +209,9 @@ def test_a_server_records_who_searched_viewed_and_downloaded(make_server, tmp_pa
     download = next(e for e in entries if e["event"] == "download")
     assert download["studies"] == [study] and download["atna"] == "DCM 110106 Export"
     assert [e["event"] for e in entries[:2]] == ["user-change", "start"] and entries[1]["via"] == "server"
+    status = requests.get(f"{base}/status", auth=alice, timeout=10)
+    newest = status.text.split('id="audit">', 1)[1].split("</pre>", 1)[0]
+    assert "upload" in newest.splitlines()[0] and "alice @ 127.0.0.1 (web)" in newest
 
 
 def test_a_changed_setting_is_reported_once_and_secrets_never_appear(tmp_path: Path) -> None:
