@@ -56,6 +56,9 @@ LEASE_S = 300.0  # a running job whose runner stopped reporting for this long is
 PROGRESS_EVERY_S = 2.0  # progress (and the lease) is written at most this often
 HOUSEKEEPING_EVERY_S = 30.0
 MAX_BATCH = 500
+# A job with a batch key waits this long, so that what arrives with it (the next instances of a
+# series routed to one node) goes out on the same association instead of one association each.
+BATCH_WAIT_S = 1.0
 
 
 class JobError(ValueError):
@@ -314,11 +317,12 @@ class Jobs:
         kinds = list(self._handlers)
         if not kinds:
             return None
-        due = self.table.next_due(kinds)
+        due = self.table.next_due(kinds, BATCH_WAIT_S)
         if due is None or due > time.time():
             return None
         owner = self._owner_prefix + secrets.token_hex(4)
-        rows = self.table.claim(kinds, owner, LEASE_S, max(batch for _h, batch in self._handlers.values()))
+        batch = max(size for _h, size in self._handlers.values())
+        rows = self.table.claim(kinds, owner, LEASE_S, batch, BATCH_WAIT_S)
         if not rows:
             return None
         running = [RunningJob(self, Job.from_row(row)) for row in rows]

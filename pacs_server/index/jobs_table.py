@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import Index
@@ -82,7 +82,6 @@ class JobTable:
     def _writing(self) -> Any:
         return quick_write(self.index)
 
-
     def _locking(self, stmt: Any) -> Any:
         return stmt.with_for_update(skip_locked=True) if self._postgres else stmt
 
@@ -106,18 +105,22 @@ class JobTable:
                     pks.append(conn.execute(select(job.c.pk).where(job.c.dedupe_key == key)).scalar_one())
         return pks
 
-    def claim(self, kinds: Sequence[str], owner: str, lease_s: float, batch_limit: int) -> list[dict[str, Any]]:
+    def claim(
+        self, kinds: Sequence[str], owner: str, lease_s: float, batch_limit: int, batch_wait_s: float = 0.0
+    ) -> list[dict[str, Any]]:
         """Take the next due job of ``kinds`` (and up to ``batch_limit - 1`` due jobs of its batch key).
 
-        The rows come back ``running``, owned by ``owner``, with ``attempts`` counted; an empty
-        list when nothing is due.
+        A job with a batch key is due ``batch_wait_s`` after its time, so that the instances
+        that arrive with it go out on the same association. The rows come back ``running``,
+        owned by ``owner``, with ``attempts`` counted; an empty list when nothing is due.
         """
         now = time.time()
         c = job.c
         due = (c.state == QUEUED, c.next_run_at <= now, c.kind.in_(list(kinds)))
+        waited = or_(c.batch_key.is_(None), c.next_run_at <= now - batch_wait_s)
         with self._writing() as conn:
             first = conn.execute(
-                self._locking(select(c.pk, c.batch_key).where(*due).order_by(c.next_run_at, c.pk).limit(1))
+                self._locking(select(c.pk, c.batch_key).where(*due, waited).order_by(c.next_run_at, c.pk).limit(1))
             ).first()
             if first is None:
                 return []
@@ -160,10 +163,12 @@ class JobTable:
                 ours.update(conn.execute(select(c.pk).where(c.pk.in_(chunk), *mine)).scalars())
         return set(pks) - ours
 
-    def next_due(self, kinds: Sequence[str]) -> float | None:
-        """When the next queued job of ``kinds`` is due (a read, so idle runners take no lock)."""
+    def next_due(self, kinds: Sequence[str], batch_wait_s: float = 0.0) -> float | None:
+        """When the next queued job of ``kinds`` is due, as ``claim`` sees it (a read, so idle
+        runners take no lock)."""
         c = job.c
-        stmt = select(func.min(c.next_run_at)).where(c.state == QUEUED, c.kind.in_(list(kinds)))
+        when = case((c.batch_key.is_(None), c.next_run_at), else_=c.next_run_at + batch_wait_s)
+        stmt = select(func.min(when)).where(c.state == QUEUED, c.kind.in_(list(kinds)))
         with self.engine.connect() as conn:
             return conn.execute(stmt).scalar()
 
