@@ -7,13 +7,20 @@ expects a value.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from macpacs.pacs_server import index as index_package
 from macpacs.pacs_server.index import Index
 from macpacs.pacs_server.index.schema import metadata
+
+# Tables of the plugins' own modules (worklist_table, hl7_table...) join the metadata when imported.
+for _module in pkgutil.iter_modules(index_package.__path__):
+    importlib.import_module(f"{index_package.__name__}.{_module.name}")
 
 
 def test_migrations_build_the_declared_schema(tmp_path: Path) -> None:
