@@ -163,7 +163,7 @@ def authenticate(headers: Message, users: Users, address: str) -> User | None:
 
 
 def authorize(method: str, needs: str | None, user: User | None, open_changes: bool) -> None:
-    """Raise Refused unless ``user`` may make a call needing ``needs`` (None, "user" or "admin")."""
+    """Raise Refused unless ``user`` may make a call needing the right ``needs`` (None: no right)."""
     if needs is None:
         return
     if user is None:
@@ -175,5 +175,9 @@ def authorize(method: str, needs: str | None, user: User | None, open_changes: b
             "API token (`macpacs users add`, `macpacs users token`), or xmlrpc.open_changes = true on the server",
             {"WWW-Authenticate": REALM},
         )
-    if needs == "admin" and not user.is_admin:
-        raise Refused(403, f"XML-RPC: user {user.username!r} is not an admin; {method} needs an admin")
+    if not user.can(needs):
+        raise Refused(
+            403,
+            f"XML-RPC: user {user.username!r} lacks the {needs!r} right that {method} needs "
+            f"(`macpacs users rights {user.username} --grant {needs}`)",
+        )

@@ -31,9 +31,9 @@ MAX_ELEMENTS = 100_000  # a reply larger than this is refused: narrow the predic
 EXECUTE = {"": "Select", "nothing": "Select", "select": "Select", "open": "Select", "delete": "Delete"}
 CGET_RETRIEVE_MODE = 1  # OsiriX's retrieveMode values: 0 C-MOVE, 1 C-GET, 2 WADO
 MAX_FILTERS = 9  # filterKey/filterValue, filterKey2/filterValue2 ... filterKey9/filterValue9
-# Calls that change or stop something, and who may make them (``needs``): removing and stopping
-# are an admin's, as on the web pages; pulling studies in is any user's, as sending is there.
-CHANGING = {"killosirix": "admin", "retrieve": "user", "cmove": "user"}
+# Calls that change or stop something, and the user right each needs (``needs``), as on the web
+# pages: stopping is an admin's; pulling studies in from a node is a transfer, the "send" right's.
+CHANGING = {"killosirix": "admin", "retrieve": "send", "cmove": "send"}
 FIND_METHODS = ("dbwindowfind", "findobject")
 
 
@@ -47,7 +47,7 @@ def _struct(params: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def needs(method: str, params: tuple[Any, ...]) -> str | None:
-    """Who may make this call: None (anyone allowed to reach the port), "user" or "admin".
+    """The right this call needs: None (anyone allowed to reach the port), "send", "delete" or "admin".
 
     ``DBWindowFind``/``FindObject`` read unless ``execute`` is Delete, read exactly as the method
     reads it, so that no spelling of Delete slips past as a read.
@@ -55,7 +55,7 @@ def needs(method: str, params: tuple[Any, ...]) -> str | None:
     name = method.lower()
     if name in FIND_METHODS:
         execute = EXECUTE.get(str(_struct(params).get("execute") or "").strip().lower())
-        return "admin" if execute == "Delete" else None
+        return "delete" if execute == "Delete" else None
     return CHANGING.get(name)
 
 

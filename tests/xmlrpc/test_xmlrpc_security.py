@@ -213,14 +213,18 @@ def test_wrong_credentials_are_refused_before_the_body_is_read(pacs: ServerProce
     assert status == 401 and "unsupported Authorization scheme" in reason
 
 
-def test_a_read_user_may_retrieve_but_not_delete_or_stop(pacs: ServerProcess) -> None:
-    p = proxy(pacs, READER)
-    assert p.Retrieve({"serverName": "Nowhere", "filterKey": "PatientID", "filterValue": "1"}) == {"error": "-2"}
-    assert p.CMove({"accessionNumber": "ACC001", "server": "Nowhere"}) == {"error": "-1"}
-    for method, params in (("DBWindowFind", DELETE_ALL), ("KillOsiriX", {})):
+def test_a_read_user_may_not_retrieve_delete_or_stop(pacs: ServerProcess) -> None:
+    p = proxy(pacs, READER)  # role "read": read and download, not send, delete or admin
+    calls = (
+        ("Retrieve", {"serverName": "Nowhere", "filterKey": "PatientID", "filterValue": "1"}, "send"),
+        ("CMove", {"accessionNumber": "ACC001", "server": "Nowhere"}, "send"),
+        ("DBWindowFind", DELETE_ALL, "delete"),
+        ("KillOsiriX", {}, "admin"),
+    )
+    for method, params, right in calls:
         with pytest.raises(xmlrpc.client.ProtocolError) as info:
             getattr(p, method)(params)
-        assert info.value.errcode == 403 and "'reader' is not an admin" in info.value.errmsg
+        assert info.value.errcode == 403 and f"'reader' lacks the '{right}' right" in info.value.errmsg
     all_there(pacs)
 
 
