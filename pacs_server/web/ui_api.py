@@ -313,6 +313,7 @@ def send_study(
     job = archive.jobs.submit(
         "send", f"send study {study_uid} to {node.name}", {"node": node.name, "keys": {"StudyInstanceUID": study_uid}}
     )
+    audited.record(request, who, "send", studies=[study_uid], detail=f"to {node.name}: job {job.id}")
     return job.as_json()
 
 

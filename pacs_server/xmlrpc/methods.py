@@ -257,6 +257,7 @@ class OsirixMethods:
             f"XML-RPC CMove of accession {accession} from {node.name}",
             {"node": node.name, "query": {"AccessionNumber": accession}, "method": "move"},
         )
+        self._audit("retrieve", detail=f"XML-RPC CMove of accession {accession} from {node.name} into this archive")
         return {"error": "0"}
 
     def _node(self, name: str) -> Node | None:
@@ -273,3 +274,4 @@ class OsirixMethods:
             f"XML-RPC Retrieve of {len(uids)} studies from {node.name}",
             {"node": node.name, "study_uids": uids, "method": method},
         )
+        self._audit("retrieve", studies=uids, detail=f"XML-RPC Retrieve from {node.name} into this archive")

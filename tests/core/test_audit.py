@@ -19,6 +19,7 @@ from macpacs.pacs_server import audit
 from macpacs.pacs_server.audit import Actor, AuditTrail, format_rfc5424, parse_syslog_target
 from tests.conftest import MACPACS, run_tool
 from tests.synthetic import write_series
+from tests.web.accounts import page_token
 
 RFC5424 = re.compile(rb"^<(\d+)>1 (\S+) (\S+) macpacs (\d+) (\S+) - \xef\xbb\xbf(.*)$", re.S)
 
@@ -174,6 +175,8 @@ def test_a_server_records_who_searched_viewed_and_downloaded(make_server, tmp_pa
         input="correct horse\n", capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
+    node = [MACPACS, "nodes", "add", "DEST", "--ae-title", "DEST", "--host", "127.0.0.1", "--port", "9"]
+    assert subprocess.run([*node, "--data-dir", str(data)], capture_output=True, timeout=60).returncode == 0
     server = make_server(data_dir=data)
     study = "1.2.826.0.1.3680043.8.498.77"
     write_series(tmp_path / "series", 3, study_uid=study, patient_id="PIDAUDIT", size=16)
@@ -197,7 +200,18 @@ def test_a_server_records_who_searched_viewed_and_downloaded(make_server, tmp_pa
     )
     assert stow.status_code == 200, stow.text
 
+    browser = requests.Session()
+    csrf = {"X-CSRF-Token": page_token(browser, f"{base}/login")}
+    sent = browser.post(f"{base}/api/ui/studies/{study}/send", json={"node": "DEST"}, headers=csrf, auth=alice)
+    assert sent.status_code == 200, sent.text
+    gone = browser.delete(f"{base}/api/ui/studies/{study}", headers=csrf, auth=alice, timeout=30)
+    assert gone.status_code == 200, gone.text
+
     entries = [e for e in audit.read(data / "logs") if e]
+    send = next(e for e in entries if e["event"] == "send")
+    assert send == {**send, "user": "alice", "studies": [study], "patients": ["PIDAUDIT"]}
+    delete = next(e for e in entries if e["event"] == "delete")
+    assert delete == {**delete, "user": "alice", "count": 3, "patients": ["PIDAUDIT"], "outcome": "success"}
     uploaded = next(e for e in entries if e["event"] == "upload")
     assert uploaded == {**uploaded, "user": "alice", "count": 1, "patients": ["PIDUPLOAD"], "atna": "DCM 110107 Import"}
     query = next(e for e in entries if e["event"] == "query")
@@ -208,10 +222,12 @@ def test_a_server_records_who_searched_viewed_and_downloaded(make_server, tmp_pa
     assert len(views) == 1 and views[0]["user"] == "alice" and views[0]["patients"] == ["PIDAUDIT"]
     download = next(e for e in entries if e["event"] == "download")
     assert download["studies"] == [study] and download["atna"] == "DCM 110106 Export"
-    assert [e["event"] for e in entries[:2]] == ["user-change", "start"] and entries[1]["via"] == "server"
+    assert [e["event"] for e in entries[:3]] == ["user-change", "node-change", "start"]
+    assert entries[1]["detail"].startswith("added DEST (DEST@127.0.0.1:9") and entries[1]["via"] == "cli"
+    assert entries[2]["via"] == "server"
     status = requests.get(f"{base}/status", auth=alice, timeout=10)
     newest = status.text.split('id="audit">', 1)[1].split("</pre>", 1)[0]
-    assert "upload" in newest.splitlines()[0] and "alice @ 127.0.0.1 (web)" in newest
+    assert "delete" in newest.splitlines()[0] and "alice @ 127.0.0.1 (web)" in newest
 
 
 def test_a_changed_setting_is_reported_once_and_secrets_never_appear(tmp_path: Path) -> None:
