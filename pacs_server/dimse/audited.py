@@ -16,7 +16,7 @@ from pydicom.multival import MultiValue
 
 from .. import dicom_status
 from ..audit import Actor, AuditTrail
-from ..index import Index, Query
+from ..index import Index
 from ..ingest import Outcome
 from .subops import Response
 
@@ -46,16 +46,6 @@ def _studies(identifier: Dataset) -> list[str]:
         return []
     values = list(value) if isinstance(value, MultiValue) else [value]
     return [str(v) for v in values if str(v)][:50]
-
-
-def _patients(index: Index, studies: list[str]) -> Any:
-    def lookup() -> list[str]:
-        if not studies:
-            return []
-        rows = index.find_all(Query("STUDY", {"StudyInstanceUID": "\\".join(studies), "PatientID": None}))
-        return [str(row["PatientID"]) for row in rows if row.get("PatientID")]
-
-    return lookup
 
 
 def find(trail: AuditTrail, assoc: Any, identifier: Dataset, responses: Iterator[Any]) -> Iterator[Any]:
@@ -105,7 +95,7 @@ def retrieve(
             actor(assoc),
             outcome="success" if ok else "failure",
             studies=studies,
-            patients=_patients(index, studies),
+            patients=lambda: index.patient_ids(studies),
             count=sent,
             detail=detail[:1000],
         )

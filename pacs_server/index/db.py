@@ -215,6 +215,20 @@ class Index:
         self._stored_bytes = None
 
     # -- writes -----------------------------------------------------------------------------
+    def patient_ids(self, study_uids: Sequence[str]) -> list[str]:
+        """The Patient IDs of these studies, sorted (the audit trail names whose data was touched)."""
+        if not study_uids:
+            return []
+        p, st = schema.patient, schema.study
+        query = (
+            select(p.c.patient_id)
+            .distinct()
+            .select_from(st.join(p, st.c.patient_pk == p.c.pk))
+            .where(st.c.study_uid.in_(list(study_uids)), p.c.patient_id != "")
+        )
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
     def content_hash(self, sop_instance_uid: str) -> str | None:
         """The stored instance's dataset hash, or None (not indexed, or indexed before revision 0003)."""
         with self.engine.connect() as conn:
