@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .logs import LOG_FILE_MODE
+from .logs import LOG_FILE_MODE, make_log_dir
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class AuditTrail:
 
     def _append(self, data: bytes) -> None:
         with self._guard:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_log_dir(self.path.parent)
             lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, LOG_FILE_MODE)
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX)

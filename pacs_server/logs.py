@@ -46,10 +46,7 @@ def setup(log_dir: Path, level: str = "INFO") -> Path:
     ``macpacs serve`` calls it once, first, so that the file modes it fixes are in the log too.
     """
     path = log_dir / "macpacs.log"
-    if not log_dir.exists():
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            log_dir.chmod(LOG_DIR_MODE)
+    make_log_dir(log_dir)
     file_handler = LogFile(path)
     stream_handler = logging.StreamHandler()
     for handler in (file_handler, stream_handler):
@@ -57,6 +54,15 @@ def setup(log_dir: Path, level: str = "INFO") -> Path:
     setup_handler(file_handler, level)
     logging.getLogger().addHandler(stream_handler)
     return path
+
+
+def make_log_dir(log_dir: Path) -> None:
+    """Create the logs folder (0750, whatever the umask) if it does not exist yet; whichever
+    process writes first (the server, or a command's audit record) makes it the same way."""
+    if not log_dir.exists():
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            log_dir.chmod(LOG_DIR_MODE)
 
 
 def setup_handler(handler: logging.Handler, level: str = "INFO") -> None:
