@@ -28,6 +28,7 @@ from pydicom.uid import generate_uid
 from tests.conftest import MACPACS, ServerProcess, run_tool
 from tests.synthetic import write_series
 
+from .accounts import page_token
 from .conftest import start_server
 
 ADMIN = ("admin", "admin password")
@@ -65,8 +66,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         ds = pydicom.dcmread(kept[0], stop_before_pixels=True)
         base = f"http://127.0.0.1:{server.web_port}"
         session = requests.Session()
-        session.get(f"{base}/studies", timeout=30).raise_for_status()  # sets the CSRF cookie
-        csrf = session.cookies["macpacs_csrf"]
+        csrf = page_token(session, f"{base}/login")  # this browser's token (bound to its cookie)
         yield Site(server, base, study, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), other, csrf, session)
     finally:
         server.stop()
