@@ -30,10 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 MACPACS = str(Path(sys.executable).with_name("macpacs"))
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never one this test run was given before: the kernel may hand
+    the same free port to two calls in a row (a server's DICOM and web ports, say)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def dcmtk(tool: str) -> str:
