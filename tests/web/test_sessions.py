@@ -74,6 +74,7 @@ def test_a_new_password_and_removing_the_user_end_every_session(server: ServerPr
     assert whoami(base, bob) == 401
 
 
+@pytest.mark.slow  # ~20 s of waiting for the expiries; logout and password changes end sessions in the default run
 def test_sessions_end_when_idle_and_after_their_lifetime(tmp_path) -> None:
     """Idle 4.8 s and absolute 10.8 s here (the defaults are 60 min and 12 h), over HTTPS."""
     data = tmp_path / "data"
