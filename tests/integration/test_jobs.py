@@ -27,11 +27,14 @@ from .jobs_helpers import Storescp, add_node, health, job_counts, jobs, macpacs,
 
 ADMIN, PASSWORD = "admin", "correct horse 42"
 FAST_RETRIES = {"MACPACS_JOBS_RETRY_BASE_S": "0.3", "MACPACS_JOBS_RETRY_MAX_S": "0.6"}
+# Long enough that a job that failed stays "waiting to retry" while the test lists and cancels it
+# (with 0.3 s it was often caught running its next attempt), short enough for the retry at the end.
+STEADY_RETRIES = {"MACPACS_JOBS_RETRY_BASE_S": "5", "MACPACS_JOBS_RETRY_MAX_S": "5"}
 
 
 @pytest.fixture
 def study_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
-    """A server with one imported 4-image study and an admin; jobs retried every 0.3-0.6 s."""
+    """A server with one imported 4-image study and an admin; failed jobs retried after 5 s."""
     data = tmp_path / "data"
     study = generate_uid()
     write_series(tmp_path / "in", 4, size=16, study_uid=study)
@@ -42,7 +45,7 @@ def study_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, str]]:
         subprocess.run(
             [MACPACS, *argv, "--data-dir", str(data)], input=stdin, text=True, check=True, capture_output=True
         )
-    server = ServerProcess(data, free_port(), free_port(), free_port(), env=dict(FAST_RETRIES)).start()
+    server = ServerProcess(data, free_port(), free_port(), free_port(), env=dict(STEADY_RETRIES)).start()
     yield server, study
     server.stop()
 
