@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import Request
 
 from ..audit import Actor
-from ..index import Index
 from .auth import Principal
 
 # Patients named in one record at most: a QIDO answer of 10,000 studies names its count instead.
@@ -33,7 +32,7 @@ def record(
         event,
         Actor(who.name, who.address, "web"),
         studies=study_list,
-        patients=patients_of(archive.index, study_list) if patients is None else patients,
+        patients=(lambda: archive.index.patient_ids(study_list)) if patients is None else patients,
         **details,
     )
 
@@ -49,8 +48,3 @@ def record_rows(request: Request, who: Principal, event: str, rows: list[dict[st
         count=len(rows),
         **details,
     )
-
-
-def patients_of(index: Index, studies: list[str]) -> Callable[[], list[str]]:
-    """A function giving the Patient IDs of ``studies``, for ``AuditTrail.record`` to call if it writes."""
-    return lambda: index.patient_ids(studies)

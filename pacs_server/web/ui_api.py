@@ -172,7 +172,7 @@ def delete_study(
 ) -> dict[str, Any]:
     archive = _archive(request)
     study_uid = check_uid(study_uid, "study UID")
-    patients = audited.patients_of(archive.index, [study_uid])()  # before the rows are gone
+    patients = archive.index.patient_ids([study_uid])  # before the rows are gone
     result = delete_matching(archive.index, archive.blobs, _study_query(study_uid), reason=f"web, {who.name}")
     audited.record(
         request,
