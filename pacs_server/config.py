@@ -163,6 +163,9 @@ class XmlRpcSettings:
     # Retrieve, CMove) run without credentials from the allowed hosts, for OsiriX clients that
     # cannot send any. Off: they need HTTP Basic with a macpacs user or an API token.
     open_changes: bool = False
+    # HTTPS on this port, with the web port's certificate and key (web.tls_cert, web.tls_key):
+    # the port then speaks only TLS, and a plain-HTTP request is answered 400 (docs/xmlrpc.md).
+    tls: bool = False
 
 
 @dataclass
@@ -290,6 +293,11 @@ class Settings:
             )
         if bool(self.web.tls_cert) != bool(self.web.tls_key):
             raise ConfigError("web.tls_cert and web.tls_key must be set together")
+        if self.xmlrpc.tls and not self.web.tls_cert:
+            raise ConfigError(
+                "xmlrpc.tls needs web.tls_cert and web.tls_key: the XML-RPC port serves HTTPS with the web "
+                "port's certificate (`sudo macpacs install --https` makes one)"
+            )
         if self.web.session_hours <= 0 or self.web.session_idle_minutes <= 0:
             raise ConfigError("web.session_hours and web.session_idle_minutes must be positive")
         for entry in self.web.forwarded_allow_ips:

@@ -9,6 +9,9 @@ an XML-RPC client sends them (``guard``: no Origin, an XML Content-Type, a Host 
 server), checked with any credentials before the body is parsed. Bodies are size-limited and
 parsed by defusedxml's expat parser (no DTD, no entities: an XML bomb is refused, not expanded).
 Calls that change or stop something need credentials unless ``xmlrpc.open_changes`` is on (``guard.authorize``).
+With ``xmlrpc.tls`` the port speaks only HTTPS (``tls.py``): the front end tells a ClientHello from
+plain HTTP by the first byte, answers plain HTTP 400, and runs each handshake non-blocking within
+the request's header deadline, so that a client that never finishes one holds no slot either.
 
 HTTP status follows OsiriX: 200 with the method's struct; 400 (a struct ``{error: "400",
 message}``) for a call it cannot serve; 500 for an unknown method. The reason phrase carries the
@@ -24,6 +27,7 @@ import ipaddress
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 import xml.parsers.expat
@@ -41,6 +45,7 @@ from ..request_deadline import BODY_S, HEADER_S, MIN_RATE, Deadline, SlowClientR
 from ..users import User
 from .guard import Refused, authenticate, authorize, check_headers, ip_address, own_host_names
 from .methods import BadRequest, OsirixMethods, needs
+from .tls import handshake_failure, server_context
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ ACCEPT_BURST = 64  # connections accepted per turn of the front end
 DRAIN_S = 2.0  # after a refusal: how long the client's leftover request is read and dropped
 CONNECTION_TIMEOUT = 10.0  # seconds, as OsiriX
 LOCALHOST = ("127.0.0.1/32", "::1/128")
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
+PLAIN_ON_TLS = "XML-RPC: this port speaks HTTPS only (xmlrpc.tls is on): call it with an https:// URL"
 
 
 class UnknownMethod(LookupError):
@@ -163,6 +170,8 @@ class _Connection:
     header_end: int | None = None  # offset of the body, once the headers are in
     total: int | None = None  # bytes of the whole request, once known
     draining: bool = False  # answered and shut for writing: read and drop until the client closes
+    # "hello" (HTTPS port, nothing received yet), "handshake" (TLS under way), "request".
+    phase: str = "request"
 
 
 class _HttpServer(http.server.HTTPServer):
@@ -174,14 +183,16 @@ class _HttpServer(http.server.HTTPServer):
     of the MAX_CONCURRENT call slots and a thread. So slow or stalled clients hold a buffer and
     a descriptor for at most the deadline, never a slot; a host not allowed holds nothing; and
     localhost (the supervisor's probe, OsiriX on the Mac itself) has LOCAL_RESERVED more slots
-    that remote callers cannot take.
+    that remote callers cannot take. With ``tls``, each connection first goes through its
+    handshake in the same selector, under the same header deadline.
     """
 
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], app: XmlRpcServer) -> None:
+    def __init__(self, address: tuple[str, int], app: XmlRpcServer, tls: ssl.SSLContext | None) -> None:
         self.app = app
+        self.tls = tls
         self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
         self.local_slots = threading.BoundedSemaphore(LOCAL_RESERVED)
         self.last_loop = time.monotonic()  # the front end's last turn (heartbeat.py reads it)
@@ -209,6 +220,10 @@ class _HttpServer(http.server.HTTPServer):
                 elif key.fileobj is self._wake_read:
                     with contextlib.suppress(OSError):
                         self._wake_read.recv(64)
+                elif key.data.phase == "hello":
+                    self._hello(key.data)
+                elif key.data.phase == "handshake":
+                    self._handshake(key.data)
                 else:
                     self._receive(key.data)
             self._expire(time.monotonic())
@@ -241,30 +256,108 @@ class _HttpServer(http.server.HTTPServer):
     def _admit(self, sock: socket.socket, address: Any) -> None:
         sock.setblocking(False)
         host = address[0]
-        conn = _Connection(sock, host, Deadline.headers())
+        conn = _Connection(sock, host, Deadline.headers(), phase="hello" if self.tls else "request")
         if len(self._open) >= MAX_OPEN:
             log.warning("XML-RPC: %d connections open; refused one from %s", MAX_OPEN, host)
-            self._refuse(conn, _answer(503, "XML-RPC server busy, try again"))
+            self._refuse_on_accept(conn, _answer(503, "XML-RPC server busy, try again"))
         elif not self.app.is_allowed(host):
             log.warning("XML-RPC: refused a call from %s: not localhost and not in xmlrpc.allowed_hosts", host)
             message = f"XML-RPC calls from {host} are not allowed; add it to xmlrpc.allowed_hosts on the server"
-            self._refuse(conn, _answer(403, message, _error_struct("403", message)))
+            self._refuse_on_accept(conn, _answer(403, message, _error_struct("403", message)))
         else:
             self._open[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _receive(self, conn: _Connection) -> None:
+    def _refuse_on_accept(self, conn: _Connection, answer: bytes) -> None:
+        """Answer in plain HTTP; on the HTTPS port close at once: an answer there needs a
+        handshake, which a connection refused on accept is not worth (the log line says why)."""
+        if self.tls is None:
+            self._refuse(conn, answer)
+        else:
+            conn.sock.close()
+
+    def _hello(self, conn: _Connection) -> None:
+        """HTTPS port, first bytes in: a ClientHello starts the handshake, plain HTTP is answered 400."""
         try:
-            chunk = conn.sock.recv(65536)
+            first = conn.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
             return
+        except OSError:
+            first = b""
+        if not first:
+            self._close(conn)
+        elif first[0] == TLS_HANDSHAKE:
+            assert self.tls is not None
+            self._forget(conn)
+            try:
+                conn.sock = self.tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("XML-RPC: cannot start TLS with %s: %s", conn.host, exc)
+                conn.sock.close()
+                return
+            conn.phase = "handshake"
+            self._open[conn.sock.fileno()] = conn
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self._handshake(conn)
+        else:
+            log.warning("XML-RPC: refused a plain-HTTP request from %s: this port speaks HTTPS (xmlrpc.tls)", conn.host)
+            conn.phase = "request"
+            self._refuse(conn, _answer(400, PLAIN_ON_TLS, _error_struct("400", PLAIN_ON_TLS)))
+
+    def _handshake(self, conn: _Connection) -> None:
+        """One non-blocking step of the TLS handshake; the request is read once it completes."""
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._selector.modify(sock, selectors.EVENT_READ, conn)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(sock, selectors.EVENT_WRITE, conn)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            # A client that went away is no news; one that cannot or will not speak TLS with us is.
+            gone = isinstance(exc, ssl.SSLEOFError | ConnectionError)
+            log.log(
+                logging.DEBUG if gone else logging.WARNING,
+                "XML-RPC: TLS connection from %s refused: %s",
+                conn.host,
+                handshake_failure(exc),
+            )
+            self._close(conn)
+            return
+        conn.phase = "request"
+        self._selector.modify(sock, selectors.EVENT_READ, conn)
+        self._receive(conn)  # the request may have come with the handshake's last flight
+
+    def _receive(self, conn: _Connection) -> None:
+        # Through TLS, a record read from the socket may hold more than one recv returns, and
+        # the selector does not see what the TLS layer keeps: read until it keeps nothing.
+        while self._receive_once(conn) and isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+            pass
+
+    def _receive_once(self, conn: _Connection) -> bool:
+        """Read what one recv gives; True while the connection is still being read."""
+        try:
+            chunk = conn.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
         except OSError:
             chunk = b""
         if not chunk:  # the client went away (or, draining, read our answer and closed)
             self._close(conn)
-            return
+            return False
         if conn.draining:
-            return
+            return False
+        if not conn.data and chunk[0] == TLS_HANDSHAKE and self.tls is None:
+            log.warning(
+                "XML-RPC: refused an https:// client from %s: this port speaks plain HTTP "
+                "(xmlrpc.tls is off): call it with an http:// URL, or turn xmlrpc.tls on",
+                conn.host,
+            )
+            self._close(conn)
+            return False
         conn.data += chunk
         conn.deadline.received(len(chunk))
         if conn.header_end is None:
@@ -272,7 +365,8 @@ class _HttpServer(http.server.HTTPServer):
             if end < 0:
                 if len(conn.data) > MAX_HEADER:
                     self._refuse(conn, _answer(431, f"XML-RPC: request headers over {MAX_HEADER} bytes"))
-                return
+                    return False
+                return True
             conn.header_end = end + 4
             length = _content_length(bytes(conn.data[: conn.header_end]))
             # Without a usable length, the call's handler answers 411 or 413 from the headers alone.
@@ -282,10 +376,16 @@ class _HttpServer(http.server.HTTPServer):
         if len(conn.data) >= conn.total:
             self._forget(conn)
             self._dispatch(conn)
+            return False
+        return True
 
     def _expire(self, now: float) -> None:
         for conn in [c for c in self._open.values() if c.deadline.at <= now]:
             if conn.draining:
+                self._close(conn)
+                continue
+            if conn.phase != "request":  # no TLS session to answer through
+                self._slow.closed(conn.host, f"TLS handshake not completed within {HEADER_S:g} s")
                 self._close(conn)
                 continue
             what = "request headers" if conn.header_end is None else "request body"
@@ -298,6 +398,7 @@ class _HttpServer(http.server.HTTPServer):
         closing with unread data resets the connection, and the client might lose the answer."""
         try:
             conn.sock.send(answer)
+            _close_notify(conn.sock)
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
@@ -342,6 +443,7 @@ class _HttpServer(http.server.HTTPServer):
                 log.info("XML-RPC: the client at %s went away before its answer was sent (%s)", conn.host, exc)
             except Exception:
                 log.exception("XML-RPC: a call from %s failed", conn.host)
+            _close_notify(conn.sock)
             self.shutdown_request(conn.sock)
         finally:
             slot.release()
@@ -350,6 +452,15 @@ class _HttpServer(http.server.HTTPServer):
         """The request this thread serves, as the front end read it."""
         data: bytes = self._request.data
         return data
+
+
+def _close_notify(sock: socket.socket) -> None:
+    """End a TLS session with its close_notify alert, without waiting for the client's own:
+    clients that read to the end of the stream (curl, openssl) then see a clean end."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # SSLWantReadError: the client's alert is not awaited
+            sock.unwrap()
 
 
 def _content_length(head: bytes) -> int:
@@ -384,7 +495,7 @@ class XmlRpcServer:
     def bind(self) -> None:
         """Bind and listen on the XML-RPC port; calls wait in its backlog until ``start``."""
         s = self.settings.xmlrpc
-        self._httpd = _HttpServer((s.bind, s.port), self)
+        self._httpd = _HttpServer((s.bind, s.port), self, server_context(self.settings))
 
     def start(self) -> None:
         """Serve the bound port in a thread."""
@@ -392,7 +503,7 @@ class XmlRpcServer:
         assert self._httpd is not None, "bind() first"
         self._thread = threading.Thread(target=self._httpd.serve, name="xmlrpc", daemon=True)
         self._thread.start()
-        log.info("XML-RPC (OsiriX) listening on %s:%d", s.bind, self.port)
+        log.info("XML-RPC (OsiriX) listening on %s:%d%s", s.bind, self.port, " (HTTPS)" if s.tls else "")
 
     def stop(self) -> None:
         if self._httpd is not None:
