@@ -42,12 +42,16 @@ def _regex(_ctx: click.Context, _param: click.Parameter, value: str) -> re.Patte
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--web-url", help="Full URL of the web server's /testdbalive, e.g. http://127.0.0.1:3333/testdbalive.")
-@click.option("--xmlrpc-url", help="URL of the OsiriX XML-RPC server, e.g. http://127.0.0.1:8080/.")
+@click.option(
+    "--xmlrpc-url",
+    help="URL of the OsiriX XML-RPC server, e.g. http://127.0.0.1:8080/ (https:// when its xmlrpc.tls is on).",
+)
 @click.option("--dicom", callback=_dicom, metavar="HOST:PORT:AET", help="Also probe the DICOM listener with C-ECHO.")
 @click.option(
     "--ca-file",
     type=click.Path(dir_okay=False, exists=True),
-    help="Certificate(s) to trust for https:// --web-url and --heartbeat-url, e.g. the server's self-signed one.",
+    help="Certificate(s) to trust for https:// --web-url, --heartbeat-url and --xmlrpc-url, e.g. the server's "
+    "self-signed one.",
 )
 @click.option(
     "--heartbeat-url",

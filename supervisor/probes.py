@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import ssl
 import threading
 import time
 import xmlrpc.client
@@ -97,17 +98,25 @@ class HeartbeatProbe(Probe):
 
 
 class _TimeoutTransport(xmlrpc.client.Transport):
-    """xmlrpc.client's transport has no timeout; a hung server would block it forever."""
+    """xmlrpc.client's transport has no timeout; a hung server would block it forever.
 
-    def __init__(self, timeout: float, secure: bool) -> None:
+    ``secure``: https, trusting ``ca_file`` (the server's own certificate, or its CA) when given,
+    else the system's CAs. A certificate given is trusted as an anchor even when it is not a CA's
+    (a hospital-issued server certificate, say), and its names are checked against the URL's.
+    """
+
+    def __init__(self, timeout: float, secure: bool, ca_file: str | None = None) -> None:
         super().__init__()
         self.timeout = timeout
         self.secure = secure
+        self.context = ssl.create_default_context(cafile=ca_file) if secure else None
+        if self.context is not None and ca_file:
+            self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
 
     def make_connection(self, host: Any) -> http.client.HTTPConnection:
         if self.secure:
             chost, self._extra_headers, _x509 = self.get_host_info(host)
-            self._connection = host, http.client.HTTPSConnection(chost, timeout=self.timeout)
+            self._connection = host, http.client.HTTPSConnection(chost, timeout=self.timeout, context=self.context)
             return self._connection[1]
         connection = super().make_connection(host)
         connection.timeout = self.timeout
@@ -115,18 +124,34 @@ class _TimeoutTransport(xmlrpc.client.Transport):
 
 
 class XmlRpcProbe(Probe):
-    """``DBWindowFind`` on Study with a predicate matching nothing: expects ``{error: "0"}``."""
+    """``DBWindowFind`` on Study with a predicate matching nothing: expects ``{error: "0"}``.
+
+    An ``https://`` URL (the server's ``xmlrpc.tls``) trusts ``ca_file``; a certificate it does not
+    trust, or a port that does not speak TLS, fails with a line saying which and what to change.
+    """
 
     name = "xmlrpc"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ca_file: str | None = None) -> None:
         self.url = url
+        self.ca_file = ca_file
 
     def check(self, timeout: float) -> str:
-        transport = _TimeoutTransport(timeout, secure=self.url.startswith("https:"))
+        transport = _TimeoutTransport(timeout, secure=self.url.startswith("https:"), ca_file=self.ca_file)
         proxy = xmlrpc.client.ServerProxy(self.url, transport=transport)
         try:
             reply = proxy.DBWindowFind(XMLRPC_PARAMS)
+        except ssl.SSLCertVerificationError as exc:
+            trusted = f"--ca-file {self.ca_file}" if self.ca_file else "the system's CAs (no --ca-file)"
+            raise ProbeFailed(
+                f"TLS: the XML-RPC server's certificate is not trusted by {trusted}: {exc.verify_message}; "
+                "give --ca-file the certificate the server serves (its web.tls_cert) or the CA that signed it"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ProbeFailed(
+                f"TLS with the XML-RPC port failed ({exc}): is xmlrpc.tls on in the server's config? "
+                "If not, probe it with an http:// URL"
+            ) from None
         except xmlrpc.client.Fault as exc:
             raise ProbeFailed(f"XML-RPC fault {exc.faultCode}: {exc.faultString}") from None
         except xmlrpc.client.ProtocolError as exc:
@@ -261,7 +286,7 @@ def build_probes(
     if web_url:
         probes.append(HttpProbe(web_url, ca_file))
     if xmlrpc_url:
-        probes.append(XmlRpcProbe(xmlrpc_url))
+        probes.append(XmlRpcProbe(xmlrpc_url, ca_file))
     if dicom:
         host, port, aet = parse_dicom(dicom)
         probes.append(EchoProbe(host, port, aet))
