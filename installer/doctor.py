@@ -59,8 +59,10 @@ def diagnose(ctx: Context) -> list[Finding]:
             )
         )
     if xmlrpc_enabled:
-        url = f"http://127.0.0.1:{ctx.effective.xmlrpc_port}/"
-        problem = host.xmlrpc_probe(url)
+        eff = ctx.effective
+        url = f"{eff.xmlrpc_scheme}://127.0.0.1:{eff.xmlrpc_port}/"
+        # Over https, trusting the certificate the supervisor trusts: a PASS means its probe passes.
+        problem = host.xmlrpc_probe(url, ca_file=eff.web_cert if eff.xmlrpc_tls else None)
         out.append(
             Finding("PASS", f"XML-RPC {url} answers DBWindowFind")
             if problem is None

@@ -53,6 +53,7 @@ def make_context(options: Options, host: Host, *, preview: bool = False) -> Cont
     effective = Effective(options.ae_title, options.dicom_port, options.web_port, options.xmlrpc_port)
     if options.https:
         effective.web_cert, effective.web_key = str(cert_path(layout)), str(key_path(layout))
+        effective.xmlrpc_tls = True
     text = host.read_text(layout.config_file)
     if text is not None:
         try:
@@ -62,6 +63,7 @@ def make_context(options: Options, host: Host, *, preview: bool = False) -> Cont
         if settings is not None:
             found = Effective(settings.dicom.ae_title, settings.dicom.port, settings.web.port, settings.xmlrpc.port)
             found.web_cert, found.web_key = settings.web.tls_cert, settings.web.tls_key
+            found.xmlrpc_tls = settings.xmlrpc.tls
             if found != effective or Path(settings.storage.data_dir) != layout.data_dir:
                 host.say(
                     f"note: {layout.config_file} exists and is kept: AE {found.ae_title}, DICOM port "
@@ -151,7 +153,7 @@ def summary(ctx: Context) -> None:
         f"  DICOM port    {eff.dicom_port}",
         f"  web           {eff.web_scheme}://{ip}:{eff.web_port}/   "
         f"(health: {eff.web_scheme}://{ip}:{eff.web_port}/testdbalive)",
-        f"  XML-RPC       http://{ip}:{eff.xmlrpc_port}/",
+        f"  XML-RPC       {eff.xmlrpc_scheme}://{ip}:{eff.xmlrpc_port}/",
         f"  data          {ctx.layout.data_dir}",
         f"  config        {ctx.layout.config_file}",
         f"  logs          {ctx.layout.log_dir}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import os
 import shutil
 import socket
@@ -209,15 +210,24 @@ class Host:
         except (OSError, ValueError):
             return None
 
-    def xmlrpc_probe(self, url: str, timeout: float = 5.0) -> str | None:
+    def xmlrpc_probe(self, url: str, timeout: float = 5.0, ca_file: str | None = None) -> str | None:
         """None when the OsiriX XML-RPC server answers the side-effect-free probe, else why not.
 
-        The probe is the supervisor's: ``DBWindowFind`` on ``Study`` matching nothing.
+        The probe is the supervisor's: ``DBWindowFind`` on ``Study`` matching nothing. Over https
+        it trusts ``ca_file`` as the supervisor's ``--ca-file`` does (the certificate itself is an
+        anchor, whoever signed it), so that a certificate the supervisor would refuse fails here.
         """
-        transport = _TimeoutTransport(timeout)
+        context = None
+        if url.startswith("https:"):
+            context = ssl.create_default_context(cafile=str(self.real(Path(ca_file))) if ca_file else None)
+            if ca_file:
+                context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        transport = _TimeoutTransport(timeout, context)
         proxy = xmlrpc.client.ServerProxy(url, transport=transport)
         try:
             reply = proxy.DBWindowFind({"request": 'patientID == "__macpacs_doctor__"', "table": "Study"})
+        except ssl.SSLCertVerificationError as exc:
+            return f"its certificate is not the one the supervisor trusts ({ca_file}): {exc.verify_message}"
         except (OSError, xmlrpc.client.Error) as exc:
             return str(exc) or type(exc).__name__
         if isinstance(reply, dict) and str(reply.get("error")) == "0":
@@ -238,11 +248,18 @@ class Host:
 
 
 class _TimeoutTransport(xmlrpc.client.Transport):
-    def __init__(self, timeout: float) -> None:
+    """http, or https with ``context``; with a timeout."""
+
+    def __init__(self, timeout: float, context: ssl.SSLContext | None) -> None:
         super().__init__()
         self._timeout = timeout
+        self._context = context
 
     def make_connection(self, host):  # type: ignore[no-untyped-def]
-        conn = super().make_connection(host)
-        conn.timeout = self._timeout
-        return conn
+        if self._context is None:
+            conn = super().make_connection(host)
+            conn.timeout = self._timeout
+            return conn
+        chost, self._extra_headers, _x509 = self.get_host_info(host)
+        self._connection = host, http.client.HTTPSConnection(chost, timeout=self._timeout, context=self._context)
+        return self._connection[1]

@@ -75,9 +75,16 @@ def render(name: str, **values: Any) -> str:
 
 
 def config(
-    layout: Layout, ae_title: str, dicom_port: int, web_port: int, xmlrpc_port: int, web_tls: tuple[str, str] = ("", "")
+    layout: Layout,
+    ae_title: str,
+    dicom_port: int,
+    web_port: int,
+    xmlrpc_port: int,
+    web_tls: tuple[str, str] = ("", ""),
+    xmlrpc_tls: bool = False,
 ) -> str:
-    """macpacs.toml; ``web_tls``: the certificate and key of the web port (HTTPS), or empty."""
+    """macpacs.toml; ``web_tls``: the certificate and key of the web port (HTTPS), or empty;
+    ``xmlrpc_tls``: the XML-RPC port serves HTTPS with them too."""
     restart = (
         f"sudo launchctl kickstart -k gui/UID/{SERVER_LABEL}, or system/{SERVER_LABEL} for a daemon"
         if layout.target == "macos"
@@ -91,6 +98,7 @@ def config(
         xmlrpc_port=xmlrpc_port,
         web_cert=web_tls[0],
         web_key=web_tls[1],
+        xmlrpc_tls=xmlrpc_tls,
         data_dir=str(layout.data_dir),
         log_dir=str(layout.log_dir),
         status_file=str(layout.status_file),

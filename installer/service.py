@@ -134,10 +134,12 @@ def supervisor_service(
     web_port: int,
     xmlrpc_port: int,
     web_cert: str = "",
+    xmlrpc_tls: bool = False,
 ) -> Service:
     """The watchdog in kill mode (options of supervisor/cli.py): the manager restarts what it kills.
 
-    ``web_cert``: the web port serves HTTPS with this certificate, which the probes then trust.
+    ``web_cert``: the web port serves HTTPS with this certificate, which the probes then trust;
+    ``xmlrpc_tls``: so does the XML-RPC port (``[xmlrpc] tls``), probed over https as well.
     """
     web = f"{'https' if web_cert else 'http'}://127.0.0.1:{web_port}"
     argv = (
@@ -146,7 +148,7 @@ def supervisor_service(
         "--web-url", f"{web}/testdbalive",
         "--heartbeat-url", f"{web}/heartbeat",
         *(("--ca-file", web_cert) if web_cert else ()),
-        "--xmlrpc-url", f"http://127.0.0.1:{xmlrpc_port}/",
+        "--xmlrpc-url", f"{'https' if xmlrpc_tls else 'http'}://127.0.0.1:{xmlrpc_port}/",
         "--dicom", f"127.0.0.1:{dicom_port}:{ae_title}",
         "--pid-file", str(layout.pid_file),
         "--status-file", str(layout.status_file),

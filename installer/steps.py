@@ -72,10 +72,16 @@ class Effective:
     # [web] tls_cert and tls_key (final paths): HTTPS on the web port when set.
     web_cert: str = ""
     web_key: str = ""
+    # [xmlrpc] tls: HTTPS on the XML-RPC port too, with the web port's certificate.
+    xmlrpc_tls: bool = False
 
     @property
     def web_scheme(self) -> str:
         return "https" if self.web_cert else "http"
+
+    @property
+    def xmlrpc_scheme(self) -> str:
+        return "https" if self.xmlrpc_tls else "http"
 
 
 @dataclass
@@ -104,6 +110,7 @@ class Context:
                 web_port=eff.web_port,
                 xmlrpc_port=eff.xmlrpc_port,
                 web_cert=eff.web_cert,
+                xmlrpc_tls=eff.xmlrpc_tls,
             ),
         )
 
@@ -305,7 +312,13 @@ class Folders(Step):
 def rendered_config(ctx: Context) -> str:
     eff = ctx.effective
     return render.config(
-        ctx.layout, eff.ae_title, eff.dicom_port, eff.web_port, eff.xmlrpc_port, web_tls=(eff.web_cert, eff.web_key)
+        ctx.layout,
+        eff.ae_title,
+        eff.dicom_port,
+        eff.web_port,
+        eff.xmlrpc_port,
+        web_tls=(eff.web_cert, eff.web_key),
+        xmlrpc_tls=eff.xmlrpc_tls,
     )
 
 

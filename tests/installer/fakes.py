@@ -219,6 +219,7 @@ class FakeHost(Host):
         self.taken_ports: set[int] = set()
         self.free_bytes = 500 * 10**9
         self.read_only = False
+        self.xmlrpc_probes: list[tuple[str, str | None]] = []  # (url, ca_file) doctor asked
 
     def port_free(self, port: int) -> bool:
         return port not in self.taken_ports
@@ -233,7 +234,8 @@ class FakeHost(Host):
         up = any(key.endswith("org.macpacs.server") and v < 0 for key, v in self.fake.loaded.items())
         return (200, HEALTH_BODY) if up else None
 
-    def xmlrpc_probe(self, url: str, timeout: float = 5.0) -> str | None:
+    def xmlrpc_probe(self, url: str, timeout: float = 5.0, ca_file: str | None = None) -> str | None:
+        self.xmlrpc_probes.append((url, ca_file))
         return None if self.http_get(url) else "Connection refused"
 
     def sleep(self, seconds: float) -> None:

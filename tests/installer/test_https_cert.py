@@ -59,6 +59,10 @@ def test_https_install_with_openssl(mac, openssl_only):
     assert args[args.index("--web-url") + 1] == "https://127.0.0.1:3333/testdbalive"
     assert args[args.index("--ca-file") + 1] == "/usr/local/etc/macpacs/tls/web.pem"
     assert "  web           https://10.0.0.5:3333/" in mac.text()
+    # The XML-RPC port serves HTTPS with the same certificate, and the supervisor probes it so.
+    assert config["xmlrpc"] == {"port": 8080, "enabled": True, "tls": True}
+    assert args[args.index("--xmlrpc-url") + 1] == "https://127.0.0.1:8080/"
+    assert "  XML-RPC       https://10.0.0.5:8080/" in mac.text()
     # Again: the certificate is valid for years, so nothing is made.
     mac.install(https=True)
     assert not [argv for argv in mac.changes() if argv[:2] == ("openssl", "req")]
@@ -101,7 +105,29 @@ def test_without_https_the_step_is_skipped(mac):
     mac.install()
     assert "skipped: not asked for (--https makes a self-signed certificate" in mac.text()
     assert not (mac.root / TLS).exists()
-    assert "tls_cert" not in (mac.root / "usr/local/etc/macpacs/macpacs.toml").read_text()
+    text = (mac.root / "usr/local/etc/macpacs/macpacs.toml").read_text()
+    assert "tls_cert" not in text and "tls" not in tomllib.loads(text)["xmlrpc"]
+
+
+def test_doctor_probes_xmlrpc_over_https_trusting_the_supervisors_certificate(mac, openssl_only):
+    """doctor asks the XML-RPC port as the supervisor does: https, trusting its --ca-file."""
+    mac.install(https=True)
+    ctx = mac.context(options(password=None, https=True))
+    found = {f.what: f.level for f in doctor.diagnose(ctx)}
+    assert found["XML-RPC https://127.0.0.1:8080/ answers DBWindowFind"] == "PASS"
+    assert ctx.host.xmlrpc_probes == [("https://127.0.0.1:8080/", "/usr/local/etc/macpacs/tls/web.pem")]
+
+
+def test_an_existing_config_decides_whether_xmlrpc_speaks_https(mac, openssl_only):
+    """Re-running with --https keeps a config made without it: XML-RPC stays plain, and so does its probe."""
+    mac.install()
+    mac.install(https=True)
+    supervisor = plistlib.loads(
+        (mac.root / "Users/pacs/Library/LaunchAgents/org.macpacs.supervisor.plist").read_bytes()
+    )
+    args = supervisor["ProgramArguments"]
+    assert args[args.index("--xmlrpc-url") + 1] == "http://127.0.0.1:8080/"
+    assert "tls" not in tomllib.loads((mac.root / "usr/local/etc/macpacs/macpacs.toml").read_text())["xmlrpc"]
 
 
 def test_https_install_with_cryptography(mac):
