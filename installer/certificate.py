@@ -1,10 +1,11 @@
-"""HTTPS for the web port: a self-signed certificate made by ``macpacs install --https``, and its expiry.
+"""HTTPS for the web and XML-RPC ports: a self-signed certificate made by ``macpacs install --https``, and its expiry.
 
 The key and certificate go in ``<config dir>/tls/`` (``web.key`` 0600 and ``web.pem`` 0644, owned
 by the account that runs the server, in a folder only it can enter), and the config written for a
-new install points ``[web] tls_cert``/``tls_key`` at them. The certificate names this Mac as
-clients reach it (its host name, ``<name>.local``, ``localhost``, 127.0.0.1, ::1 and its address)
-and lasts 825 days, the longest macOS accepts for a certificate a user adds to the keychain.
+new install points ``[web] tls_cert``/``tls_key`` at them and sets ``[xmlrpc] tls`` (the XML-RPC port
+serves the same certificate). The certificate names this Mac as clients reach it (its host name,
+``<name>.local``, ``localhost``, 127.0.0.1, ::1 and its address) and lasts 825 days, the longest
+macOS accepts for a certificate a user adds to the keychain.
 
 It is made with the ``cryptography`` package when the installer's Python has it, else with the
 system's ``openssl`` through the command seam (shown in ``--dry-run``; macOS ships LibreSSL, whose
@@ -57,15 +58,18 @@ def names(ctx: Context) -> tuple[list[str], list[str]]:
 
 
 class Certificate(Step):
-    """A self-signed certificate and key for the web port (``--https``)."""
+    """A self-signed certificate and key for the web and XML-RPC ports (``--https``)."""
 
     key = "certificate"
-    title = "https: self-signed certificate for the web port"
+    title = "https: self-signed certificate for the web and XML-RPC ports"
 
     def skip_reason(self, ctx: Context) -> str | None:
         # Once made (the install state says so), it is kept up (renewed) and undone like the rest.
         if not ctx.options.https and not ctx.state.get("certificate"):
-            return "not asked for (--https makes a self-signed certificate and serves the web port over HTTPS)"
+            return (
+                "not asked for (--https makes a self-signed certificate and serves the web and XML-RPC ports "
+                "over HTTPS)"
+            )
         return None
 
     def check(self, ctx: Context) -> Check:

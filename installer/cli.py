@@ -104,7 +104,7 @@ def _logging(verbose: bool) -> None:
 @click.option(
     "--https",
     is_flag=True,
-    help="Make a self-signed certificate for the web port and serve it over HTTPS (installer/certificate.py).",
+    help="Make a self-signed certificate and serve the web and XML-RPC ports over HTTPS (installer/certificate.py).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every check command to stderr.")
 def install(

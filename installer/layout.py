@@ -56,7 +56,7 @@ class Options:
     source: Path | None = None
     pip_options: tuple[str, ...] = ()
     wait_timeout: float = 120.0
-    https: bool = False  # a self-signed certificate for the web port (installer/certificate.py)
+    https: bool = False  # a self-signed certificate for the web and XML-RPC ports (installer/certificate.py)
     password: str | None = field(default=None, repr=False)
 
     @property

@@ -96,7 +96,7 @@ def test_dry_run_shows_the_openssl_command_and_writes_nothing(mac, openssl_only)
     mac.install(https=True, dry_run=True)
     assert mac.files() == []
     text = mac.text()
-    assert "] https: self-signed certificate for the web port" in text
+    assert "] https: self-signed certificate for the web and XML-RPC ports" in text
     assert "$ openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 825 -config" in text
     assert '      | tls_cert = "/usr/local/etc/macpacs/tls/web.pem"' in text
 
