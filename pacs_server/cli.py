@@ -116,8 +116,16 @@ def command_archive(config_path: str | None, data_dir: str | None, *, repair: bo
     """The archive a command works on (``--config``/``--data-dir``), migrated; closed when the command ends.
 
     ``repair``: a corrupt index is moved aside and a fresh one created (``reindex`` fills it).
+    A second call in the same command returns the same archive: one Archive per process.
     """
-    return click.get_current_context().with_resource(_opened_archive(config_path, data_dir, repair))
+    ctx = click.get_current_context()
+    archive = ctx.meta.get(_ARCHIVE_KEY)
+    if archive is None:
+        archive = ctx.meta[_ARCHIVE_KEY] = ctx.with_resource(_opened_archive(config_path, data_dir, repair))
+    return archive
+
+
+_ARCHIVE_KEY = "macpacs.archive"  # where command_archive keeps the command's archive (click's ctx.meta)
 
 
 @contextmanager

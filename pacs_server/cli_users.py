@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .audit import AuditTrail, local_actor
-from .cli import command_archive, config_options, load_settings
+from .audit import local_actor
+from .cli import command_archive, config_options
 
 if TYPE_CHECKING:
     from .users import Users
@@ -25,10 +25,8 @@ def _users(config_path: str | None, data_dir: str | None) -> Users:
 
 
 def _audit(config_path: str | None, data_dir: str | None, detail: str) -> None:
-    """A user change in the audit trail, by the account that ran the command."""
-    settings = load_settings(config_path, storage={"data_dir": data_dir})
-    trail = AuditTrail(settings.log_dir, file_mb=settings.audit.file_mb, files=settings.audit.files)
-    trail.record("user-change", local_actor("cli"), detail=detail)
+    """A user change in the audit trail (the command's archive's), by the account that ran the command."""
+    command_archive(config_path, data_dir).audit.record("user-change", local_actor("cli"), detail=detail)
 
 
 def _password(password_stdin: bool, prompt: str = "Password") -> str:
