@@ -123,7 +123,13 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
 
 def _open_index(settings: Settings, role: str, *, migrate: bool, repair: bool) -> tuple[Index, Path | None]:
     """The index, and where a corrupt one was moved (None when it could be opened)."""
-    index = Index(settings.index_url)
+    ix = settings.index
+    index = Index(
+        settings.index_url,
+        pool_size=ix.pool_size,
+        statement_timeout=ix.statement_timeout,
+        connect_timeout=ix.connect_timeout,
+    )
     if not migrate:
         return index, None
     try:

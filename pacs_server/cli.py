@@ -131,7 +131,7 @@ _ARCHIVE_KEY = "macpacs.archive"  # where command_archive keeps the command's ar
 @contextmanager
 def _opened_archive(config_path: str | None, data_dir: str | None, repair: bool) -> Iterator[Archive]:
     from .archive import open_archive
-    from .index import IndexUnreadable
+    from .index import IndexUnavailable, IndexUnreadable
 
     keep_private()
     settings = load_settings(config_path, storage={"data_dir": data_dir})
@@ -146,6 +146,8 @@ def _opened_archive(config_path: str | None, data_dir: str | None, repair: bool)
             f"the index of {settings.data_dir} is unreadable ({exc}); `macpacs reindex` moves it aside and "
             "rebuilds it from the stored files"
         ) from None
+    except IndexUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         yield archive
     finally:
@@ -168,6 +170,7 @@ def serve(
 ) -> None:
     """Run the archive in the foreground until SIGTERM or Ctrl-C."""
     from . import logs
+    from .index import IndexUnavailable
     from .server import AlreadyRunning, run
 
     keep_private()
@@ -186,6 +189,8 @@ def serve(
         raise click.ClickException(str(exc)) from None
     except ConfigError as exc:  # found at start, e.g. an unreadable TLS certificate
         raise click.ClickException(f"configuration error: {exc}") from None
+    except IndexUnavailable as exc:  # the database server is down or refuses us: launchd/systemd retry
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise click.ClickException(

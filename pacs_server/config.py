@@ -28,6 +28,8 @@ AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backsl
 # A DNS name: labels of letters, digits and inner hyphens (an IPv4 address is one too).
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOST_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+# SQLAlchemy URL schemes of the index databases macpacs runs on (index/db.py).
+SUPPORTED_INDEX_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 
 
 def is_host_name(text: str) -> bool:
@@ -100,7 +102,7 @@ class StorageSettings:
     """Where files and the index live."""
 
     data_dir: str = "./macpacs-data"
-    # SQLAlchemy URL of the index. Empty: SQLite file ``index.sqlite`` in ``data_dir``.
+    # The former name of index.url, still read (index.url wins when both are set).
     index_url: str = ""
     # What a re-sent instance with the same SOP Instance UID but different content does:
     # "keep" keeps the stored file and acknowledges with a warning, "overwrite" replaces it.
@@ -114,6 +116,23 @@ class StorageSettings:
     # A study is stable once no instance arrived for this many seconds (the study_stable hook:
     # routing and webhooks on stable studies; pacs_server/stable.py).
     stable_after: float = 60.0
+
+
+@dataclass
+class IndexSettings:
+    """The index database (docs/postgresql.md): SQLite in ``data_dir`` unless ``url`` names another."""
+
+    # SQLAlchemy URL: empty for the SQLite file ``index.sqlite`` in storage.data_dir, or
+    # "postgresql://user:password@host:5432/macpacs" (psycopg 3: pip install 'macpacs[postgresql]').
+    url: str = ""
+    # Connections each process keeps open (the server runs dicom.workers + 1 processes); up to
+    # 10 more are opened for a burst and closed after it.
+    pool_size: int = 20
+    # PostgreSQL: a statement still running after this many seconds is cancelled, and the C-STORE,
+    # C-FIND or HTTP request it served fails cleanly (0xA700, 503) instead of hanging.
+    statement_timeout: float = 30.0
+    # PostgreSQL: seconds to wait for the server to accept a new connection (down or unreachable).
+    connect_timeout: float = 10.0
 
 
 @dataclass
@@ -223,6 +242,7 @@ class Settings:
 
     dicom: DicomSettings = field(default_factory=DicomSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
     web: WebSettings = field(default_factory=WebSettings)
     xmlrpc: XmlRpcSettings = field(default_factory=XmlRpcSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -237,8 +257,9 @@ class Settings:
 
     @property
     def index_url(self) -> str:
-        if self.storage.index_url:
-            return self.storage.index_url
+        url = self.index.url or self.storage.index_url
+        if url:
+            return url
         return f"sqlite:///{self.data_dir / 'index.sqlite'}"
 
     @property
@@ -279,6 +300,7 @@ class Settings:
             )
         if self.web.anonymous_read not in ("localhost", "all", "off"):
             raise ConfigError(f'web.anonymous_read = {self.web.anonymous_read!r}: use "localhost", "all" or "off"')
+        _validate_index(self.index, self.index_url)
         if self.storage.stable_after <= 0:
             raise ConfigError("storage.stable_after must be a positive number of seconds (default 60)")
         j = self.jobs
@@ -324,6 +346,19 @@ class Settings:
         return self
 
 
+def _validate_index(index: IndexSettings, url: str) -> None:
+    """The index URL's kind and the pool and timeout numbers (the database is reached at start)."""
+    if url.split(":", 1)[0] not in SUPPORTED_INDEX_SCHEMES:
+        raise ConfigError(
+            f"index.url {url.split('://', 1)[0]!r}...: use an empty value (SQLite in storage.data_dir), "
+            '"sqlite:////path/index.sqlite" or "postgresql://user:password@host:5432/database"'
+        )
+    if index.pool_size < 1:
+        raise ConfigError("index.pool_size must be at least 1 (default 20)")
+    if index.statement_timeout <= 0 or index.connect_timeout <= 0:
+        raise ConfigError("index.statement_timeout and index.connect_timeout must be positive numbers of seconds")
+
+
 def _validate_dicom_tls(settings: Settings) -> None:
     """The DICOM TLS port and the connection limits (their files are read at start: dimse/tls.py)."""
     d = settings.dicom
@@ -354,6 +389,7 @@ def _section_classes() -> dict[str, type]:
     return {
         "dicom": DicomSettings,
         "storage": StorageSettings,
+        "index": IndexSettings,
         "web": WebSettings,
         "xmlrpc": XmlRpcSettings,
         "server": ServerSettings,

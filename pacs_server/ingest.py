@@ -48,7 +48,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from . import dicom_status
 from .config import StorageSettings
-from .index import Index, InstanceRecord, Query, WriterLockTimeout
+from .index import Index, IndexUnavailable, InstanceRecord, Query, WriterLockTimeout
 from .index.attributes import ATTRIBUTES, normalize_pn
 from .plugins import Instance, Plugins
 from .storage import ROOM_EVERY, BlobStore, KeyLockTimeout, StorageError, blob_key, is_disk_full, stage_copy
@@ -655,7 +655,7 @@ class Ingestor:
         try:
             with self.blobs.lock(key, KEY_LOCK_TIMEOUT_S):
                 return self._store(staged, parsed, instance, key)
-        except WriterLockTimeout as exc:  # another writer hangs: the sender retries later
+        except (WriterLockTimeout, IndexUnavailable) as exc:  # a writer hangs, the database is down: retry later
             return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
         except KeyLockTimeout as exc:
             return IngestResult(Outcome.OUT_OF_RESOURCES, f"busy: {exc}", uid, sop_class)

@@ -23,6 +23,7 @@ import pytest
 
 if TYPE_CHECKING:
     from macpacs.pacs_server.archive import Archive
+    from tests.postgres import Cluster
 
 DCMTK_BIN = Path("/usr/bin")
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,7 @@ class ServerProcess:
     ae_title: str = "MACPACS"
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    index_url: str = ""  # empty: SQLite in data_dir
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -121,6 +123,7 @@ class ServerProcess:
             "MACPACS_DICOM_BIND": "127.0.0.1",
             "MACPACS_WEB_BIND": "127.0.0.1",
             "MACPACS_XMLRPC_BIND": "127.0.0.1",
+            **({"MACPACS_INDEX_URL": self.index_url} if self.index_url else {}),
             **self.env,
         }
         started_at = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -185,6 +188,22 @@ class ServerProcess:
     def pid_file_path(self) -> Path:
         return self.data_dir / "macpacs.pid"
 
+    def index_query(self, sql: str) -> list[tuple]:
+        """Rows of ``sql`` (a test's own constant text) read straight from the server's index
+        database, SQLite file or PostgreSQL, as an administrator would look."""
+        from sqlalchemy import create_engine, text
+
+        url = (
+            self.index_url.replace("postgresql://", "postgresql+psycopg://", 1)
+            or f"sqlite:///{self.data_dir / 'index.sqlite'}"
+        )
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.execute(text(sql))]
+        finally:
+            engine.dispose()
+
 
 def findscu(server: ServerProcess, out_dir: Path, *keys: str, model: str = "-S", extra: tuple[str, ...] = ()) -> list:
     """Run DCMTK findscu and return its responses, read back with pydicom (``-X`` files)."""
@@ -244,13 +263,54 @@ def store_studies(server: ServerProcess, folder: Path, studies: Sequence[Study])
     return uids
 
 
+# The index databases a test parametrized with ``index_backend`` runs on.
+BACKENDS = ("sqlite", "postgresql")
+# A test (or, as ``pytestmark``, a module) that runs once on each: its ``archive`` and
+# ``make_server``/``server`` fixtures use that database.
+both_indexes = pytest.mark.parametrize("index_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A throw-away PostgreSQL server for the session (tests/postgres.py); skipped only off CI
+    when Debian's server is not installed (.ci/run installs it)."""
+    from tests.postgres import Cluster, missing_binaries
+
+    reason = missing_binaries()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    cluster = Cluster()
+    yield cluster
+    cluster.destroy()
+
+
+def index_url_for(request: pytest.FixtureRequest, backend: str) -> str:
+    """The index URL of a test on ``backend``: empty for SQLite in the data folder, or a fresh
+    PostgreSQL database of the session's cluster."""
+    if backend == "sqlite":
+        return ""
+    return request.getfixturevalue("postgres").new_database()
+
+
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[object]:
-    """A factory: ``make_server(**overrides)`` starts a server; all are stopped at the end."""
+def index_backend(request: pytest.FixtureRequest) -> str:
+    """``"sqlite"``, unless a module runs its tests on both:
+    ``pytestmark = pytest.mark.parametrize("index_backend", BACKENDS, indirect=True)``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, request: pytest.FixtureRequest, index_backend: str) -> Iterator[object]:
+    """A factory: ``make_server(**overrides)`` starts a server (on the ``index_backend``
+    database); all are stopped at the end."""
     started: list[ServerProcess] = []
 
     def factory(**kwargs: object) -> ServerProcess:
         kwargs.setdefault("data_dir", tmp_path / f"data{len(started)}")
+        if "index_url" not in kwargs:
+            kwargs["index_url"] = index_url_for(request, index_backend)
         server = ServerProcess(
             dicom_port=free_port(),
             web_port=free_port(),
@@ -271,8 +331,9 @@ def server(make_server: object) -> ServerProcess:
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    """An in-process Archive over a fresh data folder: the core without any listener.
+def archive(tmp_path: Path, request: pytest.FixtureRequest, index_backend: str) -> Iterator[Archive]:
+    """An in-process Archive over a fresh data folder (and the ``index_backend`` database): the
+    core without any listener.
 
     For tests of matching, ingest and plugin rules that need no network: what a protocol does
     goes through the same ``archive.ingestor``, ``archive.index`` and ``archive.blobs``.
@@ -280,7 +341,11 @@ def archive(tmp_path: Path) -> Iterator[Archive]:
     from macpacs.pacs_server.archive import open_archive
     from macpacs.pacs_server.config import load
 
-    opened = open_archive(load(overrides={"storage": {"data_dir": str(tmp_path / "data")}}, environ={}))
+    overrides = {
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "index": {"url": index_url_for(request, index_backend)},
+    }
+    opened = open_archive(load(overrides=overrides, environ={}))
     try:
         yield opened
     finally:

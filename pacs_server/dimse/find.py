@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (
 )
 
 from .. import dicom_status
-from ..index import Index, IndexUnreadable, Query, QueryError
+from ..index import Index, IndexUnavailable, IndexUnreadable, Query, QueryError
 from ..index.attributes import BY_KEYWORD
 from . import codec, pynetdicom_ext
 
@@ -278,7 +278,9 @@ def find_responses(
             if max_results and count >= max_results:
                 log.info("C-FIND stopped at dicom.max_find_results = %d", max_results)
                 break
-    except IndexUnreadable as exc:  # a corrupt index: the index layer logged it and the server repairs it
+    # A corrupt index (the index layer logged it and the server repairs it), or a database server
+    # that cannot answer now (restarting, index.statement_timeout): out of resources, try later.
+    except (IndexUnreadable, IndexUnavailable) as exc:
         log.error("C-FIND failed after %d matches: %s", count, exc)
         yield _failure(dicom_status.OUT_OF_RESOURCES, f"C-FIND failed: {exc}")
         return

@@ -1,7 +1,16 @@
 """The index: patient/study/series/instance tables over the file store, and the one query matcher."""
 
-from .db import Index, IndexUnreadable, InstanceRecord, StoredInstance
+from .db import Index, IndexUnavailable, IndexUnreadable, InstanceRecord, StoredInstance
 from .matcher import Query, QueryError
 from .writer_lock import WriterLockTimeout
 
-__all__ = ["Index", "IndexUnreadable", "InstanceRecord", "Query", "QueryError", "StoredInstance", "WriterLockTimeout"]
+__all__ = [
+    "Index",
+    "IndexUnavailable",
+    "IndexUnreadable",
+    "InstanceRecord",
+    "Query",
+    "QueryError",
+    "StoredInstance",
+    "WriterLockTimeout",
+]

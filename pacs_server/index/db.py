@@ -6,6 +6,10 @@ serialised by a process lock (SQLite has one writer anyway) so that concurrent a
 queue instead of failing with "database is locked". That lock is waited for at most the busy
 timeout (``SQLITE_BUSY_TIMEOUT_MS``), then a write raises ``WriterLockTimeout`` naming the holder,
 which ingest answers with 0xA700 (``writer_lock.py``).
+
+PostgreSQL (``postgres.py``) takes concurrent writers itself, row by row: no process lock, and
+a database that cannot answer (restarting, a statement past ``index.statement_timeout``) raises
+``IndexUnavailable``, which ingest, C-FIND and HTTP answer as they answer ``WriterLockTimeout``.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
-from . import corruption, schema
+from . import corruption, postgres, schema
 from .corruption import IndexUnreadable
 from .matcher import Query, build, count_statement
+from .postgres import IndexUnavailable
 from .writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
@@ -94,16 +99,26 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Index:
     """One index database, shared by every protocol of the process."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 20, statement_timeout: float = 30.0, connect_timeout: float = 10.0
+    ) -> None:
+        """``url``: ``sqlite:///path`` or ``postgresql://...``; the other arguments are the
+        ``[index]`` settings (``statement_timeout`` and ``connect_timeout`` apply to PostgreSQL)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {}
+        self.statement_timeout = statement_timeout
+        self.engine: Engine
         if self.is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-            kwargs["pool_size"] = 20
-        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, **kwargs)
-        if self.is_sqlite:
+            self.engine = create_engine(
+                url,
+                pool_size=pool_size,
+                connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            )
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = postgres.engine(
+                url, pool_size=pool_size, statement_timeout=statement_timeout, connect_timeout=connect_timeout
+            )
         self._write_lock: WriterLock | _NoLock = _NoLock()
         # The SQLite file (None for a database server or in memory), and what keeps this process
         # off it once some process found it corrupt (corruption.py: the rebuild of a corrupt index).
@@ -157,9 +172,13 @@ class Index:
 
     # -- corruption -------------------------------------------------------------------------
     def _on_error(self, context: Any) -> Exception | None:
-        """SQLAlchemy's hook for every failed statement: corruption becomes ``IndexUnreadable``."""
+        """SQLAlchemy's hook for every failed statement: corruption becomes ``IndexUnreadable``, a
+        database server that cannot answer ``IndexUnavailable`` (not while the pool pings a
+        connection: a failed ping makes it reconnect)."""
         if corruption.is_corruption(context.original_exception):
             return self.found_corruption(context.original_exception)
+        if not context.is_pre_ping and postgres.is_unavailable(context.original_exception):
+            return IndexUnavailable(postgres.describe(context.original_exception, self.statement_timeout))
         return None
 
     def found_corruption(self, exc: BaseException) -> IndexUnreadable:
@@ -254,7 +273,10 @@ class Index:
 
         On SQLite the transaction starts with ``BEGIN IMMEDIATE``: it takes the database's write
         lock first (waiting up to the busy timeout when another process writes) so that what it
-        reads cannot change before it writes, whichever process the other writer is.
+        reads cannot change before it writes, whichever process the other writer is. On
+        PostgreSQL writers of other studies run side by side: the one read that a write depends
+        on (the study's modalities) locks its row (``FOR UPDATE``), the counters are updated in
+        place (``n = n + 1``), and the unique keys turn a race on new parents into the retry above.
         """
         now = time.time()
         series_uid = record.series["series_uid"]
@@ -283,6 +305,8 @@ class Index:
                 except self._driver_error as exc:  # the driver's cursor, past SQLAlchemy's error hook
                     if corruption.is_corruption(exc):
                         raise self.found_corruption(exc) from exc
+                    if postgres.is_unavailable(exc):
+                        raise IndexUnavailable(postgres.describe(exc, self.statement_timeout)) from exc
                     raise
         raise AssertionError("unreachable")
 
@@ -487,7 +511,7 @@ class Index:
     # -- reads ------------------------------------------------------------------------------
     def find(self, query: Query) -> tuple[list[str], Iterator[Mapping[str, Any]]]:
         """Run a query through the one matcher; returns the keywords and an iterator of rows."""
-        stmt, keywords = build(query, sqlite=self.is_sqlite)
+        stmt, keywords = build(query)
 
         def rows() -> Iterator[Mapping[str, Any]]:
             with self.engine.connect() as conn:
@@ -507,9 +531,9 @@ class Index:
         For lists that show "n of total" (the web study list). Two statements on one connection:
         the page, and a count over the same matching without ordering or paging.
         """
-        stmt, _keywords = build(query, sqlite=self.is_sqlite)
+        stmt, _keywords = build(query)
         with self.engine.connect() as conn:
-            total = conn.execute(count_statement(query, sqlite=self.is_sqlite)).scalar_one()
+            total = conn.execute(count_statement(query)).scalar_one()
             rows = [dict(row) for row in conn.execute(stmt).mappings()]
         return rows, total
 
@@ -518,7 +542,7 @@ class Index:
 
         Retrieval (C-MOVE, C-GET, WADO) asks this, so it matches exactly what C-FIND found.
         """
-        stmt, _keywords = build(replace(query, level="IMAGE"), sqlite=self.is_sqlite)
+        stmt, _keywords = build(replace(query, level="IMAGE"))
         i = schema.instance.c
         stmt = stmt.with_only_columns(i.pk, i.sop_instance_uid, i.storage_key, i.transfer_syntax_uid, i.sop_class_uid)
         with self.engine.connect() as conn:
@@ -601,9 +625,10 @@ class Index:
 
         Takes the writer lock (WriterLockTimeout, naming the holder, after ``lock_timeout`` s: a
         writer is hung, here or in another process) and then the database's write lock with a
-        no-op UPDATE, waiting at most ``busy_timeout_ms`` on SQLite (the driver's error: another
-        process holds the database). With SQLite in WAL mode a plain read is not blocked by
-        another process's exclusive lock, so ``ping`` alone would call a stuck database alive.
+        no-op UPDATE, waiting at most ``busy_timeout_ms`` (SQLite's busy timeout, PostgreSQL's
+        statement timeout: the driver's error, another process holds the database). With SQLite
+        in WAL mode a plain read is not blocked by another process's exclusive lock, so ``ping``
+        alone would call a stuck database alive.
         """
         self._write_lock.acquire(timeout=lock_timeout)
         try:
@@ -611,6 +636,8 @@ class Index:
                 if self.is_sqlite:
                     conn.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
                     conn.commit()
+                else:  # a row lock held elsewhere fails the check as soon, for this transaction only
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(busy_timeout_ms)}")
                 try:
                     conn.execute(update(schema.web_user).where(schema.web_user.c.pk == -1).values(failed_logins=0))
                 finally:
@@ -631,6 +658,11 @@ class Index:
             for name in ("patient", "study", "series", "instance", "instance_metadata"):
                 if table_rows.get(name):
                     conn.execute(insert(schema.metadata.tables[name]), list(table_rows[name]))
+            if not self.is_sqlite:  # SQLite takes max(pk) + 1 next; PostgreSQL's sequences must be moved on
+                for name in ("patient", "study", "series", "instance"):
+                    table = schema.metadata.tables[name]
+                    after = select(func.coalesce(func.max(table.c.pk), 0) + 1).scalar_subquery()
+                    conn.execute(select(func.setval(func.pg_get_serial_sequence(name, "pk"), after, False)))
 
 
 _ONE = literal_column("1")  # a literal, not one more parameter to pass
@@ -638,9 +670,11 @@ _STATEMENTS: dict[str, Any] = {
     "find_patient": select(schema.patient.c.pk).where(
         schema.patient.c.patient_id == bindparam("pid"), schema.patient.c.issuer_of_patient_id == bindparam("issuer")
     ),
-    "find_study": select(schema.study.c.pk, schema.study.c.modalities_in_study).where(
-        schema.study.c.study_uid == bindparam("uid")
-    ),
+    # FOR UPDATE (PostgreSQL; SQLite's BEGIN IMMEDIATE already keeps other writers out): the
+    # study's ModalitiesInStudy is read here and merged below, and no other node may merge between.
+    "find_study": select(schema.study.c.pk, schema.study.c.modalities_in_study)
+    .where(schema.study.c.study_uid == bindparam("uid"))
+    .with_for_update(),
     "find_series": select(schema.series.c.pk).where(schema.series.c.series_uid == bindparam("uid")),
     "find_instance": select(schema.instance.c.pk).where(schema.instance.c.sop_instance_uid == bindparam("uid")),
     "patient_studies": update(schema.patient)

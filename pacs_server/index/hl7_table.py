@@ -20,7 +20,6 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
-    String,
     Table,
     Text,
     UniqueConstraint,
@@ -29,21 +28,22 @@ from sqlalchemy import (
 )
 
 from . import db
+from .column_types import byte_string
 from .schema import metadata
 
 hl7_message = Table(
     "hl7_message",
     metadata,
     Column("pk", Integer, primary_key=True),
-    Column("sending_application", String(227), nullable=False, default=""),
-    Column("sending_facility", String(227), nullable=False, default=""),
-    Column("control_id", String(199), nullable=True),  # NULL when the message had none we could read
-    Column("message_type", String(16), nullable=False, default=""),  # e.g. ORM^O01
-    Column("message_time", String(26), nullable=False, default=""),  # MSH-7
-    Column("peer", String(64), nullable=False, default=""),
+    Column("sending_application", byte_string(227), nullable=False, default=""),
+    Column("sending_facility", byte_string(227), nullable=False, default=""),
+    Column("control_id", byte_string(199), nullable=True),  # NULL when the message had none we could read
+    Column("message_type", byte_string(16), nullable=False, default=""),  # e.g. ORM^O01
+    Column("message_time", byte_string(26), nullable=False, default=""),  # MSH-7
+    Column("peer", byte_string(64), nullable=False, default=""),
     Column("received_at", Float, nullable=False),
-    Column("ack_code", String(2), nullable=False),  # AA, AE or AR: what we answered
-    Column("ack_text", String(1024), nullable=False, default=""),
+    Column("ack_code", byte_string(2), nullable=False),  # AA, AE or AR: what we answered
+    Column("ack_text", byte_string(1024), nullable=False, default=""),
     Column("raw", Text, nullable=False),
     UniqueConstraint("sending_application", "sending_facility", "control_id", name="uq_hl7_message_control_id"),
     Index("ix_hl7_message_received", "received_at"),

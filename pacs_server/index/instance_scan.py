@@ -38,16 +38,11 @@ _i = schema.instance.c
 _COLUMNS = (_i.pk, _i.sop_instance_uid, _i.storage_key, _i.file_size, _i.content_hash)
 
 
-def _key_order(index: Index) -> Any:
-    """The storage key, compared byte by byte as Python compares the file side's keys."""
-    return _i.storage_key if index.is_sqlite else _i.storage_key.collate("C")
-
-
 def by_storage_key(index: Index, page_size: int | None = None) -> Iterator[IndexedFile]:
     """Every instance row, ascending by storage key (keys are unique: keyset paging is exact), read
     ``page_size`` (default ``PAGE_SIZE``) at a time."""
     page_size = page_size or PAGE_SIZE
-    key = _key_order(index)
+    key = _i.storage_key  # compared byte by byte on both databases, as Python compares the file side's keys
     last = ""
     while True:
         stmt = select(*_COLUMNS).where(key > last).order_by(key).limit(page_size)

@@ -12,7 +12,10 @@ waits its turn instead of making an ingest transaction poll for SQLite's lock. O
 commit with ``synchronous=NORMAL``: the WAL is not fsynced for them, but it is written (a
 killed process loses nothing) and the next ingest commit, which is ``FULL``, makes them durable
 with it; only a power cut in between can lose the last ones (at worst a routed instance is not
-sent). This keeps a queued job from costing one more fsync per C-STORE.
+sent). This keeps a queued job from costing one more fsync per C-STORE. On PostgreSQL they
+commit with ``synchronous_commit = off``, the same bargain: the commit does not wait for the WAL
+flush, the next ingest commit flushes it, and only a crash of the database server in between
+loses them.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 
 @contextmanager
 def quick_write(index: Index) -> Iterator[Connection]:
-    """One write transaction under the writer lock (``BEGIN IMMEDIATE`` on SQLite, without an
-    fsync of its own: the module's docstring says why that is safe)."""
+    """One write transaction under the writer lock (``BEGIN IMMEDIATE`` on SQLite), without an
+    fsync of its own on either database: the module's docstring says why that is safe."""
     with index._write_lock, index.engine.connect() as conn:
         if index.is_sqlite:
             conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
@@ -44,6 +47,8 @@ def quick_write(index: Index) -> Iterator[Connection]:
             with conn.begin():
                 if index.is_sqlite:
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
                 yield conn
         finally:
             if index.is_sqlite:
@@ -59,10 +64,13 @@ class JobTable:
         self.engine = index.engine
         self._postgres = self.engine.dialect.name == "postgresql"
         # Built once: an INSERT that skips a taken dedupe key (both dialects say ON CONFLICT DO
-        # NOTHING), run with each row's values as parameters (building it per row costs more
-        # than the insert itself).
+        # NOTHING) and returns the new key (no row when skipped: psycopg gives no rowcount for
+        # it), run with each row's values as parameters (building it per row costs more than
+        # the insert itself).
         dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        self._insert_stmt = dialect_insert(job).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        self._insert_stmt = (
+            dialect_insert(job).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(job.c.pk)
+        )
         self._defaults = {
             "description": "",
             "payload": "{}",
@@ -98,11 +106,10 @@ class JobTable:
             for row in rows:
                 key = row.get("dedupe_key")
                 values = {**self._defaults, "next_run_at": now, "created_at": now, "updated_at": now, **row}
-                result = conn.execute(self._insert_stmt, values)
-                if result.rowcount == 1:
-                    pks.append(result.inserted_primary_key[0])
-                else:  # the key is taken: that job, queued before (maybe by another process)
-                    pks.append(conn.execute(select(job.c.pk).where(job.c.dedupe_key == key)).scalar_one())
+                pk = conn.execute(self._insert_stmt, values).scalar()  # RETURNING: no row when skipped
+                if pk is None:  # the key is taken: that job, queued before (maybe by another process)
+                    pk = conn.execute(select(job.c.pk).where(job.c.dedupe_key == key)).scalar_one()
+                pks.append(pk)
         return pks
 
     def claim(

@@ -30,7 +30,7 @@ ESCAPE = "!"
 
 DATE_RE = re.compile(r"^\d{8}$")
 TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-# Sorts after every character a stored value can hold: closes a prefix range (SQLite only).
+# Sorts after every character a stored value can hold: closes a prefix range.
 _PREFIX_END = "\U0010ffff"
 
 
@@ -125,11 +125,15 @@ def like_pattern(value: str) -> str:
     return "".join(out)
 
 
-def _wildcard_match(column: Any, value: str, sqlite: bool) -> ColumnElement[bool]:
+def _wildcard_match(column: Any, value: str, *, indexed: bool = True) -> ColumnElement[bool]:
+    """LIKE for a ``*``/``?`` value; on a plain column (``indexed``) also a range on its literal prefix.
+
+    The range lets SQLite use the column's index (it would not for LIKE alone); PostgreSQL can use
+    it too, as the columns compare byte by byte there as well (``column_types``). LIKE keeps it exact.
+    """
     condition = column.like(like_pattern(value), escape=ESCAPE)
     prefix = re.split(r"[*?]", value, maxsplit=1)[0]
-    if sqlite and prefix:
-        # A range on the literal prefix lets SQLite use the column's index; LIKE keeps it exact.
+    if indexed and prefix:
         condition = and_(column >= prefix, column < prefix + _PREFIX_END, condition)
     return condition
 
@@ -159,9 +163,7 @@ def _range(column: Any, value: str, pattern: re.Pattern[str], what: str) -> Colu
 _FORMATS = {"date": "YYYYMMDD or YYYYMMDD-YYYYMMDD", "time": "HHMMSS.FFFFFF, optionally a range"}
 
 
-def condition_for(
-    attr: Attr, value: str, table: Any, *, case_insensitive: bool, sqlite: bool
-) -> ColumnElement[bool] | None:
+def condition_for(attr: Attr, value: str, table: Any, *, case_insensitive: bool) -> ColumnElement[bool] | None:
     """The SQL condition for one matching key, or None for universal matching."""
     if len(value) > MAX_VALUE_LENGTH:
         raise QueryError(
@@ -175,9 +177,9 @@ def condition_for(
         if case_insensitive:
             column = table.c[attr.column + "_norm"]
             value = normalize_pn(value)
-        return _wildcard_match(column, value, sqlite) if has_wildcard(value) else column == value
+        return _wildcard_match(column, value) if has_wildcard(value) else column == value
     if attr.kind == "str":
-        return _wildcard_match(column, value, sqlite) if has_wildcard(value) else column == value
+        return _wildcard_match(column, value) if has_wildcard(value) else column == value
     if attr.kind == "uid":
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         if len(uids) > MAX_UIDS_IN_LIST:
@@ -252,7 +254,7 @@ def _date_condition(match: Match, column: Any, depth: int) -> ColumnElement[bool
     return and_(column != "", cond) if match.op in ("lt", "le") else cond
 
 
-def _match_condition(match: Match, depth: int, sqlite: bool) -> ColumnElement[bool]:
+def _match_condition(match: Match, depth: int) -> ColumnElement[bool]:
     attr, column = _column_for(match.keyword, depth)
     if match.op not in COMPARISONS:
         raise QueryError(f"unknown comparison {match.op!r}")
@@ -275,12 +277,12 @@ def _match_condition(match: Match, depth: int, sqlite: bool) -> ColumnElement[bo
         elif match.case_insensitive:
             column, value = func.upper(column), value.upper()
         if attr.kind == "multi" and match.op in ("eq", "ne"):
-            cond = condition_for(attr, value, schema.LEVEL_TABLES[attr.level], case_insensitive=False, sqlite=sqlite)
+            cond = condition_for(attr, value, schema.LEVEL_TABLES[attr.level], case_insensitive=False)
             cond = cond if cond is not None else column == ""
             return not_(cond) if match.op == "ne" else cond
     op = match.op
     if op == "like":
-        return _wildcard_match(column, value, sqlite and not match.case_insensitive)
+        return _wildcard_match(column, value, indexed=not match.case_insensitive)
     if op in ("contains", "beginswith", "endswith"):
         literal = _literal_like(value)
         pattern = {"contains": f"%{literal}%", "beginswith": f"{literal}%", "endswith": f"%{literal}"}[op]
@@ -288,20 +290,20 @@ def _match_condition(match: Match, depth: int, sqlite: bool) -> ColumnElement[bo
     return _ORDER[op](column, value)
 
 
-def expression_condition(expr: Expr, depth: int, *, sqlite: bool) -> ColumnElement[bool]:
+def expression_condition(expr: Expr, depth: int) -> ColumnElement[bool]:
     """Compile a boolean expression into one SQL condition over the joined level tables."""
     if isinstance(expr, Match):
-        return _match_condition(expr, depth, sqlite)
+        return _match_condition(expr, depth)
     if isinstance(expr, All):
-        return and_(true(), *(expression_condition(e, depth, sqlite=sqlite) for e in expr.items))
+        return and_(true(), *(expression_condition(e, depth) for e in expr.items))
     if isinstance(expr, AnyOf):
-        return or_(false(), *(expression_condition(e, depth, sqlite=sqlite) for e in expr.items))
+        return or_(false(), *(expression_condition(e, depth) for e in expr.items))
     if isinstance(expr, Not):
-        return not_(expression_condition(expr.item, depth, sqlite=sqlite))
+        return not_(expression_condition(expr.item, depth))
     raise QueryError(f"unknown expression {expr!r}")
 
 
-def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
+def build(query: Query) -> tuple[Select[Any], list[str]]:
     """Translate a Query into a SELECT and the list of keywords its rows carry.
 
     Keys of levels below the query level cannot be matched and are returned empty by callers;
@@ -333,17 +335,20 @@ def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
         columns.append(table.c[attr.column].label(keyword))
         value = query.keys.get(keyword)
         if value:
-            cond = condition_for(attr, value, table, case_insensitive=query.case_insensitive_names, sqlite=sqlite)
+            cond = condition_for(attr, value, table, case_insensitive=query.case_insensitive_names)
             if cond is not None:
                 conditions.append(cond)
     if query.where is not None:
-        conditions.append(expression_condition(query.where, depth, sqlite=sqlite))
+        conditions.append(expression_condition(query.where, depth))
     charset_table = schema.study if depth >= 1 else schema.patient
     columns.append(charset_table.c.charset.label("_charset"))
     stmt = select(*columns).select_from(joined).where(*conditions)
     if query.order_by:
         by_label = stmt.selected_columns
-        stmt = stmt.order_by(*(by_label[k].desc() if desc else by_label[k].asc() for k, desc in query.order_by))
+        # Then index order among equals: pages of a sort with ties neither repeat nor skip a row
+        # (PostgreSQL returns equal rows in any order, and may change it from one page to the next).
+        sort = [by_label[k].desc() if desc else by_label[k].asc() for k, desc in query.order_by]
+        stmt = stmt.order_by(*sort, tables[-1].c.pk)
     else:
         stmt = stmt.order_by(tables[-1].c.pk)
     if query.limit is not None:
@@ -353,13 +358,13 @@ def build(query: Query, *, sqlite: bool) -> tuple[Select[Any], list[str]]:
     return stmt, keywords
 
 
-def count_statement(query: Query, *, sqlite: bool) -> Select[Any]:
+def count_statement(query: Query) -> Select[Any]:
     """``SELECT count(*)`` over what ``query`` matches, ignoring its ordering and paging.
 
     It counts the joined rows straight (no subquery of the selected columns): the same plan
-    SQLite uses for the page's matching, with nothing to sort.
+    the database uses for the page's matching, with nothing to sort.
     """
-    stmt, _keywords = build(query, sqlite=sqlite)
+    stmt, _keywords = build(query)
     return stmt.with_only_columns(func.count()).order_by(None).limit(None).offset(None)
 
 

@@ -16,13 +16,13 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
-    String,
     Table,
     Text,
     UniqueConstraint,
 )
 
 from .attributes import ATTRIBUTES
+from .column_types import byte_string
 
 metadata = MetaData()
 
@@ -42,9 +42,9 @@ def _query_columns(level: str) -> list[Column]:
                 )
             )
         else:
-            columns.append(Column(attr.column, String(attr.length), nullable=False, default=""))
+            columns.append(Column(attr.column, byte_string(attr.length), nullable=False, default=""))
         if attr.kind == "pn":
-            columns.append(Column(attr.column + "_norm", String(attr.length), nullable=False, default=""))
+            columns.append(Column(attr.column + "_norm", byte_string(attr.length), nullable=False, default=""))
     return columns
 
 
@@ -53,7 +53,7 @@ patient = Table(
     metadata,
     Column("pk", Integer, primary_key=True),
     *_query_columns("PATIENT"),
-    Column("charset", String(128), nullable=False, default=""),
+    Column("charset", byte_string(128), nullable=False, default=""),
     Column("created_at", Float, nullable=False),
     UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient_id_issuer"),
     Index("ix_patient_name", "patient_name"),
@@ -66,7 +66,7 @@ study = Table(
     Column("pk", Integer, primary_key=True),
     Column("patient_pk", Integer, ForeignKey("patient.pk", ondelete="CASCADE"), nullable=False),
     *_query_columns("STUDY"),
-    Column("charset", String(128), nullable=False, default=""),
+    Column("charset", byte_string(128), nullable=False, default=""),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("study_uid", name="uq_study_uid"),
@@ -93,16 +93,16 @@ instance = Table(
     Column("pk", Integer, primary_key=True),
     Column("series_pk", Integer, ForeignKey("series.pk", ondelete="CASCADE"), nullable=False),
     *_query_columns("IMAGE"),
-    Column("transfer_syntax_uid", String(64), nullable=False),
-    Column("storage_key", String(80), nullable=False),
+    Column("transfer_syntax_uid", byte_string(64), nullable=False),
+    Column("storage_key", byte_string(80), nullable=False),
     # Bytes of the stored file (a multi-frame instance can pass 2 GiB: 64-bit on PostgreSQL).
     Column("file_size", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
     # SHA-256 (hex) of the encoded dataset after the file meta: what a sender put on the wire,
     # equal for two copies of one instance from different senders. Re-sends are compared on it;
     # NULL for instances indexed before revision 0003 until `macpacs reindex` fills it.
-    Column("content_hash", String(64), nullable=True),
+    Column("content_hash", byte_string(64), nullable=True),
     Column("received_at", Float, nullable=False),
-    Column("source_ae", String(16), nullable=False, default=""),
+    Column("source_ae", byte_string(16), nullable=False, default=""),
     UniqueConstraint("sop_instance_uid", name="uq_instance_uid"),
     Index("ix_instance_series", "series_pk"),
 )
@@ -125,17 +125,17 @@ node = Table(
     "node",
     metadata,
     Column("pk", Integer, primary_key=True),
-    Column("name", String(64), nullable=False),
-    Column("ae_title", String(16), nullable=False),
-    Column("host", String(255), nullable=False),
+    Column("name", byte_string(64), nullable=False),
+    Column("ae_title", byte_string(16), nullable=False),
+    Column("host", byte_string(255), nullable=False),
     Column("port", Integer, nullable=False),
     Column("tls", Boolean, nullable=False, default=False),
     Column("allow_store", Boolean, nullable=False, default=True),
     Column("allow_query", Boolean, nullable=False, default=True),
     Column("allow_retrieve", Boolean, nullable=False, default=True),
     # "active", or "pending" for a workstation that registered itself and awaits an admin.
-    Column("status", String(16), nullable=False, default="active"),
-    Column("description", String(1024), nullable=False, default=""),
+    Column("status", byte_string(16), nullable=False, default="active"),
+    Column("description", byte_string(1024), nullable=False, default=""),
     Column("created_at", Float, nullable=False),
     UniqueConstraint("name", name="uq_node_name"),
     UniqueConstraint("ae_title", name="uq_node_ae_title"),
@@ -146,14 +146,14 @@ web_user = Table(
     "web_user",
     metadata,
     Column("pk", Integer, primary_key=True),
-    Column("username", String(64), nullable=False),
-    Column("password_hash", String(255), nullable=False),
-    Column("role", String(16), nullable=False, default="admin"),
+    Column("username", byte_string(64), nullable=False),
+    Column("password_hash", byte_string(255), nullable=False),
+    Column("role", byte_string(16), nullable=False, default="admin"),
     Column("created_at", Float, nullable=False),
     Column("failed_logins", Integer, nullable=False, default=0),
     Column("locked_until", Float, nullable=False, default=0.0),
     # What the user may do: rights names joined by commas (pacs_server.users.RIGHTS), from 0004.
-    Column("rights", String(255), nullable=False, default=""),
+    Column("rights", byte_string(255), nullable=False, default=""),
     UniqueConstraint("username", name="uq_web_user_username"),
 )
 
@@ -162,8 +162,8 @@ api_token = Table(
     metadata,
     Column("pk", Integer, primary_key=True),
     Column("user_pk", Integer, ForeignKey("web_user.pk", ondelete="CASCADE"), nullable=False),
-    Column("name", String(64), nullable=False, default=""),
-    Column("token_hash", String(128), nullable=False),
+    Column("name", byte_string(64), nullable=False, default=""),
+    Column("token_hash", byte_string(128), nullable=False),
     Column("created_at", Float, nullable=False),
     UniqueConstraint("token_hash", name="uq_api_token_hash"),
 )
@@ -175,19 +175,19 @@ job = Table(
     "job",
     metadata,
     Column("pk", Integer, primary_key=True),
-    Column("kind", String(32), nullable=False),
-    Column("description", String(512), nullable=False, default=""),
+    Column("kind", byte_string(32), nullable=False),
+    Column("description", byte_string(512), nullable=False, default=""),
     Column("payload", Text, nullable=False, default="{}"),  # JSON, the kind's own
     # Queued jobs with one batch key may run together (instances routed to one node: one association).
-    Column("batch_key", String(255), nullable=True),
+    Column("batch_key", byte_string(255), nullable=True),
     # At most one job per key, ever: a hook that runs twice (after a crash) queues nothing twice.
-    Column("dedupe_key", String(255), nullable=True),
+    Column("dedupe_key", byte_string(255), nullable=True),
     # queued, running, done, failed (gave up or cannot succeed), cancelled
-    Column("state", String(16), nullable=False, default="queued"),
+    Column("state", byte_string(16), nullable=False, default="queued"),
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False),
     Column("next_run_at", Float, nullable=False),
-    Column("owner", String(128), nullable=False, default=""),  # host:pid:claim of the runner
+    Column("owner", byte_string(128), nullable=False, default=""),  # host:pid:claim of the runner
     Column("lease_until", Float, nullable=False, default=0.0),  # a running job past it is re-queued
     Column("total", Integer, nullable=False, default=0),
     Column("done", Integer, nullable=False, default=0),
@@ -206,10 +206,10 @@ job = Table(
 study_stable = Table(
     "study_stable",
     metadata,
-    Column("study_uid", String(64), primary_key=True),
+    Column("study_uid", byte_string(64), primary_key=True),
     Column("seen_updated_at", Float, nullable=False),
     Column("generation", Integer, nullable=False),  # 1 the first time, +1 each time it fires again
-    Column("state", String(16), nullable=False),  # "firing" while the hooks run, then "fired"
+    Column("state", byte_string(16), nullable=False),  # "firing" while the hooks run, then "fired"
     Column("fired_at", Float, nullable=False),
 )
 
@@ -219,12 +219,12 @@ study_stable = Table(
 web_session = Table(
     "web_session",
     metadata,
-    Column("token_hash", String(64), primary_key=True),
+    Column("token_hash", byte_string(64), primary_key=True),
     Column("user_pk", Integer, ForeignKey("web_user.pk", ondelete="CASCADE"), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
     Column("expires_at", Float, nullable=False),  # absolute end (web.session_hours)
-    Column("address", String(64), nullable=False, default=""),
+    Column("address", byte_string(64), nullable=False, default=""),
     Index("ix_web_session_user", "user_pk"),
     Index("ix_web_session_expires", "expires_at"),
 )
@@ -234,7 +234,7 @@ web_session = Table(
 rate_limit = Table(
     "rate_limit",
     metadata,
-    Column("key", String(128), primary_key=True),
+    Column("key", byte_string(128), primary_key=True),
     Column("count", Integer, nullable=False),
     Column("window_start", Float, nullable=False),
     Index("ix_rate_limit_window", "window_start"),

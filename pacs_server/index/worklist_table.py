@@ -24,7 +24,6 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
-    String,
     Table,
     Text,
     UniqueConstraint,
@@ -37,6 +36,7 @@ from sqlalchemy import (
 
 from . import db
 from .attributes import Attr, normalize_pn
+from .column_types import byte_string
 from .matcher import QueryError, condition_for
 from .schema import metadata
 
@@ -50,29 +50,29 @@ scheduled_procedure = Table(
     metadata,
     Column("pk", Integer, primary_key=True),
     # Unique per step: "hl7:<placer order>:<step id>" for HL7 orders, "api:<random>" for the REST API.
-    Column("item_key", String(200), nullable=False),
-    Column("source", String(16), nullable=False),
-    Column("patient_id", String(64), nullable=False, default=""),
-    Column("issuer_of_patient_id", String(64), nullable=False, default=""),
-    Column("patient_name", String(324), nullable=False, default=""),
-    Column("patient_name_norm", String(324), nullable=False, default=""),
-    Column("patient_birth_date", String(8), nullable=False, default=""),
-    Column("patient_sex", String(16), nullable=False, default=""),
-    Column("accession_number", String(64), nullable=False, default=""),
-    Column("requested_procedure_id", String(64), nullable=False, default=""),
-    Column("study_uid", String(64), nullable=False, default=""),
-    Column("sps_id", String(64), nullable=False, default=""),
-    Column("modality", String(16), nullable=False, default=""),
-    Column("station_ae", String(16), nullable=False, default=""),
-    Column("station_name", String(16), nullable=False, default=""),
-    Column("start_date", String(8), nullable=False, default=""),
-    Column("start_time", String(16), nullable=False, default=""),
-    Column("performing_physician", String(324), nullable=False, default=""),
-    Column("performing_physician_norm", String(324), nullable=False, default=""),
-    Column("status", String(16), nullable=False, default="SCHEDULED"),
+    Column("item_key", byte_string(200), nullable=False),
+    Column("source", byte_string(16), nullable=False),
+    Column("patient_id", byte_string(64), nullable=False, default=""),
+    Column("issuer_of_patient_id", byte_string(64), nullable=False, default=""),
+    Column("patient_name", byte_string(324), nullable=False, default=""),
+    Column("patient_name_norm", byte_string(324), nullable=False, default=""),
+    Column("patient_birth_date", byte_string(8), nullable=False, default=""),
+    Column("patient_sex", byte_string(16), nullable=False, default=""),
+    Column("accession_number", byte_string(64), nullable=False, default=""),
+    Column("requested_procedure_id", byte_string(64), nullable=False, default=""),
+    Column("study_uid", byte_string(64), nullable=False, default=""),
+    Column("sps_id", byte_string(64), nullable=False, default=""),
+    Column("modality", byte_string(16), nullable=False, default=""),
+    Column("station_ae", byte_string(16), nullable=False, default=""),
+    Column("station_name", byte_string(16), nullable=False, default=""),
+    Column("start_date", byte_string(8), nullable=False, default=""),
+    Column("start_time", byte_string(16), nullable=False, default=""),
+    Column("performing_physician", byte_string(324), nullable=False, default=""),
+    Column("performing_physician_norm", byte_string(324), nullable=False, default=""),
+    Column("status", byte_string(16), nullable=False, default="SCHEDULED"),
     Column("item", Text, nullable=False),  # DICOM JSON of the whole worklist item
     # MSH-7 of the newest HL7 message applied to this step: an older one arriving late is not applied.
-    Column("message_time", String(26), nullable=False, default=""),
+    Column("message_time", byte_string(26), nullable=False, default=""),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("item_key", name="uq_scheduled_procedure_key"),
@@ -87,9 +87,9 @@ performed_procedure = Table(
     "performed_procedure",
     metadata,
     Column("pk", Integer, primary_key=True),
-    Column("sop_instance_uid", String(64), nullable=False),
-    Column("status", String(16), nullable=False),  # IN PROGRESS, COMPLETED, DISCONTINUED
-    Column("calling_ae", String(16), nullable=False, default=""),
+    Column("sop_instance_uid", byte_string(64), nullable=False),
+    Column("status", byte_string(16), nullable=False),  # IN PROGRESS, COMPLETED, DISCONTINUED
+    Column("calling_ae", byte_string(16), nullable=False, default=""),
     Column("dataset", Text, nullable=False),  # DICOM JSON, as created and then set
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
@@ -130,16 +130,24 @@ PATIENT_COLUMNS = {
 }
 
 
+# PostgreSQL advisory lock key of the worklist writers (any 64-bit number no other writer uses).
+WORKLIST_LOCK_KEY = 0x6D61_6370_776C  # "macpwl"
+
+
 @contextmanager
 def writing(index: db.Index) -> Iterator[Connection]:
     """One write transaction, queued with the index's other writers (ingest's writer lock).
 
     On SQLite it begins IMMEDIATE, as ingest's, so that what it reads cannot change before it
-    writes. The plugins' writes to these tables (and to the patient rows) go through here.
+    writes. On PostgreSQL it takes a transaction-level advisory lock instead, so that these
+    writers follow one another across server nodes too (ingest does not take it: it changes no
+    worklist row). The plugins' writes to these tables (and to the patient rows) go through here.
     """
     with index._write_lock, index.engine.connect() as conn, conn.begin():  # the index's own writer lock
         if index.is_sqlite:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.execute(select(func.pg_advisory_xact_lock(WORKLIST_LOCK_KEY)))
         yield conn
 
 
@@ -165,7 +173,7 @@ class ProcedureTable:
             attr = MATCHING.get(keyword)
             if attr is None or not value:
                 continue
-            cond = condition_for(attr, value, t, case_insensitive=case_insensitive, sqlite=self.index.is_sqlite)
+            cond = condition_for(attr, value, t, case_insensitive=case_insensitive)
             if cond is not None:
                 conditions.append(cond)
         if not include_ended:

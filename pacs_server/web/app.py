@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from ..archive import Archive
-from ..index import IndexUnreadable, QueryError
+from ..index import IndexUnavailable, IndexUnreadable, QueryError
 from ..retrieve import FileMissing
 from . import api, debug, health, pages, wado_uri
 from .auth import Authenticator
@@ -68,6 +68,12 @@ def create_app(archive: Archive) -> FastAPI:
         # The server repairs it by itself in server mode (recovery.py): worth a retry shortly.
         detail = f"{exc}; see /health for the repair under way"
         return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "10"})
+
+    @app.exception_handler(IndexUnavailable)
+    async def _index_unavailable(_request: Request, exc: IndexUnavailable) -> JSONResponse:
+        # The database server is restarting or overloaded (index.statement_timeout): nothing was
+        # changed, and the next request gets a fresh connection.
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
     app.include_router(health.router)
     app.include_router(wado_uri.router)

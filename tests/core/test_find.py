@@ -9,7 +9,7 @@ import pytest
 from pydicom.data import get_charset_files
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tests.conftest import findscu, run_tool, store_studies
+from tests.conftest import BACKENDS, findscu, index_url_for, run_tool, store_studies
 from tests.synthetic import write_series
 
 STUDIES = [
@@ -21,13 +21,14 @@ STUDIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    """One server for the whole module, loaded once with known studies (read-only tests)."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def archive(tmp_path_factory, request):
+    """One server per index database for the whole module, loaded once with known studies (read-only tests)."""
     from tests.conftest import ServerProcess, free_port
 
     base = tmp_path_factory.mktemp("find")
-    server = ServerProcess(base / "data", free_port(), free_port(), free_port()).start()
+    url = index_url_for(request, request.param)
+    server = ServerProcess(base / "data", free_port(), free_port(), free_port(), index_url=url).start()
     uids = store_studies(server, base / "in", STUDIES)
     yield server, uids, base
     server.stop()

@@ -171,7 +171,7 @@ CASES = [("STUDY", STUDY_KEYS, STUDY_ROWS), ("IMAGE", IMAGE_KEYS, IMAGE_ROWS)]
 def test_identifiers_match_the_pydicom_encoding(syntax, explicit_request, level, keys, rows):
     identifier = _identifier(level, *keys, explicit=explicit_request)
     query = identifier_to_query(identifier, MODEL, case_insensitive=True)
-    _stmt, keywords = build(query, sqlite=True)
+    _stmt, keywords = build(query)
     encoder = IdentifierEncoder(identifier, query, keywords, "MACPACS", syntax)
     for row in rows:
         row = {k: row[k] for k in [*keywords, "_charset"]}  # the columns the matcher selects
@@ -187,7 +187,7 @@ def test_identifiers_match_the_pydicom_encoding(syntax, explicit_request, level,
 def test_ascii_rows_take_the_direct_path():
     identifier = _identifier("STUDY", *STUDY_KEYS)
     query = identifier_to_query(identifier, MODEL, case_insensitive=True)
-    _stmt, keywords = build(query, sqlite=True)
+    _stmt, keywords = build(query)
     encoder = IdentifierEncoder(identifier, query, keywords, "MACPACS", ImplicitVRLittleEndian)
     assert encoder._encode_direct(STUDY_ROWS[0]) is not None
     assert encoder._encode_direct(STUDY_ROWS[2]) is None  # non-ASCII: pydicom encodes it

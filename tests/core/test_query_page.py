@@ -8,7 +8,10 @@ import pytest
 from pydicom.uid import generate_uid
 
 from macpacs.pacs_server.index import Query, QueryError
+from tests.conftest import both_indexes
 from tests.synthetic import write_series
+
+pytestmark = both_indexes
 
 STUDIES = [("DOE^A", "P1", "20240103"), ("DOE^B", "P2", "20240101"), ("DOE^C", "P3", "20240102"), ("ROE^D", "P4", "")]
 

@@ -78,7 +78,7 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
 
 
 def _plan(index: Index, query: Query) -> list[str]:
-    statement, _ = build(query, sqlite=True)
+    statement, _ = build(query)
     compiled = statement.compile(dialect=index.engine.dialect)
     params = tuple(compiled.params[k] for k in compiled.positiontup) if compiled.positional else compiled.params
     with index.engine.connect() as conn:

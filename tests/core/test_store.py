@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
 from macpacs.pacs_server.storage import blob_key
-from tests.conftest import dataset_bytes, dcmtk, findscu, free_port, run_tool, wait_for_port
+from tests.conftest import both_indexes, dataset_bytes, dcmtk, findscu, free_port, run_tool, wait_for_port
 from tests.synthetic import make_instance, write_series
 
 # storescu's flag that proposes a file's own transfer syntax (DCMTK 3.6.7 proposes few by default).
@@ -37,11 +36,7 @@ PROPOSE = {
 
 
 def index_rows(server, table: str = "instance") -> int:
-    con = sqlite3.connect(server.data_dir / "index.sqlite")
-    try:
-        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # table name is a test constant
-    finally:
-        con.close()
+    return server.index_query(f"SELECT count(*) FROM {table}")[0][0]  # table name is a test constant
 
 
 def stored_path(server, sop_uid: str) -> Path:
@@ -143,6 +138,7 @@ def test_every_pydicom_file_stored_byte_for_byte(make_server, pydicom_test_files
     assert server.log().count("StudyInstanceUID is missing") == len(refused_by_us) > 0
 
 
+@both_indexes
 def test_ct_series_and_resend_is_not_duplicated(server, tmp_path):
     paths = write_series(tmp_path / "ct", 20, size=256)
     run_tool("storescu", *server.dicom_args(), str(tmp_path / "ct"), "+sd")
@@ -153,8 +149,7 @@ def test_ct_series_and_resend_is_not_duplicated(server, tmp_path):
     for p in paths[:3]:
         uid = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(stored_path(server, uid)) == dataset_bytes(p)
-    con = sqlite3.connect(server.data_dir / "index.sqlite")
-    assert con.execute("SELECT num_instances, num_series, modalities_in_study FROM study").fetchone() == (20, 1, "CT")
+    assert server.index_query("SELECT num_instances, num_series, modalities_in_study FROM study") == [(20, 1, "CT")]
 
 
 def _changed_copy(original: Path, folder: Path) -> Path:
@@ -165,6 +160,7 @@ def _changed_copy(original: Path, folder: Path) -> Path:
     return out
 
 
+@both_indexes
 @pytest.mark.parametrize("policy", ["keep", "overwrite"])
 def test_conflicting_resend_follows_setting(make_server, tmp_path, policy):
     server = make_server(env={"MACPACS_STORAGE_ON_CONFLICT": policy})
@@ -246,6 +242,7 @@ def test_abort_mid_transfer_leaves_nothing(server, tmp_path):
     run_tool("echoscu", *server.dicom_args())  # still serving
 
 
+@both_indexes
 def test_concurrent_associations(server, tmp_path):
     folders = []
     for n in range(4):
@@ -269,6 +266,7 @@ def test_concurrent_associations(server, tmp_path):
     assert index_rows(server, "patient") == 4
 
 
+@both_indexes
 def test_restart_loses_nothing(make_server, tmp_path):
     server = make_server()
     write_series(tmp_path / "ct", 10, size=64)

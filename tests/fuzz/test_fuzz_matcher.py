@@ -1,7 +1,7 @@
 """The one query matcher (C-FIND, QIDO-RS, XML-RPC, the study list) with generated matching keys.
 
 Any level, any attribute, any value (wildcards, ranges, UID lists, odd text), any order and page:
-the matcher answers rows or a ``QueryError``, nothing else, on a real SQLite index. And wildcard
+the matcher answers rows or a ``QueryError``, nothing else, on a real SQLite and PostgreSQL index. And wildcard
 matching of a plain attribute is what DICOM says it is (PS3.4 C.2.2.2.4), checked against a
 regular expression over stored IDs full of SQL ``LIKE``'s own special characters.
 """
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from macpacs.pacs_server.index import Query, QueryError
 from macpacs.pacs_server.index.attributes import ATTRIBUTES, LEVELS
+from tests.conftest import BACKENDS, index_url_for
 from tests.synthetic import write_series
 
 from .profiles import fuzz
@@ -36,13 +37,14 @@ value = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def archive(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     from macpacs.pacs_server.archive import open_archive
     from macpacs.pacs_server.config import load
 
     root = tmp_path_factory.mktemp("fuzz-matcher")
-    opened = open_archive(load(overrides={"storage": {"data_dir": str(root / "data")}}, environ={}))
+    overrides = {"storage": {"data_dir": str(root / "data")}, "index": {"url": index_url_for(request, request.param)}}
+    opened = open_archive(load(overrides=overrides, environ={}))
     for n, pid in enumerate(IDS):
         for path in write_series(root / str(n), 2, size=4, patient_id=pid, patient_name=f"DOE^{pid}"):
             assert opened.ingestor.ingest_file(Path(path)).ok

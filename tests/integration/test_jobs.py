@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from macpacs.pacs_server.archive import open_archive
 from macpacs.pacs_server.config import load
 from tests.browser.conftest import browser, page  # noqa: F401  (the real Chromium and a fresh page)
-from tests.conftest import MACPACS, ROOT, ServerProcess, free_port
+from tests.conftest import BACKENDS, MACPACS, ROOT, ServerProcess, free_port, index_url_for
 from tests.synthetic import write_series
 
 from .jobs_helpers import Storescp, add_node, health, job_counts, jobs, macpacs, wait_until
@@ -154,8 +154,13 @@ print(json.dumps(taken))
 """
 
 
-def test_each_job_is_taken_by_one_of_several_processes(tmp_path: Path) -> None:
-    settings = load(overrides={"storage": {"data_dir": str(tmp_path / "data")}}, environ={})
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_job_is_taken_by_one_of_several_processes(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """On SQLite the writers take turns; on PostgreSQL the claims run at once (FOR UPDATE SKIP LOCKED)."""
+    index = {"url": index_url_for(request, backend)}
+    settings = load(overrides={"storage": {"data_dir": str(tmp_path / "data")}, "index": index}, environ={})
     archive = open_archive(settings)
     try:
         batches = [f"send:node{n % 3}:" for n in range(300)]

@@ -10,6 +10,8 @@ stored copy's hash when a re-send meets a row without one.
 import sqlalchemy as sa
 from alembic import op
 
+from macpacs.pacs_server.index.column_types import byte_string
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -17,7 +19,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column("instance", sa.Column("content_hash", sa.String(length=64), nullable=True))
+    op.add_column("instance", sa.Column("content_hash", byte_string(64), nullable=True))
     if op.get_bind().dialect.name != "sqlite":  # SQLite's INTEGER already holds 64 bits
         op.alter_column("instance", "file_size", type_=sa.BigInteger(), existing_nullable=False)
 

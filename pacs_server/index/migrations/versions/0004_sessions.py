@@ -12,6 +12,8 @@ signed cookies, not rows: they end, and users log in again once.
 import sqlalchemy as sa
 from alembic import op
 
+from macpacs.pacs_server.index.column_types import byte_string
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -24,12 +26,12 @@ FORMER_READ_RIGHTS = "download,read,send,upload"
 def upgrade() -> None:
     op.create_table(
         "web_session",
-        sa.Column("token_hash", sa.String(length=64), nullable=False),
+        sa.Column("token_hash", byte_string(64), nullable=False),
         sa.Column("user_pk", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("last_seen", sa.Float(), nullable=False),
         sa.Column("expires_at", sa.Float(), nullable=False),
-        sa.Column("address", sa.String(length=64), nullable=False),
+        sa.Column("address", byte_string(64), nullable=False),
         sa.ForeignKeyConstraint(["user_pk"], ["web_user.pk"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("token_hash"),
     )
@@ -37,13 +39,13 @@ def upgrade() -> None:
     op.create_index("ix_web_session_expires", "web_session", ["expires_at"])
     op.create_table(
         "rate_limit",
-        sa.Column("key", sa.String(length=128), nullable=False),
+        sa.Column("key", byte_string(128), nullable=False),
         sa.Column("count", sa.Integer(), nullable=False),
         sa.Column("window_start", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
     op.create_index("ix_rate_limit_window", "rate_limit", ["window_start"])
-    op.add_column("web_user", sa.Column("rights", sa.String(length=255), nullable=False, server_default=""))
+    op.add_column("web_user", sa.Column("rights", byte_string(255), nullable=False, server_default=""))
     user = sa.table("web_user", sa.column("role", sa.String), sa.column("rights", sa.String))
     op.execute(user.update().where(user.c.role == "admin").values(rights=ADMIN_RIGHTS))
     op.execute(user.update().where(user.c.role == "read").values(role="user", rights=FORMER_READ_RIGHTS))

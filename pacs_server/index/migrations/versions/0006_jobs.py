@@ -13,6 +13,8 @@ import time
 import sqlalchemy as sa
 from alembic import op
 
+from macpacs.pacs_server.index.column_types import byte_string
+
 revision = "0006"
 down_revision = "0003"
 branch_labels = None
@@ -23,16 +25,16 @@ def upgrade() -> None:
     op.create_table(
         "job",
         sa.Column("pk", sa.Integer(), nullable=False),
-        sa.Column("kind", sa.String(length=32), nullable=False),
-        sa.Column("description", sa.String(length=512), nullable=False),
+        sa.Column("kind", byte_string(32), nullable=False),
+        sa.Column("description", byte_string(512), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
-        sa.Column("batch_key", sa.String(length=255), nullable=True),
-        sa.Column("dedupe_key", sa.String(length=255), nullable=True),
-        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("batch_key", byte_string(255), nullable=True),
+        sa.Column("dedupe_key", byte_string(255), nullable=True),
+        sa.Column("state", byte_string(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("max_attempts", sa.Integer(), nullable=False),
         sa.Column("next_run_at", sa.Float(), nullable=False),
-        sa.Column("owner", sa.String(length=128), nullable=False),
+        sa.Column("owner", byte_string(128), nullable=False),
         sa.Column("lease_until", sa.Float(), nullable=False),
         sa.Column("total", sa.Integer(), nullable=False),
         sa.Column("done", sa.Integer(), nullable=False),
@@ -49,10 +51,10 @@ def upgrade() -> None:
         batch_op.create_index("ix_job_batch", ["batch_key", "state"], unique=False)
     op.create_table(
         "study_stable",
-        sa.Column("study_uid", sa.String(length=64), nullable=False),
+        sa.Column("study_uid", byte_string(64), nullable=False),
         sa.Column("seen_updated_at", sa.Float(), nullable=False),
         sa.Column("generation", sa.Integer(), nullable=False),
-        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("state", byte_string(16), nullable=False),
         sa.Column("fired_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("study_uid"),
     )
