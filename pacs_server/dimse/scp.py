@@ -52,6 +52,7 @@ from pynetdicom.sop_class import (
 
 from .. import dicom_status
 from ..archive import Archive
+from ..index import IndexUnavailable
 from ..nodes import Node
 from . import audited, connections, pynetdicom_ext, subops, tls
 from .connections import AssociationSlots, Connection
@@ -269,6 +270,9 @@ class DicomListener:
         assoc = event.assoc
         try:
             rejection = self._admit(assoc)
+        except IndexUnavailable as exc:  # the database server is down or restarting: the peer retries
+            log.error("association from %s rejected (transient): %s", _peer_of_request(assoc), exc)
+            rejection = REJECT_INTERNAL_ERROR
         except Exception as exc:
             log.error(
                 "association from %s rejected: internal error in the DICOM access check (the calling AE "
