@@ -137,7 +137,14 @@ class Index:
         self._compiled: dict[str | tuple[str, ...], _Compiled] = {}
         self._stored_bytes: tuple[float, int] | None = None  # (monotonic time, bytes): stored_bytes()
         self._returning = bool(self.engine.dialect.insert_returning)
-        self._conflicts = (IntegrityError, self.engine.dialect.loaded_dbapi.IntegrityError, _StaleParents)
+        # Retried once by add_instance: another writer got there first (and, on PostgreSQL, a
+        # deadlock with a delete, which locks series before studies, or a serialization failure).
+        self._conflicts = (
+            IntegrityError,
+            self.engine.dialect.loaded_dbapi.IntegrityError,
+            _StaleParents,
+            *postgres.retryable(self.engine),
+        )
 
     # -- schema -----------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -382,10 +389,12 @@ class Index:
             )
             conn.execute(update(st).where(st.c.pk == study_pk).values(updated_at=now))
             return False
-        # The hot path of every C-STORE.
+        # The hot path of every C-STORE. Rows are locked study, series, patient, in the order
+        # ``_find_or_create_parents`` takes them (the study first, FOR UPDATE), so that two
+        # PostgreSQL transactions on one study queue instead of deadlocking.
         for name, values in (
-            ("count_series", {"pk_": series_pk, "uid": rec.series["series_uid"]}),
             ("count_study", {"pk_": study_pk, "uid": rec.study["study_uid"], "now": now}),
+            ("count_series", {"pk_": series_pk, "uid": rec.series["series_uid"]}),
             ("count_patient", {"pk_": patient_pk}),
         ):
             self._run(cursor, name, values)

@@ -58,6 +58,16 @@ def engine(url: str, *, pool_size: int, statement_timeout: float, connect_timeou
     return created
 
 
+def retryable(created: Engine) -> tuple[type[Exception], ...]:
+    """The driver's errors after which the same transaction, run again, may well succeed (a
+    deadlock, a serialization failure: SQLSTATE class 40); none for SQLite."""
+    if created.dialect.name != "postgresql":
+        return ()
+    import psycopg.errors
+
+    return (psycopg.errors.TransactionRollback,)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """True for psycopg's errors that mean "the server cannot answer now", not a bug or bad data:
     connection failures, shutdowns, cancelled statements (the timeout), deadlocks (SQLSTATE

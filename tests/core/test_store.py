@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -264,6 +265,32 @@ def test_concurrent_associations(server, tmp_path):
     assert not errors
     assert index_rows(server) == 60
     assert index_rows(server, "patient") == 4
+
+
+@both_indexes
+def test_one_study_from_four_associations_at_once(server, tmp_path):
+    """Slices of one series and a second series of the same study, dealt out to four associations:
+    on PostgreSQL the writers run side by side on the same study, series and patient rows (they
+    lock them in one order, so none deadlocks), and every instance is stored and counted."""
+    study = generate_uid()
+    paths = write_series(tmp_path / "a", 24, study_uid=study, size=16, patient_id="P1")
+    paths += write_series(tmp_path / "b", 8, study_uid=study, size=16, patient_id="P1", modality="MR")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    procs = [
+        subprocess.Popen(
+            [dcmtk("storescu"), *server.dicom_args(), *map(str, paths[n::4])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for n in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert not any("OutOfResources" in out or "Failed" in out for out in outputs), outputs
+    assert index_rows(server) == 32
+    assert server.index_query("SELECT num_instances, num_series, modalities_in_study FROM study") == [(32, 2, "CT\\MR")]
+    assert server.index_query("SELECT num_studies, num_series, num_instances FROM patient") == [(1, 2, 32)]
 
 
 @both_indexes
