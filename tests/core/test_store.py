@@ -283,7 +283,7 @@ def test_one_study_from_four_associations_at_once(server, tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for n in range(4)
     ]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
