@@ -159,3 +159,26 @@ def test_a_statement_past_the_timeout_is_a_clean_failure(cluster: Cluster, tmp_p
         assert instances_in(url) == 2
     finally:
         server.stop()
+
+
+def test_index_settings_and_their_former_name() -> None:
+    from macpacs.pacs_server.config import ConfigError, load
+
+    pg = "postgresql://macpacs@db.example.org/macpacs"
+    assert load(environ={"MACPACS_INDEX_URL": pg}).index_url == pg
+    assert load(environ={"MACPACS_STORAGE_INDEX_URL": pg}).index_url == pg  # the former name, still read
+    both = {"MACPACS_INDEX_URL": pg, "MACPACS_STORAGE_INDEX_URL": "sqlite:////tmp/old.sqlite"}
+    assert load(environ=both).index_url == pg
+    with pytest.raises(ConfigError, match=r"index\.url 'mysql'"):
+        load(environ={"MACPACS_INDEX_URL": "mysql://root:secret@db/pacs"})
+    with pytest.raises(ConfigError, match=r"index\.pool_size"):
+        load(environ={"MACPACS_INDEX_POOL_SIZE": "0"})
+
+
+def test_a_command_says_when_the_database_server_is_down(tmp_path: Path) -> None:
+    down = f"postgresql://macpacs:secret@127.0.0.1:{free_port()}/macpacs"
+    proc = macpacs("users", "list", data_dir=tmp_path / "data", check=False,
+                   env={"MACPACS_INDEX_URL": down, "MACPACS_INDEX_CONNECT_TIMEOUT": "2"})  # fmt: skip
+    assert proc.returncode != 0
+    assert "the index database (PostgreSQL) is unavailable" in proc.stderr and "Traceback" not in proc.stderr
+    assert "secret" not in proc.stderr
