@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, case, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from . import upsert
 from .db import Index
 from .schema import job
 
@@ -62,15 +62,12 @@ class JobTable:
     def __init__(self, index: Index) -> None:
         self.index = index
         self.engine = index.engine
-        self._postgres = self.engine.dialect.name == "postgresql"
         # Built once: an INSERT that skips a taken dedupe key (both dialects say ON CONFLICT DO
         # NOTHING) and returns the new key (no row when skipped: psycopg gives no rowcount for
         # it), run with each row's values as parameters (building it per row costs more than
         # the insert itself).
-        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        self._insert_stmt = (
-            dialect_insert(job).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(job.c.pk)
-        )
+        skip_taken = upsert.insert(job, self.engine.dialect.name).on_conflict_do_nothing(index_elements=["dedupe_key"])
+        self._insert_stmt = skip_taken.returning(job.c.pk)
         self._defaults = {
             "description": "",
             "payload": "{}",
@@ -91,7 +88,8 @@ class JobTable:
         return quick_write(self.index)
 
     def _locking(self, stmt: Any) -> Any:
-        return stmt.with_for_update(skip_locked=True) if self._postgres else stmt
+        # SQLite leaves FOR UPDATE out (it has one writer at a time): one statement for both.
+        return stmt.with_for_update(skip_locked=True)
 
     # -- queueing ---------------------------------------------------------------------------------
     def insert(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:

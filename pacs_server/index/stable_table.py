@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from . import upsert
 from .db import Index
 from .jobs_table import quick_write
 from .schema import instance, series, study, study_stable
@@ -57,8 +57,7 @@ class StableTable:
         with quick_write(self.index) as conn:
             generation = conn.execute(select(st.generation).where(st.study_uid == study_uid)).scalar()
             if generation is None:
-                dialect_insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
-                stmt = dialect_insert(study_stable).values(
+                stmt = upsert.insert(study_stable, self.engine.dialect.name).values(
                     study_uid=study_uid, seen_updated_at=updated_at, generation=1, state=FIRING, fired_at=now
                 )
                 return 1 if conn.execute(stmt.on_conflict_do_nothing()).rowcount == 1 else None

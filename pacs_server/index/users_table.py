@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, case, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from . import upsert
 from .db import Index
 from .schema import api_token, rate_limit, web_session, web_user
 
@@ -188,10 +188,9 @@ class UserTable:
 
 def _hit(conn: Connection, key: str, window_s: float, now: float) -> tuple[int, float]:
     """Upsert ``key``'s counter (+1, or 1 in a new window) and read it back, in the caller's transaction."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     r = rate_limit.c
     expired = r.window_start < now - window_s
-    stmt = dialect.insert(rate_limit).values(key=key, count=1, window_start=now)
+    stmt = upsert.insert(rate_limit, conn.dialect.name).values(key=key, count=1, window_start=now)
     stmt = stmt.on_conflict_do_update(
         index_elements=[r.key],
         set_={
