@@ -161,7 +161,6 @@ def _changed_copy(original: Path, folder: Path) -> Path:
     return out
 
 
-@both_indexes
 @pytest.mark.parametrize("policy", ["keep", "overwrite"])
 def test_conflicting_resend_follows_setting(make_server, tmp_path, policy):
     server = make_server(env={"MACPACS_STORAGE_ON_CONFLICT": policy})
@@ -243,7 +242,6 @@ def test_abort_mid_transfer_leaves_nothing(server, tmp_path):
     run_tool("echoscu", *server.dicom_args())  # still serving
 
 
-@both_indexes
 def test_concurrent_associations(server, tmp_path):
     folders = []
     for n in range(4):
@@ -293,7 +291,6 @@ def test_one_study_from_four_associations_at_once(server, tmp_path):
     assert server.index_query("SELECT num_studies, num_series, num_instances FROM patient") == [(1, 2, 32)]
 
 
-@both_indexes
 def test_restart_loses_nothing(make_server, tmp_path):
     server = make_server()
     write_series(tmp_path / "ct", 10, size=64)
