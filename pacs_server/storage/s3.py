@@ -20,7 +20,9 @@ and never with a credential in it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -44,6 +46,7 @@ _LISTED_KEY = re.compile(r"[^/]{2}/[^/]{2}/[^/]+\.dcm")  # what iter_keys lists,
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 _REFUSED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"})
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class S3Options(Protocol):
@@ -160,12 +163,16 @@ class S3Store(LocalStaging):
         # upload_file returns once the store answered the last request (the PUT, or the multipart
         # upload's completion) with success; any other answer raises, after botocore's retries.
         self._call(f"store {name}", self._transfer.upload_file, filename=str(staged), bucket=self.bucket, key=name)
-        size = os.stat(staged).st_size
-        if self._cache is not None and self._cache.fits(size):
-            self._cache.adopt(key, staged)  # what was received is what a workstation retrieves next
-        else:
+        # The object is stored: nothing here may fail the store any more (the cache is a bonus).
+        try:
             if self._cache is not None:
+                if self._cache.fits(os.stat(staged).st_size):
+                    self._cache.adopt(key, staged)  # what was received is what a workstation retrieves next
+                    return
                 self._cache.discard(key)
+        except OSError as exc:
+            log.warning("read cache: %s not kept after its upload: %s", key, exc)
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(staged)
 
     def open(self, key: str) -> BinaryIO:

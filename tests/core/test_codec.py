@@ -273,3 +273,8 @@ def test_read_dataset_is_what_follows_the_file_meta(tmp_path, ts):
     with open(path, "rb") as fh:
         assert bytes(codec.read_dataset(fh)) == path.read_bytes()[offset:]
     assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    # A file meta without its group length (written elsewhere) is parsed element by element.
+    data = path.read_bytes()
+    assert data[132:136] == b"\x02\x00\x00\x00"
+    without = data[:132] + data[144:]
+    assert bytes(codec.read_dataset(BytesIO(without))) == data[offset:]  # type: ignore[arg-type]
