@@ -84,10 +84,8 @@ class S3Store(LocalStaging):
                 read_timeout=timeout,
                 s3={"addressing_style": options.addressing_style},
                 max_pool_connections=16,
-                # Checksums as S3-compatible stores all accept (Content-MD5 where S3 asks for it);
-                # the index keeps each blob's SHA-256, which verify checks.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
+                # Uploads carry boto3's CRC32 checksum, which the store checks before it answers
+                # (a store that refuses these: AWS_REQUEST_CHECKSUM_CALCULATION=when_required).
             )
             return session.client(
                 "s3",
