@@ -66,11 +66,11 @@ class Gateway:
             "-ip.bind=127.0.0.1",
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master.grpc']}",
-            "-master.volumeSizeLimitMB=64",
+            "-master.volumeSizeLimitMB=256",  # volumes grow 7 at a time: 20 of 64 MB filled at ~450 MB
             "-master.telemetry=false",
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume.grpc']}",
-            "-volume.max=20",
+            "-volume.max=100",
             "-filer",
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer.grpc']}",

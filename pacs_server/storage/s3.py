@@ -43,6 +43,7 @@ from .read_cache import ReadCache
 MULTIPART_BYTES = 64 << 20  # larger uploads go in parts of this size, four at a time
 LIST_PAGE = 1000  # keys per listing request (S3's largest page)
 _LISTED_KEY = re.compile(r"[^/]{2}/[^/]{2}/[^/]+\.dcm")  # what iter_keys lists, as FileStore does
+_ERROR_CODE = re.compile(r"An error occurred \((\w+)\)")  # botocore's wording of the store's answer
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 _REFUSED = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"})
 T = TypeVar("T")
@@ -133,8 +134,8 @@ class S3Store(LocalStaging):
                 "s3.secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
             ) from None
         except S3UploadFailedError as exc:  # the store answered an upload with an error (its text names it)
-            code = next((code for code in _REFUSED if code in str(exc)), "")
-            raise self._refusal(what, code, str(exc)) from None
+            named = _ERROR_CODE.search(str(exc))
+            raise self._refusal(what, named.group(1) if named else "", str(exc)) from None
         except BotoCoreError as exc:
             raise StorageError(
                 errno.EIO, f"the object store at {self.endpoint} did not answer ({what}): {exc}"
@@ -153,7 +154,8 @@ class S3Store(LocalStaging):
                 errno.ENOENT,
                 f"the object store at {self.endpoint} has no bucket {self.bucket}: create it, or fix storage.url",
             )
-        return StorageError(errno.EIO, f"the object store at {self.endpoint} failed to {what} ({code}: {message})")
+        cause = f"{code}: {message}" if code else message
+        return StorageError(errno.EIO, f"the object store at {self.endpoint} failed to {what} ({cause})")
 
     # -- BlobStore -----------------------------------------------------------------------------
     def put(self, staged: str | Path, key: str) -> None:
