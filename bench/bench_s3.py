@@ -9,6 +9,8 @@ loopback, its data on the same disk as the file store's. For each run and each s
   and ``--small`` 64×64 instances (~10 KB);
 - WADO-RS of the CT series (multipart/related, as stored), read to the end;
 - C-GET of the CT series with DCMTK ``getscu --ignore``.
+The CPU each C-STORE cost is measured too (user + system seconds of the server and its DICOM
+workers, and of the gateway), which a busy machine disturbs far less than the rates.
 The S3 store's retrievals are measured twice: "warm", with the read cache holding what was just
 stored (what ingest leaves there), and "cold", with the cache emptied first, so every object is
 downloaded from the gateway. Rates are medians over ``--runs``; the ratios are S3 / files of
@@ -19,6 +21,7 @@ clients, so the S3 figures include the gateway's CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pydicom
 import requests
 
@@ -61,6 +65,18 @@ def c_get(server: Macpacs, study: str) -> float:
     return time.perf_counter() - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (the DICOM workers) so far."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def forget_cache(server: Macpacs) -> None:
     for folder in (server.data_dir / "cache").glob("??"):
         shutil.rmtree(folder)
@@ -74,9 +90,15 @@ def one_run(run: int, store: str, gateway: Gateway, ct: list[str], small: list[s
     first = pydicom.dcmread(ct[0], stop_before_pixels=True)
     study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
     out: dict[str, float] = {}
+    assert server.proc is not None and gateway.proc is not None
     try:
-        out["C-STORE CT inst/s"] = len(ct) / send_parallel(server.port, server.aet, [ct])
-        out["C-STORE small inst/s"] = len(small) / send_parallel(server.port, server.aet, [small])
+        for label, files in (("CT", ct), ("small", small)):
+            before = cpu_seconds(server.proc.pid), cpu_seconds(gateway.proc.pid)
+            out[f"C-STORE {label} inst/s"] = len(files) / send_parallel(server.port, server.aet, [files])
+            out[f"C-STORE {label} server CPU ms/inst"] = (cpu_seconds(server.proc.pid) - before[0]) * 1e3 / len(files)
+            if store == "s3":
+                spent = cpu_seconds(gateway.proc.pid) - before[1]
+                out[f"C-STORE {label} gateway CPU ms/inst"] = spent * 1e3 / len(files)
         for state in ("warm", "cold") if store == "s3" else ("warm",):
             if state == "cold":
                 forget_cache(server)
@@ -88,7 +110,7 @@ def one_run(run: int, store: str, gateway: Gateway, ct: list[str], small: list[s
     finally:
         server.stop()
     for name, value in out.items():
-        print(f"run {run + 1}: {store:5s} {name:32s} {value:8.1f}", flush=True)
+        print(f"run {run + 1}: {store:5s} {name:38s} {value:8.2f}", flush=True)
     return out
 
 
@@ -114,13 +136,18 @@ def main() -> None:
     ratios = {}
     for name in medians["s3"]:
         reference = name.replace("(cold)", "(warm)")
+        if reference not in medians["files"]:
+            continue  # the gateway's own CPU: no file store figure to compare with
         ratios[name] = statistics.median(
             s3[name] / files[reference] for s3, files in zip(results["s3"], results["files"], strict=True)
         )
-    print(f"\n{'':34s} {'files':>9s} {'S3':>9s} {'S3/files':>9s}")
+    print(f"\n{'':38s} {'files':>9s} {'S3':>9s} {'S3/files':>9s}")
     for name, value in medians["s3"].items():
-        reference = medians["files"][name.replace("(cold)", "(warm)")]
-        print(f"{name:34s} {reference:9.1f} {value:9.1f} {ratios[name]:9.2f}")
+        reference = medians["files"].get(name.replace("(cold)", "(warm)"))
+        if reference is None:
+            print(f"{name:38s} {'':>9s} {value:9.2f}")
+        else:
+            print(f"{name:38s} {reference:9.2f} {value:9.2f} {ratios[name]:9.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         body = {"args": vars(args) | {"out": str(args.out)}, "runs": results, "medians": medians, "ratios": ratios}
