@@ -131,6 +131,7 @@ class Receiver:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # added to the environment it starts with
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -142,7 +143,7 @@ class Receiver:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.prepare()
         # Orthanc links DCMTK, which leaves Nagle on unless TCP_NODELAY=1 (shared/reference/performance.md).
-        env = {**os.environ, "TCP_NODELAY": "1"}
+        env = {**os.environ, "TCP_NODELAY": "1", **self.env}
         with open(self.workdir / "out.log", "wb") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env

@@ -25,7 +25,7 @@ from .nodes import NodeRegistry
 from .plugins import Plugins
 from .recovery import IndexRecovery
 from .stable import StableWatcher
-from .storage import BlobStore, FileStore
+from .storage import BlobStore, open_blob_store
 from .users import Users
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
     corruption found while it runs and repairs it the same way (``recovery.py``).
     """
     plugins = Plugins(settings.plugins.enable, settings.plugins.options)  # a typo'd name stops here
-    blobs = FileStore(settings.data_dir)
+    blobs = open_blob_store(settings.storage.url, settings.data_dir, settings.s3)
     index, replaced = _open_index(settings, role, migrate=migrate, repair=repair)
     archive = Archive(
         settings=settings,

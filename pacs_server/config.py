@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .audit import parse_syslog_target
+from .storage.base import parse_s3_url
 
 # Each DICOM worker costs ~100 MB (Python, pynetdicom, its own SQLite cache): beyond this many,
 # an automatic count would cost memory for little gain (more can be set explicitly).
@@ -102,6 +103,9 @@ class StorageSettings:
     """Where files and the index live."""
 
     data_dir: str = "./macpacs-data"
+    # Where instance files go: empty for the files folder in data_dir, or an object store,
+    # "s3://bucket" or "s3://bucket/prefix" (its endpoint and credentials in [s3]).
+    url: str = ""
     # The former name of index.url, still read (index.url wins when both are set).
     index_url: str = ""
     # What a re-sent instance with the same SOP Instance UID but different content does:
@@ -133,6 +137,27 @@ class IndexSettings:
     statement_timeout: float = 30.0
     # PostgreSQL: seconds to wait for the server to accept a new connection (down or unreachable).
     connect_timeout: float = 10.0
+
+
+@dataclass
+class S3Settings:
+    """The object store of ``storage.url = "s3://..."`` (docs/archive.md, "Object storage").
+
+    An empty value defers to boto3's own lookup: the standard variables ``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_CA_BUNDLE``, then
+    ``~/.aws``. The secret never appears in a log line, an error or this object's repr.
+    """
+
+    endpoint: str = ""  # e.g. "https://s3.example.org:9000"
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = field(default="", repr=False)
+    verify_tls: bool = True  # false: certificates not checked (a test gateway only)
+    ca_bundle: str = ""  # PEM file of the CA that signed the store's certificate
+    addressing_style: str = "path"  # "path" (MinIO, Ceph, SeaweedFS and AWS), "virtual" or "auto"
+    attempts: int = 4  # tries of each request (exponential back-off between them) before it fails
+    timeout_s: float = 20.0  # to connect (at most 10 s) and for each answer
+    cache_mb: int = 2048  # local read cache under data_dir/cache; 0: none
 
 
 @dataclass
@@ -243,6 +268,7 @@ class Settings:
     dicom: DicomSettings = field(default_factory=DicomSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
     web: WebSettings = field(default_factory=WebSettings)
     xmlrpc: XmlRpcSettings = field(default_factory=XmlRpcSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -301,6 +327,7 @@ class Settings:
         if self.web.anonymous_read not in ("localhost", "all", "off"):
             raise ConfigError(f'web.anonymous_read = {self.web.anonymous_read!r}: use "localhost", "all" or "off"')
         _validate_index(self.index, self.index_url)
+        _validate_s3(self)
         if self.storage.stable_after <= 0:
             raise ConfigError("storage.stable_after must be a positive number of seconds (default 60)")
         j = self.jobs
@@ -385,11 +412,26 @@ def _validate_dicom_tls(settings: Settings) -> None:
             raise ConfigError(f"dicom.tls_port = {d.tls_port} is also {name}: give the DICOM TLS port its own number")
 
 
+def _validate_s3(settings: Settings) -> None:
+    """``storage.url`` and the ``[s3]`` settings (the store itself is reached only when opened)."""
+    if settings.storage.url:
+        try:
+            parse_s3_url(settings.storage.url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    s3 = settings.s3
+    if s3.addressing_style not in ("path", "virtual", "auto"):
+        raise ConfigError(f's3.addressing_style = {s3.addressing_style!r}: use "path", "virtual" or "auto"')
+    if s3.attempts < 1 or s3.timeout_s <= 0 or s3.cache_mb < 0:
+        raise ConfigError("s3.attempts must be at least 1, s3.timeout_s positive and s3.cache_mb 0 or more")
+
+
 def _section_classes() -> dict[str, type]:
     return {
         "dicom": DicomSettings,
         "storage": StorageSettings,
         "index": IndexSettings,
+        "s3": S3Settings,
         "web": WebSettings,
         "xmlrpc": XmlRpcSettings,
         "server": ServerSettings,

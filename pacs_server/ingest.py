@@ -51,7 +51,16 @@ from .config import StorageSettings
 from .index import Index, IndexUnavailable, InstanceRecord, Query, WriterLockTimeout
 from .index.attributes import ATTRIBUTES, normalize_pn
 from .plugins import Instance, Plugins
-from .storage import ROOM_EVERY, BlobStore, KeyLockTimeout, StorageError, blob_key, is_disk_full, stage_copy
+from .storage import (
+    ROOM_EVERY,
+    BlobStore,
+    KeyLockTimeout,
+    StorageError,
+    blob_key,
+    is_disk_full,
+    local_copy,
+    stage_copy,
+)
 from .uids import RULE as UID_RULE
 from .uids import is_uid
 
@@ -739,12 +748,9 @@ class Ingestor:
     def _index_stored(self, uid: str, key: str, stored_hash: str) -> bool:
         """Index the stored blob of ``uid``, which no row describes; False when it is not a
         readable instance of that UID (it was then never acknowledged as one)."""
-        local = self.blobs.local_path(key)
-        if local is None:  # nothing here can read it: verify and reindex will
-            log.warning("%s: its stored blob %s is in no index row; kept as it is", uid, key)
-            return True
         try:
-            stored = read_instance(Path(local), inflation=Inflation(None, self.blobs.scratch, self.blobs.check_room))
+            with local_copy(self.blobs, key) as local:
+                stored = read_instance(local, inflation=Inflation(None, self.blobs.scratch, self.blobs.check_room))
         except RejectedInstance as exc:
             if exc.outcome is Outcome.OUT_OF_RESOURCES:
                 raise StorageError(0, f"cannot read the stored file of {uid}: {exc}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .index import Index, InstanceRecord, WriterLockTimeout
 from .ingest import Outcome, RejectedInstance, dataset_hash, read_instance
-from .storage import BlobStore
+from .storage import BlobStore, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,18 @@ def reindex(
             report.replaced, _copied = index.replace_corrupt(problem)
         index.clear()
     for key in blobs.iter_keys():
-        path = blobs.local_path(key)
+        where = blobs.local_path(key) or key
         try:
-            if path is None:
-                raise RejectedInstance(Outcome.UNREADABLE, f"{blobs.describe()} has no local file to read")
-            parsed = read_instance(path)
-            if parsed.record.instance["storage_key"] != key:
-                raise RejectedInstance(Outcome.INVALID, "file is not at the path its SOP Instance UID gives")
-            parsed.record.instance["content_hash"] = dataset_hash(path)
+            with local_copy(blobs, key) as path:  # an object store's blob is read into a staged copy
+                parsed = read_instance(path)
+                if parsed.record.instance["storage_key"] != key:
+                    raise RejectedInstance(Outcome.INVALID, "file is not at the path its SOP Instance UID gives")
+                parsed.record.instance["content_hash"] = dataset_hash(path)
             _add(index, parsed.record, replace=not live)
             report.indexed += 1
-        except (RejectedInstance, WriterLockTimeout) as exc:
-            report.failed.append((path or key, str(exc)))
-            log.error("reindex: skipped %s: %s", path or key, exc)
+        except (RejectedInstance, WriterLockTimeout, FileNotFoundError) as exc:
+            report.failed.append((where, str(exc)))
+            log.error("reindex: skipped %s: %s", where, exc)
         if progress:
             progress(1)
     index.end_recovery()

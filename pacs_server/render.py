@@ -10,11 +10,14 @@ through its lookup tables.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -60,8 +63,25 @@ class RenderOptions:
     quality: int = JPEG_QUALITY
 
 
-def read(path: Path) -> Dataset:
-    return pydicom.dcmread(path)
+# A stored instance's file: opened by the retrieve path (``retrieve.open_instance``), or a path.
+Source = str | Path | BinaryIO
+
+
+def read(source: Source) -> Dataset:
+    if not isinstance(source, str | Path):
+        source.seek(0)  # the same open file serves several reads (a frame's header, then its pixels)
+    return pydicom.dcmread(source)
+
+
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[BinaryIO]:
+    """``source`` as a file at its start: a path opened (and closed after), a file object rewound."""
+    if isinstance(source, str | Path):
+        with open(source, "rb") as fp:
+            yield fp
+    else:
+        source.seek(0)
+        yield source
 
 
 def number_of_frames(ds: Dataset) -> int:
@@ -96,9 +116,9 @@ def _native_frame_size(ds: Dataset) -> int | None:
     return int(ds.Rows) * int(ds.Columns) * samples * (bits // 8)
 
 
-def stored_frame(path: Path, frame: int) -> Frame:
+def stored_frame(source: Source, frame: int) -> Frame:
     """One frame exactly as stored: a compressed frame's codestream, or native pixel bytes."""
-    with open(path, "rb") as fp:
+    with _opened(source) as fp:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
         tsuid = UID(str(ds.file_meta.TransferSyntaxUID))
         size = _native_frame_size(ds) if tsuid in NATIVE_LITTLE_ENDIAN and "Rows" in ds else None
@@ -115,7 +135,7 @@ def stored_frame(path: Path, frame: int) -> Frame:
             if len(data) != size:
                 raise RenderError(f"pixel data of frame {frame + 1} is truncated")
             return Frame(data, str(tsuid), "application/octet-stream")
-    ds = read(path)
+    ds = read(source)
     count = _check_frame(ds, frame)
     if tsuid.is_compressed:
         data = get_frame(ds.PixelData, frame, number_of_frames=count)
@@ -123,12 +143,12 @@ def stored_frame(path: Path, frame: int) -> Frame:
     return Frame(_uncompressed_bytes(ds, frame), ExplicitVRLittleEndian, "application/octet-stream")
 
 
-def uncompressed_frame(path: Path, frame: int) -> Frame:
+def uncompressed_frame(source: Source, frame: int) -> Frame:
     """One frame as native little-endian pixel bytes, decoding compressed data server-side."""
-    stored = stored_frame(path, frame)
+    stored = stored_frame(source, frame)
     if stored.transfer_syntax_uid in NATIVE_LITTLE_ENDIAN:
         return Frame(stored.data, ExplicitVRLittleEndian, "application/octet-stream")
-    ds = read(path)
+    ds = read(source)
     return Frame(_uncompressed_bytes(ds, frame), ExplicitVRLittleEndian, "application/octet-stream")
 
 
@@ -225,16 +245,16 @@ def encode(pixels: np.ndarray, options: RenderOptions) -> bytes:
     return out.getvalue()
 
 
-def render(path: Path, options: RenderOptions) -> bytes:
+def render(source: Source, options: RenderOptions) -> bytes:
     """A stored instance's frame as JPEG or PNG."""
-    ds = read(path)
+    ds = read(source)
     pixels = to_8bit(ds, decode(ds, options.frame), options.window)
     return encode(pixels, options)
 
 
-def thumbnail(path: Path, media_type: str = "image/jpeg", size: int = THUMBNAIL_SIZE) -> bytes:
+def thumbnail(source: Source, media_type: str = "image/jpeg", size: int = THUMBNAIL_SIZE) -> bytes:
     """A small preview of the instance's middle frame."""
-    ds = read(path)
+    ds = read(source)
     frame = number_of_frames(ds) // 2
     pixels = to_8bit(ds, decode(ds, frame))
     return encode(pixels, RenderOptions(media_type=media_type, max_rows=size, max_columns=size, quality=80))

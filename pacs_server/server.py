@@ -27,7 +27,7 @@ from .dimse.workers import WorkerPool
 from .heartbeat import Heartbeat
 from .pidfile import AlreadyRunning, PidFile
 from .readiness import notify_ready
-from .storage import FileStore
+from .storage import LocalStaging
 from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
 
@@ -60,7 +60,7 @@ class ArchiveServer:
         self.pid_file.acquire()
         # Before anything else is written: what a crash left in the staging folder may be what
         # fills the disk (the PID file's text waits for space if it must: pidfile.py).
-        removed = FileStore(s.data_dir).clean_staging()
+        removed = LocalStaging(s.data_dir).clean_staging()
         if removed:
             log.info("removed %d temporary files left by interrupted transfers", removed)
         self.pid_file.write_pending()

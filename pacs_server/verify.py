@@ -42,7 +42,7 @@ from .index import instance_scan
 from .index.db import SQLITE_BUSY_TIMEOUT_MS
 from .index.instance_scan import IndexedFile
 from .ingest import Outcome, RejectedInstance, read_instance, stream_hash
-from .storage import blob_key
+from .storage import blob_key, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +227,16 @@ class _Verifier:
 
     def _record_hash(self, row: IndexedFile, problem: Problem, digest: str) -> Problem:
         """Fill a missing hash, once the file reads as this row's instance (else it is reported as unreadable)."""
-        path = self.blobs.local_path(row.storage_key)
-        if path is not None:
-            try:
-                uid = read_instance(Path(path), metadata=False).sop_instance_uid
-            except RejectedInstance as exc:
-                return Problem("unreadable", row.sop_instance_uid, problem.path, f"not hashed: {exc}")
-            if uid != row.sop_instance_uid:
-                detail = f"not hashed: the file holds instance {uid}, not the row's: it was replaced by hand"
-                return Problem("hash", row.sop_instance_uid, problem.path, detail)
+        try:
+            with local_copy(self.blobs, row.storage_key) as path:
+                uid = read_instance(path, metadata=False).sop_instance_uid
+        except RejectedInstance as exc:
+            return Problem("unreadable", row.sop_instance_uid, problem.path, f"not hashed: {exc}")
+        except FileNotFoundError:
+            return problem  # deleted meanwhile: the next verify has nothing to check
+        if uid != row.sop_instance_uid:
+            detail = f"not hashed: the file holds instance {uid}, not the row's: it was replaced by hand"
+            return Problem("hash", row.sop_instance_uid, problem.path, detail)
         if not instance_scan.fill_content_hash(self.index, row.pk, digest):
             return problem  # replaced meanwhile, with a hash of its own: the next verify checks it
         return _repaired(problem)
@@ -258,11 +259,14 @@ class _Verifier:
 
     # -- a file without a row --------------------------------------------------------------------
     def _file_only(self, key: str) -> None:
-        path_text = self.blobs.local_path(key)
-        if path_text is None:
-            self._emit(Problem("not-indexed", "", key, "no row describes this blob"))
-            return
-        path = Path(path_text)
+        try:
+            with local_copy(self.blobs, key) as path:  # an object store's blob: a staged copy
+                self._stray(key, self._where(key), path)
+        except FileNotFoundError:
+            return  # removed meanwhile (a failed ingest cleans up after itself)
+
+    def _stray(self, key: str, path_text: str, path: Path) -> None:
+        """A blob no row described when its turn came (``path``: a local file of it)."""
         try:
             uid = read_instance(path, metadata=False).sop_instance_uid
         except RejectedInstance as exc:

@@ -14,16 +14,17 @@ tests/core/test_codec.py checks every encoder and the parser against pynetdicom'
 from __future__ import annotations
 
 import hashlib
+import io
 import select
 import socket
 import struct
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, BinaryIO, NamedTuple
 
+from pydicom.filereader import read_dataset as read_elements
+from pydicom.filereader import read_preamble
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import split_dataset
 
 from ..storage import ROOM_EVERY
 
@@ -252,20 +253,24 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(group)) + group
 
 
-def read_dataset(path: Path) -> memoryview:
-    """The encoded dataset of a stored Part-10 file: everything after its file meta group.
+def read_dataset(fh: BinaryIO) -> memoryview:
+    """The encoded dataset of a stored Part-10 file (open, from ``retrieve.open_instance``):
+    everything after its file meta group.
 
     Files written by this archive start with the preamble, ``DICM`` and a group length, so the
-    offset is read from the header; anything else goes through pynetdicom's ``split_dataset``.
+    offset is read from the header; anything else is parsed as pynetdicom's ``split_dataset``
+    parses it (preamble, then the group 0002 elements).
     """
-    with open(path, "rb") as fh:
-        data = fh.read()
+    fh.seek(0)
+    data = fh.read()
     if data[128:132] == b"DICM" and data[132:138] == b"\x02\x00\x00\x00UL":
         offset = 144 + int.from_bytes(data[140:144], "little")
         if data[offset : offset + 2] != b"\x02\x00":
             return memoryview(data)[offset:]
-    _meta, offset = split_dataset(path)
-    return memoryview(data)[offset:]
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    read_elements(fp, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, _vr, _length: tag.group != 2)
+    return memoryview(data)[fp.tell() :]
 
 
 # -- reading PDUs -------------------------------------------------------------------------------

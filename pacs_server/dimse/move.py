@@ -2,7 +2,7 @@
 
 The destination must be a registered, active node (its AE title in the Move Destination);
 anything else answers 0xA801. The instances are read through the one retrieve path
-(``retrieve.locate`` / ``retrieve.instance_path``) and sent by ``subops``: presentation
+(``retrieve.locate`` / ``retrieve.open_instance``) and sent by ``subops``: presentation
 contexts are proposed for exactly the SOP classes and transfer syntaxes being moved, on as
 many associations as the 128-context limit requires, opened one after the other.
 """

@@ -20,8 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -37,7 +36,7 @@ from .. import dicom_status
 from ..index import StoredInstance
 from ..index.attributes import UNIQUE_KEYS
 from ..nodes import Node
-from ..retrieve import FileMissing, instance_path, locate
+from ..retrieve import locate, open_instance
 from ..storage import BlobStore
 from . import codec, pynetdicom_ext
 from .find import IdentifierError, identifier_to_query, serve_find
@@ -223,18 +222,19 @@ class Channel:
         """
         syntaxes = self.syntaxes.get(inst.sop_class_uid, set())
         try:
-            path = instance_path(store, inst)
-        except FileMissing as exc:
+            fh = open_instance(store, inst)
+        except OSError as exc:  # FileMissing, or an object store that did not answer (StorageError)
             raise SubOperationError(str(exc)) from None
-        if inst.transfer_syntax_uid in syntaxes:
-            # The file as stored, after its file meta, never decoded.
-            try:
-                return self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)], codec.read_dataset(path)
-            except Exception as exc:
-                raise SubOperationError(f"stored file of {inst.sop_instance_uid} is unreadable: {exc}") from None
-        if syntaxes & set(UNCOMPRESSED):
-            ds, target = _converted(path, inst, syntaxes)
-            return self.contexts[(inst.sop_class_uid, str(target))], encode(ds, target.is_implicit_VR, True, False)
+        with fh:
+            if inst.transfer_syntax_uid in syntaxes:
+                # The file as stored, after its file meta, never decoded.
+                try:
+                    return self.contexts[(inst.sop_class_uid, inst.transfer_syntax_uid)], codec.read_dataset(fh)
+                except Exception as exc:
+                    raise SubOperationError(f"stored file of {inst.sop_instance_uid} is unreadable: {exc}") from None
+            if syntaxes & set(UNCOMPRESSED):
+                ds, target = _converted(fh, inst, syntaxes)
+                return self.contexts[(inst.sop_class_uid, str(target))], encode(ds, target.is_implicit_VR, True, False)
         raise SubOperationError(
             f"the peer accepted no presentation context for SOP class {inst.sop_class_uid} "
             f"in {UID(inst.transfer_syntax_uid).name} or an uncompressed transfer syntax"
@@ -306,10 +306,11 @@ class Channel:
             return status
 
 
-def _converted(path: Path, inst: StoredInstance, syntaxes: set[str]) -> tuple[Dataset, UID]:
+def _converted(fh: BinaryIO, inst: StoredInstance, syntaxes: set[str]) -> tuple[Dataset, UID]:
     """The instance decoded and, if compressed, decompressed, for an uncompressed context."""
     try:
-        ds = pydicom.dcmread(path)
+        fh.seek(0)
+        ds = pydicom.dcmread(fh)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             ds.decompress(generate_instance_uid=False)  # the same instance, only re-encoded
     except Exception as exc:

@@ -19,14 +19,14 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import pydicom
 from pydicom.uid import UID
 
 from ..index import StoredInstance
 from ..nodes import Node, NodeError
-from ..retrieve import FileMissing, instance_path, locate
+from ..retrieve import FileMissing, locate, open_instance
 from . import scu, subops
 from .subops import Cancel, PeerError, Progress
 
@@ -133,6 +133,9 @@ class _Folder:
         except FileNotFoundError:
             return None
 
+    def open(self, key: str) -> BinaryIO:
+        return open(self.root / key, "rb")
+
     def local_path(self, key: str) -> str:
         return str(self.root / key)
 
@@ -153,7 +156,8 @@ def _transcoded(
     for n, inst in enumerate(instances):
         key = f"{n}.dcm"
         try:
-            ds = pydicom.dcmread(instance_path(archive.blobs, inst))
+            with open_instance(archive.blobs, inst) as fh:
+                ds = pydicom.dcmread(fh)
             current = ds.file_meta.TransferSyntaxUID
             if current != syntax:
                 if current.is_compressed:

@@ -8,8 +8,10 @@ UID (``../``, ``/``, NUL) can never choose where anything is written.
 The life of a blob: a receiver asks ``stage()`` for a file to write into (on the store's own
 volume, so that ``put`` can rename it), hands the staged file's name to ingest, and ingest
 ``put``s it under its key once it is checked. After ``put`` returns, the blob survives a power
-cut. Today's implementation is the local file system (``filesystem.FileStore``); an object
-store implements the same methods and returns None from ``local_path``.
+cut (or, for an object store, once the store has confirmed the object). The local file system
+is ``filesystem.FileStore``; an S3-compatible object store is ``s3.S3Store``, which stages
+locally too and returns None from ``local_path``: readers use ``open``, and only the file
+system store's ``local_path`` feeds ``sendfile``.
 
 A full disk is a fault like any other: a staged file refuses to grow once free space falls
 below the floor the ingestor sets (``keep_free``: ``storage.min_free_mb``), checked every
@@ -23,8 +25,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import IO, BinaryIO, Protocol
@@ -33,6 +36,8 @@ from typing import IO, BinaryIO, Protocol
 # 16 MB costs nothing, where one per network PDU (16 KB) would be felt on the hot path.
 ROOM_EVERY = 16 * 1024 * 1024
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX = re.compile(r"[A-Za-z0-9!_.*'()/-]*")  # S3's "safe characters" for key names
 
 
 class StorageError(OSError):
@@ -130,7 +135,8 @@ class BlobStore(Protocol):
 
     def lock(self, key: str, timeout: float) -> AbstractContextManager[None]:
         """Hold ``key`` against every other ingest of this store, in any process of the host, for
-        the check, ``put`` and index commit of one instance; KeyLockTimeout after ``timeout`` s."""
+        the check, ``put`` and index commit of one instance; KeyLockTimeout after ``timeout`` s.
+        (Across the nodes sharing an object store, the index's content hash settles conflicts.)"""
         ...
 
     def put(self, staged: str | Path, key: str) -> None:
@@ -138,7 +144,8 @@ class BlobStore(Protocol):
         ...
 
     def open(self, key: str) -> BinaryIO:
-        """The blob's bytes, for reading; FileNotFoundError when there is none."""
+        """The blob's bytes as a seekable local file, for reading; FileNotFoundError when there is
+        none. Every reader reads through this (an object store's copy comes through its cache)."""
         ...
 
     def size(self, key: str) -> int | None:
@@ -154,7 +161,8 @@ class BlobStore(Protocol):
         ...
 
     def iter_keys(self) -> Iterator[str]:
-        """Every stored blob's key (reindexing walks these)."""
+        """Every stored blob's key, in ascending order, streamed (reindex and verify walk these;
+        verify merges them with the index's rows)."""
         ...
 
     def free_bytes(self) -> int:
@@ -175,6 +183,25 @@ class BlobStore(Protocol):
         ...
 
 
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """The bucket and key prefix (``""`` or ending in ``/``) of ``s3://bucket/prefix``; ValueError
+    with what is wrong otherwise."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"storage.url = {url!r}: an object store is written s3://bucket or s3://bucket/prefix")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+        raise ValueError(
+            f"storage.url = {url!r}: {bucket!r} is not a bucket name "
+            "(3 to 63 lower-case letters, digits, dots and hyphens)"
+        )
+    prefix = prefix.strip("/")
+    if prefix and (not _PREFIX.fullmatch(prefix) or any(part in ("", ".", "..") for part in prefix.split("/"))):
+        raise ValueError(
+            f"storage.url = {url!r}: the prefix {prefix!r} may hold letters, digits and !_.*'()- between slashes"
+        )
+    return bucket, f"{prefix}/" if prefix else ""
+
+
 def stage_copy(blobs: BlobStore, source: Path) -> str:
     """Copy an outside file into a staged file of ``blobs`` (``macpacs import``); returns its name."""
     with open(source, "rb") as src:
@@ -187,3 +214,23 @@ def stage_copy(blobs: BlobStore, source: Path) -> str:
             staged.discard()
             raise
     return staged.name
+
+
+@contextmanager
+def local_copy(blobs: BlobStore, key: str) -> Iterator[Path]:
+    """A local file holding blob ``key``, for readers that need a path (the ingest parser in
+    reindex and verify): the blob itself where the store has one, else a staged copy that is
+    removed afterwards. FileNotFoundError when there is no such blob."""
+    path = blobs.local_path(key)
+    if path is not None:
+        yield Path(path)
+        return
+    staged = blobs.stage()
+    try:
+        with blobs.open(key) as src:
+            while chunk := src.read(1 << 20):
+                staged.write(chunk)
+        staged.close()
+        yield Path(staged.name)
+    finally:
+        staged.discard()

@@ -1,4 +1,6 @@
-"""The file system blob store: instance files under ``<data_dir>/files``, staged ones under ``tmp``.
+"""The file system blob store (``FileStore``): instance files under ``<data_dir>/files``, staged
+ones under ``tmp``; and that local staging with its locks (``LocalStaging``), which the S3 store
+uses too.
 
 A blob is written to a staged file on the same volume, fsynced, renamed into place, and its
 folder (and each new folder above it, up to ``files/`` itself) fsynced: after ``put`` returns,
@@ -68,19 +70,24 @@ def _flush_path(path: str | Path) -> None:
 
 _STAGED_NAME = re.compile(r"in-(\d+)-")  # stage()'s prefix: the writer's PID
 _BUCKET = re.compile(r"[0-9a-f]{2}")
+_TWO = re.compile(r"[^.].")  # the glob ``??`` of the two folder levels (it skips hidden names)
+_BLOB_NAME = re.compile(r"[^.].*\.dcm")
 
 
-class FileStore:
-    """A ``BlobStore`` on a local (or mounted) volume."""
+class LocalStaging:
+    """The local half of every blob store: the staging folder ``<data_dir>/tmp`` that files are
+    received into, its free-space floor, and the per-key locks in ``<data_dir>/locks``.
+
+    ``FileStore`` renames staged files into ``files/``; an object store uploads them from here,
+    so the staging volume's free space matters for both (``free_bytes``, ``check_room``).
+    """
 
     def __init__(self, data_dir: Path) -> None:
-        self._root = Path(data_dir) / "files"
-        self._staging = Path(data_dir) / "tmp"
-        self._locks = Path(data_dir) / "locks"
-        self._root.mkdir(parents=True, exist_ok=True)
+        self._data_dir = Path(data_dir)
+        self._staging = self._data_dir / "tmp"
+        self._locks = self._data_dir / "locks"
         self._staging.mkdir(parents=True, exist_ok=True)
         self._locks.mkdir(parents=True, exist_ok=True)
-        self._root_text = str(self._root)
         self._floor = 0
         self._buckets: dict[str, tuple[threading.Lock, int]] = {}
         self._buckets_pid = os.getpid()
@@ -103,30 +110,10 @@ class FileStore:
         if free < self._floor:
             raise StorageError(
                 errno.ENOSPC,
-                f"only {free >> 20} MB free on the data volume ({self._root.parent}), below the "
+                f"only {free >> 20} MB free on the data volume ({self._data_dir}), below the "
                 f"{self._floor >> 20} MB kept free (storage.min_free_mb): incoming images are refused "
                 "until space is freed; delete old studies or add storage, nothing else is needed",
             )
-
-    def put(self, staged: str | Path, key: str) -> None:
-        # Every folder this creates is fsynced in its parent, up to files/ itself. Callers hold
-        # the key's lock, which covers its first folder: see the module docstring.
-        final = self._root / key
-        first, second = final.parent.parent, final.parent
-        try:
-            _flush_path(staged)
-            changed = [second]
-            if not second.is_dir():
-                if not first.is_dir():
-                    first.mkdir(exist_ok=True)
-                    changed.append(self._root)
-                second.mkdir(exist_ok=True)
-                changed.append(first)
-            os.replace(staged, final)
-            for folder in changed:
-                _flush_path(folder)
-        except OSError as exc:
-            raise StorageError(exc.errno, f"cannot store file {final}: {exc.strerror}") from exc
 
     @contextlib.contextmanager
     def lock(self, key: str, timeout: float) -> Iterator[None]:
@@ -166,6 +153,62 @@ class FileStore:
                 bucket = self._buckets[name] = (threading.Lock(), fd)
             return bucket
 
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self._staging).free
+
+    def clean_staging(self, older_than: float = 3600.0) -> int:
+        removed = 0
+        cutoff = time.time() - older_than
+        for entry in self._staging.iterdir():
+            with contextlib.suppress(OSError):
+                info = entry.stat()
+                if stat.S_ISREG(info.st_mode) and (info.st_mtime < cutoff or not _writer_alive(entry.name, info)):
+                    entry.unlink()
+                    removed += 1
+        return removed
+
+    def probe_staging(self) -> None:
+        """StorageError when the staging folder cannot take a file flushed to disk now."""
+        # A file written and flushed to disk where blobs are staged, as an instance would be; an
+        # unnamed temporary file, so that nothing is left behind whatever happens.
+        try:
+            with tempfile.TemporaryFile(dir=self._staging, prefix="probe-") as fh:
+                fh.write(b"alive")
+                fh.flush()
+                flush_to_disk(fh.fileno())
+        except OSError as exc:
+            raise StorageError(exc.errno, f"storage folder {self._staging} not writable: {exc.strerror}") from exc
+
+
+class FileStore(LocalStaging):
+    """A ``BlobStore`` on a local (or mounted) volume: blobs in ``<data_dir>/files``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self._root = self._data_dir / "files"
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._root_text = str(self._root)
+
+    def put(self, staged: str | Path, key: str) -> None:
+        # Every folder this creates is fsynced in its parent, up to files/ itself. Callers hold
+        # the key's lock, which covers its first folder: see the module docstring.
+        final = self._root / key
+        first, second = final.parent.parent, final.parent
+        try:
+            _flush_path(staged)
+            changed = [second]
+            if not second.is_dir():
+                if not first.is_dir():
+                    first.mkdir(exist_ok=True)
+                    changed.append(self._root)
+                second.mkdir(exist_ok=True)
+                changed.append(first)
+            os.replace(staged, final)
+            for folder in changed:
+                _flush_path(folder)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot store file {final}: {exc.strerror}") from exc
+
     def open(self, key: str) -> BinaryIO:
         return open(os.path.join(self._root_text, key), "rb")
 
@@ -185,33 +228,19 @@ class FileStore:
         return os.path.join(self._root_text, key)
 
     def iter_keys(self) -> Iterator[str]:
-        for path in sorted(self._root.glob("??/??/*.dcm")):
-            yield path.relative_to(self._root).as_posix()
+        # Folder by folder, each sorted: the keys come in ascending order (verify merges them
+        # with the index's rows), and no list of a whole archive is held.
+        for first in _sorted_names(self._root, _TWO):
+            for second in _sorted_names(self._root / first, _TWO):
+                folder = self._root / first / second
+                for name in _sorted_names(folder, _BLOB_NAME):
+                    yield f"{first}/{second}/{name}"
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self._root).free
 
-    def clean_staging(self, older_than: float = 3600.0) -> int:
-        removed = 0
-        cutoff = time.time() - older_than
-        for entry in self._staging.iterdir():
-            with contextlib.suppress(OSError):
-                info = entry.stat()
-                if stat.S_ISREG(info.st_mode) and (info.st_mtime < cutoff or not _writer_alive(entry.name, info)):
-                    entry.unlink()
-                    removed += 1
-        return removed
-
     def probe(self) -> None:
-        # A file written and flushed to disk where blobs are staged, as an instance would be; an
-        # unnamed temporary file, so that nothing is left behind whatever happens.
-        try:
-            with tempfile.TemporaryFile(dir=self._staging, prefix="probe-") as fh:
-                fh.write(b"alive")
-                fh.flush()
-                flush_to_disk(fh.fileno())
-        except OSError as exc:
-            raise StorageError(exc.errno, f"storage folder {self._staging} not writable: {exc.strerror}") from exc
+        self.probe_staging()
 
     def describe(self) -> str:
         return f"files in {self._root}"
@@ -227,3 +256,12 @@ def _writer_alive(name: str, info: os.stat_result) -> bool:
         return psutil.Process(int(match.group(1))).create_time() <= info.st_mtime + 1
     except (psutil.Error, ValueError, OverflowError):
         return False
+
+
+def _sorted_names(folder: Path, pattern: re.Pattern[str]) -> list[str]:
+    """The names in ``folder`` that ``pattern`` matches, sorted (none when it is gone)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(e.name for e in entries if pattern.fullmatch(e.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from ..archive import Archive
 from ..index import IndexUnavailable, IndexUnreadable, QueryError
 from ..retrieve import FileMissing
+from ..storage import StorageError
 from . import api, debug, health, pages, wado_uri
 from .auth import Authenticator
 from .dicomweb import router as dicomweb_router
@@ -62,6 +63,11 @@ def create_app(archive: Archive) -> FastAPI:
     @app.exception_handler(FileMissing)
     async def _missing_file(_request: Request, exc: FileMissing) -> JSONResponse:
         return JSONResponse({"detail": f"{exc}; restore the file or run `macpacs reindex`"}, status_code=500)
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(_request: Request, exc: StorageError) -> JSONResponse:
+        # An object store that did not answer, after its retries: worth a retry later.
+        return JSONResponse({"detail": f"storage unavailable: {exc.strerror or exc}"}, status_code=503)
 
     @app.exception_handler(IndexUnreadable)
     async def _corrupt_index(_request: Request, exc: IndexUnreadable) -> JSONResponse:

@@ -8,13 +8,13 @@ refused with 400 before anything touches the index or the disk, in every route t
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import BinaryIO
 
 from fastapi import HTTPException
 
 from ..archive import Archive
 from ..index import StoredInstance
-from ..retrieve import instance_path, locate
+from ..retrieve import locate, open_instance
 from ..uids import RULE as UID_RULE
 from ..uids import is_uid
 
@@ -47,6 +47,9 @@ def instances(
     return found
 
 
-def one_instance(archive: Archive, study: str | None, series: str | None, instance: str) -> tuple[StoredInstance, Path]:
+def one_instance(
+    archive: Archive, study: str | None, series: str | None, instance: str
+) -> tuple[StoredInstance, BinaryIO]:
+    """The instance and its file, opened (``retrieve.open_instance``): the caller closes it."""
     found = instances(archive, study, series, instance)
-    return found[0], instance_path(archive.blobs, found[0])
+    return found[0], open_instance(archive.blobs, found[0])

@@ -29,7 +29,7 @@ from ..dimse.subops import PeerError
 from ..index import Query, QueryError
 from ..jobs import Job, JobError
 from ..nodes import Node, NodeError
-from ..retrieve import FileMissing, instance_path
+from ..retrieve import FileMissing, open_instance
 from . import audited
 from .auth import Principal, require_admin, require_delete, require_download, require_read, require_send
 from .csrf import require_csrf_header
@@ -272,10 +272,10 @@ def study_zip(
             for folder, instances in plan:
                 for n, inst in enumerate(instances, 1):
                     try:
-                        path = instance_path(archive.blobs, inst)
+                        src = open_instance(archive.blobs, inst)
                     except FileMissing:
                         continue  # logged by retrieve; the rest of the study still downloads
-                    with open(path, "rb") as src, zip_out.open(f"{folder}/IM{n:05d}.dcm", "w", force_zip64=True) as dst:
+                    with src, zip_out.open(f"{folder}/IM{n:05d}.dcm", "w", force_zip64=True) as dst:
                         while chunk := src.read(1 << 20):
                             dst.write(chunk)
                             yield sink.take()

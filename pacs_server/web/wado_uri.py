@@ -9,10 +9,12 @@ images) and ``image/png`` are rendered by ``render`` with ``frameNumber``, ``row
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from .. import render
 from ..archive import Archive
@@ -50,38 +52,54 @@ async def wado(
     if requestType != "WADO":
         raise HTTPException(400, f"requestType must be WADO, not {requestType!r}")
     archive: Archive = request.app.state.archive
-    _inst, path = await run_in_threadpool(one_instance, archive, studyUID, seriesUID, objectUID)
-    media = _choose(contentType)
-    if media == "application/dicom" and not who.can("download"):
-        raise denied(who, "download")  # the file itself, not a picture of it
-    event = "retrieve" if media == "application/dicom" else "view"
-    await run_in_threadpool(audited.record, request, who, event, studies=[studyUID], detail="WADO-URI", coalesce=60)
-    if media == "application/dicom":
-        if transferSyntax and transferSyntax != _inst.transfer_syntax_uid:
-            if transferSyntax not in UNCOMPRESSED:
-                raise HTTPException(
-                    406,
-                    f"transferSyntax {transferSyntax} is not available: the instance is stored as "
-                    f"{_inst.transfer_syntax_uid}; ask for it, or 1.2.840.10008.1.2.1 (uncompressed)",
-                )
-            data = await run_in_threadpool(_decompressed, path)
-            return Response(data, media_type="application/dicom")
-        return FileResponse(path, media_type="application/dicom", filename=f"{objectUID}.dcm")
-    if (windowCenter is None) != (windowWidth is None):
-        raise HTTPException(400, "windowCenter and windowWidth go together")
-    options = render.RenderOptions(
-        frame=frameNumber - 1,
-        media_type=media,
-        window=(windowCenter, windowWidth) if windowCenter is not None and windowWidth is not None else None,
-        max_rows=rows,
-        max_columns=columns,
-        quality=imageQuality,
-    )
+    inst, fh = await run_in_threadpool(one_instance, archive, studyUID, seriesUID, objectUID)
+    streamed = False
     try:
-        data = await run_in_threadpool(render.render, path, options)
-    except render.RenderError as exc:
-        raise HTTPException(400, f"cannot render instance {objectUID}: {exc}") from None
-    return Response(data, media_type=media)
+        media = _choose(contentType)
+        if media == "application/dicom" and not who.can("download"):
+            raise denied(who, "download")  # the file itself, not a picture of it
+        event = "retrieve" if media == "application/dicom" else "view"
+        await run_in_threadpool(audited.record, request, who, event, studies=[studyUID], detail="WADO-URI", coalesce=60)
+        if media == "application/dicom":
+            if transferSyntax and transferSyntax != inst.transfer_syntax_uid:
+                if transferSyntax not in UNCOMPRESSED:
+                    raise HTTPException(
+                        406,
+                        f"transferSyntax {transferSyntax} is not available: the instance is stored as "
+                        f"{inst.transfer_syntax_uid}; ask for it, or 1.2.840.10008.1.2.1 (uncompressed)",
+                    )
+                data = await run_in_threadpool(_decompressed, fh)
+                return Response(data, media_type="application/dicom")
+            disposition = {"Content-Disposition": f'attachment; filename="{objectUID}.dcm"'}
+            path = archive.blobs.local_path(inst.storage_key)
+            if path is not None:
+                return FileResponse(path, media_type="application/dicom", filename=f"{objectUID}.dcm")
+            streamed = True  # an object store's copy: the response reads and closes it
+            return StreamingResponse(_chunks(fh), media_type="application/dicom", headers=disposition)
+        if (windowCenter is None) != (windowWidth is None):
+            raise HTTPException(400, "windowCenter and windowWidth go together")
+        options = render.RenderOptions(
+            frame=frameNumber - 1,
+            media_type=media,
+            window=(windowCenter, windowWidth) if windowCenter is not None and windowWidth is not None else None,
+            max_rows=rows,
+            max_columns=columns,
+            quality=imageQuality,
+        )
+        try:
+            data = await run_in_threadpool(render.render, fh, options)
+        except render.RenderError as exc:
+            raise HTTPException(400, f"cannot render instance {objectUID}: {exc}") from None
+        return Response(data, media_type=media)
+    finally:
+        if not streamed:
+            fh.close()
+
+
+def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(1 << 20):
+            yield chunk
 
 
 def _choose(content_type: str) -> str:
@@ -95,8 +113,8 @@ def _choose(content_type: str) -> str:
     raise HTTPException(406, f"contentType {content_type!r}: use application/dicom, image/jpeg or image/png")
 
 
-def _decompressed(path: object) -> bytes:
-    ds = render.read(path)  # type: ignore[arg-type]
+def _decompressed(fh: BinaryIO) -> bytes:
+    ds = render.read(fh)
     try:
         ds.decompress()
     except Exception as exc:

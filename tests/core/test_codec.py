@@ -270,5 +270,11 @@ def test_read_dataset_is_what_follows_the_file_meta(tmp_path, ts):
     path = tmp_path / "one.dcm"
     ds.save_as(path, enforce_file_format=True)
     _meta, offset = split_dataset(path)
-    assert bytes(codec.read_dataset(path)) == path.read_bytes()[offset:]
+    with open(path, "rb") as fh:
+        assert bytes(codec.read_dataset(fh)) == path.read_bytes()[offset:]
     assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    # A file meta without its group length (written elsewhere) is parsed element by element.
+    data = path.read_bytes()
+    assert data[132:136] == b"\x02\x00\x00\x00"
+    without = data[:132] + data[144:]
+    assert bytes(codec.read_dataset(BytesIO(without))) == data[offset:]  # type: ignore[arg-type]

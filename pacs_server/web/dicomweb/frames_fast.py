@@ -27,6 +27,7 @@ from starlette.requests import Request
 from ...archive import Archive
 from ...index import QueryError
 from ...retrieve import FileMissing
+from ...storage import StorageError
 from ..auth import require_read
 from ..lookup import one_instance
 from .wado import _boundary, _frames_choice, _multipart, _part_header, _read_frames
@@ -40,10 +41,11 @@ def _one_frame(request: Request, study: str, series: str, sop: str, number: int)
     archive: Archive = request.app.state.archive
     try:
         require_read(request, request.app.state.auth)
-        inst, path = one_instance(archive, study, series, sop)
-        as_stored = _frames_choice(request, inst.transfer_syntax_uid)
-        (frame,) = _read_frames(path, [number], as_stored)
-    except (HTTPException, FileMissing, QueryError):
+        inst, fh = one_instance(archive, study, series, sop)
+        with fh:
+            as_stored = _frames_choice(request, inst.transfer_syntax_uid)
+            (frame,) = _read_frames(fh, [number], as_stored)
+    except (HTTPException, FileMissing, QueryError, StorageError):
         return None
     boundary = _boundary()
     header = _part_header(boundary, f"{frame.media_type}; transfer-syntax={frame.transfer_syntax_uid}")

@@ -7,7 +7,7 @@ a thousand: per-request overhead (routing, authentication, lookup, response set-
 the cost of one frame request, while reading a frame is ~0.5 ms.
 
 Frames come from the same places as ``/frames``: instances through the one retrieve path
-(``index.instances`` + ``retrieve.instance_path``) and bytes through ``render.stored_frame`` /
+(``index.instances`` + ``retrieve.open_instance``) and bytes through ``render.stored_frame`` /
 ``render.uncompressed_frame`` (server-side decoding of compressed syntaxes when uncompressed
 frames are asked for, which is the default).
 """
@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from ... import render
 from ...archive import Archive
 from ...index import Query, QueryError
-from ...retrieve import FileMissing, instance_path
+from ...retrieve import FileMissing, open_instance
 from ..auth import Principal, require_read
 from .common import base_url, parse_accept
 
@@ -76,22 +76,23 @@ def series_pixeldata(request: Request, study: str, series: str, _who: Principal 
     def stream() -> Iterator[bytes]:
         for inst in found:
             try:
-                path = instance_path(archive.blobs, inst)
+                fh = open_instance(archive.blobs, inst)
             except FileMissing:
                 continue  # logged by retrieve; the client sees this instance's frames missing
-            for number in range(1, frames.get(inst.sop_instance_uid, 1) + 1):
-                try:
-                    frame = read(path, number - 1)
-                except render.RenderError as exc:
-                    log.warning("pixeldata: frame %d of %s skipped: %s", number, inst.sop_instance_uid, exc)
-                    continue
-                header = (
-                    f"--{boundary}\r\n"
-                    f"Content-Type: {frame.media_type}; transfer-syntax={frame.transfer_syntax_uid}\r\n"
-                    f"Content-Location: {base}/{quote(inst.sop_instance_uid)}/frames/{number}\r\n"
-                    f"Content-Length: {len(frame.data)}\r\n\r\n"
-                )
-                yield header.encode() + frame.data + b"\r\n"
+            with fh:
+                for number in range(1, frames.get(inst.sop_instance_uid, 1) + 1):
+                    try:
+                        frame = read(fh, number - 1)
+                    except render.RenderError as exc:
+                        log.warning("pixeldata: frame %d of %s skipped: %s", number, inst.sop_instance_uid, exc)
+                        continue
+                    header = (
+                        f"--{boundary}\r\n"
+                        f"Content-Type: {frame.media_type}; transfer-syntax={frame.transfer_syntax_uid}\r\n"
+                        f"Content-Location: {base}/{quote(inst.sop_instance_uid)}/frames/{number}\r\n"
+                        f"Content-Length: {len(frame.data)}\r\n\r\n"
+                    )
+                    yield header.encode() + frame.data + b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
     media = "application/octet-stream"

@@ -16,8 +16,7 @@ import io
 import os
 import zlib
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import pydicom
@@ -30,7 +29,7 @@ from ... import render
 from ...archive import Archive
 from ...index import Query as IndexQuery
 from ...index import StoredInstance
-from ...retrieve import instance_path, stored_file
+from ...retrieve import local_file, open_instance
 from .. import audited
 from ..auth import Principal, require_download, require_read
 from ..lookup import check_uid, instances, one_instance
@@ -93,7 +92,7 @@ async def _stream_instances(
                 yield block
             pending = []
         if ts is not None and ts != inst.transfer_syntax_uid:
-            data = await run_in_threadpool(_decompressed_file, instance_path(archive.blobs, inst))
+            data = await run_in_threadpool(_decompressed_file, archive, inst)
             yield _instance_header(boundary, inst, EXPLICIT_LE, base) + data + b"\r\n"
     if pending:
         async for block in _stored_blocks(archive, pending, base, boundary):
@@ -104,29 +103,32 @@ async def _stream_instances(
 async def _stored_blocks(
     archive: Archive, batch: list[StoredInstance], base: str | None, boundary: str
 ) -> AsyncIterator[bytes]:
-    small, large = await run_in_threadpool(_read_small, archive, batch, base, boundary)
+    small, large, opened = await run_in_threadpool(_read_small, archive, batch, base, boundary)
     if small:
         yield small
     for inst in large:  # big multi-frame files: streamed in chunks, never whole in memory
+        fh = opened or await run_in_threadpool(open_instance, archive.blobs, inst)
+        opened = None
         yield _instance_header(boundary, inst, inst.transfer_syntax_uid, base)
-        async with await anyio.open_file(instance_path(archive.blobs, inst), "rb") as fh:
-            while chunk := await fh.read(CHUNK):
+        async with anyio.wrap_file(fh) as source:
+            while chunk := await source.read(CHUNK):
                 yield chunk
         yield b"\r\n"
 
 
 def _read_small(
     archive: Archive, batch: list[StoredInstance], base: str | None, boundary: str
-) -> tuple[bytes, list[StoredInstance]]:
+) -> tuple[bytes, list[StoredInstance], BinaryIO | None]:
     """Parts for the files of ``batch`` up to CHUNK bytes, in order; the first larger file and
-    everything after it are returned to be streamed (order is kept)."""
+    everything after it are returned to be streamed (order is kept), the first one already open."""
     parts: list[bytes] = []
     for n, inst in enumerate(batch):
-        path = instance_path(archive.blobs, inst)
-        if path.stat().st_size > CHUNK:
-            return b"".join(parts), batch[n:]
-        parts += [_instance_header(boundary, inst, inst.transfer_syntax_uid, base), path.read_bytes(), b"\r\n"]
-    return b"".join(parts), []
+        fh = open_instance(archive.blobs, inst)
+        if os.fstat(fh.fileno()).st_size > CHUNK:
+            return b"".join(parts), batch[n:], fh
+        with fh:
+            parts += [_instance_header(boundary, inst, inst.transfer_syntax_uid, base), fh.read(), b"\r\n"]
+    return b"".join(parts), [], None
 
 
 def _instance_header(boundary: str, inst: StoredInstance, ts: str, base: str | None) -> bytes:
@@ -157,20 +159,25 @@ class _SentFromFiles(Response):
 
 def _stored_parts(
     archive: Archive, found: list[StoredInstance], base: str | None, boundary: str
-) -> tuple[list[tuple[bytes, str, int]], int]:
-    """Each file's part header, path and size, and the whole body's length."""
+) -> tuple[list[tuple[bytes, str, int]] | None, int]:
+    """Each file's part header, path and size, and the whole body's length; None when the store
+    keeps no local files (an object store: the body is streamed from ``open_instance``)."""
     parts = []
     total = len(f"--{boundary}--\r\n")
     for inst in found:
-        path, size = stored_file(archive.blobs, inst)
+        local = local_file(archive.blobs, inst)
+        if local is None:
+            return None, 0
+        path, size = local
         header = _instance_header(boundary, inst, inst.transfer_syntax_uid, base)
         parts.append((header, path, size))
         total += len(header) + size + 2
     return parts, total
 
 
-def _decompressed_file(path: Path) -> bytes:
-    ds = render.read(path)
+def _decompressed_file(archive: Archive, inst: StoredInstance) -> bytes:
+    with open_instance(archive.blobs, inst) as fh:
+        ds = render.read(fh)
     ds.decompress()
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
@@ -364,10 +371,10 @@ def _frames_choice(request: Request, stored_ts: str) -> bool:
     )
 
 
-def _read_frames(path: Path, numbers: list[int], as_stored: bool) -> list[render.Frame]:
+def _read_frames(fh: BinaryIO, numbers: list[int], as_stored: bool) -> list[render.Frame]:
     read = render.stored_frame if as_stored else render.uncompressed_frame
     try:
-        return [read(path, n - 1) for n in numbers]
+        return [read(fh, n - 1) for n in numbers]
     except render.RenderError as exc:
         raise HTTPException(404, str(exc)) from None
 
@@ -388,9 +395,10 @@ async def retrieve_frames(
     """Frames of an instance (numbered from 1)."""
     numbers = _frame_numbers(frames)
     archive: Archive = request.app.state.archive
-    inst, path = await run_in_threadpool(one_instance, archive, study, series, sop)
-    as_stored = _frames_choice(request, inst.transfer_syntax_uid)
-    got = await run_in_threadpool(_read_frames, path, numbers, as_stored)
+    inst, fh = await run_in_threadpool(one_instance, archive, study, series, sop)
+    with fh:
+        as_stored = _frames_choice(request, inst.transfer_syntax_uid)
+        got = await run_in_threadpool(_read_frames, fh, numbers, as_stored)
     boundary = _boundary()
     body = bytearray()
     for frame in got:
@@ -402,8 +410,8 @@ async def retrieve_frames(
 
 
 # -- bulk data ---------------------------------------------------------------------------------
-def _bulk(path: Path, tag: int) -> list[tuple[str, bytes]]:
-    ds = pydicom.dcmread(path)
+def _bulk(fh: BinaryIO, tag: int) -> list[tuple[str, bytes]]:
+    ds = pydicom.dcmread(fh)
     if tag not in ds:
         raise HTTPException(404, f"the instance has no element {tag:08X}")
     element = ds[tag]
@@ -433,8 +441,9 @@ async def retrieve_bulk(
     if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
         raise HTTPException(400, f"bulk data tag {tag[:20]!r} must be 8 hexadecimal digits")
     archive: Archive = request.app.state.archive
-    _inst, path = await run_in_threadpool(one_instance, archive, study, series, sop)
-    parts = await run_in_threadpool(_bulk, path, int(tag, 16))
+    _inst, fh = await run_in_threadpool(one_instance, archive, study, series, sop)
+    with fh:
+        parts = await run_in_threadpool(_bulk, fh, int(tag, 16))
     accept = parse_accept(request)
     if len(parts) == 1 and accept and accept[0].media_type == "application/octet-stream":
         return Response(parts[0][1], media_type="application/octet-stream")
@@ -483,7 +492,7 @@ def _viewport(text: str | None) -> tuple[int | None, int | None]:
 
 
 async def _rendered(
-    request: Request, path: Path, frame: int, window: str | None, viewport: str | None, quality: int
+    request: Request, fh: BinaryIO, frame: int, window: str | None, viewport: str | None, quality: int
 ) -> Response:
     media = _image_type(request)
     rows, columns = _viewport(viewport)
@@ -491,7 +500,7 @@ async def _rendered(
         frame=frame, media_type=media, window=_window(window), max_rows=rows, max_columns=columns, quality=quality
     )
     try:
-        data = await run_in_threadpool(render.render, path, options)
+        data = await run_in_threadpool(render.render, fh, options)
     except render.RenderError as exc:
         raise HTTPException(404 if "does not exist" in str(exc) else 400, str(exc)) from None
     return Response(data, media_type=media)
@@ -512,8 +521,9 @@ async def rendered_instance(
     _who: Principal = Depends(require_read),  # noqa: B008
 ) -> Response:
     """The first frame rendered as JPEG (default) or PNG."""
-    _inst, path = await run_in_threadpool(one_instance, request.app.state.archive, study, series, sop)
-    return await _rendered(request, path, 0, window, viewport, quality)
+    _inst, fh = await run_in_threadpool(one_instance, request.app.state.archive, study, series, sop)
+    with fh:
+        return await _rendered(request, fh, 0, window, viewport, quality)
 
 
 @router.get(
@@ -535,8 +545,9 @@ async def rendered_frame(
     """One frame (numbered from 1) rendered as JPEG or PNG."""
     if frame < 1:
         raise HTTPException(400, "frames are numbered from 1")
-    _inst, path = await run_in_threadpool(one_instance, request.app.state.archive, study, series, sop)
-    return await _rendered(request, path, frame - 1, window, viewport, quality)
+    _inst, fh = await run_in_threadpool(one_instance, request.app.state.archive, study, series, sop)
+    with fh:
+        return await _rendered(request, fh, frame - 1, window, viewport, quality)
 
 
 async def _thumbnail(request: Request, study: str, series: str | None = None, sop: str | None = None) -> Response:
@@ -547,11 +558,13 @@ async def _thumbnail(request: Request, study: str, series: str | None = None, so
         first_series = await run_in_threadpool(_series_of, archive, study, None)
         found = await run_in_threadpool(instances, archive, study, first_series[0], None)
     inst = found[len(found) // 2]
-    path = await run_in_threadpool(instance_path, archive.blobs, inst)
+    fh = await run_in_threadpool(open_instance, archive.blobs, inst)
     try:
-        data = await run_in_threadpool(render.thumbnail, path, media)
+        data = await run_in_threadpool(render.thumbnail, fh, media)
     except render.RenderError as exc:
         raise HTTPException(404, f"no thumbnail: {exc}") from None
+    finally:
+        fh.close()
     return Response(data, media_type=media)
 
 
