@@ -223,6 +223,9 @@ class ServerSettings:
     log_level: str = "INFO"
     # The watchdog's --status-file (JSON), shown on the web status page; empty: not shown.
     supervisor_status_file: str = ""
+    # This node's name in /health (several nodes behind one load balancer, docs/scale-out.md);
+    # empty: "<host name>:<DICOM port>".
+    node_name: str = ""
 
 
 @dataclass

@@ -5,9 +5,11 @@ sending it. A study's last instance time is ``study.updated_at``, which ingest's
 sets in whichever process stored the instance (DICOM workers included); the watch runs in the
 main server process only and asks the index every few seconds which studies went quiet
 (``index/stable_table.py``). Each firing is recorded before the hooks run (``firing``) and after
-(``fired``), so that a restart neither repeats a stable study nor loses one; a server stopped
-while the hooks ran calls them again at its next start, for the same generation (the hook's
-documentation says how plugins make that harmless).
+(``fired``), so that a restart neither repeats a stable study nor loses one. A firing still
+``firing`` after ``FIRING_LEASE_S`` (its server stopped while the hooks ran) is taken over by
+whichever server watches next, for the same generation (the hook's documentation says how
+plugins make that harmless): only an old firing, since with several servers on one database
+(docs/scale-out.md) a young one may be running its hooks on another node right now.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 # slow ingest transaction) is still seen: each scan looks this far behind the previous one.
 MARGIN_S = 600.0
 SCAN_LIMIT = 1000
+# A firing begun this long ago and not finished is taken to be interrupted (hooks are quick:
+# slow work goes to the job queue); checked every RESUME_EVERY_S.
+FIRING_LEASE_S = 300.0
+RESUME_EVERY_S = 60.0
 
 STUDY_KEYS = (
     "PatientID",
@@ -69,13 +75,11 @@ class StableWatcher:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        try:
-            for study_uid, generation in self.table.interrupted():
-                log.info("study %s: its stable hooks were interrupted by a stop; calling them again", study_uid)
-                self._call(study_uid, generation)
-        except Exception:
-            log.exception("cannot resume interrupted stable-study hooks (retried at the next start)")
+        resumed_at = 0.0
         while not self._stop.is_set():
+            if time.monotonic() - resumed_at >= RESUME_EVERY_S:
+                resumed_at = time.monotonic()
+                self.resume_interrupted()
             try:
                 for study_uid, generation in list(self._failed):
                     self._failed.discard((study_uid, generation))
@@ -84,6 +88,19 @@ class StableWatcher:
             except Exception:
                 log.exception("stable-study scan failed; retrying in %.0f s", self.every)
             self._stop.wait(self.every)
+
+    def resume_interrupted(self) -> int:
+        """Call again the hooks of firings interrupted more than ``FIRING_LEASE_S`` ago; how many."""
+        resumed = 0
+        try:
+            for study_uid, generation, began in self.table.interrupted(time.time() - FIRING_LEASE_S):
+                if self.table.take_over(study_uid, generation, began):  # else another server took it
+                    log.info("study %s: its stable hooks were interrupted by a stop; calling them again", study_uid)
+                    self._call(study_uid, generation)
+                    resumed += 1
+        except Exception:
+            log.exception("cannot resume interrupted stable-study hooks (tried again in %.0f s)", RESUME_EVERY_S)
+        return resumed
 
     def scan(self) -> int:
         """Fire every study that went quiet since the last scan; how many fired."""

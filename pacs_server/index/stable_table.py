@@ -78,13 +78,30 @@ class StableTable:
                 .values(state=FIRED)
             )
 
-    def interrupted(self) -> list[tuple[str, int]]:
-        """(study UID, generation) of firings a process began and never finished (it stopped)."""
+    def interrupted(self, begun_before: float) -> list[tuple[str, int, float]]:
+        """(study UID, generation, when it began) of firings begun before ``begun_before`` and never
+        finished: the process that began them stopped, or (several servers on one database)
+        still runs their hooks, which is why only old ones are asked for."""
         st = study_stable.c
+        stmt = select(st.study_uid, st.generation, st.fired_at).where(st.state == FIRING, st.fired_at < begun_before)
         with self.engine.connect() as conn:
-            return [
-                (row[0], row[1]) for row in conn.execute(select(st.study_uid, st.generation).where(st.state == FIRING))
-            ]
+            return [(row[0], row[1], row[2]) for row in conn.execute(stmt)]
+
+    def take_over(self, study_uid: str, generation: int, began: float) -> bool:
+        """Claim an interrupted firing (as ``interrupted`` listed it) for this process: True for
+        the one process whose conditional write found it unchanged."""
+        st = study_stable.c
+        with quick_write(self.index) as conn:
+            return (
+                conn.execute(
+                    update(study_stable)
+                    .where(
+                        st.study_uid == study_uid, st.generation == generation, st.state == FIRING, st.fired_at == began
+                    )
+                    .values(fired_at=time.time())
+                ).rowcount
+                == 1
+            )
 
     def source_aes(self, study_uid: str) -> list[str]:
         """The calling AE titles (or other sources) the study's instances came from."""

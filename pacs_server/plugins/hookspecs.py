@@ -104,9 +104,10 @@ def study_stable(archive: Archive, study: Study) -> None:
     Called once per study, in the main server process only (``archive.role == "server"``),
     whichever process stored its instances; again, with ``study.generation`` one higher, if
     instances arrive later. It is recorded in the index, so a restart neither repeats nor loses
-    it; but a server stopped while the hooks run calls them again for that generation at its
-    next start: queue work with a ``dedupe_key`` naming the study and its generation (as the
-    routing and webhooks plugins do) so that a repeat queues nothing twice. Studies already in
+    it; but hooks interrupted by a stop are called again for that generation, by whichever server
+    shares the index, 5 minutes after they began: queue work with a ``dedupe_key`` naming the
+    study and its generation (as the routing and webhooks plugins do) so that a repeat queues
+    nothing twice. Studies already in
     the archive when the feature was installed count as stable. Slow work goes to
     ``archive.jobs``.
     """

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ from typing import Any
 
 from .. import verify
 from ..archive import Archive
+from ..config import Settings
 
 BUSY_TIMEOUT_MS = 2000  # how long the index check waits for a locked SQLite database before failing
 WRITER_LOCK_TIMEOUT_S = 5.0
@@ -86,6 +88,12 @@ def package_version() -> str:
         return "0"
 
 
+def node_name(settings: Settings) -> str:
+    """Which node answered (``server.node_name``, else host name and DICOM port): behind a load
+    balancer, the one name that tells the nodes sharing an index apart."""
+    return settings.server.node_name or f"{socket.gethostname()}:{settings.dicom.port}"
+
+
 def supervisor_state(path_text: str) -> dict[str, Any]:
     """The watchdog's last round from its ``--status-file``, or ``state`` and why it is unknown."""
     if not path_text:
@@ -117,6 +125,7 @@ def document(archive: Archive) -> dict[str, Any]:
     s = archive.settings
     body: dict[str, Any] = {
         "status": "ok",
+        "node": node_name(s),
         "version": package_version(),
         "pid": os.getpid(),
         "started": datetime.fromtimestamp(archive.started_at, UTC).isoformat(timespec="seconds"),
