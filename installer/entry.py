@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "restore": ("macpacs.pacs_server.cli_maintenance", "restore", "Put a backup of the index back in place."),
     "jobs": ("macpacs.pacs_server.cli_jobs", "jobs", "List, retry or cancel queued sends and webhooks."),
     "audit": ("macpacs.pacs_server.cli_audit", "audit_command", "Show and filter the audit trail."),
+    "migrate": ("macpacs.pacs_server.cli_migrate", "migrate", "Copy the archive onto PostgreSQL and S3 (resumable)."),
     "install": ("macpacs.installer.cli", "install", "Turn this host into an unattended macpacs server."),
     "uninstall": ("macpacs.installer.cli", "uninstall", "Undo `macpacs install`."),
     "doctor": ("macpacs.installer.cli", "doctor", "Check every part of an installation."),
