@@ -145,7 +145,8 @@ def document(archive: Archive) -> dict[str, Any]:
         if state is not None and state.get("state") == "corrupt":  # not a statement on a corrupt file
             raise HealthError("index: corrupt")
         body["counts"] = archive.index.counts()
-        body["stored_bytes"] = archive.index.stored_bytes(STORED_BYTES_MAX_AGE_S)
+        # int(): a SUM over PostgreSQL's bigint is a Decimal, which JSON cannot carry
+        body["stored_bytes"] = int(archive.index.stored_bytes(STORED_BYTES_MAX_AGE_S))
         body["index_files"] = archive.index.database_files()
     except Exception as exc:  # the document must still say what is wrong
         body.update(counts=None, stored_bytes=None, index_files={})
