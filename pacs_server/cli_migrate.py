@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .cli import config_options, load_settings
+from .index.table_sync import CHUNK
 from .migrate import Migration, MigrationRefused, Report
 
 
@@ -39,6 +40,13 @@ from .migrate import Migration, MigrationRefused, Report
     help="Where the migration keeps its state and stages files. Default: migration/ in the data folder.",
 )
 @click.option("--jobs", type=click.IntRange(1, 64), default=4, show_default=True, help="Files copied at once.")
+@click.option(
+    "--chunk",
+    type=click.IntRange(1, 10_000),
+    default=CHUNK,
+    show_default=True,
+    help="Rows compared and written per transaction (an interrupted run loses at most one chunk's copies).",
+)
 def migrate(
     config_path: str | None,
     data_dir: str | None,
@@ -46,6 +54,7 @@ def migrate(
     storage_url: str,
     work_dir: Path | None,
     jobs: int,
+    chunk: int,
 ) -> None:
     """Copy this archive's index and files onto a new index and store; run it again to resume
     or to catch up what arrived meanwhile."""
@@ -54,7 +63,7 @@ def migrate(
     def bar(label: str, total: int) -> click.progressbar:  # type: ignore[type-arg]
         return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
 
-    migration = Migration(settings, index_url, storage_url, work_dir=work_dir, jobs=jobs, progress=bar)
+    migration = Migration(settings, index_url, storage_url, work_dir=work_dir, jobs=jobs, chunk=chunk, progress=bar)
     try:
         report = migration.run()
     except MigrationRefused as exc:

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 from .config import Settings
 from .index import Index
 from .index.table_sync import (
+    CHUNK,
     Changes,
     TableSync,
     copied_tables,
@@ -120,6 +121,7 @@ class Migration:
         *,
         work_dir: Path | None = None,
         jobs: int = 4,
+        chunk: int = CHUNK,
         progress: ProgressFactory = no_progress,
     ) -> None:
         self.settings = settings
@@ -127,6 +129,7 @@ class Migration:
         self.storage_url = storage_url
         self.work_dir = Path(work_dir) if work_dir else settings.data_dir / "migration"
         self.jobs = jobs
+        self.chunk = chunk
         self.progress = progress
         self.state_path = self.work_dir / STATE_FILE
 
@@ -250,7 +253,7 @@ class _Run:
         self, migration: Migration, source: Index, target: Index, source_blobs: BlobStore, target_blobs: BlobStore
     ) -> None:
         self.m = migration
-        self.sync = TableSync(source, target)
+        self.sync = TableSync(source, target, migration.chunk)
         self.source = source
         self.source_blobs = source_blobs
         self.target_blobs = target_blobs

@@ -99,9 +99,10 @@ class InstanceChunk:
 class TableSync:
     """Makes ``target``'s rows equal to ``source``'s; the source is only read."""
 
-    def __init__(self, source: Index, target: Index) -> None:
+    def __init__(self, source: Index, target: Index, chunk: int = CHUNK) -> None:
         self.source = source
         self.target = target
+        self.chunk = chunk
         self._postgres = target.engine.dialect.name == "postgresql"
 
     # -- any table -------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class TableSync:
         column = table.c[_key(table)]
         last: Any = None
         while True:
-            stmt = select(table).order_by(column).limit(CHUNK)
+            stmt = select(table).order_by(column).limit(self.chunk)
             if last is not None:
                 stmt = stmt.where(column > last)
             with self.source.engine.connect() as conn:
@@ -138,7 +139,7 @@ class TableSync:
             theirs_stmt = select(table)
             if last is not None:
                 theirs_stmt = theirs_stmt.where(column > last)
-            end = len(rows) < CHUNK
+            end = len(rows) < self.chunk
             if not end:
                 theirs_stmt = theirs_stmt.where(column <= rows[-1][column.name])
             with self.target.engine.connect() as conn:
