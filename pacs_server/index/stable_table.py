@@ -60,7 +60,10 @@ class StableTable:
                 stmt = upsert.insert(study_stable, self.engine.dialect.name).values(
                     study_uid=study_uid, seen_updated_at=updated_at, generation=1, state=FIRING, fired_at=now
                 )
-                return 1 if conn.execute(stmt.on_conflict_do_nothing()).rowcount == 1 else None
+                # RETURNING, not rowcount: psycopg gives no rowcount for a Core INSERT (always -1,
+                # so on PostgreSQL no study ever fired).
+                inserted = conn.execute(stmt.on_conflict_do_nothing().returning(st.study_uid)).first()
+                return 1 if inserted is not None else None
             claimed = conn.execute(
                 update(study_stable)
                 .where(st.study_uid == study_uid, st.seen_updated_at < updated_at)
