@@ -132,6 +132,7 @@ def view(archive: Archive, host: str) -> dict[str, Any]:
         "xmlrpc_port": doc["xmlrpc_port"],
         "host": host,
         "locations_line": locations_line(s, host),
+        "node": doc["node"],
         "started": datetime.fromtimestamp(archive.started_at).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
         "uptime": human_duration(doc["uptime_s"]),
         "counts": doc["counts"] or dict.fromkeys(("patients", "studies", "series", "instances"), unknown),
