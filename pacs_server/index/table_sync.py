@@ -25,10 +25,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Table, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
-from . import hl7_table, worklist_table  # noqa: F401  (their tables join schema.metadata)
+from . import hl7_table, upsert, worklist_table  # noqa: F401  (hl7 and worklist tables join schema.metadata)
 from .db import MIGRATIONS, Index
 from .schema import instance, instance_metadata, metadata, patient, series, study
 
@@ -226,8 +225,7 @@ class TableSync:
     def _upsert(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        stmt = dialect_insert(table)
+        stmt = upsert.insert(table, self.target.engine.dialect.name)
         key = _key(table)
         stmt = stmt.on_conflict_do_update(
             index_elements=[key], set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
