@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from .cli import config_options, load_settings
+from .index import IndexUnavailable
 from .index.table_sync import CHUNK
 from .migrate import Migration, MigrationRefused, Report
+from .storage import StorageError
 
 
 @click.command()
@@ -68,6 +70,11 @@ def migrate(
         report = migration.run()
     except MigrationRefused as exc:
         raise click.ClickException(f"migration refused: {exc}") from None
+    except (IndexUnavailable, StorageError) as exc:
+        raise click.ClickException(
+            f"migration stopped: {exc}. The archive is untouched; run the same command again once this is "
+            "fixed, and it goes on where it stopped."
+        ) from None
     _print(report, migration)
     if not report.verified:
         sys.exit(1)
