@@ -71,8 +71,9 @@ def migrate(
     except MigrationRefused as exc:
         raise click.ClickException(f"migration refused: {exc}") from None
     except (IndexUnavailable, StorageError) as exc:
+        why = exc.strerror if isinstance(exc, StorageError) and exc.strerror else str(exc)
         raise click.ClickException(
-            f"migration stopped: {exc}. The archive is untouched; run the same command again once this is "
+            f"migration stopped: {why}. The archive is untouched; run the same command again once this is "
             "fixed, and it goes on where it stopped."
         ) from None
     _print(report, migration)
