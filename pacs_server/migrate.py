@@ -61,7 +61,7 @@ from .index.table_sync import (
     counts as table_counts,
 )
 from .ingest import dataset_hash
-from .storage import BlobStore, open_blob_store
+from .storage import BlobStore, open_blob_store, parse_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,11 @@ class Migration:
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> Report:
         started = time.monotonic()
+        try:
+            safe_url(self.index_url)
+            parse_s3_url(self.storage_url)
+        except ValueError as exc:
+            raise MigrationRefused(str(exc)) from None
         if safe_url(self.index_url) == safe_url(self.settings.index_url):
             raise MigrationRefused(f"--index is the archive's own index ({safe_url(self.index_url)}): name a new one")
         if self.storage_url and self.storage_url == self.settings.storage.url:

@@ -26,6 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Table, delete, func, select
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
 
 from . import hl7_table, upsert, worklist_table  # noqa: F401  (hl7 and worklist tables join schema.metadata)
 from .db import MIGRATIONS, Index
@@ -50,8 +51,12 @@ def other_tables() -> list[Table]:
 
 
 def safe_url(url: str) -> str:
-    """The database URL without its password, for messages and the migration's state file."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The database URL without its password, for messages and the migration's state file;
+    ValueError for text that is no database URL."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise ValueError(f"{url!r} is not a database URL (postgresql://user:password@host:5432/database)") from None
 
 
 def schema_heads() -> set[str]:
