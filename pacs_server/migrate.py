@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -62,8 +61,6 @@ from .index.table_sync import (
 )
 from .ingest import dataset_hash
 from .storage import BlobStore, open_blob_store, parse_s3_url
-
-log = logging.getLogger(__name__)
 
 STATE_FILE = "migration.json"
 READ_CHUNK = 1 << 20
