@@ -84,7 +84,7 @@ def migrate(
 def _print(report: Report, migration: Migration) -> None:
     written = {name: c for name, c in report.tables.items() if c.any}
     for name, changes in written.items():
-        click.echo(f"{name}: {changes.written} rows written, {changes.deleted} deleted")
+        click.echo(f"{name}: {changes.written} row writes, {changes.deleted} deletes")
     click.echo(
         f"files: {report.files_copied} copied ({report.bytes_copied / 1e6:.1f} MB), each checked by size, dataset "
         f"hash and a SHA-256 of its copy read back; {report.files_removed} removed; {report.seconds:.1f} s"
