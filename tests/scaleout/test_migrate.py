@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.conftest import MACPACS, dataset_bytes, findscu, run_tool
+from tests.conftest import MACPACS, ServerProcess, dataset_bytes, dcmtk, findscu, free_port, run_tool
 from tests.postgres import Cluster
 from tests.s3gateway import Gateway
 from tests.synthetic import write_series
@@ -143,3 +143,34 @@ def test_migrate_interrupted_resumed_verified_and_served(postgres: Cluster, gate
         assert node.index_query("SELECT count(*) FROM instance") == [(total + 1,)]
     finally:
         node.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_run_during_ingest_is_caught_up_by_the_next(postgres: Cluster, gateway: Gateway, tmp_path: Path):
+    """The server keeps storing (two storescu) while a first run copies: that run ends NOT
+    VERIFIED, and the next one, after the senders finished, copies the rest and is verified."""
+    shared = new_shared(postgres, gateway, tmp_path)
+    # The archive to move: SQLite and files, as today.
+    ports = {name: free_port() for name in ("dicom_port", "web_port", "xmlrpc_port")}
+    server = ServerProcess(data_dir=tmp_path / "old", env={"MACPACS_DICOM_WORKERS": "1"}, **ports).start()
+    try:
+        senders = [
+            subprocess.Popen([dcmtk("storescu"), *server.dicom_args(),
+                              *map(str, write_series(tmp_path / f"in{n}", 150, patient_id=f"LIVE{n}", size=16))])
+            for n in range(2)
+        ]  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not server.index_query("SELECT count(*) FROM instance")[0][0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        argv = [MACPACS, "migrate", "--data-dir", str(server.data_dir), "--index", shared.index_url,
+                "--storage", shared.storage_url, "--chunk", "20"]  # fmt: skip
+        env = {**os.environ, **gateway.env()}
+        first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        assert all(sender.wait(120) == 0 for sender in senders)
+        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        assert second.returncode == 0 and "VERIFIED" in second.stdout, second.stdout + second.stderr
+        assert copied(first.stdout) + copied(second.stdout) == 300, "each file copied once"
+        if first.returncode != 0:  # it saw the archive grow (else the senders were done before it read)
+            assert "NOT VERIFIED: the archive changed during this run" in first.stderr, first.stderr
+    finally:
+        server.stop()
