@@ -85,7 +85,7 @@ class ArchiveServer:
         if workers > 1:  # associations served by worker processes: dimse/workers.py says why
             self.listener = WorkerPool(s, workers)
             self.listener.start()
-            self.listener.serve()  # once the workers are ready
+            self.listener.serve()  # once a worker is ready
         else:
             self.listener = DicomListener(archive)
             self.listener.start()

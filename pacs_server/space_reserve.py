@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 NAME = "space.reserve"
 RESERVE_BYTES = 8 * 1024 * 1024
-_CHUNK = b"\0" * (1024 * 1024)
+_CHUNK_BYTES = 1024 * 1024
 
 
 class SpaceReserve:
@@ -69,9 +69,10 @@ class SpaceReserve:
             if _free(self.path.parent) < self.floor_bytes + 2 * RESERVE_BYTES:
                 return
             partial = self.path.with_name(NAME + ".part")
+            chunk = bytes(_CHUNK_BYTES)  # not kept: a constant would hold 1 MB of the server's memory
             with open(partial, "wb") as fh:
-                for _ in range(RESERVE_BYTES // len(_CHUNK)):
-                    fh.write(_CHUNK)
+                for _ in range(RESERVE_BYTES // _CHUNK_BYTES):
+                    fh.write(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(partial, self.path)
