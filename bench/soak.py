@@ -10,8 +10,10 @@ counted from the last start, as launchd does), watched by the supervisor with th
 arguments (installer/service.py: ``SUPERVISOR_ARGS``, the heartbeat, ``--low-space-mb``). Every
 10 s it samples RSS and open file descriptors (psutil) of the server and each DICOM worker. At the
 end it counts the supervisor's restarts (they should be zero), then freezes the server with
-SIGSTOP ``--stops`` times and times each recovery: from the SIGSTOP until a new server answers
-``/testdbalive``. A summary table goes to stdout, every figure and sample to ``--out`` (JSON).
+SIGSTOP ``--stops`` times and times each recovery: from the SIGSTOP until the frozen process is
+gone, the next is started, and it answers a C-ECHO (the 15 s target) and ``/testdbalive``.
+``--minutes 0`` skips the load (the SIGSTOPs alone). A summary table goes to stdout, every figure and
+sample to ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from macpacs.installer.service import LOW_SPACE_MB, SUPERVISOR_ARGS
 SAMPLE_EVERY_S = 10.0
 THROTTLE_S = 10.0  # launchd's ThrottleInterval, as installed
 MOVE_DEST = "SOAKSCP"
+# As installed, pip has compiled the package to bytecode; a shell that forbids writing it would
+# have every start (and every spawned DICOM worker) compile ~100 modules from source, about 1 s.
 ENV = {
-    **os.environ,
+    **{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
     "MACPACS_DICOM_BIND": "127.0.0.1",
     "MACPACS_WEB_BIND": "127.0.0.1",
     "MACPACS_XMLRPC_BIND": "127.0.0.1",
@@ -287,6 +291,8 @@ class Soak:
     def sample(self, started: float) -> None:
         pid = self.server_pid()
         entry: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1), "supervisor": self.supervisor_state()}
+        with contextlib.suppress(OSError):
+            entry["index_mb"] = round((self.data_dir / "index.sqlite").stat().st_size / 2**20, 1)
         try:
             main = psutil.Process(pid) if pid else None
             if main is not None:
@@ -315,20 +321,52 @@ class Soak:
         self.sample(started)
 
     # -- recovery --------------------------------------------------------------------------------
-    def freeze_and_time(self) -> float:
+    def echo(self) -> bool:
+        """One DCMTK C-ECHO with 1 s time-outs (a frozen server's backlog takes the connection)."""
+        proc = subprocess.run(
+            ["/usr/bin/echoscu", "-to", "1", "-ta", "1", "-td", "1", "-aec", "MACPACS", "127.0.0.1", str(self.dicom)],
+            capture_output=True,
+            env=TOOLS_ENV,
+        )
+        return proc.returncode == 0
+
+    def freeze_and_time(self) -> dict[str, float]:
+        """SIGSTOP the server; seconds from then until: the frozen process is gone (``stopped``),
+        launchd started the next one (``started``), it answers a C-ECHO (``echo``: the target,
+        15 s) and ``/testdbalive`` (``alive``)."""
         self.wait(lambda: self.supervisor_state() == "healthy", 120, "the supervisor reporting healthy")
         time.sleep(random.uniform(0, 1))  # a fault strikes at any point of the heartbeat cycle
         old = self.server_pid()
         assert old is not None
         frozen = time.monotonic()
         os.kill(old, signal.SIGSTOP)
-        self.wait(lambda: self.server_pid() not in (None, old) and self.alive(0.5), 120, "a new server answering")
-        return time.monotonic() - frozen
+        times: dict[str, float] = {}
+        deadline = frozen + 120
+        while "alive" not in times:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no new server answering 120 s after the SIGSTOP; see {self.work}")
+            if "stopped" not in times and not psutil.pid_exists(old):
+                times["stopped"] = time.monotonic() - frozen
+            if "started" not in times and self.server.starts[-1][1] != old:
+                times["started"] = self.server.starts[-1][0] - frozen
+            if "started" in times and "echo" not in times and self.echo():
+                times["echo"] = time.monotonic() - frozen
+            if "echo" in times and self.alive(0.5):
+                times["alive"] = time.monotonic() - frozen
+            time.sleep(0.05)
+        return {k: round(v, 1) for k, v in times.items()}
 
 
 def _usage(proc: psutil.Process) -> dict[str, Any]:
+    """RSS, open descriptors, and the SQLite connections open on the index (one descriptor of
+    ``index.sqlite`` each): every connection keeps its own page cache, up to ``cache_size``."""
     with proc.oneshot():
-        return {"pid": proc.pid, "rss_mb": round(proc.memory_info().rss / 2**20, 1), "fds": proc.num_fds()}
+        return {
+            "pid": proc.pid,
+            "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+            "fds": proc.num_fds(),
+            "index_connections": sum(f.path.endswith("/index.sqlite") for f in proc.open_files()),
+        }
 
 
 def _restarts(log: str) -> int:
@@ -336,7 +374,7 @@ def _restarts(log: str) -> int:
 
 
 def summarize(
-    soak: Soak, recoveries: list[float], restarts_during_load: int, machine: dict[str, Any]
+    soak: Soak, recoveries: list[dict[str, float]], restarts_during_load: int, machine: dict[str, Any]
 ) -> dict[str, Any]:
     series: dict[str, list[dict[str, Any]]] = {"server": [s["server"] for s in soak.samples if "server" in s]}
     for s in soak.samples:
@@ -360,6 +398,7 @@ def summarize(
                 "last": values[-1]["fds"],
                 "max": max(v["fds"] for v in values),
             },
+            "index_connections": {"first": values[0]["index_connections"], "last": values[-1]["index_connections"]},
             "pids": sorted({v["pid"] for v in values}),
         }
     return {
@@ -377,7 +416,7 @@ def summarize(
         "restarts_during_load": restarts_during_load,
         "states_seen": sorted({s["supervisor"] for s in soak.samples}),
         "processes": rows,
-        "sigstop_recovery_s": [round(r, 1) for r in recoveries],
+        "sigstop_recovery_s": recoveries,
         "samples": soak.samples,
     }
 
@@ -385,14 +424,20 @@ def summarize(
 def print_table(result: dict[str, Any]) -> None:
     print(f"\nsoak: {result['minutes']:g} min of mixed load, supervisor {' '.join(result['supervisor_args'])}")
     print(f"machine: {result['machine']}")
-    print("\n| process | RSS MB first / after warm-up / last / max | open fds first / after warm-up / last / max |")
-    print("|---|---|---|")
+    print(
+        "\n| process | RSS MB first / after warm-up / last / max | open fds first / after warm-up / last / max "
+        "| index connections first / last |"
+    )
+    print("|---|---|---|---|")
     for name, row in result["processes"].items():
-        r, f = row["rss_mb"], row["fds"]
+        r, f, c = row["rss_mb"], row["fds"], row["index_connections"]
         print(
             f"| {name} | {r['first']} / {r['warm']} / {r['last']} / {r['max']} | "
-            f"{f['first']} / {f['warm']} / {f['last']} / {f['max']} |"
+            f"{f['first']} / {f['warm']} / {f['last']} / {f['max']} | {c['first']} / {c['last']} |"
         )
+    sizes = [s["index_mb"] for s in result["samples"] if "index_mb" in s]
+    if sizes:
+        print(f"index.sqlite: {sizes[0]} MB at the first sample, {sizes[-1]} MB at the last")
     print("\n| work | done | errors | median s | max s |")
     print("|---|---|---|---|---|")
     lat = result["latency_s"]
@@ -412,7 +457,16 @@ def print_table(result: dict[str, Any]) -> None:
     )
     rec = result["sigstop_recovery_s"]
     if rec:
-        print(f"SIGSTOP -> a new server answers /testdbalive: {' '.join(map(str, rec))} s (max {max(rec)} s)")
+        print("\n| SIGSTOP, then seconds until | " + " | ".join(f"#{n + 1}" for n in range(len(rec))) + " | max |")
+        print("|---|" + "---|" * (len(rec) + 1))
+        for key, what in (
+            ("stopped", "the frozen server is gone"),
+            ("started", "launchd started the next"),
+            ("echo", "it answers C-ECHO"),
+            ("alive", "it answers /testdbalive"),
+        ):
+            values = [r.get(key, float("nan")) for r in rec]
+            print(f"| {what} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {max(values):.1f} |")
     for line in result["error_samples"]:
         print(f"  error: {line}")
 
@@ -427,16 +481,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="macpacs-soak-"))
     soak = Soak(work, args.minutes)
     machine = {"cpus": os.cpu_count(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
-    recoveries: list[float] = []
+    recoveries: list[dict[str, float]] = []
     try:
         soak.start()
-        soak.run_load()
+        if args.minutes > 0:
+            soak.run_load()
         restarts = _restarts(soak.supervisor_log.read_text(errors="replace"))
         machine["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         soak.stop.clear()
         for _ in range(args.stops):
             recoveries.append(soak.freeze_and_time())
-            print(f"SIGSTOP recovery: {recoveries[-1]:.1f} s", flush=True)
+            print(f"SIGSTOP recovery: {recoveries[-1]}", flush=True)
     finally:
         soak.close()
     result = summarize(soak, recoveries, restarts, machine)

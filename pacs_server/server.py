@@ -27,6 +27,7 @@ from .dimse.workers import WorkerPool
 from .heartbeat import Heartbeat
 from .pidfile import AlreadyRunning, PidFile
 from .readiness import notify_ready
+from .space_reserve import SpaceReserve
 from .storage import LocalStaging
 from .web.listener import WebListener
 from .xmlrpc import XmlRpcServer
@@ -47,6 +48,7 @@ class ArchiveServer:
         self.settings = settings
         self.started_at = time.time()
         self.pid_file = PidFile(settings.pid_file, settings.data_dir)
+        self.reserve = SpaceReserve(settings.data_dir, settings.storage.min_free_mb * 1024 * 1024)
         self._stop = threading.Event()
         self.archive: Archive | None = None
         self.listener: DicomListener | WorkerPool | None = None
@@ -63,6 +65,7 @@ class ArchiveServer:
         removed = LocalStaging(s.data_dir).clean_staging()
         if removed:
             log.info("removed %d temporary files left by interrupted transfers", removed)
+        self.reserve.release_if_full()  # still full: the index needs room to open (space_reserve.py)
         self.pid_file.write_pending()
         archive = self.archive = open_archive(s, "server", repair=True)
         archive.started_at = self.started_at
@@ -82,7 +85,7 @@ class ArchiveServer:
         if workers > 1:  # associations served by worker processes: dimse/workers.py says why
             self.listener = WorkerPool(s, workers)
             self.listener.start()
-            self.listener.serve()  # once the workers are ready
+            self.listener.serve()  # once a worker is ready
         else:
             self.listener = DicomListener(archive)
             self.listener.start()
@@ -112,6 +115,7 @@ class ArchiveServer:
             signal.signal(sig, self._on_signal)
         while not self._stop.wait(1.0):
             self.pid_file.write_pending()  # a no-op once written (it waits for space on a full disk)
+            self.reserve.refill()  # likewise
         self.stop()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

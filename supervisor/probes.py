@@ -61,6 +61,10 @@ class HttpProbe(Probe):
 
     def check(self, timeout: float) -> str:
         response = self.session.get(self.url, timeout=timeout, allow_redirects=False)
+        # No connection kept for the next round: the installed interval (5 s) is uvicorn's keep-alive
+        # time-out, so the server may close a kept connection just as the next probe goes out, and
+        # that reset would count against a healthy server.
+        self.session.close()
         body = response.text[:200]
         if response.status_code != 200:
             raise ProbeFailed(f"HTTP {response.status_code}: {body!r}")

@@ -117,22 +117,25 @@ class WorkerPool:
             self._spawn(number)
 
     def serve(self) -> None:
-        """Wait until the workers are ready, then accept."""
+        """Accept as soon as one worker is ready: the others take associations once they are
+        (``_hand_over`` chooses among the ready ones), so that a restart after a hang waits for
+        the quickest worker's start-up (each imports everything again), not the slowest one's."""
         d = self.settings.dicom
         deadline = time.monotonic() + READY_TIMEOUT_S
         with self._cond:
-            while not all(w.ready for w in self._workers.values()) and time.monotonic() < deadline:
+            while not any(w.ready for w in self._workers.values()) and time.monotonic() < deadline:
                 self._cond.wait(0.2)
             ready = sum(w.ready for w in self._workers.values())
         if not ready:
             raise RuntimeError(f"no DICOM worker process became ready within {READY_TIMEOUT_S:.0f} s (see the log)")
         self._listeners.start()
         log.info(
-            "DICOM listener on %s:%d, AE title %s, %d worker processes (dicom.workers)%s",
+            "DICOM listener on %s:%d, AE title %s, %d worker processes (dicom.workers), %d ready%s",
             d.bind,
             d.port,
             d.ae_title,
             self.count,
+            ready,
             tls.listening_line(d),
         )
 

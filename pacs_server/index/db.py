@@ -150,12 +150,21 @@ class Index:
     def migrate(self) -> None:
         """Bring the schema to the newest revision (a no-op when it is already there).
 
-        IndexUnreadable when the database is corrupt (the server then rebuilds it: archive.py).
+        IndexUnreadable when the database is corrupt (the server then rebuilds it: archive.py);
+        IndexUnavailable for any other database error (a full disk, no permission), which moving
+        a healthy file aside would not cure.
         """
         try:
             self._migrate()
         except DatabaseError as exc:
-            raise IndexUnreadable(str(exc.orig or exc)) from exc
+            if corruption.is_corruption(exc):
+                raise IndexUnreadable(str(exc.orig or exc)) from exc
+            where = self.path or self.engine.url.render_as_string()  # the password hidden
+            raise IndexUnavailable(
+                f"cannot open the index {where}: {str(exc.orig or exc).splitlines()[0]}. It is not corrupt and is "
+                "left as it is. Usual causes: a full disk (free space on its volume), a file or folder the server "
+                "may not write, a failing disk (see the system log); start again once that is fixed"
+            ) from exc
 
     def _migrate(self) -> None:
         config = Config()

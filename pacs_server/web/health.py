@@ -24,11 +24,15 @@ def testdbalive(request: Request) -> Response:
 
     500 as soon as any process found the index corrupt; 200 again once a fresh index is in place
     and takes stores, while the files are re-indexed (the watchdog must not restart that server).
+    A full data volume is 200 too, with a ``Warning`` header: a restart would not free a byte,
+    stores are refused (0xA700) until there is room, and ``/health`` reports it.
     """
     archive: Archive = request.app.state.archive
     try:
         status.check_index(archive)
         status.check_storage(archive)
+    except status.StorageFull as exc:
+        return Response(ALIVE_BODY, media_type="text/html", headers={"Warning": f'199 - "{exc}"'})
     except status.HealthError as exc:
         return PlainTextResponse(f"Test DB Alive failed: {exc}", status_code=500)
     return Response(ALIVE_BODY, media_type="text/html")

@@ -25,6 +25,7 @@ answers 503: queries are incomplete until the rebuild ends.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -73,11 +74,22 @@ def check_index(archive: Archive) -> None:
         raise HealthError(f"index: {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
+class StorageFull(HealthError):
+    """The store can be written but its volume is full: no restart would free a byte."""
+
+
 def check_storage(archive: Archive) -> None:
-    """A small file written where incoming instances are staged (``BlobStore.probe``)."""
+    """A small file written where incoming instances are staged (``BlobStore.probe``): HealthError
+    when it cannot be (a read-only or missing volume, no permission, an I/O error), StorageFull
+    when only space is missing."""
     try:
         archive.blobs.probe()
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(
+                f"storage: the data volume is full ({exc.strerror}); stores are refused with 0xA700 "
+                "until space is freed, then resume by themselves"
+            ) from None
         raise HealthError(f"storage: {exc.strerror or exc}") from None
 
 

@@ -5,7 +5,10 @@ never aborted) or HTTP 507, on both C-STORE paths (the first C-STORE of an assoc
 through pynetdicom, the next ones through store_scp's direct path); no partial file remains in
 ``tmp/`` or ``files/``; the server keeps answering C-ECHO and /health, takes images again as soon
 as space is freed, and restarts on a full disk (staging cleaned first, the PID file written once
-there is room). The tests mount the tmpfs themselves (root) and skip, saying why, where they may not.
+there is room), even with not a byte free (its space reserve released so that the index can open;
+without one it stops with a clear message and moves nothing aside). The health probes write
+nothing lasting, take a full volume for no reason to restart, and fail on a store that cannot be
+written. The tests mount the tmpfs themselves (root) and skip, saying why, where they may not.
 """
 
 from __future__ import annotations
@@ -13,18 +16,22 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pydicom
 import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.conftest import ServerProcess, free_port, run_tool
+from macpacs.pacs_server.space_reserve import NAME as RESERVE_NAME
+from macpacs.pacs_server.space_reserve import RESERVE_BYTES
+from tests.conftest import ServerProcess, findscu, free_port, run_tool
 from tests.synthetic import make_instance, write_series
 
-TMPFS_MB = 32
+TMPFS_MB = 40  # room for the 8 MB space reserve, and above the floor for less than the 40 slices
 FLOOR_MB = "12"  # storage.min_free_mb in the floor test
 SLICE = 512  # 512 x 512 x 2 bytes: 525 KB instances
 A700 = re.compile(r"0xa700|Refused: OutOfResources", re.IGNORECASE)
@@ -35,9 +42,9 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def fill(mount: Path, leave: int) -> Path:
+def fill(mount: Path, leave: int, name: str = "filler") -> Path:
     """A filler file that leaves about ``leave`` bytes free on the mount (tmpfs counts pages)."""
-    filler = mount / "filler"
+    filler = mount / name
     filler.unlink(missing_ok=True)
     size = max(0, free_bytes(mount) - leave)
     with open(filler, "wb") as fh:
@@ -70,6 +77,27 @@ def stow(server: ServerProcess, path: Path) -> requests.Response:
     return requests.post(
         f"http://127.0.0.1:{server.web_port}/dicom-web/studies", data=body, headers=headers, timeout=60
     )
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {predicate}"
+        time.sleep(0.05)
+
+
+def alive(server: ServerProcess) -> requests.Response:
+    return requests.get(f"http://127.0.0.1:{server.web_port}/testdbalive", timeout=10)
+
+
+def health(server: ServerProcess) -> requests.Response:
+    return requests.get(f"http://127.0.0.1:{server.web_port}/health", timeout=10)
+
+
+def study_keys(folder: Path) -> tuple[str, str]:
+    """C-FIND keys for every instance of the study in ``folder``."""
+    study = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).StudyInstanceUID
+    return "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}"
 
 
 def dead_pid() -> int:
@@ -181,6 +209,106 @@ def test_restart_on_a_full_disk_cleans_staging_first_and_writes_the_pid_file_onc
     order = [started.find(step) for step in steps]
     assert -1 not in order and order == sorted(order), started
     assert server.pid_file_path().read_text().startswith(f"{server.proc.pid}\n")
+
+
+def test_start_with_not_a_byte_free_answers_queries_and_takes_stores_once_space_is_freed(
+    server: ServerProcess, mount: Path, tmp_path: Path
+) -> None:
+    """0 bytes free and nothing of ours in ``tmp/``: without its space reserve the start stops with
+    a clear message and leaves the (healthy) index alone; with it, the reserve is released, the
+    index opens, C-ECHO and C-FIND are answered, C-STOREs refused with 0xA700 (the floor keeps them
+    off the released space), and the same process takes them once space is freed."""
+    if server.env["MACPACS_STORAGE_MIN_FREE_MB"] != FLOOR_MB:  # run on its own
+        server.stop()
+        server.env["MACPACS_STORAGE_MIN_FREE_MB"] = FLOOR_MB
+        server.start()
+    reserve = mount / RESERVE_NAME
+    wait_until(lambda: reserve.is_file() and reserve.stat().st_size == RESERVE_BYTES)  # set aside by the server
+    kept, new = tmp_path / "kept", tmp_path / "new"
+    write_series(kept, 1, size=SLICE)
+    write_series(new, 3, size=SLICE)
+    assert not A700.search(storescu(server, kept).stdout)
+    server.stop()
+    index = mount / "index.sqlite"
+    healthy = index.read_bytes()
+    hidden = mount / "reserve-hidden"
+    reserve.rename(hidden)  # on the same volume: its space stays taken
+    filler = fill(mount, 0)
+    try:
+        assert free_bytes(mount) == 0
+        mark = len(server.log())
+        with pytest.raises(AssertionError, match="did not start"):
+            server.start()
+        said = server.log()[mark:]
+        assert "cannot open the index" in said and "It is not corrupt" in said, said
+        assert "Traceback" not in said and "moving it aside" not in said, said
+        assert not list(mount.glob("index.sqlite.corrupt-*")) and index.read_bytes() == healthy
+
+        hidden.rename(reserve)
+        mark = len(server.log())
+        server.start()
+        pid = server.proc.pid
+        assert "released the 8 MB" in server.log()[mark:]
+        run_tool("echoscu", *server.dicom_args())
+        assert len(findscu(server, tmp_path / "find", *study_keys(kept), "SOPInstanceUID")) == 1
+        sent = storescu(server, new)
+        output = sent.stdout + sent.stderr
+        assert len(A700.findall(output)) >= 3 and "Abort" not in output, output
+        assert staged(server) == []
+
+        # Not a byte free while it runs: alive for the watchdog (a restart would free nothing), and
+        # /health says why stores are refused; the probes leave nothing behind.
+        rest = fill(mount, 0, "filler2")
+        try:
+            answer = alive(server)
+            assert answer.status_code == 200 and answer.text == "Test DB Alive succeeded", answer.text
+            assert "full" in answer.headers["warning"]
+            doc = health(server)
+            assert doc.status_code == 503 and "full" in doc.json()["storage"], doc.text
+            run_tool("echoscu", *server.dicom_args())
+            assert staged(server) == []
+        finally:
+            rest.unlink()
+    finally:
+        filler.unlink()
+        if hidden.exists():
+            hidden.rename(reserve)
+    sent = storescu(server, new)
+    assert not A700.search(sent.stdout + sent.stderr), sent.stdout + sent.stderr
+    assert server.proc.pid == pid and server.proc.poll() is None, "the same process, no restart"
+    assert len(findscu(server, tmp_path / "find", *study_keys(new), "SOPInstanceUID")) == 3
+    wait_until(lambda: reserve.is_file() and reserve.stat().st_size == RESERVE_BYTES)  # set aside again
+
+
+def test_health_probes_write_nothing_lasting_and_fail_on_a_store_that_cannot_be_written(
+    server: ServerProcess, mount: Path
+) -> None:
+    """``/testdbalive``, ``/health`` and ``/heartbeat``, asked again and again, change no file of
+    the data folder; with the staging folder read-only (a read-only tmpfs mounted over it), the
+    storage check fails, and passes again once it is writable."""
+
+    def files() -> dict[str, int]:
+        return {str(p.relative_to(mount)): p.stat().st_size for p in mount.rglob("*") if p.is_file()}
+
+    reserve = mount / RESERVE_NAME
+    wait_until(lambda: reserve.is_file() and reserve.stat().st_size == RESERVE_BYTES)  # the server's own write
+    before = files()
+    for _ in range(30):
+        assert alive(server).status_code == 200
+        assert health(server).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{server.web_port}/heartbeat", timeout=10).json()["ok"]
+    assert files() == before
+
+    staging = mount / "tmp"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(staging)], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    try:
+        answer = alive(server)
+        assert answer.status_code == 500 and "storage" in answer.text and "Read-only" in answer.text, answer.text
+        assert "Read-only" in health(server).json()["storage"]
+    finally:
+        subprocess.run(["umount", str(staging)], check=True)
+    assert alive(server).status_code == 200
 
 
 def test_free_space_floor_refuses_before_the_disk_fills(server: ServerProcess, mount: Path, tmp_path: Path) -> None:

@@ -133,5 +133,6 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~20 s a round on a 2-core machine: more than the default 300 s
 def test_kill_9_twenty_rounds(tmp_path: Path) -> None:
     _kill_rounds(tmp_path, rounds=20)

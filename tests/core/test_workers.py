@@ -70,8 +70,14 @@ def pool(tmp_path: Path) -> Iterator[ServerProcess]:
     server.stop()
 
 
+def _all_ready(server: ServerProcess) -> bool:
+    """Every worker is ready: DICOM accepts once the first is, the others join when they are."""
+    workers = requests.get(f"http://127.0.0.1:{server.web_port}/health", timeout=10).json()["dicom"]["workers"]
+    return len(workers) == 2 and all(w["ready"] for w in workers)
+
+
 def test_associations_are_served_by_more_than_one_worker(pool: ServerProcess, tmp_path: Path):
-    assert _wait(lambda: len(_workers(pool)) == 2)
+    assert _wait(lambda: len(_workers(pool)) == 2 and _all_ready(pool))
     with _associations(pool, 4) as held:
         assert all(a.is_established for a in held)
         ports = [a.dul.socket.socket.getsockname()[1] for a in held]
@@ -87,7 +93,7 @@ def test_associations_are_served_by_more_than_one_worker(pool: ServerProcess, tm
 
 
 def test_a_killed_worker_is_replaced(pool: ServerProcess):
-    assert _wait(lambda: len(_workers(pool)) == 2)
+    assert _wait(lambda: len(_workers(pool)) == 2 and _all_ready(pool))
     victim = _workers(pool)[0]
     victim.send_signal(signal.SIGKILL)
     assert _wait(lambda: "ended unexpectedly (killed by SIGKILL)" in pool.log())

@@ -2,7 +2,7 @@
 
 Kill mode under the launchd stand-in, as installed: heavy ingest is not a reason to restart (the
 server is busy, not hung), and a frozen server (SIGSTOP) is restarted within 10 s, which leaves
-its start-up 5 s of the 15 s target.
+its start-up 5 s of the 15 s target; the new server then answers a C-ECHO.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def installed_args(serve: Serve) -> list[str]:
         str(serve.data_dir / "macpacs.pid"),
         *SUPERVISOR_ARGS,
     ]
+
+
+def echo(serve: Serve) -> bool:
+    """A DCMTK C-ECHO with 1 s time-outs (a frozen server's backlog still takes the connection)."""
+    args = ["-to", "1", "-ta", "1", "-td", "1", "-aec", "MACPACS", "127.0.0.1", str(serve.dicom)]
+    return subprocess.run(["/usr/bin/echoscu", *args], capture_output=True).returncode == 0
 
 
 def ingest_load(serve: Serve, folders: list[Path], seconds: float) -> int:
@@ -83,12 +89,14 @@ def test_installed_supervisor_leaves_a_busy_serve_alone_and_restarts_a_frozen_on
         os.kill(old, signal.SIGKILL)
         raise AssertionError(f"the supervisor did not stop the frozen PID {old}:\n{sup.log[-3000:]}") from None
     restarted = time.monotonic() - frozen_at
-    wait_until(lambda: serve.pid() not in (None, old) and alive_answer(serve.web, 1.0), 60, step=0.05)
-    answered = time.monotonic() - frozen_at
-    print(f"\ninstalled arguments, SIGSTOP -> restarted {restarted:.1f} s, -> /testdbalive answers {answered:.1f} s")
+    wait_until(lambda: serve.pid() not in (None, old) and echo(serve), 60, step=0.05)
+    echoed = time.monotonic() - frozen_at
+    assert alive_answer(serve.web, 5.0)
+    print(f"\ninstalled arguments, SIGSTOP -> restarted {restarted:.1f} s, -> C-ECHO answered {echoed:.1f} s")
     # What the supervisor owns: hung after 5 s (+ one 1.5 s heartbeat), SIGKILL 3 s after SIGTERM at
-    # the latest. The new server's start-up comes on top: ~3 s on a quiet machine, so the whole is
-    # within 15 s there; on a machine loaded by other suites it was seen at 20 s alone.
+    # the latest. The new server's start-up comes on top: 3-5 s on this 2-core machine, so the whole
+    # is within 15 s (bench/soak.py measures it, docs/reliability.md); on a machine loaded by other
+    # suites the start-up alone was seen at 20 s, so it is not asserted here.
     assert restarted < TARGET_S - 5, (restarted, sup.log[-3000:])
     assert "hung: no good heartbeat" in sup.log
     assert len(job.pids) == 2
