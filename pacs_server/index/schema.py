@@ -69,6 +69,9 @@ study = Table(
     Column("charset", byte_string(128), nullable=False, default=""),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Bytes of the study's stored files, kept with its counters by every write (from 0008), so
+    # that the archive's total is a sum over studies, not a scan of 25 million instance rows.
+    Column("stored_bytes", BigInteger().with_variant(Integer, "sqlite"), nullable=False, default=0),
     UniqueConstraint("study_uid", name="uq_study_uid"),
     Index("ix_study_patient", "patient_pk"),
     Index("ix_study_date", "study_date"),

@@ -3,10 +3,10 @@
 ``/health`` serves it as JSON and the status page renders it, so that a monitoring script and a
 person looking at the page see the same figures from the same checks. It is built from the
 running archive's own parts when asked for: the index and storage checks that ``/testdbalive``
-also runs, the index's counts and stored bytes (a sum over every instance row, so it may be up
-to ``STORED_BYTES_MAX_AGE_S`` old), free space, the DICOM associations and workers
-(``archive.dicom_status``), uptime, version and the watchdog's last round (the supervisor's
-status file, when ``server.supervisor_status_file`` names it).
+also runs, the index's counts and stored bytes (its counters added up, no scan of the instance
+rows), free space, the DICOM associations and workers (``archive.dicom_status``), uptime,
+version and the watchdog's last round (the supervisor's status file, when
+``server.supervisor_status_file`` names it).
 
 A check that says "ok" while the archive cannot store is worse than none, so the checks do what
 a C-STORE needs: a write transaction on the index through the server's own connection pool
@@ -44,8 +44,6 @@ BUSY_TIMEOUT_MS = 2000  # how long the index check waits for a locked SQLite dat
 WRITER_LOCK_TIMEOUT_S = 5.0
 # Warn when free space is under this multiple of storage.min_free_mb (where stores are refused).
 WARN_FACTOR = 4
-# The stored bytes are a sum over every instance row: recomputed at most this often.
-STORED_BYTES_MAX_AGE_S = 30.0
 
 
 class HealthError(RuntimeError):
@@ -158,7 +156,7 @@ def document(archive: Archive) -> dict[str, Any]:
             raise HealthError("index: corrupt")
         body["counts"] = archive.index.counts()
         # int(): a SUM over PostgreSQL's bigint is a Decimal, which JSON cannot carry
-        body["stored_bytes"] = int(archive.index.stored_bytes(STORED_BYTES_MAX_AGE_S))
+        body["stored_bytes"] = int(archive.index.stored_bytes())
         body["index_files"] = archive.index.database_files()
     except Exception as exc:  # the document must still say what is wrong
         body.update(counts=None, stored_bytes=None, index_files={})

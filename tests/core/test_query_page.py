@@ -49,11 +49,3 @@ def test_instance_metadata_is_found_only_in_its_series(loaded) -> None:
     )
     assert loaded.index.instance_metadata(row["SeriesInstanceUID"], row["SOPInstanceUID"])
     assert loaded.index.instance_metadata("1.2.3", row["SOPInstanceUID"]) is None
-
-
-def test_stored_bytes_may_be_taken_from_a_recent_sum(loaded, tmp_path: Path) -> None:
-    before = loaded.index.stored_bytes()
-    (extra,) = write_series(tmp_path / "extra", 1, size=8)
-    loaded.ingestor.ingest_file(extra)
-    assert loaded.index.stored_bytes(max_age_s=60) == before  # /health's: at most that old
-    assert loaded.index.stored_bytes() == before + extra.stat().st_size
