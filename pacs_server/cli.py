@@ -267,6 +267,8 @@ def import_(config_path: str | None, data_dir: str | None, paths: tuple[str, ...
         finally:
             if executor is not None:
                 executor.shutdown()
+    if outcomes["stored"]:
+        archive.index.analyze()  # the query planner's statistics, for what the import added
     for path, outcome, message in problems:
         label = "skipped (not DICOM)" if outcome == "unreadable" else outcome
         click.echo(f"{label}: {path}: {message}", err=True)

@@ -59,6 +59,7 @@ def reindex(
             log.error("reindex: skipped %s: %s", where, exc)
         if progress:
             progress(1)
+    index.analyze()  # the planner's statistics describe the rebuilt tables, not the empty ones
     index.end_recovery()
     log.info("reindex: %d instances indexed, %d files skipped", report.indexed, len(report.failed))
     return report

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # The settings of the last start, to tell a configuration change in the audit trail.
 SETTINGS_SEEN = "settings.last.json"
+ANALYZE_EVERY_S = 3600.0  # the index's planner statistics refreshed this often (Index.analyze)
 
 # AlreadyRunning is what ``macpacs serve`` (cli.py) reports when the PID file is held.
 __all__ = ["AlreadyRunning", "ArchiveServer", "run"]
@@ -113,10 +114,23 @@ class ArchiveServer:
         """Block until SIGTERM/SIGINT (or ``request_stop``), then stop everything."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        next_analyze = time.monotonic()  # soon after start, then every ANALYZE_EVERY_S
         while not self._stop.wait(1.0):
             self.pid_file.write_pending()  # a no-op once written (it waits for space on a full disk)
             self.reserve.refill()  # likewise
+            if time.monotonic() >= next_analyze:
+                next_analyze = time.monotonic() + ANALYZE_EVERY_S
+                self._analyze()
         self.stop()
+
+    def _analyze(self) -> None:
+        """The index's planner statistics, kept in step with a growing archive (Index.analyze)."""
+        if self.archive is None:
+            return
+        try:
+            self.archive.index.analyze()
+        except Exception as exc:  # the status document's index check reports a failing index
+            log.warning("index: planner statistics not refreshed: %s", exc)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PARENT_CACHE_SIZE = 4096  # series whose parents' primary keys are remembered
+ANALYSIS_LIMIT = 1000  # rows of each index SQLite's ANALYZE samples: milliseconds at any size
 
 
 @dataclass
@@ -179,6 +180,22 @@ class Index:
             )
             config.attributes["connection"] = conn
             command.upgrade(config, "heads")
+        self.analyze()  # a revision may add indexes or rewrite rows: plan with fresh statistics
+
+    def analyze(self) -> None:
+        """Refresh the query planner's statistics of every table (``ANALYZE``).
+
+        SQLite plans with what ANALYZE last recorded (``sqlite_stat1``): figures taken while the
+        archive was small would describe a large one wrongly, so this runs after migrations,
+        after ``macpacs import`` and ``reindex``, and periodically in the server. With
+        ``analysis_limit`` each index is sampled, not read whole (measured at 25 million
+        instances in docs/benchmarks.md). PostgreSQL's autovacuum analyzes on its own; the same
+        statement there keeps one path for both.
+        """
+        with self._write_lock, self.engine.begin() as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+            conn.exec_driver_sql("ANALYZE")
 
     def close(self) -> None:
         if self.guard is not None:

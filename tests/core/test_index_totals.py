@@ -82,6 +82,10 @@ def test_migration_0008_fills_the_study_bytes_of_an_existing_archive(loaded: Any
     with index.engine.begin() as conn:
         config.attributes["connection"] = conn
         command.downgrade(config, "0007")  # the archive as it was before the counter existed
+        conn.exec_driver_sql("DELETE FROM sqlite_stat1")
     index.engine.dispose()
     index.migrate()
     assert _totals(index) == expected
+    with index.engine.connect() as conn:  # and the planner's statistics were taken after upgrading
+        analyzed = set(conn.exec_driver_sql("SELECT tbl FROM sqlite_stat1").scalars())
+    assert {"patient", "study", "series", "instance"} <= analyzed
