@@ -88,6 +88,9 @@ series = Table(
     Column("created_at", Float, nullable=False),
     UniqueConstraint("series_uid", name="uq_series_uid"),
     Index("ix_series_study", "study_pk"),
+    # Series searched across studies by date (QIDO-RS /series, C-FIND at SERIES level with
+    # Modality and SeriesDate): a scan of every series without it (from 0008, docs/benchmarks.md).
+    Index("ix_series_date", "series_date"),
 )
 
 instance = Table(

@@ -52,6 +52,11 @@ PLANS: dict[str, tuple[Query, list[str], str | None]] = {
         ["SEARCH study USING INDEX ix_study_date (study_date>? AND study_date<?)"],
         None,
     ),
+    "series by modality and date": (
+        Query("SERIES", {"Modality": "MR", "SeriesDate": "20260101-20260131", "SeriesInstanceUID": None}),
+        ["SEARCH series USING INDEX ix_series_date (series_date>? AND series_date<?)"],
+        None,
+    ),
     "series of a study": (
         Query("SERIES", {"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": None}),
         ["SEARCH study USING INDEX sqlite_autoindex_study_1", "SEARCH series USING INDEX ix_series_study"],
@@ -112,6 +117,7 @@ STATS_25M: list[tuple[str, str | None, str]] = [
     ("patient", "ix_patient_name", "57420 4"),
     ("patient", "ix_patient_name_norm", "57420 4"),
     ("patient", "sqlite_autoindex_patient_1", "35496 1 1"),
+    ("series", "ix_series_date", "204800 3"),
     ("series", "ix_series_study", "163488 2"),
     ("series", "sqlite_autoindex_series_1", "221502 1"),
     ("study", "ix_study_accession", "91260 1"),

@@ -1,5 +1,6 @@
 """study.stored_bytes: each study's file bytes, kept by ingest and delete, so that the archive's
-total is a sum over studies (the status document asks it at every /health)
+total is a sum over studies (the status document asks it at every /health); ix_series_date, for
+series searched across studies by date
 
 Revision ID: 0008
 Revises: 0007
@@ -31,9 +32,11 @@ def upgrade() -> None:
         .scalar_subquery()
     )
     op.execute(study.update().values(stored_bytes=total))
+    op.create_index("ix_series_date", "series", ["series_date"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_series_date", "series")
     # ALTER TABLE ... DROP COLUMN (SQLite 3.35+), not a batch copy: dropping the old study table
     # with foreign keys on would cascade to its series.
     op.drop_column("study", "stored_bytes")
