@@ -55,6 +55,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import date, timedelta
@@ -67,6 +68,7 @@ from bench.common import DATA, Macpacs, Orthanc, ct_series, send_parallel, small
 from macpacs.pacs_server.index import Index, Query
 from macpacs.pacs_server.index.matcher import build
 from macpacs.pacs_server.index.schema import metadata as schema_metadata
+from macpacs.pacs_server.ingest import read_instance
 from macpacs.pacs_server.storage import blob_key
 from tests.synthetic import write_series
 
@@ -150,8 +152,6 @@ def patient_row(number: int, now: float) -> tuple[Any, ...]:
 def metadata_template() -> tuple[str, str]:
     """A real MR header's DICOM JSON (pydicom's MR_small.dcm, as ingest caches it) and its SOP UID."""
     from pydicom.data import get_testdata_file
-
-    from macpacs.pacs_server.ingest import read_instance
 
     parsed = read_instance(Path(get_testdata_file("MR_small.dcm")))
     return zlib.decompress(parsed.record.metadata).decode(), parsed.sop_instance_uid
@@ -319,13 +319,21 @@ def _query(level: str, keys: dict[str, str], limit: int | None = None) -> Query:
     return Query(level, {**dict.fromkeys(returned), **keys}, limit=limit)
 
 
-def median_ms(func: Callable[[], object], repeats: int) -> tuple[float, Any]:
-    times, result = [], None
+def measure(func: Callable[[], object], repeats: int) -> tuple[float, float, Any]:
+    """Median wall time and median CPU time of this process (ms), and the last result. On a shared
+    machine the CPU time is the steadier figure of the two for work done in this process."""
+    times, cpu, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = func()
         times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 2), result
+        cpu.append((time.process_time() - start_cpu) * 1000)
+    return round(statistics.median(times), 2), round(statistics.median(cpu), 2), result
+
+
+def median_ms(func: Callable[[], object], repeats: int) -> tuple[float, Any]:
+    wall, _cpu, result = measure(func, repeats)
+    return wall, result
 
 
 def plan(index: Index, query: Query) -> list[str]:
@@ -340,28 +348,33 @@ def in_process(path: Path, s: dict[str, str], repeats: int) -> dict[str, Any]:
     index = Index(f"sqlite:///{path}")
     try:
         out: dict[str, Any] = {}
-        out["analyze_ms"], _ = median_ms(index.analyze, 1)
+        out["analyze_ms"], out["analyze_cpu_ms"], _ = measure(index.analyze, 1)
         for label, (level, keys) in queries(s).items():
             query = _query(level, keys)
-            ms, rows = median_ms(lambda q=query: index.find_all(q), repeats)
-            out[label] = {"ms": ms, "matches": len(rows), "plan": plan(index, query)}
-            print(f"  in process: {label:36s} {ms:8.2f} ms ({len(rows)} matches)", flush=True)
+            ms, cpu, rows = measure(lambda q=query: index.find_all(q), repeats)
+            out[label] = {"ms": ms, "cpu_ms": cpu, "matches": len(rows), "plan": plan(index, query)}
+            print(f"  in process: {label:36s} {ms:8.2f} ms, CPU {cpu:8.2f} ms ({len(rows)} matches)", flush=True)
         study_list = Query(
             "STUDY", dict.fromkeys(STUDY_KEYS), order_by=[("StudyDate", True), ("StudyTime", True)], limit=50
         )
-        ms, (_rows, total) = median_ms(lambda: index.page(study_list), repeats)
-        out["study list page (50 by date, with total)"] = {"ms": ms, "matches": total, "plan": plan(index, study_list)}
-        print(f"  in process: study list page                  {ms:8.2f} ms (total {total})", flush=True)
+        ms, cpu, (_rows, total) = measure(lambda: index.page(study_list), repeats)
+        out["study list page (50 by date, with total)"] = {
+            "ms": ms,
+            "cpu_ms": cpu,
+            "matches": total,
+            "plan": plan(index, study_list),
+        }
+        print(f"  in process: study list page                  {ms:8.2f} ms, CPU {cpu:8.2f} ms ({total})", flush=True)
         with index.engine.connect() as conn:  # what the status document read before revision 0008
             for name, sql in (("count(*) of instance", "SELECT count(*) FROM instance"),
                               ("sum(file_size) of instance", "SELECT sum(file_size) FROM instance")):  # fmt: skip
-                ms, value = median_ms(lambda sql=sql: conn.exec_driver_sql(sql).scalar(), 1)
-                out[name] = {"ms": ms, "value": value}
-                print(f"  in process: {name:36s} {ms:8.2f} ms ({value})", flush=True)
+                ms, cpu, value = measure(lambda sql=sql: conn.exec_driver_sql(sql).scalar(), 1)
+                out[name] = {"ms": ms, "cpu_ms": cpu, "value": value}
+                print(f"  in process: {name:36s} {ms:8.2f} ms, CPU {cpu:8.2f} ms ({value})", flush=True)
         for name in ("counts", "stored_bytes"):
-            ms, value = median_ms(getattr(index, name), repeats)
-            out[name] = {"ms": ms, "value": value}
-            print(f"  in process: {name:36s} {ms:8.2f} ms ({value})", flush=True)
+            ms, cpu, value = measure(getattr(index, name), repeats)
+            out[name] = {"ms": ms, "cpu_ms": cpu, "value": value}
+            print(f"  in process: {name:36s} {ms:8.2f} ms, CPU {cpu:8.2f} ms ({value})", flush=True)
         return out
     finally:
         index.close()
@@ -496,6 +509,38 @@ def ingest(data_dir: Path, work: Path) -> dict[str, list[float]]:
     return out
 
 
+def index_writes(path: Path, work: Path, count: int, rounds: int = 3) -> dict[str, list[float]]:
+    """The index's part of ingest, in process: ``Index.add_instance`` of ``count`` CT records (new
+    random UIDs each round, as another vendor's modality would send) into the full index and into
+    an empty one, alternately; CPU ms an instance (this process), and wall ms with the commits."""
+    records = [read_instance(Path(f)).record for f in next(ct_runs(1000))[:count]]
+    empty = work / "writes-empty" / "index.sqlite"
+    shutil.rmtree(empty.parent, ignore_errors=True)
+    empty.parent.mkdir(parents=True)
+    out: dict[str, list[float]] = {"empty cpu_ms": [], "full cpu_ms": [], "empty wall_ms": [], "full wall_ms": []}
+    for run in range(rounds):
+        for label, target in (("empty", empty), ("full", path)) if run % 2 == 0 else (("full", path), ("empty", empty)):
+            study, series = f"2.25.{uuid.uuid4().int}", f"2.25.{uuid.uuid4().int}"
+            for record in records:
+                uid = f"2.25.{uuid.uuid4().int}"
+                record.study["study_uid"], record.series["series_uid"] = study, series
+                record.instance["sop_instance_uid"], record.instance["storage_key"] = uid, blob_key(uid)
+            index = Index(f"sqlite:///{target}")
+            index.migrate()
+            try:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for record in records:
+                    index.add_instance(record)
+                wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            finally:
+                index.close()
+            out[f"{label} cpu_ms"].append(round(cpu * 1000 / count, 3))
+            out[f"{label} wall_ms"].append(round(wall * 1000 / count, 3))
+            print(f"  index writes, round {run + 1}, {label}: CPU {cpu * 1000 / count:.3f} ms,"
+                  f" wall {wall * 1000 / count:.3f} ms an instance", flush=True)  # fmt: skip
+    return out
+
+
 def orthanc(work: Path, macpacs_data: Path, s: dict[str, str], count: int, repeats: int) -> dict[str, Any]:
     """Orthanc (its SQLite index) filled with ``count`` small instances through DICOM, then C-FIND by
     Patient ID, beside macpacs on the full index."""
@@ -525,10 +570,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-served", action="store_true", help="only the in-process figures at each size")
+    parser.add_argument("--only-writes", action="store_true", help="only the index writes at the last size")
     parser.add_argument("--skip-orthanc", action="store_true")
     parser.add_argument("--orthanc-count", type=int, default=25_000)
     args = parser.parse_args()
+    args.data = args.data.resolve()  # the servers run in folders of their own
     check_columns()
+    if args.only_writes:
+        path = args.data / "archive" / "index.sqlite"
+        print(json.dumps(index_writes(path, args.data / "work", 500)), flush=True)
+        return
     data_dir = args.data / "archive"
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "index.sqlite"
@@ -558,6 +609,7 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=1))
     last = results[str(sizes[-1])]
     if not args.skip_ingest:
+        last["index_writes"] = index_writes(path, args.data / "work", 500)
         last["ingest_ct"] = ingest(data_dir, args.data / "work")
     if not args.skip_orthanc:
         last["orthanc"] = orthanc(args.data / "work", data_dir, last["samples"], args.orthanc_count, args.repeats)
