@@ -337,7 +337,7 @@ def median_ms(func: Callable[[], object], repeats: int) -> tuple[float, Any]:
 
 
 def plan(index: Index, query: Query) -> list[str]:
-    statement, _ = build(query, sqlite=True)
+    statement, _ = build(query)
     compiled = statement.compile(dialect=index.engine.dialect)
     params = tuple(compiled.params[k] for k in compiled.positiontup) if compiled.positional else compiled.params
     with index.engine.connect() as conn:
