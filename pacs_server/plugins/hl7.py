@@ -19,7 +19,8 @@ time (MSH-7): a message older than the last one applied to a step (out of order)
 acknowledged and kept, but changes nothing.
 
 Handled: ORM^O01 and OMI^O23 (new, changed, cancelled and discontinued orders, status changes),
-ADT^A08 (patient demographics: the index and the worklist; stored files are not rewritten) and
+ADT^A08 (patient demographics: the index and the worklist; the stored files only with
+``rewrite_files``, patient_files.py) and
 ADT^A40 (merge: the prior patient's studies move to the surviving one). docs/integration.md
 has the field mapping.
 """
@@ -50,7 +51,8 @@ from ..index import patient_records
 from ..index.hl7_table import DuplicateMessage, Hl7Log
 from ..index.worklist_table import ProcedureTable, writing
 from ..uids import is_uid
-from . import hookimpl
+from . import hookimpl, patient_files
+from .types import Instance
 from .worklist import ItemError, Worklist
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class Hl7Settings:
     tls_key: str = ""
     max_message_kb: int = 1024
     facility: str = ""  # MSH-4 of our ACKs
+    rewrite_files: bool = False  # A08/A40 rewrite the stored files too (patient_files.py), not only the index
 
     @classmethod
     def of(cls, archive: Archive) -> Hl7Settings:
@@ -296,7 +299,8 @@ class Intake:
             key, values = _patient(message)
             changed = patient_records.update_demographics(conn, key, values)
             steps = self.procedures.set_patient(conn, key.patient_id, key.issuer, _step_patient(values))
-            return f"patient {key.patient_id}: {changed} patient rows, {steps} worklist items updated"
+            files = self._rewrite_files(conn, key, entry) if changed else ""
+            return f"patient {key.patient_id}: {changed} patient rows, {steps} worklist items updated{files}"
         if kind == "ADT^A40":
             surviving, values = _patient(message)
             mrg = _segment(message, "MRG")
@@ -306,8 +310,22 @@ class Intake:
             moved = patient_records.merge(conn, prior, surviving, values)
             identity = {"patient_id": surviving.patient_id, "issuer_of_patient_id": surviving.issuer}
             steps = self.procedures.set_patient(conn, prior.patient_id, prior.issuer, identity | _step_patient(values))
-            return f"{prior.patient_id} merged into {surviving.patient_id}: {moved} studies, {steps} worklist items"
+            files = self._rewrite_files(conn, surviving, entry) if moved else ""
+            return (
+                f"{prior.patient_id} merged into {surviving.patient_id}: {moved} studies, {steps} worklist items{files}"
+            )
         raise AssertionError(kind)
+
+    def _rewrite_files(self, conn: Any, key: patient_records.PatientKey, entry: dict[str, Any]) -> str:
+        """With ``rewrite_files``, queue the rewrite of the patient's stored files in the message's transaction."""
+        if not self.settings.rewrite_files:
+            return ""
+        source = f"{entry['message_type']} {entry['control_id']}"
+        dedupe = (
+            f"{patient_files.KIND}:{entry['sending_application']}:{entry['sending_facility']}:{entry['control_id']}"
+        )
+        patient_files.queue(self.archive, conn, key, source, dedupe)
+        return "; its stored files are rewritten by a job"
 
     def _order(self, conn: Any, message: hl7.Message, message_time: str) -> str:
         _patient(message)  # a message without a usable PID is refused before anything changes
@@ -698,6 +716,7 @@ def startup(archive: Archive) -> None:
     global _listener
     if archive.role != "server":
         return
+    archive.jobs.handle(patient_files.KIND, patient_files.run)
     try:
         settings = Hl7Settings.of(archive)
     except (TypeError, ValueError) as exc:
@@ -717,6 +736,21 @@ def startup(archive: Archive) -> None:
         listener.stop()
         return
     _listener = listener
+
+
+@hookimpl
+def instance_stored(archive: Archive, instance: Instance) -> None:
+    """With ``rewrite_files``: an instance that arrived with the ID of a patient merged away is
+    indexed under the surviving one (index/patient_records.py); its file is rewritten to match."""
+    if instance.via == patient_files.VIA or not archive.plugins.options(NAME).get("rewrite_files"):
+        return
+    issuer = str(instance.dataset.get("IssuerOfPatientID", "") or "")
+    with archive.index.engine.connect() as conn:
+        surviving = patient_records.surviving(conn, instance.patient_id, issuer)
+    if surviving is not None:
+        why = f"it arrived with patient ID {instance.patient_id}, merged into {surviving.patient_id}"
+        dedupe = f"{patient_files.KIND}:{instance.sop_instance_uid}:{instance.content_hash}"
+        patient_files.queue(archive, None, surviving, why, dedupe, sop_instance_uid=instance.sop_instance_uid)
 
 
 @hookimpl
