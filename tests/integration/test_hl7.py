@@ -191,6 +191,8 @@ def test_patient_update_and_merge_reach_cfind_qido_and_the_worklist(server, tmp_
     write_series(tmp_path / "b", 1, patient_id="P300", patient_name="OLD^NAME", size=16)
     run_tool("storescu", *server.dicom_args(), "+sd", "+r", str(tmp_path / "a"), str(tmp_path / "b"))
     assert ack_code(send_mllp(port, orm("M1", "NW", "PORD1", patient_id="P300", name="OLD^NAME"))[0])[0] == "AA"
+    # Asked once before the merge: the worklist's answers cached then must not outlive the change.
+    assert [str(a.PatientName) for a in _worklist(server, tmp_path, "P300")] == ["OLD^NAME"]
 
     a08 = message(
         msh("M2", "ADT^A08^ADT_A01"),
