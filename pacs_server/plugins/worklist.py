@@ -26,6 +26,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
@@ -121,6 +122,25 @@ def from_json(text: str | Mapping[str, Any]) -> Dataset:
     return Dataset.from_json(text if isinstance(text, str) else dict(text))
 
 
+@dataclass
+class Staged:
+    """An item made ready to write (completed, its columns and DICOM JSON), outside the write
+    transaction: the HL7 intake builds these in the connection's thread, so that its one writer
+    only runs SQL. ``named_study``: the item came with its own Study Instance UID."""
+
+    item: Dataset
+    columns: dict[str, str]
+    json: str
+    named_study: bool
+
+    @classmethod
+    def of(cls, item: Dataset) -> Staged:
+        """ItemError when the item cannot be scheduled."""
+        named = bool(item.get("StudyInstanceUID"))
+        item = prepared(item)
+        return cls(item, item_columns(item), to_json(item), named)
+
+
 class AnswerCache:
     """The answers of recently matched rows, encoded, and the items they are made from.
 
@@ -190,22 +210,25 @@ class Worklist:
         with writing(self.archive.index) as conn:
             return self.table.insert(conn, f"{source}:{secrets.token_hex(8)}", source, columns, to_json(item))
 
-    def put(self, conn: Any, key: str, item: Dataset, *, source: str, message_time: str = "") -> str:
-        """Create or replace the step ``key`` (``item``, completed in place) in the caller's transaction:
-        ``created``, ``updated`` or ``stale`` (older than the message last applied to it: nothing changed)."""
+    def put(self, conn: Any, key: str, item: Dataset | Staged, *, source: str, message_time: str = "") -> str:
+        """Create or replace the step ``key`` (``item``, completed in place; or staged before the
+        transaction) in the caller's transaction: ``created``, ``updated`` or ``stale`` (older
+        than the message last applied to it: nothing changed)."""
+        staged = item if isinstance(item, Staged) else Staged.of(item)
         existing = self.table.by_key(conn, key)
-        if existing is not None and not item.get("StudyInstanceUID"):
-            item.StudyInstanceUID = existing["study_uid"]  # an order change keeps the study it named
-        item = prepared(item)
-        columns = item_columns(item) | {"message_time": message_time}
+        if existing is not None and not staged.named_study:
+            # An order change keeps the study it named: the item is completed again with it.
+            staged.item.StudyInstanceUID = existing["study_uid"]
+            staged = Staged.of(staged.item)
+        columns = staged.columns | {"message_time": message_time}
         if existing is None:
-            self.table.insert(conn, key, source, columns, to_json(item))
+            self.table.insert(conn, key, source, columns, staged.json)
             return "created"
         if message_time and existing["message_time"] > message_time:
             return "stale"
         if existing["status"] in ENDED and columns["status"] == "SCHEDULED":
             columns["status"] = existing["status"]  # an order change does not reopen an ended step
-        self.table.change(conn, existing["pk"], columns, to_json(item))
+        self.table.change(conn, existing["pk"], columns, staged.json)
         return "updated"
 
     def end(self, conn: Any, keys: list[str], status: str, *, message_time: str = "") -> int:
