@@ -26,7 +26,6 @@ from sqlalchemy import (
     Column,
     Connection,
     Float,
-    String,
     Table,
     bindparam,
     delete,
@@ -38,16 +37,17 @@ from sqlalchemy import (
 )
 
 from .attributes import normalize_pn
+from .column_types import byte_string
 from .schema import metadata, patient, study
 
 # Patients merged away (ADT^A40): the prior identity, and the patient row its instances go to.
 patient_merge = Table(
     "patient_merge",
     metadata,
-    Column("prior_id", String(64), primary_key=True),
-    Column("prior_issuer", String(64), primary_key=True),  # "" when MRG-1 named no issuer
-    Column("surviving_id", String(64), nullable=False),
-    Column("surviving_issuer", String(64), nullable=False),
+    Column("prior_id", byte_string(64), primary_key=True),
+    Column("prior_issuer", byte_string(64), primary_key=True),  # "" when MRG-1 named no issuer
+    Column("surviving_id", byte_string(64), nullable=False),
+    Column("surviving_issuer", byte_string(64), nullable=False),
     Column("merged_at", Float, nullable=False),
 )
 

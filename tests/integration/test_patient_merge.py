@@ -1,5 +1,5 @@
-"""Merges remembered (index/patient_records.py), in process over a real SQLite index: chains,
-merges back, issuers, and a merge of patients the archive does not know yet."""
+"""Merges remembered (index/patient_records.py), in process over a real index (SQLite and
+PostgreSQL): chains, merges back, issuers, and a merge of patients the archive does not know yet."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pydicom
 from macpacs.pacs_server.index import Query
 from macpacs.pacs_server.index.patient_records import PatientKey, merge
 from macpacs.pacs_server.index.worklist_table import writing
+from tests.conftest import both_indexes
 from tests.synthetic import write_series
+
+pytestmark = both_indexes
 
 
 def _store(archive, folder: Path, patient_id: str, issuer: str = "") -> str:

@@ -11,6 +11,8 @@ written; 0008 (another branch's, at the time) goes between when both are in.
 import sqlalchemy as sa
 from alembic import op
 
+from macpacs.pacs_server.index.column_types import byte_string
+
 revision = "0009"
 down_revision = "0007"
 branch_labels = None
@@ -20,10 +22,10 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "patient_merge",
-        sa.Column("prior_id", sa.String(length=64), nullable=False),
-        sa.Column("prior_issuer", sa.String(length=64), nullable=False),
-        sa.Column("surviving_id", sa.String(length=64), nullable=False),
-        sa.Column("surviving_issuer", sa.String(length=64), nullable=False),
+        sa.Column("prior_id", byte_string(64), nullable=False),
+        sa.Column("prior_issuer", byte_string(64), nullable=False),
+        sa.Column("surviving_id", byte_string(64), nullable=False),
+        sa.Column("surviving_issuer", byte_string(64), nullable=False),
         sa.Column("merged_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("prior_id", "prior_issuer"),
     )
