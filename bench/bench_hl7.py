@@ -53,21 +53,12 @@ def client(port: int, numbers: range, failures: list[str]) -> None:
                 failures.append(reply.decode(errors="replace"))
 
 
-class Hl7Macpacs(Macpacs):
-    def __init__(self, workdir: Path, config: Path) -> None:
-        super().__init__(workdir)
-        self.config = config
-
-    def command(self) -> list[str]:
-        return [*super().command(), "--config", str(self.config)]
-
-
 def run(workdir: Path, messages: int, connections: int) -> dict:
     hl7_port = free_port()
     config = workdir / f"macpacs-{connections}.toml"
     workdir.mkdir(parents=True, exist_ok=True)
     config.write_text(f'[plugins]\nenable = ["hl7", "worklist"]\n\n[plugins.hl7]\nport = {hl7_port}\n')
-    server = Hl7Macpacs(workdir / f"server-{connections}", config).start()
+    server = Macpacs(workdir / f"server-{connections}", config=config).start()
     try:
         wait_port(hl7_port)
         failures: list[str] = []

@@ -117,15 +117,6 @@ def write_wl_files(folder: Path, ae_title: str, items: list[Dataset]) -> None:
         ds.save_as(target / f"{n:06d}.wl", implicit_vr=True, little_endian=True)
 
 
-class WorklistMacpacs(Macpacs):
-    def __init__(self, workdir: Path, config: Path) -> None:
-        super().__init__(workdir)
-        self.config = config
-
-    def command(self) -> list[str]:
-        return [*super().command(), "--config", str(self.config)]
-
-
 def echoscu(aet: str, port: int) -> float:
     """One echoscu run (process start, association, C-ECHO, release): the floor under any findscu time."""
     started = time.perf_counter()
@@ -185,7 +176,7 @@ def main() -> None:
 
     config = args.workdir / "macpacs.toml"
     config.write_text('[plugins]\nenable = ["worklist"]\n')
-    ours = WorklistMacpacs(args.workdir / "macpacs", config)
+    ours = Macpacs(args.workdir / "macpacs", config=config)
     shutil.rmtree(ours.workdir, ignore_errors=True)
     ours.data_dir.mkdir(parents=True)
     load_s = schedule_in_macpacs(ours.data_dir, items)

@@ -167,9 +167,10 @@ class Receiver:
 class Macpacs(Receiver):
     name, aet = "macpacs", "MACPACS"
 
-    def __init__(self, workdir: Path, data_dir: Path | None = None) -> None:
+    def __init__(self, workdir: Path, data_dir: Path | None = None, config: Path | None = None) -> None:
         super().__init__(workdir)
         self.data_dir = data_dir or workdir / "data"
+        self.config = config  # a macpacs.toml (plugins and their settings), or none
         self.web_port, self.xmlrpc_port = free_port(), free_port()
 
     def command(self) -> list[str]:
@@ -184,6 +185,7 @@ class Macpacs(Receiver):
             str(self.web_port),
             "--xmlrpc-port",
             str(self.xmlrpc_port),
+            *(["--config", str(self.config)] if self.config else []),
         ]
 
 

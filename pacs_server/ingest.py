@@ -604,6 +604,7 @@ class Ingestor:
         announced_uid: str = "",
         study: str = "",
         content_hash: str = "",
+        overwrite: bool = False,
     ) -> IngestResult:
         """Take ownership of ``staged`` (a file from ``blobs.stage()``) and store it.
 
@@ -614,11 +615,13 @@ class Ingestor:
         ``study``: the Study Instance UID the request is for (STOW-RS to ``/studies/{study}``);
         an instance of another study is refused. ``content_hash``: ``dataset_hash(staged)``
         when the receiver computed it while the bytes arrived (store_scp), so that ingest need
-        not read the file again. Never raises for bad input: the result says what happened and
+        not read the file again. ``overwrite``: replace a stored instance of this UID whatever
+        ``storage.on_conflict`` says (the archive changed it on purpose: a patient update
+        rewriting its files). Never raises for bad input: the result says what happened and
         carries the DICOM status. ``staged`` is gone when this returns, stored or deleted.
         """
         try:
-            return self._ingest(Path(staged), via, source, announced_uid, study, content_hash)
+            return self._ingest(Path(staged), via, source, announced_uid, study, content_hash, overwrite)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -634,7 +637,7 @@ class Ingestor:
         return self.ingest(staged, via="import")
 
     def _ingest(
-        self, staged: Path, via: str, source: str, announced_uid: str, study: str, content_hash: str
+        self, staged: Path, via: str, source: str, announced_uid: str, study: str, content_hash: str, overwrite: bool
     ) -> IngestResult:
         # The durability order is staged fsync → rename → folder fsync → index commit → hooks →
         # answer (BlobStore.put does the first three).
@@ -663,7 +666,7 @@ class Ingestor:
         key = record["storage_key"]
         try:
             with self.blobs.lock(key, KEY_LOCK_TIMEOUT_S):
-                return self._store(staged, parsed, instance, key)
+                return self._store(staged, parsed, instance, key, overwrite)
         except (WriterLockTimeout, IndexUnavailable) as exc:  # a writer hangs, the database is down: retry later
             return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
         except KeyLockTimeout as exc:
@@ -675,7 +678,9 @@ class Ingestor:
             log.exception("storing %s failed", uid)
             return IngestResult(Outcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", uid, sop_class)
 
-    def _store(self, staged: Path, parsed: ParsedInstance, instance: Instance, key: str) -> IngestResult:
+    def _store(
+        self, staged: Path, parsed: ParsedInstance, instance: Instance, key: str, overwrite: bool
+    ) -> IngestResult:
         """Check what is stored under ``key``, then put and index; the caller holds the key's lock."""
         uid, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
         new_hash = parsed.record.instance["content_hash"]
@@ -696,7 +701,7 @@ class Ingestor:
                     uid,
                     key,
                 )
-            elif self.settings.on_conflict == "keep":
+            elif self.settings.on_conflict == "keep" and not overwrite:
                 msg = (
                     "an instance with this SOP Instance UID but different content is stored; "
                     "kept it (on_conflict = keep)"
@@ -729,7 +734,9 @@ class Ingestor:
             return IngestResult(Outcome.OUT_OF_RESOURCES, reason, uid, sop_class, disk_full=full)
         if had_blob:
             self.plugins.stored(instance, Outcome.OVERWRITTEN.value)
-            why = "on_conflict = overwrite" if self.settings.on_conflict == "overwrite" else "it was not readable"
+            why = "it was changed on purpose" if overwrite else "on_conflict = overwrite"
+            if not overwrite and self.settings.on_conflict != "overwrite":
+                why = "it was not readable"
             return IngestResult(Outcome.OVERWRITTEN, f"replaced the stored instance ({why})", uid, sop_class)
         self.plugins.stored(instance, Outcome.STORED.value)
         return IngestResult(Outcome.STORED, "stored", uid, sop_class)

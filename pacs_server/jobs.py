@@ -199,8 +199,14 @@ class Jobs:
         assert job is not None
         return job
 
-    def submit_many(self, jobs: Sequence[tuple[str, str, Mapping[str, Any], str | None, str | None]]) -> list[int]:
-        """Queue several jobs in one transaction: (kind, description, payload, batch_key, dedupe_key) each."""
+    def submit_many(
+        self, jobs: Sequence[tuple[str, str, Mapping[str, Any], str | None, str | None]], *, conn: Any = None
+    ) -> list[int]:
+        """Queue several jobs in one transaction: (kind, description, payload, batch_key, dedupe_key) each.
+
+        ``conn``: a write transaction of the caller's on this index (``worklist_table.writing``)
+        to queue them in, so that they commit with what made them needed, or not at all.
+        """
         rows = [
             {
                 "kind": kind,
@@ -212,7 +218,7 @@ class Jobs:
             }
             for kind, description, payload, batch_key, dedupe_key in jobs
         ]
-        pks = self.table.insert(rows) if rows else []
+        pks = self.table.insert(rows, conn=conn) if rows else []
         self._wake.set()
         return pks
 

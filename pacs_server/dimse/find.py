@@ -297,10 +297,12 @@ BATCH_BYTES = 64 * 1024
 
 
 def serve_find(service: Any, req: Any, context: Any) -> None:
-    """The C-FIND SCP, in place of pynetdicom's (``subops.RetrieveServiceClass`` calls it).
+    """The C-FIND SCP, in place of pynetdicom's (``subops.RetrieveServiceClass`` and
+    ``WorklistServiceClass`` call it).
 
     The EVT_C_FIND handler (``scp.DicomListener._on_find``, ``find_responses``) yields encoded
-    identifiers; each response is framed here (command set by ``codec.response_command``) and up to
+    identifiers (a plugin's C-FIND yields datasets: they are encoded here, in the context's
+    transfer syntax); each response is framed here (command set by ``codec.response_command``) and up to
     BATCH_MESSAGES of them are written to the socket at once by ``pynetdicom_ext.write_parts``, instead of
     going one PDU per reactor loop through pynetdicom's queues (~0.5 ms a match).
 
@@ -334,12 +336,17 @@ def serve_find(service: Any, req: Any, context: Any) -> None:
             evt.EVT_C_FIND,
             {"request": req, "context": context.as_tuple, "_is_cancelled": service.is_cancelled},
         )
+        syntax = UID(context.transfer_syntax[0])
         for status, identifier in responses or ():
             if not assoc.is_established:
                 return
             if status != dicom_status.PENDING or identifier is None:
                 finish(status)
                 return
+            if isinstance(identifier, Dataset):  # a plugin's C-FIND (the worklist) answers with datasets
+                identifier = encode(identifier, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+                if identifier is None:
+                    raise ValueError("a response identifier could not be encoded")
             parts += codec.small_message(cx_id, pending, identifier, max_pdu)
             count += 1
             batched += 1

@@ -26,27 +26,26 @@ from pynetdicom.sop_class import (
 )
 
 from .. import dicom_status
-from ..plugins.dicom_services import DicomRequest, DicomService, Response
+from ..plugins.dicom_services import DicomRequest, DicomService, FindResponse, Response
 from .find import status_with_comment
 
 log = logging.getLogger(__name__)
 
+# The Query/Retrieve models the archive serves itself (scp.DicomListener adds their contexts).
+QUERY_RETRIEVE_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 # Classes the archive serves itself: a plugin cannot take them over.
 CORE_CLASSES = frozenset(
     {
         str(Verification),
         *(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts),
-        *map(
-            str,
-            (
-                PatientRootQueryRetrieveInformationModelFind,
-                StudyRootQueryRetrieveInformationModelFind,
-                PatientRootQueryRetrieveInformationModelMove,
-                StudyRootQueryRetrieveInformationModelMove,
-                PatientRootQueryRetrieveInformationModelGet,
-                StudyRootQueryRetrieveInformationModelGet,
-            ),
-        ),
+        *map(str, QUERY_RETRIEVE_MODELS),
     }
 )
 
@@ -107,7 +106,7 @@ class PluginServices:
 
         return on_find
 
-    def _find(self, service: DicomService, event: Any) -> Iterator[Response]:
+    def _find(self, service: DicomService, event: Any) -> Iterator[FindResponse]:
         assoc = event.assoc
         self._count(assoc, "find")
         refused = self._refusal(assoc, service.right)
@@ -178,6 +177,7 @@ class PluginServices:
             action_type_id=int(action) if action is not None else None,
             is_cancelled=cancelled,
             assoc=assoc,
+            transfer_syntax=str(event.context.transfer_syntax),
         )
 
 

@@ -32,8 +32,9 @@ pynetdicom is right but slow where an archive is busiest, and has no options for
    pynetdicom's association and DUL modules is replaced by a proxy whose ``sleep`` changes
    exactly that 1 ms poll.
 
-4. **Service classes.** Storage SOP classes are served by ``store_scp.FastStorageServiceClass``
-   and the Query/Retrieve models by ``subops.RetrieveServiceClass`` (``uid_to_service_class``),
+4. **Service classes.** Storage SOP classes are served by ``store_scp.FastStorageServiceClass``,
+   the Query/Retrieve models by ``subops.RetrieveServiceClass`` and the Modality Worklist model
+   (a plugin's) by ``subops.WorklistServiceClass`` (``uid_to_service_class``),
    and the DUL never reads a PDU while ``store_scp`` does (``_is_transport_event``).
 
 5. **Received datasets** are streamed to a file (``STORE_RECV_CHUNKED_DATASET``), the fastest
@@ -74,7 +75,11 @@ import pynetdicom.dimse_messages
 import pynetdicom.dimse_primitives
 import pynetdicom.dul
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
+from pynetdicom.service_class import (
+    BasicWorklistManagementServiceClass,
+    QueryRetrieveServiceClass,
+    StorageServiceClass,
+)
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 from ..config import ConfigError
@@ -96,6 +101,7 @@ _CLASS_ATTRIBUTES = {
     AssociationSocket: ("ready", "send"),
     RequestHandler: ("_create_association",),
     QueryRetrieveServiceClass: ("_c_find_scp", "_move_scp", "_get_scp"),
+    BasicWorklistManagementServiceClass: ("_c_find_scp",),
 }
 _ASSOCIATION_ATTRIBUTES = ("_accepted_cx", "_reactor_checkpoint", "_is_paused", "_abort_blocking", "dimse.message")
 _DUL_ATTRIBUTES = ("_run_loop_delay", "_idle_timer", "to_provider_queue", "event_queue", "to_user_queue")
@@ -383,7 +389,7 @@ def apply(poll_ms: float, stage_file: Callable[[], StagedFile] | None = None) ->
         if _clock is None:
             check()
             from .store_scp import FastStorageServiceClass
-            from .subops import RetrieveServiceClass
+            from .subops import RetrieveServiceClass, WorklistServiceClass
 
             AssociationSocket.__init__ = _socket_init  # type: ignore[method-assign]
             AssociationSocket.send = _socket_send  # type: ignore[method-assign]
@@ -394,7 +400,11 @@ def apply(poll_ms: float, stage_file: Callable[[], StagedFile] | None = None) ->
             pynetdicom.association.time = clock  # type: ignore[assignment]
             pynetdicom.dul.time = clock  # type: ignore[assignment]
             _SERVICE_CLASSES.update(
-                {StorageServiceClass: FastStorageServiceClass, QueryRetrieveServiceClass: RetrieveServiceClass}
+                {
+                    StorageServiceClass: FastStorageServiceClass,
+                    QueryRetrieveServiceClass: RetrieveServiceClass,
+                    BasicWorklistManagementServiceClass: WorklistServiceClass,
+                }
             )
             pynetdicom.association.uid_to_service_class = _service_class  # type: ignore[assignment]
             pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True

@@ -40,15 +40,7 @@ from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+from pynetdicom.sop_class import Verification
 
 from .. import dicom_status
 from ..archive import Archive
@@ -59,7 +51,7 @@ from .connections import AssociationSlots, Connection
 from .find import find_responses, status_with_comment
 from .get import get_responses
 from .move import MoveRequest, move_responses
-from .plugin_services import PluginServices
+from .plugin_services import QUERY_RETRIEVE_MODELS, PluginServices
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +150,7 @@ class DicomListener:
         for context in AllStoragePresentationContexts:
             # Both roles: peers store to us, and a C-GET requestor asks to be the Storage SCP.
             ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
-        for model in (
-            PatientRootQueryRetrieveInformationModelFind,
-            StudyRootQueryRetrieveInformationModelFind,
-            PatientRootQueryRetrieveInformationModelMove,
-            StudyRootQueryRetrieveInformationModelMove,
-            PatientRootQueryRetrieveInformationModelGet,
-            StudyRootQueryRetrieveInformationModelGet,
-        ):
+        for model in QUERY_RETRIEVE_MODELS:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
         self.plugin_services.add_contexts(ae)
         return ae

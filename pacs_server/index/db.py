@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
-from . import corruption, postgres, schema
+from . import corruption, patient_records, postgres, schema
 from .corruption import IndexUnreadable
 from .matcher import Query, build, count_statement
 from .postgres import IndexUnavailable
@@ -352,13 +352,23 @@ class Index:
             cursor, "find_patient", {"pid": rec.patient["patient_id"], "issuer": rec.patient["issuer_of_patient_id"]}
         )
         row = cursor.fetchone()
+        patient_values = rec.patient
+        if row is None:  # a new patient, or one merged away (ADT^A40): then the surviving one
+            self._run(
+                cursor, "find_merge", {"pid": rec.patient["patient_id"], "issuer": rec.patient["issuer_of_patient_id"]}
+            )
+            surviving = cursor.fetchone()
+            if surviving is not None:
+                patient_values = {**rec.patient, "patient_id": surviving[0], "issuer_of_patient_id": surviving[1]}
+                self._run(cursor, "find_patient", {"pid": surviving[0], "issuer": surviving[1]})
+                row = cursor.fetchone()
         if row is not None:
             patient_pk = row[0]
         else:
             patient_pk = self._insert(
                 cursor,
                 "patient",
-                {**rec.patient, "charset": rec.charset, "created_at": now}
+                {**patient_values, "charset": rec.charset, "created_at": now}
                 | {"num_studies": 0, "num_series": 0, "num_instances": 0},
             )
 
@@ -715,6 +725,7 @@ _STATEMENTS: dict[str, Any] = {
     "find_patient": select(schema.patient.c.pk).where(
         schema.patient.c.patient_id == bindparam("pid"), schema.patient.c.issuer_of_patient_id == bindparam("issuer")
     ),
+    "find_merge": patient_records.SURVIVING,
     # FOR UPDATE (PostgreSQL; SQLite's BEGIN IMMEDIATE already keeps other writers out): the
     # study's ModalitiesInStudy is read here and merged below, and no other node may merge between.
     "find_study": select(schema.study.c.pk, schema.study.c.modalities_in_study)

@@ -92,22 +92,25 @@ class JobTable:
         return stmt.with_for_update(skip_locked=True)
 
     # -- queueing ---------------------------------------------------------------------------------
-    def insert(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Queue ``rows`` in one transaction; the primary key of each, in order.
+    def insert(self, rows: Sequence[Mapping[str, Any]], conn: Connection | None = None) -> list[int]:
+        """Queue ``rows`` in one transaction (the caller's ``conn``, else one of their own); the
+        primary key of each, in order.
 
         A row whose ``dedupe_key`` is already taken is not queued again: its key's existing
         job is returned instead.
         """
+        if conn is None:
+            with self._writing() as own:
+                return self.insert(rows, own)
         now = time.time()
         pks: list[int] = []
-        with self._writing() as conn:
-            for row in rows:
-                key = row.get("dedupe_key")
-                values = {**self._defaults, "next_run_at": now, "created_at": now, "updated_at": now, **row}
-                pk = conn.execute(self._insert_stmt, values).scalar()  # RETURNING: no row when skipped
-                if pk is None:  # the key is taken: that job, queued before (maybe by another process)
-                    pk = conn.execute(select(job.c.pk).where(job.c.dedupe_key == key)).scalar_one()
-                pks.append(pk)
+        for row in rows:
+            key = row.get("dedupe_key")
+            values = {**self._defaults, "next_run_at": now, "created_at": now, "updated_at": now, **row}
+            pk = conn.execute(self._insert_stmt, values).scalar()  # RETURNING: no row when skipped
+            if pk is None:  # the key is taken: that job, queued before (maybe by another process)
+                pk = conn.execute(select(job.c.pk).where(job.c.dedupe_key == key)).scalar_one()
+            pks.append(pk)
         return pks
 
     def claim(

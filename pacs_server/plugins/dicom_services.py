@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 # What a handler returns: a DIMSE status and the response's dataset (or None). A C-FIND handler
 # yields such pairs, one per match with status 0xFF00 (pending), then a final one.
 Response = tuple[int, Dataset | None]
+# A C-FIND handler of the Modality Worklist model may yield its identifiers already encoded.
+FindResponse = tuple[int, Dataset | bytes | None]
+# The plugin C-FIND classes whose answers the listener frames and writes itself (dimse/find.py
+# ``serve_find``), where an identifier may come encoded; other classes go through pynetdicom.
+ENCODED_FIND_CLASSES = frozenset({"1.2.840.10008.5.1.4.31"})  # Modality Worklist Information Model - FIND
 
 RIGHTS = ("query", "store", "retrieve")  # as nodes.OPERATIONS
 
@@ -36,6 +41,7 @@ class DicomRequest:
     the association was admitted as (None for an unknown peer admitted by
     ``dicom.accept_unknown_nodes``). ``assoc`` is pynetdicom's ``Association``, for a service
     that must send on it afterwards (an N-EVENT-REPORT): pynetdicom sends the response first.
+    ``transfer_syntax`` is the UID of the presentation context's transfer syntax.
     """
 
     operation: str  # "C-FIND", "N-CREATE", "N-SET", "N-ACTION"
@@ -49,6 +55,7 @@ class DicomRequest:
     action_type_id: int | None = None
     is_cancelled: Callable[[], bool] = field(default=lambda: False, repr=False)
     assoc: Any = field(default=None, repr=False, compare=False)
+    transfer_syntax: str = ImplicitVRLittleEndian
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class DicomService:
 
     - ``find(request)``: C-FIND; yields ``(status, identifier)`` pairs, ``(0xFF00, ds)`` per match,
       then ``(0x0000, None)`` (or a failure status). It should look at ``request.is_cancelled()``
-      between matches.
+      between matches. For a class of ``ENCODED_FIND_CLASSES`` an identifier may be given as
+      bytes, already encoded in ``request.transfer_syntax`` (an answer cached encoded).
     - ``n_create(request)``, ``n_set(request)``, ``n_action(request)``: return ``(status, dataset)``.
 
     ``right`` is the node right the peer needs (``query``, ``store`` or ``retrieve``, as in
@@ -69,7 +77,7 @@ class DicomService:
     sop_class_uid: str
     name: str  # for log lines, e.g. "Modality Worklist"
     right: str = "query"
-    find: Callable[[DicomRequest], Iterable[Response]] | None = None
+    find: Callable[[DicomRequest], Iterable[FindResponse]] | None = None
     n_create: Callable[[DicomRequest], Response] | None = None
     n_set: Callable[[DicomRequest], Response] | None = None
     n_action: Callable[[DicomRequest], Response] | None = None

@@ -19,7 +19,8 @@ time (MSH-7): a message older than the last one applied to a step (out of order)
 acknowledged and kept, but changes nothing.
 
 Handled: ORM^O01 and OMI^O23 (new, changed, cancelled and discontinued orders, status changes),
-ADT^A08 (patient demographics: the index and the worklist; stored files are not rewritten) and
+ADT^A08 (patient demographics: the index and the worklist; the stored files only with
+``rewrite_files``, patient_files.py) and
 ADT^A40 (merge: the prior patient's studies move to the surviving one). docs/integration.md
 has the field mapping.
 """
@@ -50,8 +51,9 @@ from ..index import patient_records
 from ..index.hl7_table import DuplicateMessage, Hl7Log
 from ..index.worklist_table import ProcedureTable, writing
 from ..uids import is_uid
-from . import hookimpl
-from .worklist import ItemError, Worklist
+from . import hookimpl, patient_files
+from .types import Instance
+from .worklist import ItemError, Staged, Worklist
 
 if TYPE_CHECKING:
     from ..archive import Archive
@@ -100,6 +102,7 @@ class Hl7Settings:
     tls_key: str = ""
     max_message_kb: int = 1024
     facility: str = ""  # MSH-4 of our ACKs
+    rewrite_files: bool = False  # A08/A40 rewrite the stored files too (patient_files.py), not only the index
 
     @classmethod
     def of(cls, archive: Archive) -> Hl7Settings:
@@ -135,17 +138,34 @@ BATCH = 64  # messages committed together at most (they arrived while the previo
 
 @dataclass
 class _Outcome:
-    ack: str
+    code: str  # AA, AE or AR
+    text: str  # MSA-3
     level: int
-    line: str  # logged once the batch is committed (or has failed)
+    line: str  # logged once the message is committed (or its batch has failed)
+
+
+@dataclass
+class _Received:
+    """One message as its connection's thread prepared it (parsed, its worklist items built and
+    encoded), so that the one writer only runs SQL; ``done`` gets its outcome after the commit."""
+
+    text: str
+    peer: str
+    entry: dict[str, Any]
+    message: hl7.Message | None = None
+    rejected: str = ""  # AR, with this reason
+    groups: list[_Group] = field(default_factory=list)  # ORM / OMI: the orders, planned
+    done: concurrent.futures.Future[_Outcome] = field(default_factory=concurrent.futures.Future)
 
 
 class Intake:
     """Parses, persists and applies messages; ``handle`` returns each one's ACK once it is durable.
 
-    One writer thread commits: messages that arrive while a commit runs (from several
-    connections) are applied in one transaction, each in a savepoint of its own, and share its
-    fsync. Every ACK waits for the commit that holds its message.
+    Each connection's thread parses its message and builds its worklist items (``_receive``);
+    one writer thread applies and commits: messages that arrive while a commit runs (from
+    several connections) are applied in one transaction, each in a savepoint of its own, and
+    share its fsync, while the next ones are being parsed. Every ACK waits for the commit that
+    holds its message, and is built by its connection's thread.
     """
 
     def __init__(self, archive: Archive, settings: Hl7Settings) -> None:
@@ -154,7 +174,7 @@ class Intake:
         self.log = Hl7Log(archive.index)
         self.worklist = Worklist(archive)
         self.procedures = ProcedureTable(archive.index)
-        self._queue: queue.Queue[tuple[str, str, concurrent.futures.Future[str]] | None] = queue.Queue()
+        self._queue: queue.Queue[_Received | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
 
@@ -164,15 +184,34 @@ class Intake:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="hl7-writer", daemon=True)
                 self._writer.start()
-        done: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self._queue.put((text, peer, done))
-        return done.result()
+        received = self._receive(text, peer)
+        self._queue.put(received)
+        outcome = received.done.result()
+        if outcome.line:
+            log.log(outcome.level, "%s", outcome.line)
+        return self._ack(received.entry, outcome.code, outcome.text, received.message)
 
     def close(self) -> None:
         """Let the writer finish what is queued, then end it."""
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(10.0)
+
+    def _receive(self, text: str, peer: str) -> _Received:
+        """Parse and plan one message in the caller's thread (nothing of the index is read)."""
+        received = _Received(text, peer, {"raw": text, "peer": peer[:64], "control_id": None})
+        try:
+            received.message = self._parse(text)
+            received.entry.update(_header(received.message))
+            kind = received.entry["message_type"]
+            if kind not in HANDLED:
+                raise Rejected(f"message type {kind or '(none)'} is not handled here (handled: {', '.join(HANDLED)})")
+        except Rejected as exc:
+            received.rejected = str(exc)
+            return received
+        if kind in ("ORM^O01", "OMI^O23"):
+            received.groups = _planned(received.message)
+        return received
 
     def _write_loop(self) -> None:
         while True:
@@ -191,61 +230,50 @@ class Intake:
                 batch.append(more)
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[str, str, concurrent.futures.Future[str]]]) -> None:
+    def _commit(self, batch: list[_Received]) -> None:
         outcomes: list[_Outcome] = []
         try:
             with writing(self.archive.index) as conn:
-                for text, peer, _done in batch:
-                    outcomes.append(self._one(conn, text, peer))
+                for received in batch:
+                    outcomes.append(self._one(conn, received))
         except Exception as exc:  # the transaction itself failed: nothing of the batch is kept
             log.exception("HL7: %d message(s) could not be committed to the index", len(batch))
             text_ = f"internal error, nothing applied: {type(exc).__name__}: {exc}; send the message again"
-            outcomes = [
-                _Outcome(self._ack({}, "AE", text_, _readable(text)), logging.ERROR, "") for text, _p, _d in batch
-            ]
-        for (_text, _peer, done), outcome in zip(batch, outcomes, strict=True):
-            if outcome.line:
-                log.log(outcome.level, "%s", outcome.line)
-            done.set_result(outcome.ack)
+            outcomes = [_Outcome("AE", text_, logging.ERROR, "") for _ in batch]
+        for received, outcome in zip(batch, outcomes, strict=True):
+            received.done.set_result(outcome)
 
-    def _one(self, conn: Any, text: str, peer: str) -> _Outcome:
-        """Apply one message inside the batch's transaction; its ACK and log line."""
-        entry: dict[str, Any] = {"raw": text, "peer": peer[:64], "control_id": None}
-        message: hl7.Message | None = None
-        try:
-            message = self._parse(text)
-            entry.update(_header(message))
-            kind = entry["message_type"]
-            if kind not in HANDLED:
-                raise Rejected(f"message type {kind or '(none)'} is not handled here (handled: {', '.join(HANDLED)})")
-        except Rejected as exc:
-            self._keep(conn, entry | {"control_id": None}, "AR", str(exc))
-            return _Outcome(self._ack(entry, "AR", str(exc), message), logging.WARNING,
-                            f"HL7 message from {peer} rejected (AR): {exc}")  # fmt: skip
+    def _one(self, conn: Any, received: _Received) -> _Outcome:
+        """Apply one message inside the batch's transaction; its outcome."""
+        entry, peer, message = received.entry, received.peer, received.message
+        if received.rejected:
+            self._keep(conn, entry | {"control_id": None}, "AR", received.rejected)
+            line = f"HL7 message from {peer} rejected (AR): {received.rejected}"
+            return _Outcome("AR", received.rejected, logging.WARNING, line)
+        assert message is not None
         try:
             with conn.begin_nested():
                 self.log.record(conn, entry | {"ack_code": "AA", "ack_text": ""})
-                summary = self._apply(conn, message, entry)
+                summary = self._apply(conn, received)
         except DuplicateMessage as dup:
             first = dup.first
-            received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["received_at"]))
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(first["received_at"]))
             line = (
                 f"HL7 {entry['message_type']} {entry['control_id']} from {peer} is a duplicate of the message "
-                f"received at {received}: answered {first['ack_code']} again, not applied again"
+                f"received at {when}: answered {first['ack_code']} again, not applied again"
             )
-            return _Outcome(self._ack(entry, first["ack_code"], first["ack_text"], message), logging.INFO, line)
+            return _Outcome(first["ack_code"], first["ack_text"], logging.INFO, line)
         except (NotApplied, ItemError) as exc:
             text_ = f"{entry['message_type']} not applied: {exc}"
             self._keep(conn, entry, "AE", text_)
-            line = f"HL7 {entry['control_id']} from {peer} answered AE: {text_}"
-            return _Outcome(self._ack(entry, "AE", text_, message), logging.WARNING, line)
+            return _Outcome("AE", text_, logging.WARNING, f"HL7 {entry['control_id']} from {peer} answered AE: {text_}")
         except Exception as exc:
             log.exception("HL7 %s %s from %s could not be applied", entry["message_type"], entry["control_id"], peer)
             text_ = f"internal error, nothing applied: {type(exc).__name__}: {exc}; send the message again"
             self._keep(conn, entry | {"control_id": None}, "AE", text_)  # not remembered as seen: a re-send applies it
-            return _Outcome(self._ack(entry, "AE", text_, message), logging.ERROR, "")
+            return _Outcome("AE", text_, logging.ERROR, "")
         line = f"HL7 {entry['message_type']} {entry['control_id']} from {peer} applied: {summary}"
-        return _Outcome(self._ack(entry, "AA", "", message), logging.INFO, line)
+        return _Outcome("AA", "", logging.INFO, line)
 
     @staticmethod
     def _parse(text: str) -> hl7.Message:
@@ -288,15 +316,17 @@ class Intake:
         )
 
     # -- applying ------------------------------------------------------------------------------------
-    def _apply(self, conn: Any, message: hl7.Message, entry: dict[str, Any]) -> str:
+    def _apply(self, conn: Any, received: _Received) -> str:
+        message, entry = received.message, received.entry
         kind = entry["message_type"]
         if kind in ("ORM^O01", "OMI^O23"):
-            return self._order(conn, message, entry["message_time"])
+            return self._order(conn, received.groups, entry["message_time"])
         if kind == "ADT^A08":
             key, values = _patient(message)
             changed = patient_records.update_demographics(conn, key, values)
             steps = self.procedures.set_patient(conn, key.patient_id, key.issuer, _step_patient(values))
-            return f"patient {key.patient_id}: {changed} patient rows, {steps} worklist items updated"
+            files = self._rewrite_files(conn, key, entry) if changed else ""
+            return f"patient {key.patient_id}: {changed} patient rows, {steps} worklist items updated{files}"
         if kind == "ADT^A40":
             surviving, values = _patient(message)
             mrg = _segment(message, "MRG")
@@ -306,34 +336,40 @@ class Intake:
             moved = patient_records.merge(conn, prior, surviving, values)
             identity = {"patient_id": surviving.patient_id, "issuer_of_patient_id": surviving.issuer}
             steps = self.procedures.set_patient(conn, prior.patient_id, prior.issuer, identity | _step_patient(values))
-            return f"{prior.patient_id} merged into {surviving.patient_id}: {moved} studies, {steps} worklist items"
+            files = self._rewrite_files(conn, surviving, entry) if moved else ""
+            return (
+                f"{prior.patient_id} merged into {surviving.patient_id}: {moved} studies, {steps} worklist items{files}"
+            )
         raise AssertionError(kind)
 
-    def _order(self, conn: Any, message: hl7.Message, message_time: str) -> str:
-        _patient(message)  # a message without a usable PID is refused before anything changes
+    def _rewrite_files(self, conn: Any, key: patient_records.PatientKey, entry: dict[str, Any]) -> str:
+        """With ``rewrite_files``, queue the rewrite of the patient's stored files in the message's transaction."""
+        if not self.settings.rewrite_files:
+            return ""
+        source = f"{entry['message_type']} {entry['control_id']}"
+        dedupe = (
+            f"{patient_files.KIND}:{entry['sending_application']}:{entry['sending_facility']}:{entry['control_id']}"
+        )
+        patient_files.queue(self.archive, conn, key, source, dedupe)
+        return "; its stored files are rewritten by a job"
+
+    def _order(self, conn: Any, groups: list[_Group], message_time: str) -> str:
+        """Apply the planned orders (``_planned``); a planning error is raised where the order needs what failed."""
         done = []
-        for group in _order_groups(message):
-            orc, obr = group.orc, group.obr
-            control = _value(orc, 1).upper()
-            order = _value(orc, 2) or _value(obr, 2) or _value(orc, 3) or _value(obr, 3)
-            if not order:
-                raise NotApplied("the order has no number (ORC-2 / OBR-2 placer, ORC-3 / OBR-3 filler)")
-            prefix = f"hl7:{order}|"
-            status = _status_change(control, _value(orc, 5).upper())
+        for group in groups:
+            if group.error is not None:
+                raise group.error
+            order, control, status, prefix = group.order, group.control, group.status, f"hl7:{group.order}|"
             if status is not None:
                 keys = self.procedures.keys_of_order(conn, prefix)
                 if not keys and control not in CANCELLED | DISCONTINUED:
                     raise NotApplied(f"order {order} is not known here, so its status cannot change")
                 if not keys:
                     # A cancel before its order (out of order): remembered, so the late order stays cancelled.
-                    item = _step_item(message, group, order)
-                    item[SPS_KEY][0].ScheduledProcedureStepStatus = status
+                    (staged,) = group.staged()
+                    step = staged.item[SPS_KEY][0]
                     self.worklist.put(
-                        conn,
-                        prefix + item[SPS_KEY][0].ScheduledProcedureStepID,
-                        item,
-                        source="hl7",
-                        message_time=message_time,
+                        conn, prefix + step.ScheduledProcedureStepID, staged, source="hl7", message_time=message_time
                     )
                     done.append(f"order {order} {status.lower()} before it was scheduled")
                     continue
@@ -342,10 +378,10 @@ class Intake:
                 continue
             if control not in CREATE_OR_UPDATE:
                 raise NotApplied(f"ORC-1 order control {control or '(empty)'} is not handled (NW, XO, SC, CA, DC...)")
-            for item in _step_items(message, group, order):
-                step = item[SPS_KEY][0]
+            for staged in group.staged():
+                step = staged.item[SPS_KEY][0]
                 outcome = self.worklist.put(
-                    conn, prefix + step.ScheduledProcedureStepID, item, source="hl7", message_time=message_time
+                    conn, prefix + step.ScheduledProcedureStepID, staged, source="hl7", message_time=message_time
                 )
                 if outcome == "stale":
                     outcome = "not applied (older than the message last applied to it)"
@@ -360,11 +396,52 @@ SPS_KEY = "ScheduledProcedureStepSequence"
 
 @dataclass
 class _Group:
+    """One order of a message (ORC with its TQ1, OBR, IPC and ZDS), planned by ``_planned``."""
+
     orc: Any
     obr: Any = None
     tq1: Any = None
     ipcs: list[Any] = field(default_factory=list)
     zds: Any = None
+    control: str = ""  # ORC-1
+    order: str = ""
+    status: str | None = None  # the status a cancel or status change sets
+    items: list[Staged] = field(default_factory=list)
+    error: Exception | None = None  # the order cannot be applied at all
+    items_error: Exception | None = None  # its items could not be built (raised only if they are needed)
+
+    def staged(self) -> list[Staged]:
+        if self.items_error is not None:
+            raise self.items_error
+        return self.items
+
+
+def _planned(message: hl7.Message) -> list[_Group]:
+    """The orders of an ORM^O01 / OMI^O23, their worklist items built and encoded (no index read);
+    an error is kept on the order, for the writer to raise in the message's turn."""
+    try:
+        _patient(message)  # a message without a usable PID is refused before anything changes
+    except NotApplied as exc:
+        return [_Group(None, error=exc)]
+    groups = list(_order_groups(message))
+    for group in groups:
+        group.control = _value(group.orc, 1).upper()
+        group.order = _value(group.orc, 2) or _value(group.obr, 2) or _value(group.orc, 3) or _value(group.obr, 3)
+        if not group.order:
+            group.error = NotApplied("the order has no number (ORC-2 / OBR-2 placer, ORC-3 / OBR-3 filler)")
+            break
+        group.status = _status_change(group.control, _value(group.orc, 5).upper())
+        try:
+            if group.status is None:
+                if group.control in CREATE_OR_UPDATE:
+                    group.items = [Staged.of(item) for item in _step_items(message, group, group.order)]
+            elif group.control in CANCELLED | DISCONTINUED:
+                item = _step_item(message, group, group.order)
+                item[SPS_KEY][0].ScheduledProcedureStepStatus = group.status
+                group.items = [Staged.of(item)]
+        except (NotApplied, ItemError) as exc:
+            group.items_error = exc
+    return groups
 
 
 def _order_groups(message: hl7.Message) -> Iterator[_Group]:
@@ -673,14 +750,6 @@ class Hl7Listener:
             writer.close()
 
 
-def _readable(text: str) -> hl7.Message | None:
-    """The message, when it can be parsed (to address an ACK to its sender), else None."""
-    try:
-        return hl7.parse(text) if text.startswith("MSH") else None
-    except Exception:
-        return None
-
-
 def _decode(block: bytes) -> tuple[str, str]:
     """The message text and the encoding to answer in: UTF-8, else ISO 8859-1 (HL7's usual two)."""
     try:
@@ -698,6 +767,7 @@ def startup(archive: Archive) -> None:
     global _listener
     if archive.role != "server":
         return
+    archive.jobs.handle(patient_files.KIND, patient_files.run)
     try:
         settings = Hl7Settings.of(archive)
     except (TypeError, ValueError) as exc:
@@ -717,6 +787,21 @@ def startup(archive: Archive) -> None:
         listener.stop()
         return
     _listener = listener
+
+
+@hookimpl
+def instance_stored(archive: Archive, instance: Instance) -> None:
+    """With ``rewrite_files``: an instance that arrived with the ID of a patient merged away is
+    indexed under the surviving one (index/patient_records.py); its file is rewritten to match."""
+    if instance.via == patient_files.VIA or not archive.plugins.options(NAME).get("rewrite_files"):
+        return
+    issuer = str(instance.dataset.get("IssuerOfPatientID", "") or "")
+    with archive.index.engine.connect() as conn:
+        surviving = patient_records.surviving(conn, instance.patient_id, issuer)
+    if surviving is not None:
+        why = f"it arrived with patient ID {instance.patient_id}, merged into {surviving.patient_id}"
+        dedupe = f"{patient_files.KIND}:{instance.sop_instance_uid}:{instance.content_hash}"
+        patient_files.queue(archive, None, surviving, why, dedupe, sop_instance_uid=instance.sop_instance_uid)
 
 
 @hookimpl

@@ -41,7 +41,8 @@ from pydicom.uid import UID
 
 from ..config import AE_TITLE_RE
 from ..dimse.transfer_jobs import send_batch_key
-from . import hookimpl
+from . import hookimpl, settings_tables
+from .settings_tables import TableError
 from .types import Instance, Study
 
 if TYPE_CHECKING:
@@ -50,11 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME = "routing"
+SECTION = "plugins.routing.rules"
 KEYS = {"name", "on", "to", "modality", "calling_ae", "tags", "transfer_syntax"}
 _rules: dict[int, list[Rule]] = {}  # by id(archive): the rules of this process
 
 
-class RuleError(ValueError):
+class RuleError(TableError):
     """A routing rule is malformed; the message names the rule and what to change."""
 
 
@@ -113,13 +115,7 @@ def _tag(rule: str, text: str) -> int:
 
 def parse_rule(number: int, raw: Any) -> Rule:
     """Check one ``[[plugins.routing.rules]]`` table; RuleError says what is wrong."""
-    if not isinstance(raw, Mapping):
-        raise RuleError(f"routing rule {number} must be a table ([[plugins.routing.rules]])")
-    name = str(raw.get("name") or f"rule {number}")
-    where = f"routing rule {number} ({name!r})"
-    unknown = set(raw) - KEYS
-    if unknown:
-        raise RuleError(f"{where}: unknown setting {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")
+    name, where = settings_tables.opening(number, raw, noun="routing rule", section=SECTION, known=KEYS)
     on = raw.get("on", "stored")
     if on not in ("stored", "stable"):
         raise RuleError(f'{where}: on = {on!r}: use "stored" (each instance) or "stable" (the whole study)')
@@ -161,19 +157,9 @@ def parse_rule(number: int, raw: Any) -> Rule:
 def load_rules(options: Mapping[str, Any], report: bool = True) -> list[Rule]:
     """The rules of ``[plugins.routing]`` that can be understood (the others are logged when ``report``:
     the server process says it once, not each DICOM worker again)."""
-    raw_rules = options.get("rules", [])
-    if not isinstance(raw_rules, list):
-        if report:
-            log.error("routing: plugins.routing.rules must be a list of tables ([[plugins.routing.rules]]); no routing")
-        return []
-    rules = []
-    for number, raw in enumerate(raw_rules, 1):
-        try:
-            rules.append(parse_rule(number, raw))
-        except RuleError as exc:
-            if report:
-                log.error("%s; this rule is skipped until the configuration is fixed and the server restarted", exc)
-    return rules
+    return settings_tables.load(
+        options, "rules", section=SECTION, parse=parse_rule, report=report, skipped="this rule is skipped"
+    )
 
 
 @hookimpl
@@ -206,48 +192,51 @@ def instance_stored(archive: Archive, instance: Instance) -> None:
     if not rules:
         return
     modality = str(instance.dataset.get("Modality", "") or "")
-    jobs = []
-    for rule in rules:
-        if not rule.matches([modality], [instance.source], instance.dataset):
-            continue
-        for node in rule.to:
-            jobs.append(
-                (
-                    "send",
-                    f"route {instance.sop_instance_uid} to {node} ({rule.name})",
-                    {
-                        "node": node,
-                        "keys": {"SOPInstanceUID": instance.sop_instance_uid},
-                        "transfer_syntax": rule.transfer_syntax,
-                    },
-                    send_batch_key(node, rule.transfer_syntax),
-                    f"route:{rule.key}:{node}:{instance.sop_instance_uid}:{instance.content_hash[:16]}",
-                )
-            )
+    uid = instance.sop_instance_uid
+    jobs = _send_jobs(
+        [rule for rule in rules if rule.matches([modality], [instance.source], instance.dataset)],
+        what=uid,
+        keys={"SOPInstanceUID": uid},
+        dedupe=f"{uid}:{instance.content_hash[:16]}",
+        batched=True,
+    )
     if jobs:
         archive.jobs.submit_many(jobs)
 
 
 @hookimpl
 def study_stable(archive: Archive, study: Study) -> None:
-    jobs = []
-    for rule in _rules.get(id(archive), []):
-        if rule.on != "stable" or not rule.matches(study.modalities, study.source_aes, study.dataset):
-            continue
-        for node in rule.to:
-            jobs.append(
-                (
-                    "send",
-                    f"route study {study.study_instance_uid} to {node} ({rule.name})",
-                    {
-                        "node": node,
-                        "keys": {"StudyInstanceUID": study.study_instance_uid},
-                        "transfer_syntax": rule.transfer_syntax,
-                    },
-                    None,
-                    f"route:{rule.key}:{node}:{study.study_instance_uid}:g{study.generation}",
-                )
-            )
+    uid = study.study_instance_uid
+    jobs = _send_jobs(
+        [
+            rule
+            for rule in _rules.get(id(archive), [])
+            if rule.on == "stable" and rule.matches(study.modalities, study.source_aes, study.dataset)
+        ],
+        what=f"study {uid}",
+        keys={"StudyInstanceUID": uid},
+        dedupe=f"{uid}:g{study.generation}",
+        batched=False,
+    )
     if jobs:
         archive.jobs.submit_many(jobs)
-        log.info("routing: study %s queued for %s", study.study_instance_uid, ", ".join(j[2]["node"] for j in jobs))
+        log.info("routing: study %s queued for %s", uid, ", ".join(j[2]["node"] for j in jobs))
+
+
+def _send_jobs(
+    rules: list[Rule], *, what: str, keys: dict[str, str], dedupe: str, batched: bool
+) -> list[tuple[str, str, dict[str, Any], str | None, str]]:
+    """A ``send`` job per matching rule and destination: (kind, description, payload, batch key,
+    dedupe key). Instances routed to one node share a batch key (one association for them);
+    a study is one job of its own."""
+    return [
+        (
+            "send",
+            f"route {what} to {node} ({rule.name})",
+            {"node": node, "keys": keys, "transfer_syntax": rule.transfer_syntax},
+            send_batch_key(node, rule.transfer_syntax) if batched else None,
+            f"route:{rule.key}:{node}:{dedupe}",
+        )
+        for rule in rules
+        for node in rule.to
+    ]

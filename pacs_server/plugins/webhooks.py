@@ -40,7 +40,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from . import hookimpl
+from . import hookimpl, settings_tables
+from .settings_tables import TableError
 from .types import Instance, Study
 
 if TYPE_CHECKING:
@@ -51,12 +52,13 @@ log = logging.getLogger(__name__)
 
 NAME = "webhooks"
 EVENTS = ("study_stable", "instance_stored")
+SECTION = "plugins.webhooks.targets"
 KEYS = {"name", "url", "events", "secret", "secret_file"}
 SIGNATURE_HEADER = "X-Macpacs-Signature"
 _targets: dict[int, dict[str, Target]] = {}  # by id(archive): the targets of this process
 
 
-class TargetError(ValueError):
+class TargetError(TableError):
     """A webhook target is malformed; the message names it and what to change."""
 
 
@@ -75,13 +77,7 @@ def signature(secret: bytes, body: bytes) -> str:
 
 def parse_target(number: int, raw: Any) -> Target:
     """Check one ``[[plugins.webhooks.targets]]`` table; TargetError says what is wrong."""
-    if not isinstance(raw, Mapping):
-        raise TargetError(f"webhook target {number} must be a table ([[plugins.webhooks.targets]])")
-    name = str(raw.get("name") or f"target {number}")
-    where = f"webhook target {number} ({name!r})"
-    unknown = set(raw) - KEYS
-    if unknown:
-        raise TargetError(f"{where}: unknown setting {', '.join(sorted(unknown))} (known: {', '.join(sorted(KEYS))})")
+    name, where = settings_tables.opening(number, raw, noun="webhook target", section=SECTION, known=KEYS)
     url = str(raw.get("url") or "")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -109,20 +105,15 @@ def parse_target(number: int, raw: Any) -> Target:
 
 def load_targets(options: Mapping[str, Any], report: bool = True) -> dict[str, Target]:
     """The targets that can be understood (the others are logged when ``report``: once, by the server)."""
-    say = log.error if report else log.debug
-    raw_targets = options.get("targets", [])
-    if not isinstance(raw_targets, list):
-        say("webhooks: plugins.webhooks.targets must be a list of tables ([[plugins.webhooks.targets]])")
-        return {}
+    parsed = settings_tables.load(
+        options, "targets", section=SECTION, parse=parse_target, report=report, skipped="this target gets nothing"
+    )
     targets: dict[str, Target] = {}
-    for number, raw in enumerate(raw_targets, 1):
-        try:
-            target = parse_target(number, raw)
-        except TargetError as exc:
-            say("%s; this target gets nothing until the configuration is fixed and the server restarted", exc)
-            continue
+    for target in parsed:
         if target.name in targets:
-            say("webhook target %d: the name %r is used twice; this one is skipped", number, target.name)
+            (log.error if report else log.debug)(
+                "webhook target %r: the name is used twice; the second is skipped", target.name
+            )
             continue
         targets[target.name] = target
     return targets

@@ -7,6 +7,7 @@ merges reach C-FIND and QIDO-RS; an acknowledged message survives ``kill -9``.
 
 from __future__ import annotations
 
+import io
 import signal
 import socket
 import sqlite3
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 
@@ -189,6 +191,8 @@ def test_patient_update_and_merge_reach_cfind_qido_and_the_worklist(server, tmp_
     write_series(tmp_path / "b", 1, patient_id="P300", patient_name="OLD^NAME", size=16)
     run_tool("storescu", *server.dicom_args(), "+sd", "+r", str(tmp_path / "a"), str(tmp_path / "b"))
     assert ack_code(send_mllp(port, orm("M1", "NW", "PORD1", patient_id="P300", name="OLD^NAME"))[0])[0] == "AA"
+    # Asked once before the merge: the worklist's answers cached then must not outlive the change.
+    assert [str(a.PatientName) for a in _worklist(server, tmp_path, "P300")] == ["OLD^NAME"]
 
     a08 = message(
         msh("M2", "ADT^A08^ADT_A01"),
@@ -231,6 +235,33 @@ def test_patient_update_and_merge_reach_cfind_qido_and_the_worklist(server, tmp_
     # The worklist answers with the surviving identity too.
     answers = _worklist(server, tmp_path, "P100")
     assert [(a.PatientID, str(a.PatientName)) for a in answers] == [("P100", "DOE^JONATHAN^Q")]
+
+    # The merge is remembered: a study that arrives later with the prior ID is filed under the
+    # surviving patient; its file stays as sent (rewrite_files is off: test_hl7_files.py has it on).
+    late = write_series(tmp_path / "c", 1, patient_id="P300", patient_name="OLD^NAME", size=16)
+    run_tool("storescu", *server.dicom_args(), str(late[0]))
+    assert findscu(server, tmp_path / "f5", "QueryRetrieveLevel=PATIENT", "PatientID=P300", model="-P") == []
+    patients = findscu(
+        server,
+        tmp_path / "f6",
+        "QueryRetrieveLevel=PATIENT",
+        "PatientID=P100",
+        "NumberOfPatientRelatedStudies",
+        model="-P",
+    )
+    assert patients[0].NumberOfPatientRelatedStudies == 3
+    stored = _wado(server, late[0])
+    assert (stored.PatientID, str(stored.PatientName)) == ("P300", "OLD^NAME")
+
+
+def _wado(server, path: Path) -> pydicom.Dataset:
+    """The stored file of the instance written at ``path``, through WADO-URI."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    params = {"requestType": "WADO", "studyUID": ds.StudyInstanceUID, "seriesUID": ds.SeriesInstanceUID}
+    params |= {"objectUID": ds.SOPInstanceUID, "contentType": "application/dicom"}
+    got = requests.get(f"http://127.0.0.1:{server.web_port}/wado", params=params, timeout=10)
+    assert got.status_code == 200, got.text
+    return pydicom.dcmread(io.BytesIO(got.content))
 
 
 def test_an_acknowledged_message_survives_kill_9(server, tmp_path) -> None:
