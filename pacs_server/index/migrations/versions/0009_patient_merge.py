@@ -1,11 +1,10 @@
 """patient_merge: patients merged away by HL7 ADT^A40, remembered as redirections
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 An instance that arrives after a merge with the prior patient ID is indexed under the
-surviving patient (index/patient_records.py). It follows 0007, the one head when it was
-written; 0008 (another branch's, at the time) goes between when both are in.
+surviving patient (index/patient_records.py).
 """
 
 import sqlalchemy as sa
@@ -14,7 +13,7 @@ from alembic import op
 from macpacs.pacs_server.index.column_types import byte_string
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
