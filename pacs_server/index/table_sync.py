@@ -24,7 +24,7 @@ from typing import Any
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Table, delete, func, select
+from sqlalchemy import ColumnElement, Table, delete, func, select, tuple_
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -115,12 +115,11 @@ class TableSync:
         otherwise, and delete (``deletes``) those the source no longer has; ``write=False`` only
         counts them."""
         changes = Changes()
-        key = _key(table)
         for rows, theirs in self._ranges(table):
-            missing = [row for row in rows if theirs.pop(row[key], None) != row] if upserts else []
+            missing = [row for row in rows if theirs.pop(_row_key(table, row), None) != row] if upserts else []
             if not upserts:
                 for row in rows:
-                    theirs.pop(row[key], None)
+                    theirs.pop(_row_key(table, row), None)
             extra = list(theirs) if deletes else []
             changes.written += len(missing)
             changes.deleted += len(extra)
@@ -132,26 +131,26 @@ class TableSync:
 
     def _ranges(self, table: Table) -> Iterator[tuple[list[dict[str, Any]], dict[Any, dict[str, Any]]]]:
         """(source rows, target rows by key) of consecutive key ranges covering both tables."""
-        column = table.c[_key(table)]
+        columns, column = _key_columns(table), _key_expr(table)
         last: Any = None
         while True:
-            stmt = select(table).order_by(column).limit(self.chunk)
+            stmt = select(table).order_by(*columns).limit(self.chunk)
             if last is not None:
-                stmt = stmt.where(column > last)
+                stmt = stmt.where(column > _key_value(last))
             with self.source.engine.connect() as conn:
                 rows = [dict(row) for row in conn.execute(stmt).mappings()]
             theirs_stmt = select(table)
             if last is not None:
-                theirs_stmt = theirs_stmt.where(column > last)
+                theirs_stmt = theirs_stmt.where(column > _key_value(last))
             end = len(rows) < self.chunk
             if not end:
-                theirs_stmt = theirs_stmt.where(column <= rows[-1][column.name])
+                theirs_stmt = theirs_stmt.where(column <= _key_value(_row_key(table, rows[-1])))
             with self.target.engine.connect() as conn:
-                theirs = {row[column.name]: dict(row) for row in conn.execute(theirs_stmt).mappings()}
+                theirs = {_row_key(table, row): dict(row) for row in conn.execute(theirs_stmt).mappings()}
             yield rows, theirs
             if end:
                 return
-            last = rows[-1][column.name]
+            last = _row_key(table, rows[-1])
 
     # -- instances -------------------------------------------------------------------------------
     def instance_chunks(self) -> Iterator[InstanceChunk]:
@@ -231,15 +230,15 @@ class TableSync:
         if not rows:
             return
         stmt = upsert.insert(table, self.target.engine.dialect.name)
-        key = _key(table)
+        keys = [c.name for c in _key_columns(table)]
         stmt = stmt.on_conflict_do_update(
-            index_elements=[key], set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
+            index_elements=keys, set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
         )
         conn.execute(stmt, list(rows))
 
     @staticmethod
     def _delete(conn: Connection, table: Table, keys: Sequence[Any]) -> None:
-        column = table.c[_key(table)]
+        column = _key_expr(table)
         for start in range(0, len(keys), CHUNK):
             conn.execute(delete(table).where(column.in_(keys[start : start + CHUNK])))
 
@@ -256,6 +255,21 @@ class TableSync:
                 conn.execute(select(func.setval(func.pg_get_serial_sequence(table.name, "pk"), top + 1, False)))
 
 
-def _key(table: Table) -> str:
-    (column,) = table.primary_key.columns  # every copied table has a one-column key
-    return column.name
+# A row's key: the value of a one-column primary key, a tuple of a composite one (patient_merge).
+def _key_columns(table: Table) -> list[Any]:
+    return list(table.primary_key.columns)
+
+
+def _key_expr(table: Table) -> ColumnElement[Any]:
+    columns = _key_columns(table)
+    return columns[0] if len(columns) == 1 else tuple_(*columns)
+
+
+def _row_key(table: Table, row: Mapping[str, Any]) -> Any:
+    columns = _key_columns(table)
+    return row[columns[0].name] if len(columns) == 1 else tuple(row[c.name] for c in columns)
+
+
+def _key_value(key: Any) -> Any:
+    """A key as the right-hand side of a comparison with ``_key_expr``."""
+    return tuple_(*key) if isinstance(key, tuple) else key
