@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -148,8 +149,12 @@ class Receiver:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env
             )
-        wait_port(self.port, timeout=120)
+        self.wait_ready(timeout=120)
         return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once the receiver serves (subclasses wait for more than an open port)."""
+        wait_port(self.port, timeout)
 
     def prepare(self) -> None:
         """Write config files before start (subclasses)."""
@@ -187,6 +192,26 @@ class Macpacs(Receiver):
             str(self.xmlrpc_port),
             *(["--config", str(self.config)] if self.config else []),
         ]
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for "macpacs ready" and for every DICOM worker process.
+
+        macpacs binds its ports before it serves (early clients wait in the backlog), and is
+        ready once one worker is; an open port, or a worker still importing on the other core,
+        would put start-up inside the timed run.
+        """
+        deadline = time.monotonic() + timeout
+        log = self.workdir / "out.log"
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            pool = re.search(r"(\d+) worker processes \(dicom.workers\)", text)
+            workers = len(re.findall(r"DICOM worker \d+ ready", text))
+            if "macpacs ready" in text and (pool is None or workers >= int(pool[1])):
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"macpacs exited with {self.proc.returncode} before it was ready: see {log}")
+            time.sleep(0.05)
+        raise RuntimeError(f"macpacs was not ready within {timeout:.0f} s: see {log}")
 
 
 class Orthanc(Receiver):
