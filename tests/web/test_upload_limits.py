@@ -76,12 +76,13 @@ def test_uploads_beyond_the_cap_get_503_with_retry_after(server: ServerProcess) 
             + f"Content-Type: {HEADERS['Content-Type']}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
             + payload[:1000]
         )
-        deadline = time.monotonic() + 10
-        while True:  # until the server is receiving it (it has staged the first part)
-            refused = requests.post(url(server), data=body(instance), headers=HEADERS, timeout=30)
-            if refused.status_code == 503 or time.monotonic() > deadline:
-                break
+        # Until the server is receiving it (it has staged the first part). Only then: a request
+        # sent earlier could take the one slot first, and the slow upload would be the one refused.
+        deadline = time.monotonic() + 30
+        while not staged(server):
+            assert time.monotonic() < deadline, "the slow upload was never received"
             time.sleep(0.05)
+        refused = requests.post(url(server), data=body(instance), headers=HEADERS, timeout=30)
         assert refused.status_code == 503, refused.text
         assert refused.headers["Retry-After"] == "5"
         assert "web.max_concurrent_uploads = 1" in refused.json()["detail"]
