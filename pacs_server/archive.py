@@ -129,6 +129,7 @@ def _open_index(settings: Settings, role: str, *, migrate: bool, repair: bool) -
         pool_size=ix.pool_size,
         statement_timeout=ix.statement_timeout,
         connect_timeout=ix.connect_timeout,
+        sqlite_cache_mb=ix.sqlite_cache_mb,
     )
     if not migrate:
         return index, None

@@ -137,6 +137,10 @@ class IndexSettings:
     statement_timeout: float = 30.0
     # PostgreSQL: seconds to wait for the server to accept a new connection (down or unreachable).
     connect_timeout: float = 10.0
+    # SQLite: page cache of each pooled connection, in MB. Each connection keeps its own copy of
+    # the pages it read, so a process may hold up to pool_size x this much; the OS page cache holds
+    # the index file once for every connection and process (docs/reliability.md, "Soak").
+    sqlite_cache_mb: int = 8
 
 
 @dataclass
@@ -385,6 +389,10 @@ def _validate_index(index: IndexSettings, url: str) -> None:
         )
     if index.pool_size < 1:
         raise ConfigError("index.pool_size must be at least 1 (default 20)")
+    if index.sqlite_cache_mb < 1:
+        raise ConfigError(
+            "index.sqlite_cache_mb must be at least 1 (MB of page cache per SQLite connection, default 8)"
+        )
     if index.statement_timeout <= 0 or index.connect_timeout <= 0:
         raise ConfigError("index.statement_timeout and index.connect_timeout must be positive numbers of seconds")
 

@@ -17,15 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Engine,
     bindparam,
@@ -78,33 +74,47 @@ class StoredInstance:
     sop_class_uid: str
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    for pragma in (
-        "PRAGMA journal_mode=WAL",
-        "PRAGMA synchronous=FULL",
-        # macOS: commits and checkpoints flush the drive's cache too (F_FULLFSYNC), as the file
-        # store does; elsewhere SQLite ignores these.
-        "PRAGMA fullfsync=ON",
-        "PRAGMA checkpoint_fullfsync=ON",
-        "PRAGMA foreign_keys=ON",
-        f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
-        "PRAGMA cache_size=-65536",
-        "PRAGMA case_sensitive_like=ON",
-        "PRAGMA temp_store=MEMORY",
-    ):
-        cursor.execute(pragma)
-    cursor.close()
+_SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    # macOS: commits and checkpoints flush the drive's cache too (F_FULLFSYNC), as the file
+    # store does; elsewhere SQLite ignores these.
+    "PRAGMA fullfsync=ON",
+    "PRAGMA checkpoint_fullfsync=ON",
+    "PRAGMA foreign_keys=ON",
+    f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+    "PRAGMA case_sensitive_like=ON",
+    "PRAGMA temp_store=MEMORY",
+)
+
+
+def _sqlite_pragmas(cache_mb: int) -> Callable[[Any, Any], None]:
+    """The pragmas of every new SQLite connection; ``cache_mb`` is ``index.sqlite_cache_mb``."""
+
+    def apply(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        for pragma in (*_SQLITE_PRAGMAS, f"PRAGMA cache_size=-{cache_mb * 1024}"):
+            cursor.execute(pragma)
+        cursor.close()
+
+    return apply
 
 
 class Index:
     """One index database, shared by every protocol of the process."""
 
     def __init__(
-        self, url: str, *, pool_size: int = 20, statement_timeout: float = 30.0, connect_timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        pool_size: int = 20,
+        statement_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        sqlite_cache_mb: int = 8,
     ) -> None:
         """``url``: ``sqlite:///path`` or ``postgresql://...``; the other arguments are the
-        ``[index]`` settings (``statement_timeout`` and ``connect_timeout`` apply to PostgreSQL)."""
+        ``[index]`` settings (``statement_timeout`` and ``connect_timeout`` apply to PostgreSQL,
+        ``sqlite_cache_mb`` to SQLite)."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.statement_timeout = statement_timeout
@@ -115,7 +125,7 @@ class Index:
                 pool_size=pool_size,
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             )
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(sqlite_cache_mb))
         else:
             self.engine = postgres.engine(
                 url, pool_size=pool_size, statement_timeout=statement_timeout, connect_timeout=connect_timeout
@@ -167,6 +177,13 @@ class Index:
             ) from exc
 
     def _migrate(self) -> None:
+        # Imported here: only the main process and commands migrate, and alembic's import (about
+        # 0.3 s) would otherwise be in every DICOM worker's start, and so in a hung server's recovery.
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         # Revisions developed side by side may branch from one parent: every head is applied.

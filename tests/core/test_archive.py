@@ -94,3 +94,26 @@ def test_the_content_hash_covers_the_dataset_after_the_file_meta(pydicom_test_fi
     other = tmp_path / "other.dcm"
     other.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes(source))
     assert b"OTHER_SENDER" in other.read_bytes() and dataset_hash(other) == dataset_hash(source)
+
+
+def test_each_sqlite_connection_has_the_configured_page_cache(tmp_path: Path) -> None:
+    """index.sqlite_cache_mb bounds every pooled connection's private cache (the soak's memory)."""
+    from macpacs.pacs_server.archive import open_archive
+    from macpacs.pacs_server.config import load
+
+    settings = load(environ={"MACPACS_STORAGE_DATA_DIR": str(tmp_path / "data"), "MACPACS_INDEX_SQLITE_CACHE_MB": "3"})
+    archive = open_archive(settings, role="command")
+    try:
+        with archive.index.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -3 * 1024
+    finally:
+        archive.close()
+
+
+def test_a_dicom_worker_does_not_import_alembic() -> None:
+    """Only what migrates imports alembic: a worker's start is part of a hung server's recovery."""
+    import subprocess
+    import sys
+
+    code = "import sys, macpacs.pacs_server.dimse.workers, macpacs.pacs_server.archive; print('alembic' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
