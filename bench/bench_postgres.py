@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,17 +36,6 @@ from tests.postgres import ROLE, Cluster
 
 WORK = DATA / "work-pg"
 ORTHANC_PG = ORTHANC_PLUGINS / "libOrthancPostgreSQLIndex.so"
-
-
-def ready(receiver: Receiver) -> Receiver:
-    """Wait until a macpacs receiver says it is ready (its port listens before it migrates the index
-    and starts its workers: a timing from then would count the start-up)."""
-    deadline = time.monotonic() + 120
-    while b"macpacs ready:" not in (receiver.workdir / "out.log").read_bytes():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{receiver.name} never logged that it is ready")
-        time.sleep(0.1)
-    return receiver
 
 
 class MacpacsPostgres(Macpacs):
@@ -115,9 +103,8 @@ def rates(runs: int, small: int, ct: int) -> dict[str, dict[str, list[float]]]:
         for run in range(runs):
             for workload, (lists, count) in workloads.items():
                 for name, make in makers.items():
+                    # start() returns once the receiver serves (Macpacs.wait_ready: every worker)
                     receiver: Receiver = make(WORK / name.replace(" ", "_")).start()
-                    if name.startswith("macpacs"):
-                        ready(receiver)
                     try:
                         seconds = send_parallel(receiver.port, receiver.aet, lists)
                     finally:

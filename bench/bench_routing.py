@@ -1,12 +1,15 @@
 """Issue 16 benchmark: what routing on stored adds to C-STORE ingest while the job queue is busy.
 
-Run:  .venv/bin/python bench/bench_routing.py [--runs 3] [--count 1000] [--out bench/results/routing.json]
+Run:  .venv/bin/python bench/bench_routing.py [--runs 3] [--count 1000] [--dest bare|storescp]
+      [--associations 1 4] [--out bench/results/routing.json]
 
 Each run starts macpacs fresh twice, alternating which goes first:
 - plain: no plugin;
 - routed: the routing plugin with one rule sending every instance, as it is stored, to a bare
   pynetdicom SCP (bench/bare_scp.py): each instance queues a ``send`` job from the DICOM worker
   that stored it, and the server's job runners send them while the ingest goes on.
+  ``--dest storescp`` routes to DCMTK's ``storescp --ignore`` instead: a destination that takes
+  little CPU of this machine, as a remote node takes none.
 DCMTK storescu sends the same small instances (64×64) on 1 and on 4 associations; the figure is
 the ingest rate (instances/s, until storescu has every answer). For the routed server the time
 until the last routed instance left is reported too.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -84,15 +88,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--dest", choices=("bare", "storescp"), default="bare", help="the routed-to SCP")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "routing.json")
     args = parser.parse_args()
     files = sorted(str(p) for p in small_instances(5000).rglob("*.dcm"))[: args.count]
     dest_port = free_port()
-    bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_scp.py"), str(dest_port), str(WORK / "dest")])
+    if args.dest == "bare":
+        dest = [sys.executable, str(ROOT / "bench" / "bare_scp.py"), str(dest_port), str(WORK / "dest")]
+    else:  # the AE title is the one the rule's node is registered with
+        dest = ["/usr/bin/storescp", "--ignore", "-aet", "BARE", str(dest_port)]
+    bare = subprocess.Popen(dest, env={**os.environ, "TCP_NODELAY": "1"})  # DCMTK: Nagle off, as in every bench
     wait_port(dest_port)
     results: dict[str, dict[str, list[float]]] = {}
     try:
-        for associations in (1, 4):
+        for associations in args.associations:
             lists = [files[i::associations] for i in range(associations)]
             label = f"{args.count} small, {associations} assoc"
             rates = results.setdefault(label, {"plain": [], "routed": [], "routed_done_s": []})
