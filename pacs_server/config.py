@@ -258,6 +258,10 @@ class JobsSettings:
 
     # Jobs run at once by the server process (each send holds one association).
     workers: int = 2
+    # How much lower than the server the runners' CPU priority is (0-19; 0: the same). Sending
+    # competes with ingest for the cores: lower, a busy ingest keeps its pace and routing uses
+    # what is left (on macOS any value above 0 means the "utility" QoS class).
+    nice: int = 10
     # A failed attempt is retried after retry_base_s, doubling up to retry_max_s.
     retry_base_s: float = 10.0
     retry_max_s: float = 3600.0
@@ -338,6 +342,8 @@ class Settings:
         if self.storage.stable_after <= 0:
             raise ConfigError("storage.stable_after must be a positive number of seconds (default 60)")
         j = self.jobs
+        if not 0 <= j.nice <= 19:
+            raise ConfigError(f"jobs.nice = {j.nice}: use 0 (the server's own CPU priority) to 19 (the lowest)")
         if j.workers < 1 or j.alert_after < 1 or j.max_attempts < 1 or j.retry_base_s <= 0 or j.retry_max_s <= 0:
             raise ConfigError(
                 "jobs.workers, jobs.alert_after and jobs.max_attempts must be at least 1, and "

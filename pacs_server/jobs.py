@@ -43,6 +43,7 @@ import psutil
 from .config import JobsSettings
 from .index import Index
 from .index.jobs_table import CANCELLED, DONE, FAILED, QUEUED, RUNNING, STATES, JobTable
+from .thread_priority import lower_current_thread
 
 if TYPE_CHECKING:
     from .archive import Archive
@@ -306,6 +307,7 @@ class Jobs:
                 log.warning("%d job(s) interrupted when process %d stopped are queued again", count, pid)
 
     def _work(self, archive: Archive) -> None:
+        lower_current_thread(self.settings.nice)  # runners take the CPU the DICOM workers leave
         while not self._stop.is_set():
             try:
                 batch = self._claim()

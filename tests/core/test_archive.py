@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+from macpacs.pacs_server.archive import open_archive
+from macpacs.pacs_server.config import ConfigError, load
 from macpacs.pacs_server.index import Query
 from tests.synthetic import write_series
 
@@ -98,9 +104,6 @@ def test_the_content_hash_covers_the_dataset_after_the_file_meta(pydicom_test_fi
 
 def test_each_sqlite_connection_has_the_configured_page_cache(tmp_path: Path) -> None:
     """index.sqlite_cache_mb bounds every pooled connection's private cache (the soak's memory)."""
-    from macpacs.pacs_server.archive import open_archive
-    from macpacs.pacs_server.config import load
-
     settings = load(environ={"MACPACS_STORAGE_DATA_DIR": str(tmp_path / "data"), "MACPACS_INDEX_SQLITE_CACHE_MB": "3"})
     archive = open_archive(settings, role="command")
     try:
@@ -112,8 +115,11 @@ def test_each_sqlite_connection_has_the_configured_page_cache(tmp_path: Path) ->
 
 def test_a_dicom_worker_does_not_import_alembic() -> None:
     """Only what migrates imports alembic: a worker's start is part of a hung server's recovery."""
-    import subprocess
-    import sys
-
     code = "import sys, macpacs.pacs_server.dimse.workers, macpacs.pacs_server.archive; print('alembic' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_jobs_nice_out_of_range_is_refused_with_the_range() -> None:
+    assert load(environ={}).jobs.nice == 10
+    with pytest.raises(ConfigError, match=r"jobs\.nice = 20: use 0 .* to 19"):
+        load(environ={"MACPACS_JOBS_NICE": "20"})

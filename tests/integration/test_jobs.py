@@ -180,3 +180,23 @@ def test_each_job_is_taken_by_one_of_several_processes(
     every = [pk for one in taken for pk in one]
     assert sorted(every) == sorted(pks), "every job taken, none twice"
     assert sum(1 for one in taken if one) >= 2, "the processes shared the queue"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread nice values as Linux keeps them")
+def test_job_runners_run_below_the_server_s_cpu_priority(study_server) -> None:
+    """jobs.nice: the runners (routing, sends) yield the cores to ingest (docs/benchmarks.md, "Routing")."""
+    import os
+
+    import psutil
+
+    server, _study = study_server
+    assert server.proc is not None
+    base = os.getpriority(os.PRIO_PROCESS, server.proc.pid)
+    niced = wait_until(
+        "the job runner threads at nice +10",
+        lambda: [t.id for t in psutil.Process(server.proc.pid).threads()
+                 if os.getpriority(os.PRIO_PROCESS, t.id) == min(19, base + 10)],
+        timeout=10,
+    )  # fmt: skip
+    assert len(niced) >= 2, "one per jobs.workers (2), at nice +10"
+    assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == base, "the server's own threads keep theirs"
