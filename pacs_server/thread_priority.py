@@ -34,9 +34,10 @@ def lower_current_thread(nice: int) -> None:
         return
     try:
         if sys.platform == "darwin":
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.pthread_set_qos_class_self_np(QOS_CLASS_UTILITY, 0) != 0:
-                raise OSError(ctypes.get_errno(), "pthread_set_qos_class_self_np failed")
+            # It returns the error number itself (0 on success), not -1 and errno.
+            error = ctypes.CDLL(None).pthread_set_qos_class_self_np(QOS_CLASS_UTILITY, 0)
+            if error:
+                raise OSError(error, f"pthread_set_qos_class_self_np: {os.strerror(error)}")
         elif sys.platform.startswith("linux"):
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))

@@ -8,12 +8,14 @@ a time: four processes claiming from one SQLite file share 300 jobs without taki
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from pydicom.uid import generate_uid
 
@@ -185,10 +187,6 @@ def test_each_job_is_taken_by_one_of_several_processes(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread nice values as Linux keeps them")
 def test_job_runners_run_below_the_server_s_cpu_priority(study_server) -> None:
     """jobs.nice: the runners (routing, sends) yield the cores to ingest (docs/benchmarks.md, "Routing")."""
-    import os
-
-    import psutil
-
     server, _study = study_server
     assert server.proc is not None
     base = os.getpriority(os.PRIO_PROCESS, server.proc.pid)
