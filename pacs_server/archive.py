@@ -95,15 +95,16 @@ def open_archive(settings: Settings, role: str = "command", *, migrate: bool = T
     plugins = Plugins(settings.plugins.enable, settings.plugins.options)  # a typo'd name stops here
     blobs = open_blob_store(settings.storage.url, settings.data_dir, settings.s3)
     index, replaced = _open_index(settings, role, migrate=migrate, repair=repair)
+    jobs = Jobs(index, settings.jobs)
     archive = Archive(
         settings=settings,
         role=role,
         index=index,
         blobs=blobs,
-        ingestor=Ingestor(blobs, index, settings.storage, plugins),
+        ingestor=Ingestor(blobs, index, settings.storage, plugins, jobs),
         nodes=NodeRegistry(index),
         users=Users(index),
-        jobs=Jobs(index, settings.jobs),
+        jobs=jobs,
         plugins=plugins,
         audit=AuditTrail(
             settings.log_dir, file_mb=settings.audit.file_mb, files=settings.audit.files, syslog=settings.audit.syslog

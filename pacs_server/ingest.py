@@ -36,7 +36,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -50,6 +50,7 @@ from . import dicom_status
 from .config import StorageSettings
 from .index import Index, IndexUnavailable, InstanceRecord, Query, WriterLockTimeout
 from .index.attributes import ATTRIBUTES, normalize_pn
+from .jobs import JobError, Jobs
 from .plugins import Instance, Plugins
 from .storage import (
     ROOM_EVERY,
@@ -63,6 +64,9 @@ from .storage import (
 )
 from .uids import RULE as UID_RULE
 from .uids import is_uid
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -586,11 +590,12 @@ def read_instance(
 class Ingestor:
     """Stores and indexes instances; one per process (in its Archive), shared by every protocol."""
 
-    def __init__(self, blobs: BlobStore, index: Index, settings: StorageSettings, plugins: Plugins) -> None:
+    def __init__(self, blobs: BlobStore, index: Index, settings: StorageSettings, plugins: Plugins, jobs: Jobs) -> None:
         self.blobs = blobs
         self.index = index
         self.settings = settings
         self.plugins = plugins
+        self.jobs = jobs
         # Every staged file stops growing below the floor, whichever protocol writes it.
         blobs.keep_free(settings.min_free_mb * 1024 * 1024)
         self.inflation = Inflation(settings.max_inflated_mb * 1024 * 1024, blobs.scratch, blobs.check_room)
@@ -639,8 +644,8 @@ class Ingestor:
     def _ingest(
         self, staged: Path, via: str, source: str, announced_uid: str, study: str, content_hash: str, overwrite: bool
     ) -> IngestResult:
-        # The durability order is staged fsync → rename → folder fsync → index commit → hooks →
-        # answer (BlobStore.put does the first three).
+        # The durability order is staged fsync → rename → folder fsync → index commit (with the
+        # instance's jobs) → hooks → answer (BlobStore.put does the first three).
         try:
             parsed = read_instance(staged, source_ae=source, metadata=False, inflation=self.inflation)
         except RejectedInstance as exc:
@@ -691,7 +696,7 @@ class Ingestor:
             if stored_hash == new_hash:
                 if not indexed:  # renamed, then a crash before the commit (or an index rebuilt since)
                     parsed.add_metadata()
-                    self.index.add_instance(parsed.record)
+                    self.index.add_instance(parsed.record, within=self._jobs_of(instance, Outcome.STORED))
                     log.warning("%s: its stored file was in no index row; indexed it again", uid)
                 return IngestResult(Outcome.DUPLICATE, "identical instance already stored", uid, sop_class)
             if not indexed and not self._index_stored(uid, key, stored_hash):
@@ -722,9 +727,10 @@ class Ingestor:
                 self.blobs.delete(key)
             return IngestResult(Outcome.OUT_OF_RESOURCES, str(exc), uid, sop_class, disk_full=is_disk_full(exc))
         parsed.add_metadata()
+        outcome = Outcome.OVERWRITTEN if had_blob else Outcome.STORED
         try:
             # replace: a row left without its file (a lost file sent again) is made to describe this one.
-            self.index.add_instance(parsed.record, replace=True)
+            self.index.add_instance(parsed.record, replace=True, within=self._jobs_of(instance, outcome))
         except Exception as exc:
             reason = str(exc) if isinstance(exc, StorageError) else f"index unavailable: {exc}"
             log.error("storing %s failed: %s", uid, reason)
@@ -732,14 +738,27 @@ class Ingestor:
                 self.blobs.delete(key)  # not acknowledged, so not kept: the sender will retry
             full = "database or disk is full" in str(exc) or is_disk_full(exc)
             return IngestResult(Outcome.OUT_OF_RESOURCES, reason, uid, sop_class, disk_full=full)
+        self.plugins.stored(instance, outcome.value)
         if had_blob:
-            self.plugins.stored(instance, Outcome.OVERWRITTEN.value)
             why = "it was changed on purpose" if overwrite else "on_conflict = overwrite"
             if not overwrite and self.settings.on_conflict != "overwrite":
                 why = "it was not readable"
             return IngestResult(Outcome.OVERWRITTEN, f"replaced the stored instance ({why})", uid, sop_class)
-        self.plugins.stored(instance, Outcome.STORED.value)
         return IngestResult(Outcome.STORED, "stored", uid, sop_class)
+
+    def _jobs_of(self, instance: Instance, outcome: Outcome) -> Callable[[Connection], object] | None:
+        """What queues the plugins' jobs for ``instance`` (``instance_jobs``) in its index
+        transaction, or None when there are none. Decided and encoded before the transaction
+        opens, so that no plugin code runs while the index's writer lock is held."""
+        rows = []
+        for spec in self.plugins.instance_jobs(instance, outcome.value):
+            try:
+                rows += self.jobs.prepare([spec])
+            except JobError as exc:
+                log.error("%s: a plugin's job is dropped: %s", instance.sop_instance_uid, exc)
+        if not rows:
+            return None
+        return lambda conn: self.jobs.insert(rows, conn)
 
     def _stored(self, uid: str, key: str) -> tuple[str, bool]:
         """The content hash of the stored copy, and whether an index row describes the instance:

@@ -157,6 +157,17 @@ class RunningJob:
 Handler = Callable[["Archive", list[RunningJob]], None]
 
 
+def _check_job(kind: Any, description: Any, batch_key: Any, dedupe_key: Any) -> None:
+    """JobError unless the job's texts fit the ``job`` table's columns (index/schema.py)."""
+    if not isinstance(kind, str) or not 0 < len(kind.encode()) <= 32:
+        raise JobError(f"job kind {kind!r}: must be a text of 1 to 32 bytes")
+    if not isinstance(description, str):
+        raise JobError(f"{kind} job: its description {description!r} is not a text")
+    for name, key in (("batch_key", batch_key), ("dedupe_key", dedupe_key)):
+        if key is not None and (not isinstance(key, str) or len(key.encode()) > 255):
+            raise JobError(f"{kind} job {description!r}: {name} must be a text of at most 255 bytes, or None")
+
+
 class Jobs:
     """The archive's job queue: queue, read, retry and cancel jobs in any process; run them in the server."""
 
@@ -208,17 +219,35 @@ class Jobs:
         ``conn``: a write transaction of the caller's on this index (``worklist_table.writing``)
         to queue them in, so that they commit with what made them needed, or not at all.
         """
-        rows = [
-            {
-                "kind": kind,
-                "description": description[:512],
-                "payload": json.dumps(dict(payload)),
-                "batch_key": batch_key,
-                "dedupe_key": dedupe_key,
-                "max_attempts": self.settings.max_attempts,
-            }
-            for kind, description, payload, batch_key, dedupe_key in jobs
-        ]
+        return self.insert(self.prepare(jobs), conn)
+
+    def prepare(
+        self, jobs: Sequence[tuple[str, str, Mapping[str, Any], str | None, str | None]]
+    ) -> list[dict[str, Any]]:
+        """The rows of ``jobs`` (as ``submit_many`` takes them), ready for ``insert``; JobError
+        names a job whose payload cannot be stored (not JSON)."""
+        rows = []
+        for kind, description, payload, batch_key, dedupe_key in jobs:
+            _check_job(kind, description, batch_key, dedupe_key)
+            try:
+                text = json.dumps(dict(payload))
+            except (TypeError, ValueError) as exc:
+                raise JobError(f"{kind} job {description!r}: its payload cannot be stored as JSON: {exc}") from None
+            rows.append(
+                {
+                    "kind": kind,
+                    "description": description[:512],
+                    "payload": text,
+                    "batch_key": batch_key,
+                    "dedupe_key": dedupe_key,
+                    "max_attempts": self.settings.max_attempts,
+                }
+            )
+        return rows
+
+    def insert(self, rows: Sequence[Mapping[str, Any]], conn: Any = None) -> list[int]:
+        """Queue rows from ``prepare``, in the caller's write transaction ``conn`` (ingest commits
+        an instance's jobs with its index row) or in one of their own."""
         pks = self.table.insert(rows, conn=conn) if rows else []
         self._wake.set()
         return pks

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     bindparam,
     create_engine,
@@ -303,8 +304,13 @@ class Index:
                 select(schema.instance.c.content_hash).where(schema.instance.c.sop_instance_uid == sop_instance_uid)
             ).scalar()
 
-    def add_instance(self, record: InstanceRecord, *, replace: bool = False) -> bool:
+    def add_instance(
+        self, record: InstanceRecord, *, replace: bool = False, within: Callable[[Connection], object] | None = None
+    ) -> bool:
         """Insert (or, with ``replace``, update) one instance and its parents in one transaction.
+
+        ``within`` runs in that transaction after the instance's rows are written: ingest queues
+        the instance's jobs there, so that they commit with it or not at all.
 
         Returns True when a new instance row was created. Ingest calls this only once the file
         and its folder are fsynced, so a committed row always has a durable file.
@@ -344,6 +350,8 @@ class Index:
                             created = self._upsert(conn, cursor, record, now, replace, parents)
                         finally:
                             cursor.close()
+                        if within is not None:
+                            within(conn)
                     self._remember(series_uid, parents)
                     return created
                 except self._conflicts:

@@ -19,7 +19,7 @@ import pluggy
 
 from ..config import ConfigError
 from . import hookspecs
-from .types import Instance, Series, Study
+from .types import Instance, JobSpec, Series, Study
 
 if TYPE_CHECKING:
     from ..archive import Archive
@@ -29,7 +29,17 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "macpacs.plugins"
 hookimpl = pluggy.HookimplMarker("macpacs")
 
-__all__ = ["ENTRY_POINT_GROUP", "Instance", "PluginInfo", "Plugins", "Series", "Study", "available", "hookimpl"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Instance",
+    "JobSpec",
+    "PluginInfo",
+    "Plugins",
+    "Series",
+    "Study",
+    "available",
+    "hookimpl",
+]
 
 
 @dataclass
@@ -105,6 +115,21 @@ class Plugins:
         reasons = self._call("accept_instance", archive=self._archive, instance=instance)
         return str(reasons[0]) if reasons else None
 
+    def instance_jobs(self, instance: Instance, outcome: str) -> list[JobSpec]:
+        """The jobs every plugin wants queued with ``instance`` (``instance_jobs``), flattened; a
+        plugin whose answer is not a list of job specs is logged and its answer ignored."""
+        specs: list[JobSpec] = []
+        for name, result in self._named_results(
+            "instance_jobs", archive=self._archive, instance=instance, outcome=outcome
+        ):
+            try:
+                specs.extend(JobSpec(*spec) for spec in result)
+            except TypeError as exc:
+                log.error(
+                    "plugin %s's instance_jobs returned %r, not a list of JobSpec (ignored): %s", name, result, exc
+                )
+        return specs
+
     def stored(self, instance: Instance, outcome: str) -> None:
         self._call("instance_stored", archive=self._archive, instance=instance, outcome=outcome)
 
@@ -126,7 +151,11 @@ class Plugins:
         return services
 
     def _call(self, hook: str, **kwargs: Any) -> list[Any]:
-        """Each implementation in turn (pluggy's order), isolated; the results that are not None.
+        """Each implementation in turn (pluggy's order), isolated; the results that are not None."""
+        return [result for _name, result in self._named_results(hook, **kwargs)]
+
+    def _named_results(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """(plugin name, result) of each implementation that returned something.
 
         pluggy's own hook call stops at the first exception; here one plugin's failure is its
         own, logged once with its name, and the others still run.
@@ -139,5 +168,5 @@ class Plugins:
                 log.exception("plugin %s failed in its %s hook (ignored)", impl.plugin_name, hook)
                 continue
             if result is not None:
-                results.append(result)
+                results.append((impl.plugin_name, result))
         return results

@@ -20,11 +20,12 @@ jobs, extra DICOM services such as worklists, blob stores), each documented the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from .types import Instance, Study
+from .types import Instance, JobSpec, Study
 
 if TYPE_CHECKING:
     from ..archive import Archive
@@ -67,6 +68,22 @@ def instance_stored(archive: Archive, instance: Instance, outcome: str) -> None:
     Called before the sender is answered, for every protocol that ingests. Re-sends of an
     identical instance and re-sends that were kept out (``on_conflict = keep``) are not
     reported: nothing changed.
+    """
+
+
+@hookspec
+def instance_jobs(archive: Archive, instance: Instance, outcome: str) -> Sequence[JobSpec] | None:
+    """Background jobs that ``instance`` calls for, queued in the transaction that indexes it.
+
+    Return a list of ``JobSpec`` (or None). Ingest asks once the file is durable, just before its index
+    row is committed, and commits the jobs with the row: an instance is never indexed without
+    its jobs, nor are jobs queued for an instance that is not (a crash between two separate
+    commits would lose the routing of an acknowledged instance), and queueing costs no
+    transaction of its own. Use it for work that must follow every stored instance (routing,
+    webhooks); ``instance_stored`` is for telling, after the commit. ``outcome`` is
+    ``"stored"`` or ``"overwritten"``. Called in whichever process stores the instance; only
+    decide here (no I/O): the jobs run in the server process. A job whose payload is not JSON
+    is logged and dropped; the instance is stored all the same.
     """
 
 

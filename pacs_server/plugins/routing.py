@@ -20,8 +20,9 @@ go out together on one association. Each job has a ``dedupe_key`` (the rule, the
 instance and its content hash; or the study and its stable generation), so a hook that runs
 twice queues nothing twice, and an instance overwritten with new content is routed again.
 
-Only the public hooks are used: ``instance_stored`` (in whichever process stored the instance)
-and ``study_stable`` (in the server process). A rule that cannot be understood is logged with
+Only the public hooks are used: ``instance_jobs`` (in whichever process stores the instance: its
+jobs commit in the same index transaction as the instance, so a crash can never leave a stored
+instance unrouted) and ``study_stable`` (in the server process). A rule that cannot be understood is logged with
 what to fix and skipped; the others still route.
 """
 
@@ -43,7 +44,7 @@ from ..config import AE_TITLE_RE
 from ..dimse.transfer_jobs import send_batch_key
 from . import hookimpl, settings_tables
 from .settings_tables import TableError
-from .types import Instance, Study
+from .types import Instance, JobSpec, Study
 
 if TYPE_CHECKING:
     from ..archive import Archive
@@ -187,21 +188,19 @@ def shutdown(archive: Archive) -> None:
 
 
 @hookimpl
-def instance_stored(archive: Archive, instance: Instance) -> None:
+def instance_jobs(archive: Archive, instance: Instance) -> list[JobSpec]:
     rules = [rule for rule in _rules.get(id(archive), []) if rule.on == "stored"]
     if not rules:
-        return
+        return []
     modality = str(instance.dataset.get("Modality", "") or "")
     uid = instance.sop_instance_uid
-    jobs = _send_jobs(
+    return _send_jobs(
         [rule for rule in rules if rule.matches([modality], [instance.source], instance.dataset)],
         what=uid,
         keys={"SOPInstanceUID": uid},
         dedupe=f"{uid}:{instance.content_hash[:16]}",
         batched=True,
     )
-    if jobs:
-        archive.jobs.submit_many(jobs)
 
 
 @hookimpl
@@ -220,17 +219,14 @@ def study_stable(archive: Archive, study: Study) -> None:
     )
     if jobs:
         archive.jobs.submit_many(jobs)
-        log.info("routing: study %s queued for %s", uid, ", ".join(j[2]["node"] for j in jobs))
+        log.info("routing: study %s queued for %s", uid, ", ".join(j.payload["node"] for j in jobs))
 
 
-def _send_jobs(
-    rules: list[Rule], *, what: str, keys: dict[str, str], dedupe: str, batched: bool
-) -> list[tuple[str, str, dict[str, Any], str | None, str]]:
-    """A ``send`` job per matching rule and destination: (kind, description, payload, batch key,
-    dedupe key). Instances routed to one node share a batch key (one association for them);
-    a study is one job of its own."""
+def _send_jobs(rules: list[Rule], *, what: str, keys: dict[str, str], dedupe: str, batched: bool) -> list[JobSpec]:
+    """A ``send`` job per matching rule and destination. Instances routed to one node share a
+    batch key (one association for them); a study is one job of its own."""
     return [
-        (
+        JobSpec(
             "send",
             f"route {what} to {node} ({rule.name})",
             {"node": node, "keys": keys, "transfer_syntax": rule.transfer_syntax},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
@@ -64,3 +66,18 @@ class Study:
     last_instance_at: float
     source_aes: tuple[str, ...] = ()
     dataset: Dataset = field(default_factory=Dataset, repr=False, compare=False)
+
+
+class JobSpec(NamedTuple):
+    """A job for the archive's queue (``archive.jobs``), as the ``instance_jobs`` hook returns it.
+
+    ``kind`` names the handler (``"send"``, ``"webhook"``, a plugin's own); ``payload`` must be
+    JSON-serialisable. Jobs of one ``batch_key`` run together (one association for instances
+    routed to one node); a ``dedupe_key`` already queued queues nothing again.
+    """
+
+    kind: str
+    description: str
+    payload: Mapping[str, Any]
+    batch_key: str | None = None
+    dedupe_key: str | None = None

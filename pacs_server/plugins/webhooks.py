@@ -42,7 +42,7 @@ import requests
 
 from . import hookimpl, settings_tables
 from .settings_tables import TableError
-from .types import Instance, Study
+from .types import Instance, JobSpec, Study
 
 if TYPE_CHECKING:
     from ..archive import Archive
@@ -142,17 +142,20 @@ def _study_urls(archive: Archive, study_uid: str) -> dict[str, str]:
     }
 
 
-def _queue(archive: Archive, event: str, body: dict[str, Any], delivery: str) -> None:
-    targets = [t for t in _targets.get(id(archive), {}).values() if event in t.events]
-    if not targets:
-        return
+def _listening(archive: Archive, event: str) -> list[Target]:
+    return [t for t in _targets.get(id(archive), {}).values() if event in t.events]
+
+
+def _jobs(targets: list[Target], event: str, body: dict[str, Any], delivery: str) -> list[JobSpec]:
+    """One ``webhook`` job per target, its body signed at delivery; the dedupe key names the
+    target and the delivery, so that a hook called twice posts once."""
     jobs = []
     for target in targets:
         key = f"webhook:{target.name}:{delivery}"
         text = json.dumps({**body, "delivery": key}, separators=(",", ":"))
         payload = {"target": target.name, "url": target.url, "event": event, "body": text}
-        jobs.append(("webhook", f"{event} to webhook {target.name}", payload, None, key[:255]))
-    archive.jobs.submit_many(jobs)
+        jobs.append(JobSpec("webhook", f"{event} to webhook {target.name}", payload, None, key[:255]))
+    return jobs
 
 
 def _now() -> str:
@@ -175,6 +178,9 @@ def shutdown(archive: Archive) -> None:
 
 @hookimpl
 def study_stable(archive: Archive, study: Study) -> None:
+    targets = _listening(archive, "study_stable")
+    if not targets:
+        return
     body = {
         "event": "study_stable",
         "time": _now(),
@@ -203,11 +209,15 @@ def study_stable(archive: Archive, study: Study) -> None:
             for s in study.series
         ],
     }
-    _queue(archive, "study_stable", body, f"{study.study_instance_uid}:g{study.generation}")
+    archive.jobs.submit_many(_jobs(targets, "study_stable", body, f"{study.study_instance_uid}:g{study.generation}"))
 
 
 @hookimpl
-def instance_stored(archive: Archive, instance: Instance, outcome: str) -> None:
+def instance_jobs(archive: Archive, instance: Instance, outcome: str) -> list[JobSpec]:
+    """The ``instance_stored`` event: queued with the instance's index row (see ``instance_jobs``)."""
+    targets = _listening(archive, "instance_stored")
+    if not targets:
+        return []
     body = {
         "event": "instance_stored",
         "time": _now(),
@@ -226,7 +236,7 @@ def instance_stored(archive: Archive, instance: Instance, outcome: str) -> None:
             "source": instance.source,
         },
     }
-    _queue(archive, "instance_stored", body, f"{instance.sop_instance_uid}:{instance.content_hash[:16]}")
+    return _jobs(targets, "instance_stored", body, f"{instance.sop_instance_uid}:{instance.content_hash[:16]}")
 
 
 def deliver(archive: Archive, batch: list[RunningJob]) -> None:

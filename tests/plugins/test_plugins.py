@@ -122,7 +122,7 @@ def test_a_plugin_that_raises_loses_nothing(make_server, plugin_site, tmp_path) 
     assert study.NumberOfStudyRelatedInstances == 3, "every instance is stored although a plugin raised"
     assert len(_seen(server, 3)) == 3, "the other plugins still ran"
     log = server.log()
-    for hook in ("startup", "accept_instance", "instance_stored", "register_routes"):
+    for hook in ("startup", "accept_instance", "instance_jobs", "instance_stored", "register_routes"):
         assert f"plugin broken failed in its {hook} hook (ignored)" in log, hook
     assert "plugin unloadable (macpacs-broken-plugin 1.0) could not be loaded and is disabled" in log
 

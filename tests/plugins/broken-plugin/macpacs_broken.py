@@ -14,6 +14,11 @@ def accept_instance(archive, instance):
 
 
 @hookimpl
+def instance_jobs(archive, instance, outcome):
+    raise RuntimeError("broken plugin: instance_jobs")
+
+
+@hookimpl
 def instance_stored(archive, instance, outcome):
     raise RuntimeError("broken plugin: instance_stored")
 
