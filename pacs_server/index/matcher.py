@@ -26,6 +26,9 @@ from .attributes import BY_KEYWORD, LEVELS, UNIQUE_KEYS, Attr, level_index, norm
 
 MAX_VALUE_LENGTH = 1024  # longer than any legal matching value; refuse rather than scan with it
 MAX_UIDS_IN_LIST = 5000
+# A list of UIDs (PS3.4 C.2.2.2.2: a C-MOVE of the images a workstation selected) is as long as
+# its UIDs: up to 64 characters each, and a backslash between them.
+MAX_UID_LIST_LENGTH = MAX_UIDS_IN_LIST * 65
 ESCAPE = "!"
 
 DATE_RE = re.compile(r"^\d{8}$")
@@ -165,10 +168,9 @@ _FORMATS = {"date": "YYYYMMDD or YYYYMMDD-YYYYMMDD", "time": "HHMMSS.FFFFFF, opt
 
 def condition_for(attr: Attr, value: str, table: Any, *, case_insensitive: bool) -> ColumnElement[bool] | None:
     """The SQL condition for one matching key, or None for universal matching."""
-    if len(value) > MAX_VALUE_LENGTH:
-        raise QueryError(
-            f"matching value for {attr.keyword} is {len(value)} characters long (limit {MAX_VALUE_LENGTH})"
-        )
+    limit = MAX_UID_LIST_LENGTH if attr.kind == "uid" else MAX_VALUE_LENGTH
+    if len(value) > limit:
+        raise QueryError(f"matching value for {attr.keyword} is {len(value)} characters long (limit {limit})")
     value = value.strip(" ")
     if value in ("", "*") or attr.kind == "count":
         return None

@@ -124,6 +124,19 @@ def test_getscu_byte_for_byte(loaded, tmp_path):
 
 
 # -- statuses for bad input --------------------------------------------------------------------
+def test_getscu_of_a_long_list_of_uids(loaded, tmp_path):
+    """A workstation retrieving the images it selected sends a list of SOP Instance UIDs (PS3.4
+    C.2.2.2.2): 40 of them, longer than any other matching value may be, still match."""
+    server, sources, _base = loaded
+    wanted = sorted(uids_of(sources, CT_STUDY))[:4]
+    listed = "\\".join([*wanted, *(generate_uid() for _ in range(36))])
+    assert len(listed) > 2000
+    out = fresh(tmp_path / "get-list")
+    run_tool("getscu", "-S", "-od", str(out), *server.dicom_args(), "-k", "QueryRetrieveLevel=IMAGE",
+             "-k", f"StudyInstanceUID={CT_STUDY}", "-k", SERIES_KEY, "-k", f"SOPInstanceUID={listed}")  # fmt: skip
+    assert_identical(out, sources, set(wanted))
+
+
 def move(port: int, destination: str, identifier: Dataset, model=StudyRootQueryRetrieveInformationModelMove,
          cancel_after: int | None = None) -> list[Dataset]:  # fmt: skip
     """C-MOVE with pynetdicom as an outside client; returns every response (status + identifier elements)."""
