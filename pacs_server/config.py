@@ -259,9 +259,9 @@ class JobsSettings:
     # Jobs run at once by the server process (each send holds one association).
     workers: int = 2
     # How much lower than the server the runners' CPU priority is (0-19; 0: the same). Sending
-    # competes with ingest for the cores: lower, a busy ingest keeps its pace and routing uses
+    # competes with ingest for the cores: lowest, a busy ingest keeps its pace and routing uses
     # what is left (on macOS any value above 0 means the "utility" QoS class).
-    nice: int = 10
+    nice: int = 19
     # A failed attempt is retried after retry_base_s, doubling up to retry_max_s.
     retry_base_s: float = 10.0
     retry_max_s: float = 3600.0

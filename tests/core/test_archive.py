@@ -120,6 +120,6 @@ def test_a_dicom_worker_does_not_import_alembic() -> None:
 
 
 def test_jobs_nice_out_of_range_is_refused_with_the_range() -> None:
-    assert load(environ={}).jobs.nice == 10
+    assert load(environ={}).jobs.nice == 19
     with pytest.raises(ConfigError, match=r"jobs\.nice = 20: use 0 .* to 19"):
         load(environ={"MACPACS_JOBS_NICE": "20"})

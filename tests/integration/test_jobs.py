@@ -191,10 +191,10 @@ def test_job_runners_run_below_the_server_s_cpu_priority(study_server) -> None:
     assert server.proc is not None
     base = os.getpriority(os.PRIO_PROCESS, server.proc.pid)
     niced = wait_until(
-        "the job runner threads at nice +10",
+        "the job runner threads at nice +19",
         lambda: [t.id for t in psutil.Process(server.proc.pid).threads()
-                 if os.getpriority(os.PRIO_PROCESS, t.id) == min(19, base + 10)],
+                 if os.getpriority(os.PRIO_PROCESS, t.id) == min(19, base + 19)],
         timeout=10,
     )  # fmt: skip
-    assert len(niced) >= 2, "one per jobs.workers (2), at nice +10"
+    assert len(niced) >= 2, "one per jobs.workers (2), at nice +19"
     assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == base, "the server's own threads keep theirs"
