@@ -224,8 +224,9 @@ class Jobs:
     def prepare(
         self, jobs: Sequence[tuple[str, str, Mapping[str, Any], str | None, str | None]]
     ) -> list[dict[str, Any]]:
-        """The rows of ``jobs`` (as ``submit_many`` takes them), ready for ``insert``; JobError
-        names a job whose payload cannot be stored (not JSON)."""
+        """The rows of ``jobs`` (as ``submit_many`` takes them), ready for ``insert``. JobError
+        names a job the index cannot hold (a payload that is not JSON, a kind or key too long),
+        so that no insert fails inside a caller's transaction (an instance's, in ingest)."""
         rows = []
         for kind, description, payload, batch_key, dedupe_key in jobs:
             _check_job(kind, description, batch_key, dedupe_key)

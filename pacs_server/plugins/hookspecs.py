@@ -6,9 +6,10 @@ and enabled by its entry point's name (docs/plugins.md). An implementation may t
 of a hook's arguments, by name.
 
 The core calls these, never an adapter, so that every protocol triggers them the same way:
-``accept_instance`` and ``instance_stored`` come from the one ingest path, whatever brought the
-instance (C-STORE, STOW-RS, upload, ``macpacs import``, C-GET). Plugins load in every process of
-the archive, DICOM worker processes included: ``archive.role`` says which one this is.
+``accept_instance``, ``instance_jobs`` and ``instance_stored`` come from the one ingest path,
+whatever brought the instance (C-STORE, STOW-RS, upload, ``macpacs import``, C-GET). Plugins
+load in every process of the archive, DICOM worker processes included: ``archive.role`` says
+which one this is.
 
 A hook that raises is logged with the plugin's name and skipped; the other plugins still run,
 and nothing acknowledged is lost. Hooks run in the thread of the request that caused them:
@@ -75,15 +76,16 @@ def instance_stored(archive: Archive, instance: Instance, outcome: str) -> None:
 def instance_jobs(archive: Archive, instance: Instance, outcome: str) -> Sequence[JobSpec] | None:
     """Background jobs that ``instance`` calls for, queued in the transaction that indexes it.
 
-    Return a list of ``JobSpec`` (or None). Ingest asks once the file is durable, just before its index
-    row is committed, and commits the jobs with the row: an instance is never indexed without
-    its jobs, nor are jobs queued for an instance that is not (a crash between two separate
-    commits would lose the routing of an acknowledged instance), and queueing costs no
+    Return a list of ``JobSpec`` (or None). Ingest asks once the file is durable, just before
+    its index row is committed, and commits the jobs with the row: an instance is never indexed
+    without its jobs, nor are jobs queued for an instance that is not (a crash between two
+    separate commits would lose the routing of an acknowledged instance), and queueing costs no
     transaction of its own. Use it for work that must follow every stored instance (routing,
     webhooks); ``instance_stored`` is for telling, after the commit. ``outcome`` is
-    ``"stored"`` or ``"overwritten"``. Called in whichever process stores the instance; only
-    decide here (no I/O): the jobs run in the server process. A job whose payload is not JSON
-    is logged and dropped; the instance is stored all the same.
+    ``"stored"`` or ``"overwritten"``. Called in whichever process stores the instance, before
+    the index's writer lock is taken: only decide here (no I/O), the jobs run in the server
+    process. A job the index cannot hold (a payload that is not JSON, a kind over 32 bytes, a
+    key over 255) is logged and dropped; the instance is stored all the same.
     """
 
 
