@@ -67,7 +67,7 @@ def test_corrupt_index_is_moved_aside_and_rebuilt(make_server, tmp_path):
         (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
     (data / "index.sqlite").write_bytes(b"this is not a database" * 100)
     server = make_server(data_dir=data)
-    assert "unreadable" in server.log() and "rebuilding" in server.log()
+    assert server.logged("unreadable") and server.logged("rebuilding")
     assert list(data.glob("index.sqlite.corrupt-*"))
     found = findscu(server, tmp_path / "rsp", "QueryRetrieveLevel=IMAGE", "SOPInstanceUID")
     for _ in range(50):

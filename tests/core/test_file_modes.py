@@ -63,8 +63,8 @@ def test_a_served_archive_is_private(tmp_path: Path) -> None:
         found = modes(data)
     finally:
         server.stop()
-    assert f"{data} was mode 0755, readable by other accounts: now 0700" in server.log()
-    assert f"{data / 'index.sqlite'} was mode 0644, readable by other accounts: now 0600" in server.log()
+    assert server.logged(f"{data} was mode 0755, readable by other accounts: now 0700")
+    assert server.logged(f"{data / 'index.sqlite'} was mode 0644, readable by other accounts: now 0600")
     assert {"index.sqlite", "index.sqlite-wal", "logs/macpacs.log", "web-secret"} <= set(found)
     assert sum(1 for name in found if name.endswith(".dcm")) == 2
     wrong = {name: oct(m) for name, m in found.items() if m != expected(name, data / name)}

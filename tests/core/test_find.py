@@ -241,7 +241,7 @@ def test_cancel_is_honoured(make_server, tmp_path):
     out = proc.stdout + proc.stderr
     assert out.count("Find Response:") < 800
     assert "Received Final Find Response (Cancel" in out, out[-500:]
-    assert "C-FIND cancelled by the peer" in server.log()
+    assert server.logged("C-FIND cancelled by the peer")
 
 
 CHARSET_FILES = [

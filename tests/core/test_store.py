@@ -47,7 +47,7 @@ def stored_path(server, sop_uid: str) -> Path:
 def test_echo(server):
     proc = run_tool("echoscu", "-v", *server.dicom_args())
     assert "Received Echo Response (Success)" in proc.stderr + proc.stdout
-    assert "association accepted from ECHOSCU@127.0.0.1" in server.log()
+    assert server.logged("association accepted from ECHOSCU@127.0.0.1")
 
 
 def test_wrong_called_ae_is_rejected(server):
@@ -146,7 +146,7 @@ def test_ct_series_and_resend_is_not_duplicated(server, tmp_path):
     assert index_rows(server) == 20
     run_tool("storescu", *server.dicom_args(), str(tmp_path / "ct"), "+sd")
     assert index_rows(server) == 20
-    assert "20 duplicate" in server.log()
+    assert server.logged("20 duplicate")
     for p in paths[:3]:
         uid = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(stored_path(server, uid)) == dataset_bytes(p)
@@ -199,7 +199,7 @@ def test_truncated_file_is_refused(server, tmp_path):
     assert _send_raw(server, truncated) == 0xC000
     assert index_rows(server) == 0
     assert not any((server.data_dir / "files").rglob("*.dcm"))
-    assert "truncated file" in server.log()
+    assert server.logged("truncated file")
 
 
 @pytest.mark.parametrize("bad_uid", ["../../etc/passwd", "1.2.3/4", "1.2\x00.3", "", "1.2." + "3" * 70])
@@ -219,7 +219,7 @@ def test_hostile_or_missing_uid_is_refused(server, tmp_path, bad_uid):
     assert index_rows(server) == 0
     assert not any((server.data_dir / "files").rglob("*.dcm"))
     assert not list(server.data_dir.rglob("passwd"))
-    assert "C-STORE refused" in server.log()
+    assert server.logged("C-STORE refused")
 
 
 def test_abort_mid_transfer_leaves_nothing(server, tmp_path):
@@ -296,7 +296,7 @@ def test_restart_loses_nothing(make_server, tmp_path):
     write_series(tmp_path / "ct", 10, size=64)
     run_tool("storescu", *server.dicom_args(), str(tmp_path / "ct"), "+sd")
     assert server.stop() == 0
-    assert "macpacs stopped" in server.log()
+    assert server.logged("macpacs stopped")
     assert not server.pid_file_path().exists()
     server.start()
     found = findscu(server, tmp_path / "rsp", "QueryRetrieveLevel=IMAGE", "SOPInstanceUID", "StudyInstanceUID")

@@ -66,7 +66,7 @@ def test_mixed_services_on_one_association(server, tmp_path):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and "association released by MIXED" not in server.log():
         time.sleep(0.05)
-    assert "3 stored" in server.log() and "1 invalid" in server.log()
+    assert server.logged("3 stored") and server.logged("1 invalid")
 
 
 def test_abort_in_a_directly_read_dataset_leaves_nothing(server, tmp_path):

@@ -134,7 +134,7 @@ def test_queued_jobs_survive_a_kill_and_alert_then_stop_after_max_attempts(tmp_p
         final = _jobs(server)[0]
         assert final["attempts"] == 4 and final["message"].startswith("gave up after 4 attempts: 2 of 2 images")
         assert server.logged(f"ALERT jobs: job {job.id} (send study {study} to down) stopped: gave up after 4")
-        assert f"`macpacs jobs retry {job.id}`" in server.log()
+        assert server.logged(f"`macpacs jobs retry {job.id}`")
         assert job_counts(server)["failed"] == 1 and job_counts(server)["alerting"] == 1
     finally:
         server.stop()

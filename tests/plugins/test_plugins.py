@@ -108,7 +108,7 @@ def test_instance_stored_is_heard_from_every_protocol_and_process(make_server, p
     proc = run_tool("storescu", "-v", *server.dicom_args(), str(refused), check=False)
     assert proc.returncode != 0
     assert "Status: 0x124" in proc.stderr, proc.stderr  # refused: not authorized (DCMTK has no name for it)
-    assert "refused by a plugin: patient ID TEST is refused" in server.log()
+    assert server.logged("refused by a plugin: patient ID TEST is refused")
     assert findscu(server, tmp_path / "find", "QueryRetrieveLevel=STUDY", "PatientID=TEST") == []
 
 

@@ -103,7 +103,7 @@ def test_every_service_over_tls_with_optional_client_certificates(pki: Path, tmp
     env = _tls_env(pki, tls_port, tls_ca=str(pki / "siteca.pem"))
     server = ServerProcess(tmp_path / "data", free_port(), free_port(), free_port(), env=env).start()
     try:
-        assert f"DICOM TLS on port {tls_port} (client certificates verified when presented)" in server.log()
+        assert server.logged(f"DICOM TLS on port {tls_port} (client certificates verified when presented)")
         run_tool("echoscu", *_client(pki, "modality"), *_at(server, tls_port))
         assert server.logged("client certificate commonName=MODALITY")
         sources = write_series(tmp_path / "in", 4, size=16, patient_id="TLS1")
@@ -147,7 +147,7 @@ def test_required_client_certificate_and_access_control(pki: Path, tmp_path: Pat
     data = tmp_path / "data"
     server = ServerProcess(data, free_port(), free_port(), free_port(), env=env).start()
     try:
-        assert "(client certificates required)" in server.log()
+        assert server.logged("(client certificates required)")
         macpacs("nodes", "add", "MODALITY", "--ae-title", "MODALITY", "--host", "127.0.0.1", "--port", "104",
                 data_dir=data)  # fmt: skip
         anonymous = run_tool("echoscu", *_client(pki, None), *_at(server, tls_port), check=False)

@@ -175,7 +175,7 @@ def test_unknown_destination_is_a801(loaded):
     server, _sources, _base = loaded
     statuses = move(server.dicom_port, "NOBODY", study_identifier(CT_STUDY))
     assert statuses[-1].Status == 0xA801
-    assert "destination 'NOBODY' is not a registered node" in server.log()
+    assert server.logged("destination 'NOBODY' is not a registered node")
 
 
 def test_missing_unique_key_is_a900(loaded, dest):
@@ -188,7 +188,7 @@ def test_missing_unique_key_is_a900(loaded, dest):
     assert statuses[-1].Status == 0xA900
     ds.SeriesInstanceUID = "1.2.*"
     assert move(server.dicom_port, "DEST", ds)[-1].Status == 0xA900
-    assert "needs SeriesInstanceUID" in server.log()
+    assert server.logged("needs SeriesInstanceUID")
 
 
 def test_identifier_matching_nothing_succeeds_with_no_suboperations(loaded, dest):
@@ -198,7 +198,7 @@ def test_identifier_matching_nothing_succeeds_with_no_suboperations(loaded, dest
     assert statuses[-1].Status == 0x0000
     assert counts(statuses[-1]) == (0, 0, 0)
     assert not list(dest.iterdir())
-    assert "the identifier matches nothing" in server.log()
+    assert server.logged("the identifier matches nothing")
 
 
 def test_pending_responses_carry_counts(loaded, dest):
@@ -233,7 +233,7 @@ def test_conversion_when_destination_refuses_compression(loaded, tmp_path):
     assert final.Status == 0xA702  # all sub-operations failed
     assert counts(final) == (0, 1, 0)
     assert final.FailedSOPInstanceUIDList == broken_ds.SOPInstanceUID
-    assert "cannot be converted" in server.log()
+    assert server.logged("cannot be converted")
 
 
 def test_unreachable_destination_fails_every_suboperation(loaded):
@@ -243,7 +243,7 @@ def test_unreachable_destination_fails_every_suboperation(loaded):
     final = move(server.dicom_port, "DOWN", study_identifier(CT_STUDY))[-1]
     assert final.Status == 0xA702
     assert counts(final) == (0, 5, 0)
-    assert "connection refused" in server.log()
+    assert server.logged("connection refused")
 
 
 class PeerScp:
@@ -299,7 +299,7 @@ def test_destination_aborting_halfway(loaded, peer):
     final = move(server.dicom_port, "ABORTER", study_identifier(CT_STUDY))[-1]
     assert final.Status == 0xB000
     assert counts(final) == (2, 3, 0)
-    assert "ended the association after 2 of 5" in server.log()
+    assert server.logged("ended the association after 2 of 5")
     # The archive is untouched: the same study can still be moved whole.
     p2 = peer("AFTER")
     final = move(server.dicom_port, "AFTER", study_identifier(CT_STUDY))[-1]
@@ -314,7 +314,7 @@ def test_cancel_stops_the_move(loaded, peer):
     assert final.Status == 0xFE00
     assert int(final.NumberOfRemainingSuboperations) > 0
     assert len(p.stored) < 5
-    assert "cancelled" in server.log()
+    assert server.logged("cancelled")
 
 
 def test_cancel_stops_a_get(loaded):
@@ -386,4 +386,4 @@ def test_destination_refusing_the_association(loaded):
     final = move(server.dicom_port, "NOTMACPACS", study_identifier(CT_STUDY))[-1]
     assert final.Status == 0xA702
     assert counts(final) == (0, 5, 0)
-    assert "rejected the association: its called AE title is not the one registered here" in server.log()
+    assert server.logged("rejected the association: its called AE title is not the one registered here")

@@ -105,7 +105,7 @@ def test_orthanc_moves_from_us_to_itself(loaded, orthanc):
     )
     assert peer.study_instances(CT_STUDY) == 5
     server = loaded[0]
-    assert "C-MOVE to orthanc done: 5 completed, 0 warning, 0 failed" in server.log()
+    assert server.logged("C-MOVE to orthanc done: 5 completed, 0 warning, 0 failed")
 
 
 def test_orthanc_move_to_unknown_destination_fails(loaded, orthanc):

@@ -67,7 +67,7 @@ def test_forwarded_for_is_ignored_without_a_configured_proxy(tmp_path) -> None:
             for i in range(21)
         ]  # fmt: skip
         assert codes == [401] * 20 + [429]
-        assert "a reverse proxy seems to be in front" in server.log()
+        assert server.logged("a reverse proxy seems to be in front")
     finally:
         server.stop()
 

@@ -480,7 +480,7 @@ def test_access_localhost_only_unless_allowed(tmp_path: Path) -> None:
         assert post(server, body)[0] == 200
     finally:
         server.stop()
-    assert "refused a call from 127.0.0.2" in server.log()
+    assert server.logged("refused a call from 127.0.0.2")
 
     allowing = start(tmp_path / "b", {"MACPACS_XMLRPC_ALLOWED_HOSTS": "10.9.8.0/24, 127.0.0.2"})
     try:
@@ -497,7 +497,7 @@ def test_kill_osirix_stops_the_server_gracefully(tmp_path: Path) -> None:
     assert server.proc is not None
     assert server.proc.wait(20) == 0
     assert not server.pid_file_path().exists()
-    assert "KillOsiriX from admin@127.0.0.1: stopping the server" in server.log()
+    assert server.logged("KillOsiriX from admin@127.0.0.1: stopping the server")
 
 
 def test_disabled(tmp_path: Path) -> None:

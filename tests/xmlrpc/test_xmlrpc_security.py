@@ -277,7 +277,7 @@ def test_allowed_host_names_and_open_changes(tmp_path: Path) -> None:
         assert server.proc is not None and server.proc.wait(20) == 0
     finally:
         server.stop()
-    assert "KillOsiriX from 127.0.0.1: stopping the server" in server.log()
+    assert server.logged("KillOsiriX from 127.0.0.1: stopping the server")
 
 
 def test_a_malformed_allowed_host_name_stops_the_start(tmp_path: Path) -> None:

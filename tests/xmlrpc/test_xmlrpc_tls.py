@@ -50,7 +50,7 @@ def _client(port: int, cert: Path, user: str = "") -> xmlrpc.client.ServerProxy:
 def test_calls_over_https_and_plain_http_refused_with_a_message(tls_server: tuple[ServerProcess, Path]) -> None:
     server, cert = tls_server
     port = server.xmlrpc_port
-    assert f"XML-RPC (OsiriX) listening on 127.0.0.1:{port} (HTTPS)" in server.log()
+    assert server.logged(f"XML-RPC (OsiriX) listening on 127.0.0.1:{port} (HTTPS)")
     pacs = _client(port, cert)
     assert pacs.DBWindowFind(PROBE) == {"error": "0", "elements": []}
     assert "DBWindowFind" in pacs.system.listMethods()
