@@ -36,7 +36,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
@@ -48,7 +48,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from . import dicom_status
 from .config import StorageSettings
-from .index import Index, IndexUnavailable, InstanceRecord, Query, WriterLockTimeout
+from .index import Index, IndexUnavailable, InstanceRecord, Query, Transaction, WriterLockTimeout
 from .index.attributes import ATTRIBUTES, normalize_pn
 from .jobs import JobError, Jobs
 from .plugins import Instance, Plugins
@@ -64,9 +64,6 @@ from .storage import (
 )
 from .uids import RULE as UID_RULE
 from .uids import is_uid
-
-if TYPE_CHECKING:
-    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -746,7 +743,7 @@ class Ingestor:
             return IngestResult(Outcome.OVERWRITTEN, f"replaced the stored instance ({why})", uid, sop_class)
         return IngestResult(Outcome.STORED, "stored", uid, sop_class)
 
-    def _jobs_of(self, instance: Instance, outcome: Outcome) -> Callable[[Connection], object] | None:
+    def _jobs_of(self, instance: Instance, outcome: Outcome) -> Callable[[Transaction], object] | None:
         """What queues the plugins' jobs for ``instance`` (``instance_jobs``) in its index
         transaction, or None when there are none. Decided and encoded before the transaction
         opens, so that no plugin code runs while the index's writer lock is held."""

@@ -1,6 +1,6 @@
 """The index: patient/study/series/instance tables over the file store, and the one query matcher."""
 
-from .db import Index, IndexUnavailable, IndexUnreadable, InstanceRecord, StoredInstance
+from .db import Index, IndexUnavailable, IndexUnreadable, InstanceRecord, StoredInstance, Transaction
 from .matcher import Query, QueryError
 from .writer_lock import WriterLockTimeout
 
@@ -12,5 +12,6 @@ __all__ = [
     "Query",
     "QueryError",
     "StoredInstance",
+    "Transaction",
     "WriterLockTimeout",
 ]

@@ -51,6 +51,11 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 PARENT_CACHE_SIZE = 4096  # series whose parents' primary keys are remembered
 ANALYSIS_LIMIT = 1000  # rows of each index SQLite's ANALYZE samples: milliseconds at any size
 
+# An open write transaction of the index, as it hands one to work that must commit with its own
+# (an instance's jobs, a patient's rewrite job): callers outside the index name it by this, so
+# that they depend on the index and not on its SQL toolkit.
+Transaction = Connection
+
 
 @dataclass
 class InstanceRecord:
@@ -305,7 +310,7 @@ class Index:
             ).scalar()
 
     def add_instance(
-        self, record: InstanceRecord, *, replace: bool = False, within: Callable[[Connection], object] | None = None
+        self, record: InstanceRecord, *, replace: bool = False, within: Callable[[Transaction], object] | None = None
     ) -> bool:
         """Insert (or, with ``replace``, update) one instance and its parents in one transaction.
 
@@ -532,12 +537,12 @@ class Index:
         pks = list(dict.fromkeys(instance_pks))
         with self._write_lock, self.engine.begin() as conn:
             series_pks: set[int] = set()
-            for chunk in _chunks(pks):
+            for chunk in in_chunks(pks):
                 series_pks.update(conn.execute(select(i.c.series_pk).where(i.c.pk.in_(chunk))).scalars())
                 conn.execute(delete(m).where(m.c.instance_pk.in_(chunk)))
                 removed["instances"] += conn.execute(delete(i).where(i.c.pk.in_(chunk))).rowcount
             study_pks: set[int] = set()
-            for chunk in _chunks(sorted(series_pks)):
+            for chunk in in_chunks(sorted(series_pks)):
                 study_pks.update(conn.execute(select(se.c.study_pk).where(se.c.pk.in_(chunk))).scalars())
                 count = select(func.count()).where(i.c.series_pk == se.c.pk).scalar_subquery()
                 conn.execute(update(se).where(se.c.pk.in_(chunk)).values(num_instances=count))
@@ -545,7 +550,7 @@ class Index:
                     delete(se).where(se.c.pk.in_(chunk), se.c.num_instances == 0)
                 ).rowcount
             patient_pks: set[int] = set()
-            for chunk in _chunks(sorted(study_pks)):
+            for chunk in in_chunks(sorted(study_pks)):
                 patient_pks.update(conn.execute(select(st.c.patient_pk).where(st.c.pk.in_(chunk))).scalars())
                 in_study = se.c.study_pk == st.c.pk
                 conn.execute(
@@ -571,7 +576,7 @@ class Index:
                 for study_pk, values in modalities.items():
                     merged = "\\".join(sorted(filter(None, values)))
                     conn.execute(update(st).where(st.c.pk == study_pk).values(modalities_in_study=merged))
-            for chunk in _chunks(sorted(patient_pks)):
+            for chunk in in_chunks(sorted(patient_pks)):
                 of_patient = st.c.patient_pk == p.c.pk
                 conn.execute(
                     update(p)
@@ -794,8 +799,8 @@ class _StaleParents(Exception):
     """A remembered series, study or patient row is no longer there (deleted by another process)."""
 
 
-def _chunks(values: Sequence[int], size: int = 500) -> Iterator[list[int]]:
-    """Slices short enough for an ``IN (...)`` list on every database."""
+def in_chunks(values: Sequence[int], size: int = 500) -> Iterator[list[int]]:
+    """Slices short enough for an ``IN (...)`` list on every database (the index's modules' one way)."""
     for start in range(0, len(values), size):
         yield list(values[start : start + size])
 

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, case, delete, func, or_, select, update
 
 from . import upsert
-from .db import Index
+from .db import Index, in_chunks
 from .schema import job
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -163,8 +163,7 @@ class JobTable:
             for counts, chunk in _alike(values):
                 conn.execute(update(job).where(c.pk.in_(chunk), *mine).values(**counts))
             ours: set[int] = set()
-            for start in range(0, len(pks), 500):
-                chunk = list(pks[start : start + 500])
+            for chunk in in_chunks(pks):
                 conn.execute(
                     update(job).where(c.pk.in_(chunk), *mine).values(lease_until=now + lease_s, updated_at=now)
                 )
@@ -265,13 +264,13 @@ class JobTable:
         return {**{state: int(found.get(state, 0)) for state in STATES}, "alerting": int(alerting)}
 
 
-def _alike(values: Mapping[int, Mapping[str, Any]], chunk: int = 500) -> Iterator[tuple[dict[str, Any], list[int]]]:
-    """The jobs of ``values`` (pk → new column values) grouped by identical values, in chunks of
-    ``chunk`` pks: a batch of 500 routed instances that were all sent is one UPDATE, not 500,
+def _alike(values: Mapping[int, Mapping[str, Any]]) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """The jobs of ``values`` (pk → new column values) grouped by identical values, a chunk of
+    pks at a time: a batch of 500 routed instances that were all sent is one UPDATE, not 500,
     and the ingest's commits wait that much less for the writer lock."""
     groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
     for pk, row in values.items():
         groups.setdefault(tuple(sorted(row.items())), []).append(pk)
     for items, pks in groups.items():
-        for start in range(0, len(pks), chunk):
-            yield dict(items), pks[start : start + chunk]
+        for chunk in in_chunks(pks):
+            yield dict(items), chunk

@@ -23,12 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 
-from ..index import Query
+from ..index import Query, Transaction
 from ..index.patient_records import PatientKey, studies_of
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
-
     from ..archive import Archive
     from ..jobs import RunningJob
 
@@ -48,7 +46,13 @@ ATTRIBUTES = {
 
 
 def queue(
-    archive: Archive, conn: Connection | None, key: PatientKey, why: str, dedupe_key: str, *, sop_instance_uid: str = ""
+    archive: Archive,
+    conn: Transaction | None,
+    key: PatientKey,
+    why: str,
+    dedupe_key: str,
+    *,
+    sop_instance_uid: str = "",
 ) -> None:
     """Queue the rewrite of ``key``'s files (or of one instance of it), in the caller's transaction ``conn``."""
     payload = {"patient_id": key.patient_id, "issuer": key.issuer, "sop_instance_uid": sop_instance_uid}

@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
 
 from tests.conftest import MACPACS, ServerProcess, free_port, run_tool
 from tests.integration.helpers import Step, findscu_worklist, integration_server, item, post_item
+from tests.plugin_site import install_plugin
 from tests.synthetic import write_series
 
 SPS = "ScheduledProcedureStepSequence[0]"
@@ -60,19 +61,9 @@ def dicom_services(archive):
 """
 
 
-def _site(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "site_hanging.py").write_text(SITE_PLUGIN)
-    meta = folder / "site_hanging-1.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: site-hanging\nVersion: 1.0\n")
-    (meta / "entry_points.txt").write_text("[macpacs.plugins]\nsite-hanging = site_hanging\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    site = _site(tmp_path_factory.mktemp("site") / "packages")
+    site = install_plugin(tmp_path_factory.mktemp("site") / "packages", "site_hanging", "site-hanging", SITE_PLUGIN)
     with integration_server(tmp_path_factory.mktemp("mpps"), site=site, more=("site-hanging",)) as started:
         yield started
 

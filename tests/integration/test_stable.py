@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from tests.conftest import MACPACS, run_tool
+from tests.plugin_site import install_plugin
 from tests.synthetic import write_series
 
 from .jobs_helpers import wait_until
@@ -82,13 +82,7 @@ def register_routes(archive):
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
     """The plugin 'installed' into a folder: its module and the dist-info naming its entry point."""
-    folder = tmp_path / "site"
-    info = folder / "macpacs_sitewatch-1.0.dist-info"
-    info.mkdir(parents=True)
-    (folder / "macpacs_sitewatch.py").write_text(textwrap.dedent(PLUGIN))
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: macpacs-sitewatch\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[macpacs.plugins]\nsitewatch = macpacs_sitewatch\n")
-    return folder
+    return install_plugin(tmp_path / "site", "macpacs_sitewatch", "sitewatch", PLUGIN)
 
 
 def _seen(server) -> list[dict]:

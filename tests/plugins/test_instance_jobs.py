@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from macpacs.pacs_server.config import load
 from macpacs.pacs_server.index import Query
 from macpacs.pacs_server.ingest import Outcome
 from macpacs.pacs_server.storage import blob_key
+from tests.plugin_site import install_plugin
 from tests.synthetic import write_series
 
 PLUGIN = """
@@ -53,12 +53,7 @@ def instance_stored(archive, instance, outcome):
 
 @pytest.fixture
 def archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Archive]:
-    site = tmp_path / "site"
-    info = site / "macpacs_copier-1.0.dist-info"
-    info.mkdir(parents=True)
-    (site / "macpacs_copier.py").write_text(textwrap.dedent(PLUGIN))
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: macpacs-copier\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[macpacs.plugins]\ncopier = macpacs_copier\n")
+    site = install_plugin(tmp_path / "site", "macpacs_copier", "copier", PLUGIN)
     monkeypatch.syspath_prepend(str(site))
     settings = load(
         overrides={"storage": {"data_dir": str(tmp_path / "data")}, "plugins": {"enable": ["copier"]}}, environ={}
