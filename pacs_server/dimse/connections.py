@@ -41,6 +41,7 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from .. import tls_files
 from ..config import DicomSettings
 
 log = logging.getLogger(__name__)
@@ -381,7 +382,8 @@ def _port(sock: socket.socket) -> str:
 
 
 def _handshake_failure(exc: BaseException) -> str:
-    """What a failed server-side handshake means, for an administrator."""
+    """What a failed server-side handshake means, for an administrator: the client-certificate cases
+    (only the DICOM port asks for one), then what every TLS port shares (tls_files)."""
     text = str(exc)
     if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
         return (
@@ -390,15 +392,14 @@ def _handshake_failure(exc: BaseException) -> str:
         )
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return f"its certificate is not signed by a CA in dicom.tls_ca, or has expired ({text})"
-    if "WRONG_VERSION_NUMBER" in text or "HTTP_REQUEST" in text or "UNKNOWN_PROTOCOL" in text:
-        return "it does not speak TLS (plain DICOM on the TLS port? That is dicom.port)"
-    if "UNSUPPORTED_PROTOCOL" in text or "VERSION_TOO_LOW" in text:
-        return f"it offers only TLS versions below 1.2, which DICOM (BCP 195) no longer allows ({text})"
-    if "TLSV1_ALERT" in text or "ALERT_" in text:
-        return f"the client ended the handshake, most likely because it does not trust our certificate ({text})"
     if isinstance(exc, TimeoutError) or "timed out" in text:
         return "no complete handshake in time (dicom.pre_association_timeout)"
-    return f"TLS handshake failed: {text or type(exc).__name__} (the client went away, or the gate closed it)"
+    return tls_files.handshake_failure(
+        exc,
+        not_tls="plain DICOM on the TLS port? That is dicom.port",
+        untrusted="give it dicom.tls_cert to trust, or a certificate from a CA it trusts",
+        otherwise="the client went away, or the gate closed it",
+    )
 
 
 def _first_bytes(sock: Any, timeout: float) -> bool:

@@ -18,16 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 from typing import Any
 
 import uvicorn
 
+from .. import tls_files
 from ..archive import Archive
-from ..config import ConfigError
 from ..heartbeat import Heartbeat
+from ..tls_files import PemFile
 from .app import create_app
 from .request_timeouts import TimedProtocol
 
@@ -110,10 +110,11 @@ class WebListener:
             proxy_headers=bool(web.forwarded_allow_ips),
             forwarded_allow_ips=web.forwarded_allow_ips or None,
         )
-        try:
-            config.load()  # reads the TLS certificate and key now, in this thread
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"web.tls_cert / web.tls_key cannot be used: {exc}") from None
+        if web.tls_cert:
+            # The files checked as on every TLS port (a passphrase would make OpenSSL prompt on a
+            # terminal nobody watches); then uvicorn reads them for itself.
+            tls_files.server_context(PemFile("web.tls_cert", web.tls_cert), PemFile("web.tls_key", web.tls_key))
+        config.load()
         family = socket.AF_INET6 if ":" in web.bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -230,3 +230,22 @@ def test_each_unusable_file_is_named_with_its_fix(pki: Path, settings: dict[str,
     with pytest.raises(config.ConfigError) as raised:
         tls.server_context(d)
     assert expected.format(d=pki) in str(raised.value)
+
+
+@pytest.mark.parametrize("port", ["dicom", "web"])
+def test_every_tls_port_names_a_locked_key_the_same_way(pki: Path, tmp_path: Path, port: str):
+    """tls_files reads the files of every TLS port: a passphrase-protected key stops serve with one
+    line naming the setting, and OpenSSL never prompts for the passphrase (nobody would type it)."""
+    env = {
+        **os.environ,
+        f"MACPACS_{port.upper()}_TLS_CERT": str(pki / "server.pem"),
+        f"MACPACS_{port.upper()}_TLS_KEY": str(pki / "locked.key"),
+        **{f"MACPACS_{part}_BIND": "127.0.0.1" for part in ("DICOM", "WEB", "XMLRPC")},
+    }
+    argv = ServerProcess(tmp_path / "data", free_port(), free_port(), free_port()).argv
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    expected = f"Error: configuration error: {port}.tls_key {pki}/locked.key is protected by a passphrase"
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
