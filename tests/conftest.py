@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from click.testing import Result
+
     from macpacs.pacs_server.archive import Archive
     from tests.postgres import Cluster
 
@@ -63,12 +65,50 @@ def run_tool(tool: str, *args: str, timeout: float = 120, check: bool = True) ->
     return proc
 
 
+def run_macpacs(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real ``macpacs`` console script in its own process, as an admin (or a scheduled job)
+    runs it beside the server; ``env`` is added to this process's environment."""
+    return subprocess.run(
+        [MACPACS, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def in_process_macpacs(*args: str) -> Result:
+    """The same command run in this process by click's runner (a second process costs seconds of
+    imports); the umask is restored, since the commands make this process's files private."""
+    from click.testing import CliRunner
+
+    from macpacs.installer.entry import main
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        return CliRunner().invoke(main, list(args))
+    finally:
+        os.umask(umask)
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset after the file meta group: what travelled over the network."""
     import pydicom
 
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
     return path.read_bytes()[144 + int(meta.FileMetaInformationGroupLength) :]
+
+
+def acknowledged(storescu_output: str, uid_of: dict[str, str]) -> set[str]:
+    """SOP Instance UIDs whose C-STORE-RSP ``storescu -v`` reported as Success or Warning (both
+    mean stored), from its output and ``uid_of`` (file path as storescu names it -> UID)."""
+    acked: set[str] = set()
+    current = None
+    for line in storescu_output.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif "Received Store Response" in line and current is not None:
+            if "(Success" in line or "(Warning" in line:
+                acked.add(uid_of[current])
+            current = None
+    return acked
 
 
 def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -11,33 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from macpacs.installer.entry import main
 from macpacs.pacs_server.index.sqlite_backup import contents, online_copy
-from tests.conftest import MACPACS, ServerProcess, findscu
+from tests.conftest import ServerProcess, findscu, in_process_macpacs, run_macpacs
 from tests.synthetic import write_series
-
-
-def macpacs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The command in its own process, as an admin (or the weekly job) runs it beside the server."""
-    return subprocess.run([MACPACS, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def command(*args: str) -> Result:
-    """The same command run in this process by click's runner (a second process costs seconds of imports)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    try:
-        return CliRunner().invoke(main, list(args))
-    finally:
-        os.umask(umask)  # the commands make this process's files private
 
 
 def consistent(database: Path) -> tuple[int, int]:
@@ -98,7 +80,7 @@ def test_backup_during_ingest_then_restore_answers_findscu(make_server, tmp_path
     backups = []
     while any(s.poll() is None for s in senders) or not backups:
         dest = tmp_path / f"backup-{len(backups)}"
-        out = macpacs("backup", "--data-dir", str(server.data_dir), str(dest))
+        out = run_macpacs("backup", "--data-dir", str(server.data_dir), str(dest))
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"Backup written to {dest}" in out.stdout and "checked" in out.stdout
         backups.append(dest)
@@ -113,13 +95,13 @@ def test_backup_during_ingest_then_restore_answers_findscu(make_server, tmp_path
     first = json.loads((backups[0] / "manifest.json").read_text())["counts"]["instances"]
     assert first < 400, "the first backup was made while storescu still sent"
 
-    refused = command("restore", "--data-dir", str(server.data_dir), str(backups[0]))
+    refused = in_process_macpacs("restore", "--data-dir", str(server.data_dir), str(backups[0]))
     assert refused.exit_code == 1 and "the server is running" in refused.stderr, refused.output
     assert "systemctl stop macpacs" in refused.stderr
     assert study_instances(server, tmp_path / "f0") == 400  # nothing was changed
 
     server.stop()
-    out = command("restore", "--data-dir", str(server.data_dir), str(backups[0]))
+    out = in_process_macpacs("restore", "--data-dir", str(server.data_dir), str(backups[0]))
     assert out.exit_code == 0, out.output
     assert "macpacs verify --repair" in out.stdout and "kept as" in out.stdout
     (kept,) = [
@@ -128,7 +110,7 @@ def test_backup_during_ingest_then_restore_answers_findscu(make_server, tmp_path
     assert consistent(kept)[0] == 400  # the index in use before, whole, beside it
     server.start()
     assert study_instances(server, tmp_path / "f1") == first
-    out = command("verify", "--repair", "--data-dir", str(server.data_dir))
+    out = in_process_macpacs("verify", "--repair", "--data-dir", str(server.data_dir))
     assert out.exit_code == 0, out.output
     assert f"{'files not in the index':<30} {400 - first:>8}  (indexed: {400 - first})" in out.stdout
     assert study_instances(server, tmp_path / "f2") == 400
@@ -140,24 +122,24 @@ def test_restore_refuses_a_damaged_or_foreign_backup_and_changes_nothing(archive
     data_dir = str(archive.settings.data_dir)
     archive.close()
     dest = tmp_path / "b"
-    assert command("backup", "--data-dir", data_dir, str(dest)).exit_code == 0
+    assert in_process_macpacs("backup", "--data-dir", data_dir, str(dest)).exit_code == 0
     index = archive.settings.data_dir / "index.sqlite"
     before = index.read_bytes()
 
-    out = command("backup", "--data-dir", data_dir, str(dest))
+    out = in_process_macpacs("backup", "--data-dir", data_dir, str(dest))
     assert out.exit_code == 1 and "is not an empty folder" in out.stderr  # never over an earlier backup
 
     copy = dest / "index.sqlite"
     good = copy.read_bytes()
     page = 4096
     copy.write_bytes(good[:page] + b"\xff" * 64 + good[page + 64 :])  # a damaged b-tree page
-    out = command("restore", "--data-dir", data_dir, str(dest))
+    out = in_process_macpacs("restore", "--data-dir", data_dir, str(dest))
     assert out.exit_code == 1 and "its SHA-256 differs" in out.stderr, out.output
 
     manifest = json.loads((dest / "manifest.json").read_text())
     manifest["sha256"] = hashlib.sha256(copy.read_bytes()).hexdigest()  # damaged, and the manifest agrees
     (dest / "manifest.json").write_text(json.dumps(manifest))
-    out = command("restore", "--data-dir", data_dir, str(dest))
+    out = in_process_macpacs("restore", "--data-dir", data_dir, str(dest))
     assert out.exit_code == 1 and "integrity check" in out.stderr, out.output
 
     copy.write_bytes(good)
@@ -165,11 +147,11 @@ def test_restore_refuses_a_damaged_or_foreign_backup_and_changes_nothing(archive
         conn.execute("INSERT INTO alembic_version VALUES ('9999_future')")
     manifest["sha256"] = hashlib.sha256(copy.read_bytes()).hexdigest()
     (dest / "manifest.json").write_text(json.dumps(manifest))
-    out = command("restore", "--data-dir", data_dir, str(dest))
+    out = in_process_macpacs("restore", "--data-dir", data_dir, str(dest))
     assert out.exit_code == 1 and "9999_future is unknown" in out.stderr, out.output
 
     (dest / "manifest.json").unlink()
-    out = command("restore", "--data-dir", data_dir, str(dest))
+    out = in_process_macpacs("restore", "--data-dir", data_dir, str(dest))
     assert out.exit_code == 1 and "not a folder written by `macpacs backup`" in out.stderr
     assert index.read_bytes() == before and not list(index.parent.glob("*.before-restore-*"))
 
@@ -182,7 +164,7 @@ def test_postgresql_is_pg_dumps_job(tmp_path: Path, name: str) -> None:
     )
     target = tmp_path / "b"
     target.mkdir()
-    out = command(name, "--config", str(config), str(target))
+    out = in_process_macpacs(name, "--config", str(config), str(target))
     assert out.exit_code == 1, out.output
     assert "pg_dump -Fc" in out.stderr and "pg_restore" in out.stderr
     assert isinstance(out.exception, SystemExit)  # a message, not a traceback

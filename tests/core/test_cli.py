@@ -5,18 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from macpacs.pacs_server import config
-from tests.conftest import MACPACS, findscu, free_port, run_tool
+from tests.conftest import findscu, free_port, run_macpacs, run_tool
 from tests.synthetic import write_series
-
-
-def macpacs(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MACPACS, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def count(data_dir: Path, table: str = "instance") -> int:
@@ -30,7 +25,7 @@ def count(data_dir: Path, table: str = "instance") -> int:
 def test_import_reports_non_dicom_and_is_idempotent(tmp_path, pydicom_test_files):
     source = pydicom_test_files[0].parent
     data = tmp_path / "data"
-    first = macpacs("import", "--data-dir", str(data), "--jobs", "2", str(source))
+    first = run_macpacs("import", "--data-dir", str(data), "--jobs", "2", str(source))
     assert first.returncode == 0, first.stderr
     assert "Import finished:" in first.stdout
     assert "skipped (not DICOM): " in first.stderr and "README.txt" in first.stderr
@@ -38,7 +33,7 @@ def test_import_reports_non_dicom_and_is_idempotent(tmp_path, pydicom_test_files
     assert "MR_truncated.dcm" in first.stderr and "truncated file" in first.stderr
     stored = count(data)
     assert stored >= 35
-    second = macpacs("import", "--data-dir", str(data), str(source))
+    second = run_macpacs("import", "--data-dir", str(data), str(source))
     assert second.returncode == 0
     assert count(data) == stored
     assert "stored" not in second.stdout.replace("duplicate", "")  # nothing new
@@ -47,11 +42,11 @@ def test_import_reports_non_dicom_and_is_idempotent(tmp_path, pydicom_test_files
 def test_reindex_rebuilds_the_same_index(tmp_path):
     data = tmp_path / "data"
     write_series(tmp_path / "ct", 12, size=32)
-    assert macpacs("import", "--data-dir", str(data), str(tmp_path / "ct")).returncode == 0
+    assert run_macpacs("import", "--data-dir", str(data), str(tmp_path / "ct")).returncode == 0
     before = [count(data, t) for t in ("patient", "study", "series", "instance")]
     for suffix in ("", "-wal", "-shm"):
         (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
-    proc = macpacs("reindex", "--data-dir", str(data))
+    proc = run_macpacs("reindex", "--data-dir", str(data))
     assert proc.returncode == 0, proc.stderr
     assert "12 instances indexed, 0 files skipped" in proc.stdout
     assert [count(data, t) for t in ("patient", "study", "series", "instance")] == before
@@ -62,7 +57,7 @@ def test_reindex_rebuilds_the_same_index(tmp_path):
 def test_corrupt_index_is_moved_aside_and_rebuilt(make_server, tmp_path):
     data = tmp_path / "data0"
     write_series(tmp_path / "ct", 5, size=32)
-    assert macpacs("import", "--data-dir", str(data), str(tmp_path / "ct")).returncode == 0
+    assert run_macpacs("import", "--data-dir", str(data), str(tmp_path / "ct")).returncode == 0
     for suffix in ("-wal", "-shm"):
         (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
     (data / "index.sqlite").write_bytes(b"this is not a database" * 100)
@@ -82,7 +77,7 @@ def test_without_server_mode_a_corrupt_index_stops_the_start_and_says_what_to_do
     data.mkdir()
     (data / "index.sqlite").write_bytes(b"this is not a database" * 100)
     env = {**os.environ, "MACPACS_SERVER_SERVER_MODE": "false"}
-    proc = macpacs("serve", "--data-dir", str(data), "--dicom-port", str(free_port()), timeout=60, env=env)
+    proc = run_macpacs("serve", "--data-dir", str(data), "--dicom-port", str(free_port()), timeout=60, env=env)
     assert proc.returncode != 0
     assert "server.server_mode is false" in proc.stderr and "macpacs reindex" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -92,14 +87,14 @@ def test_without_server_mode_a_corrupt_index_stops_the_start_and_says_what_to_do
 def test_reindex_rebuilds_an_unreadable_index_and_other_commands_say_so(tmp_path):
     data = tmp_path / "data"
     write_series(tmp_path / "ct", 4, size=16)
-    assert macpacs("import", "--data-dir", str(data), str(tmp_path / "ct")).returncode == 0
+    assert run_macpacs("import", "--data-dir", str(data), str(tmp_path / "ct")).returncode == 0
     for suffix in ("-wal", "-shm"):
         (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
     (data / "index.sqlite").write_bytes(b"this is not a database" * 100)
-    listed = macpacs("nodes", "list", "--data-dir", str(data))
+    listed = run_macpacs("nodes", "list", "--data-dir", str(data))
     assert listed.returncode != 0 and "Traceback" not in listed.stderr
     assert "is unreadable" in listed.stderr and "`macpacs reindex`" in listed.stderr
-    done = macpacs("reindex", "--data-dir", str(data))
+    done = run_macpacs("reindex", "--data-dir", str(data))
     assert done.returncode == 0, done.stderr
     assert "The index was unreadable: moved it aside as" in done.stderr
     assert "4 instances indexed" in done.stdout
@@ -111,7 +106,7 @@ def test_serve_explains_a_busy_port(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = macpacs(
+        proc = run_macpacs(
             "serve",
             "--data-dir",
             str(tmp_path / "d"),
@@ -131,16 +126,16 @@ def test_serve_explains_a_busy_port(tmp_path):
 def test_serve_explains_a_bad_config(tmp_path):
     bad = tmp_path / "macpacs.toml"
     bad.write_text('[dicom]\nae_title = "THIS TITLE IS FAR TOO LONG"\n')
-    proc = macpacs("serve", "--config", str(bad))
+    proc = run_macpacs("serve", "--config", str(bad))
     assert proc.returncode != 0
     assert "dicom.ae_title" in proc.stderr and "1 to 16" in proc.stderr
     bad.write_text("[dicom]\nprot = 104\n")
-    proc = macpacs("serve", "--config", str(bad))
+    proc = run_macpacs("serve", "--config", str(bad))
     assert "unknown setting dicom.prot" in proc.stderr
 
 
 def test_second_server_on_same_data_is_refused(server):
-    proc = macpacs(
+    proc = run_macpacs(
         "serve",
         "--data-dir",
         str(server.data_dir),

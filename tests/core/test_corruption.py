@@ -24,16 +24,12 @@ import pytest
 import requests
 
 from macpacs.pacs_server.index.corruption import in_use, is_corruption
-from tests.conftest import MACPACS, ServerProcess, dcmtk, findscu, run_tool
+from tests.conftest import ServerProcess, acknowledged, dcmtk, findscu, run_macpacs, run_tool
 from tests.synthetic import write_series
 
 STORED = 300  # instances in the index when it is corrupted
 DURING = 40  # instances sent while it is rebuilt
 REINDEXED = 30  # instances of the damaged indexes that `macpacs reindex` repairs
-
-
-def macpacs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MACPACS, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def count(data: Path) -> int:
@@ -71,19 +67,6 @@ def corrupt_table_pages(database: Path, table: str) -> int:
     finally:
         con.close()
     return len(pages)
-
-
-def acknowledged(output: str, uid_of: dict[str, str]) -> set[str]:
-    """SOP Instance UIDs whose C-STORE-RSP ``storescu -v`` reported as Success."""
-    acked, current = set(), None
-    for line in output.splitlines():
-        if "Sending file: " in line:
-            current = line.split("Sending file: ", 1)[1].strip()
-        elif "Received Store Response" in line and current is not None:
-            if "(Success" in line:
-                acked.add(uid_of[current])
-            current = None
-    return acked
 
 
 def uids(paths: list[Path]) -> dict[str, str]:
@@ -131,7 +114,7 @@ class HealthWatch(threading.Thread):
 def test_corrupt_instance_table_while_running_is_rebuilt_by_the_server_and_nothing_is_lost(make_server, tmp_path):
     server = make_server(env={"MACPACS_DICOM_WORKERS": "2"})
     data = server.data_dir
-    assert macpacs("nodes", "add", "VIEWER", "--ae-title", "VIEWER", "--host", "127.0.0.1", "--port", "104",
+    assert run_macpacs("nodes", "add", "VIEWER", "--ae-title", "VIEWER", "--host", "127.0.0.1", "--port", "104",
                    "--data-dir", str(data)).returncode == 0  # fmt: skip
     before = write_series(tmp_path / "before", STORED, patient_id="CORRUPT1", size=16)
     sent = uids(before)
@@ -181,7 +164,7 @@ def test_corrupt_instance_table_while_running_is_rebuilt_by_the_server_and_nothi
     assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
     con.close()
     assert not (data / "index.sqlite.recovery").exists()
-    assert "VIEWER" in macpacs("nodes", "list", "--data-dir", str(data)).stdout, "the node table was copied over"
+    assert "VIEWER" in run_macpacs("nodes", "list", "--data-dir", str(data)).stdout, "the node table was copied over"
     log = server.log()
     assert "is corrupt (database disk image is malformed)" in log
     assert "moved the corrupt database to" in log and "kept for inspection" in log
@@ -234,7 +217,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data folder with REINDEXED instances imported, its WAL folded into the file."""
     base = tmp_path_factory.mktemp("reindex")
     write_series(base / "ct", REINDEXED, size=16)
-    assert macpacs("import", "--data-dir", str(base / "data"), str(base / "ct")).returncode == 0
+    assert run_macpacs("import", "--data-dir", str(base / "data"), str(base / "ct")).returncode == 0
     con = sqlite3.connect(base / "data" / "index.sqlite")
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     con.close()
@@ -246,7 +229,7 @@ def test_reindex_repairs_every_kind_of_damaged_index(imported, tmp_path, damage)
     data = tmp_path / "data"
     shutil.copytree(imported, data)
     damage(data / "index.sqlite")
-    done = macpacs("reindex", "--data-dir", str(data))
+    done = run_macpacs("reindex", "--data-dir", str(data))
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert f"{REINDEXED} instances indexed, 0 files skipped" in done.stdout

@@ -19,25 +19,11 @@ import psutil
 import pydicom
 import pytest
 
-from tests.conftest import ServerProcess, dcmtk, findscu, free_port, run_tool
+from tests.conftest import ServerProcess, acknowledged, dcmtk, findscu, free_port, run_tool
 from tests.synthetic import write_series
 
 PARALLEL = 4
 PER_SENDER = 120
-
-
-def _acknowledged(output: str, uid_of: dict[str, str]) -> set[str]:
-    """SOP Instance UIDs whose C-STORE-RSP storescu -v reported as Success or Warning."""
-    acked: set[str] = set()
-    current = None
-    for line in output.splitlines():
-        if "Sending file: " in line:
-            current = line.split("Sending file: ", 1)[1].strip()
-        elif "Received Store Response" in line and current is not None:
-            if "(Success" in line or "(Warning" in line:
-                acked.add(uid_of[current])
-            current = None
-    return acked
 
 
 def _round(
@@ -74,7 +60,7 @@ def _round(
     acked: set[str] = set()
     for sender in senders:
         out, _ = sender.communicate(timeout=120)
-        acked |= _acknowledged(out, uid_of)
+        acked |= acknowledged(out, uid_of)
     return acked, set(uid_of.values())
 
 

@@ -19,30 +19,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from click.testing import CliRunner, Result
 from pydicom.uid import generate_uid
 
-from macpacs.installer.entry import main
 from macpacs.pacs_server import verify as verify_module
 from macpacs.pacs_server.index import Query, instance_scan
 from macpacs.pacs_server.storage import blob_key, stage_copy
 from tests.chromium import CHROMIUM, CHROMIUM_ARGS
-from tests.conftest import MACPACS, ServerProcess, findscu
+from tests.conftest import MACPACS, ServerProcess, findscu, in_process_macpacs, run_macpacs
 from tests.synthetic import write_series
-
-
-def macpacs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MACPACS, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def command(*args: str) -> Result:
-    """The same command run in this process by click's runner (a second process costs seconds of imports)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    try:
-        return CliRunner().invoke(main, list(args))
-    finally:
-        os.umask(umask)  # the commands make this process's files private
 
 
 def uids(archive) -> set[str]:
@@ -103,7 +87,7 @@ def damaged(archive, tmp_path: Path) -> dict[str, object]:
 def test_verify_reports_every_kind_then_repairs_what_it_can(archive, damaged, monkeypatch) -> None:
     data_dir = str(archive.settings.data_dir)
     before = uids(archive)
-    out = macpacs("verify", "--data-dir", data_dir)
+    out = run_macpacs("verify", "--data-dir", data_dir)
     assert out.returncode == 1, out.stdout + out.stderr
     text = out.stdout
     assert "8 instances in the index, 10 files" in text
@@ -126,7 +110,7 @@ def test_verify_reports_every_kind_then_repairs_what_it_can(archive, damaged, mo
     assert uids(archive) == before  # a report-only run changes nothing
     assert instance_scan.by_uid(archive.index, damaged["no-hash"]).content_hash is None
 
-    out = command("verify", "--repair", "--data-dir", data_dir)
+    out = in_process_macpacs("verify", "--repair", "--data-dir", data_dir)
     assert out.exit_code == 1, out.output
     assert f"DATA LOSS: {damaged['missing']}: no file, index row dropped" in out.stderr
     assert "1 images were lost" in out.stderr
@@ -148,7 +132,7 @@ def test_verify_reports_every_kind_then_repairs_what_it_can(archive, damaged, mo
     monkeypatch.setattr(instance_scan, "PAGE_SIZE", 2)
     report = verify_module.verify(archive)
     assert (report.instances, report.files, report.remaining, sum(report.found.values())) == (8, 8, 0, 0)
-    out = command("verify", "--data-dir", data_dir)
+    out = in_process_macpacs("verify", "--data-dir", data_dir)
     assert out.exit_code == 0 and "problems remain" not in out.stderr, out.output
 
 
@@ -180,7 +164,7 @@ def test_verify_while_a_server_ingests_has_no_false_alarm_and_shows_on_status_an
     ]
     runs = []
     while any(s.poll() is None for s in senders):
-        runs.append(macpacs("verify", "--data-dir", str(server.data_dir)))
+        runs.append(run_macpacs("verify", "--data-dir", str(server.data_dir)))
     for sender in senders:
         assert sender.wait(120) == 0, sender.stderr.read()
     assert runs, "storescu was done before the first verify"
@@ -198,7 +182,7 @@ def test_verify_while_a_server_ingests_has_no_false_alarm_and_shows_on_status_an
         # A lost file: the status stays ok (nothing to restart for), the page and /health say it.
         lost = next(iter((server.data_dir / "files").glob("??/??/*.dcm")))
         lost.unlink()
-        out = command("verify", "--data-dir", str(server.data_dir))
+        out = in_process_macpacs("verify", "--data-dir", str(server.data_dir))
         assert out.exit_code == 1 and "1 problems remain" in out.stderr, out.output
         health = requests.get(f"http://127.0.0.1:{server.web_port}/health", timeout=10).json()
         assert health["status"] == "ok" and health["verify"]["instances"] == 200

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.conftest import MACPACS, ServerProcess, dataset_bytes, dcmtk, findscu, free_port, run_tool
+from tests.conftest import MACPACS, ServerProcess, dataset_bytes, dcmtk, findscu, free_port, run_macpacs, run_tool
 from tests.postgres import Cluster
 from tests.s3gateway import Gateway
 from tests.synthetic import write_series
@@ -29,10 +29,6 @@ from .conftest import Shared, new_shared
 
 CHUNK = 10
 TEST_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")
-
-
-def macpacs(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MACPACS, *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
 
 
 def archive_state(data_dir: Path) -> tuple[dict[str, str], list[str]]:
@@ -75,9 +71,9 @@ def test_migrate_interrupted_resumed_verified_and_served(postgres: Cluster, gate
     for name in TEST_FILES:
         (incoming / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
     no_env: dict[str, str] = {}
-    imported = macpacs("import", "--data-dir", str(source), str(incoming), env=no_env)
+    imported = run_macpacs("import", "--data-dir", str(source), str(incoming), env=no_env)
     assert imported.returncode == 0, imported.stderr
-    added = macpacs("nodes", "add", "ws1", "--data-dir", str(source), "--ae-title", "WS1",
+    added = run_macpacs("nodes", "add", "ws1", "--data-dir", str(source), "--ae-title", "WS1",
                     "--host", "127.0.0.1", "--port", "104", env=no_env)  # fmt: skip
     assert added.returncode == 0, added.stderr
     total = 60 + len(TEST_FILES)
@@ -110,7 +106,7 @@ def test_migrate_interrupted_resumed_verified_and_served(postgres: Cluster, gate
 
     # What arrives after a run is what the next run copies.
     write_series(incoming / "later", 3, patient_id="LATER", size=16)
-    assert macpacs("import", "--data-dir", str(source), str(incoming / "later"), env=no_env).returncode == 0
+    assert run_macpacs("import", "--data-dir", str(source), str(incoming / "later"), env=no_env).returncode == 0
     third = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert third.returncode == 0 and copied(third.stdout) == 3, third.stdout + third.stderr
     total += 3

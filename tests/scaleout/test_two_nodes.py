@@ -19,7 +19,7 @@ import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.conftest import ServerProcess, dataset_bytes, dcmtk, findscu, run_tool
+from tests.conftest import ServerProcess, acknowledged, dataset_bytes, dcmtk, findscu, run_tool
 from tests.synthetic import write_series
 from tests.web.test_fast_paths import parts
 
@@ -117,22 +117,8 @@ def test_what_one_node_stores_the_other_finds_and_retrieves(
     assert back.PixelData == ds.PixelData
 
 
-def _acknowledged(output: str, uid_of: dict[str, str]) -> set[str]:
-    """SOP Instance UIDs whose C-STORE-RSP storescu -v reported as Success or Warning."""
-    acked: set[str] = set()
-    current = None
-    for line in output.splitlines():
-        if "Sending file: " in line:
-            current = line.split("Sending file: ", 1)[1].strip()
-        elif "Received Store Response" in line and current is not None:
-            if "(Success" in line or "(Warning" in line:
-                acked.add(uid_of[current])
-            current = None
-    return acked
-
-
 @pytest.mark.timeout(180)
-def test_node_killed_mid_ingest_lost_nothing_it_acknowledged(nodes: list[ServerProcess], tmp_path: Path):
+def test_node_killed_mid_ingest_lost_nothing_itacknowledged(nodes: list[ServerProcess], tmp_path: Path):
     """Runs last in the module: node A does not come back."""
     a, b = nodes
     before = a.index_query("SELECT count(*) FROM instance")[0][0]
@@ -162,7 +148,7 @@ def test_node_killed_mid_ingest_lost_nothing_it_acknowledged(nodes: list[ServerP
     acked: set[str] = set()
     for sender in senders:
         out, _ = sender.communicate(timeout=120)
-        acked |= _acknowledged(out, uid_of)
+        acked |= acknowledged(out, uid_of)
     assert acked, "nothing was acknowledged before the kill: the test proved nothing"
     assert len(acked) < len(uid_of), "every transfer finished before the kill: the test proved nothing; kill earlier"
     found: dict[str, Path] = {}
