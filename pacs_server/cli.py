@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -201,6 +202,24 @@ def serve(
         if exc.errno in (errno.EACCES, errno.EROFS):
             raise click.ClickException(f"cannot write to {exc.filename or settings.data_dir}: {exc.strerror}") from None
         raise
+    _exit_after_clean_stop()
+
+
+def _exit_after_clean_stop() -> None:
+    """End the process at once after a clean stop, skipping the interpreter's teardown of every
+    imported module (about 0.5 s here, which a restart by launchd or the supervisor waits for).
+
+    Everything is closed by then: listeners, worker processes (joined), the index, the audit
+    trail; the log is flushed here. A thread that is not a daemon would still be working: then
+    the ordinary exit, which waits for it.
+    """
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _walk(paths: tuple[str, ...]) -> Iterator[Path]:

@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import select
+import selectors
 import socket
 import ssl
 import threading
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 0.25  # how often the gate looks for connections past their deadline
 SAFETY_MARGIN_S = 5.0  # a serving thread's own last-resort wait beyond the gate's deadline
 GATE_FIRST_S = REAP_INTERVAL_S + 1.0  # pynetdicom's and the handshake's timeouts wait this much longer
-ACCEPT_POLL_S = 0.5  # the accept loops look at the stop flag this often
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,8 @@ class Listeners:
         self._sockets: list[tuple[socket.socket, bool]] = []
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        # stop() writes a byte here: every accept loop wakes at once, instead of at its next poll.
+        self._wake_read, self._wake_write = socket.socketpair()
 
     def bind(self) -> None:
         """Bind and listen now (a port in use fails here; early clients wait in the backlog)."""
@@ -215,7 +217,7 @@ class Listeners:
                 self.close()
                 raise
             sock.listen(128)
-            sock.settimeout(ACCEPT_POLL_S)
+            sock.setblocking(False)  # accepted only when the selector says so (_accept_loop)
             self._sockets.append((sock, tls))
 
     def start(self) -> None:
@@ -228,10 +230,14 @@ class Listeners:
 
     def stop(self) -> None:
         self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")  # never read: it wakes every loop's selector until they return
         for thread in self._threads:
             thread.join(2.0)
         self.close()
         self.gate.stop()
+        self._wake_read.close()
+        self._wake_write.close()
 
     def close(self) -> None:
         for sock, _tls in self._sockets:
@@ -239,24 +245,34 @@ class Listeners:
         self._sockets = []
 
     def _accept_loop(self, listening: socket.socket, tls: bool) -> None:
-        while not self._stopping:
-            try:
-                conn, address = listening.accept()
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if self._stopping:
+        with selectors.DefaultSelector() as selector:
+            selector.register(listening, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while not self._stopping:
+                if any(key.fileobj is self._wake_read for key, _ in selector.select()):
                     return
+                self._accept_one(listening, tls)
+
+    def _accept_one(self, listening: socket.socket, tls: bool) -> None:
+        """Accept the connection the selector announced, and hand it to the gate and the dispatcher."""
+        try:
+            conn, address = listening.accept()
+        except BlockingIOError:
+            return  # the peer gave up before we took it
+        except OSError as exc:
+            if not self._stopping:
                 log.error("DICOM listener: accept failed: %s", exc)  # EMFILE: no descriptor left
                 time.sleep(0.1)
-                continue
-            try:
-                connection = self.gate.open(conn, address[0], tls)
-            except OSError as exc:  # no descriptor left for the duplicate
-                log.error("DICOM listener: cannot watch a new connection from %s (%s): closing it", address[0], exc)
-                conn.close()
-                continue
-            self.dispatch(conn, connection)
+            return
+        # Blocking, whatever the listening socket is: on macOS an accepted socket inherits O_NONBLOCK.
+        conn.setblocking(True)
+        try:
+            connection = self.gate.open(conn, address[0], tls)
+        except OSError as exc:  # no descriptor left for the duplicate
+            log.error("DICOM listener: cannot watch a new connection from %s (%s): closing it", address[0], exc)
+            conn.close()
+            return
+        self.dispatch(conn, connection)
 
 
 class AssociationSlots:
