@@ -73,9 +73,10 @@ def run_macpacs(*args: str, timeout: float = 300, env: dict[str, str] | None = N
     )
 
 
-def in_process_macpacs(*args: str) -> Result:
-    """The same command run in this process by click's runner (a second process costs seconds of
-    imports); the umask is restored, since the commands make this process's files private."""
+def in_process_macpacs(*args: str, input: str | None = None) -> Result:
+    """The same command run in this process by click's runner (a second process costs a second of
+    imports); ``input`` is its standard input. The umask is restored, since the commands make this
+    process's files private."""
     from click.testing import CliRunner
 
     from macpacs.installer.entry import main
@@ -83,7 +84,7 @@ def in_process_macpacs(*args: str) -> Result:
     umask = os.umask(0o022)
     os.umask(umask)
     try:
-        return CliRunner().invoke(main, list(args))
+        return CliRunner().invoke(main, list(args), input=input)
     finally:
         os.umask(umask)
 

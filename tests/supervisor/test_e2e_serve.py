@@ -20,8 +20,8 @@ import requests
 
 from .conftest import MACPACS, Supervisor, alive_answer, free_port, pid_alive, wait_until
 
-# Faults per spawn-mode case; raise it to measure a distribution (docs/supervisor.md).
-REPEATS = int(os.environ.get("MACPACS_E2E_REPEATS", "2"))
+# Faults per spawn-mode case: one in CI; raise it to measure a distribution (docs/supervisor.md).
+REPEATS = int(os.environ.get("MACPACS_E2E_REPEATS", "1"))
 TARGET = ["--interval", "2", "--timeout", "2", "--failures", "2"]
 # Loopback only, and the debug-only fault switch (POST /debug/kill-web-listener).
 ENV = {
