@@ -73,10 +73,13 @@ def run_macpacs(*args: str, timeout: float = 300, env: dict[str, str] | None = N
     )
 
 
-def in_process_macpacs(*args: str, input: str | None = None) -> Result:
+def in_process_macpacs(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
     """The same command run in this process by click's runner (a second process costs a second of
-    imports); ``input`` is its standard input. The umask is restored, since the commands make this
-    process's files private."""
+    imports); ``input`` is its standard input, ``env`` added to the environment while it runs. An
+    exception the command let through is appended to its standard error as the traceback a
+    terminal would show. The umask is restored, since the commands make this process's files private."""
+    import traceback
+
     from click.testing import CliRunner
 
     from macpacs.installer.entry import main
@@ -84,9 +87,12 @@ def in_process_macpacs(*args: str, input: str | None = None) -> Result:
     umask = os.umask(0o022)
     os.umask(umask)
     try:
-        return CliRunner().invoke(main, list(args), input=input)
+        result = CliRunner().invoke(main, list(args), input=input, env=env)
     finally:
         os.umask(umask)
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        result.stderr_bytes += "".join(traceback.format_exception(*result.exc_info)).encode()
+    return result
 
 
 def dataset_bytes(path: Path) -> bytes:
