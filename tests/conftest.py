@@ -90,7 +90,7 @@ def in_process_macpacs(*args: str, input: str | None = None, env: dict[str, str]
         result = CliRunner().invoke(main, list(args), input=input, env=env)
     finally:
         os.umask(umask)
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+    if result.exception is not None and not isinstance(result.exception, SystemExit) and result.exc_info:
         result.stderr_bytes += "".join(traceback.format_exception(*result.exc_info)).encode()
     return result
 
