@@ -399,6 +399,21 @@ def archive(tmp_path: Path, request: pytest.FixtureRequest, index_backend: str) 
         opened.close()
 
 
+@pytest.fixture
+def other_archive(archive: Archive, tmp_path: Path) -> Iterator[Archive]:
+    """A second Archive on ``archive``'s index database, with its own data folder, process state
+    and caches: another node, or another process of the same host."""
+    from macpacs.pacs_server.archive import open_archive
+    from macpacs.pacs_server.config import load
+
+    overrides = {"storage": {"data_dir": str(tmp_path / "other")}, "index": {"url": archive.index.url}}
+    opened = open_archive(load(overrides=overrides, environ={}))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
 @pytest.fixture(scope="session")
 def pydicom_test_files() -> list[Path]:
     """pydicom's ~80 real DICOM files (JPEG, JPEG 2000, RLE, big endian, SR, RT, broken ones)."""

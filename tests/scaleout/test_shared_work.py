@@ -5,15 +5,13 @@ node once it is old enough, and never while it is young (its node may still be r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from macpacs.pacs_server import stable
-from macpacs.pacs_server.archive import Archive, open_archive
-from macpacs.pacs_server.config import load
+from macpacs.pacs_server.archive import Archive
 from macpacs.pacs_server.index.stable_table import FIRED, FIRING
 from macpacs.pacs_server.stable import StableWatcher
 from macpacs.pacs_server.storage import stage_copy
@@ -22,25 +20,16 @@ from tests.synthetic import write_series
 pytestmark = pytest.mark.parametrize("index_backend", ["postgresql"], indirect=True)
 
 
-@pytest.fixture
-def other(archive: Archive, tmp_path: Path) -> Iterator[Archive]:
-    """A second node's archive on the first one's database."""
-    overrides = {"storage": {"data_dir": str(tmp_path / "other")}, "index": {"url": archive.index.url}}
-    opened = open_archive(load(overrides=overrides, environ={}))
-    yield opened
-    opened.close()
-
-
 def store_study(archive: Archive, folder: Path) -> str:
     (path,) = write_series(folder, 1, size=16)
     archive.ingestor.ingest(stage_copy(archive.blobs, path), via="test")
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
-def test_stable_studies_fire_once_across_nodes(archive: Archive, other: Archive, tmp_path: Path, monkeypatch):
+def test_stable_studies_fire_once_across_nodes(archive: Archive, other_archive: Archive, tmp_path: Path, monkeypatch):
     fired: list[tuple[str, str]] = []
     watchers = []
-    for node, name in ((archive, "a"), (other, "b")):
+    for node, name in ((archive, "a"), (other_archive, "b")):
         watcher = StableWatcher(node)
         watcher.delay = 0.0
         monkeypatch.setattr(
@@ -52,7 +41,7 @@ def test_stable_studies_fire_once_across_nodes(archive: Archive, other: Archive,
     assert sum(w.scan() for w in watchers) == 1 and [uid for _node, uid in fired] == [first]
 
     # Node A claims the next study's firing and stops before its hooks ran.
-    second = store_study(other, tmp_path / "second")
+    second = store_study(other_archive, tmp_path / "second")
     time.sleep(0.01)
     ((uid, updated_at),) = watchers[0].table.due(time.time(), 0.0)
     assert uid == second and watchers[0].table.claim(uid, updated_at) == 1
