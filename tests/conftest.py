@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from macpacs.pacs_server.archive import Archive
     from tests.postgres import Cluster
+    from tests.s3gateway import Gateway
 
 DCMTK_BIN = Path("/usr/bin")
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,6 +332,17 @@ def postgres() -> Iterator[Cluster]:
     cluster = Cluster()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One SeaweedFS S3 gateway for the session (tests/s3gateway.py): the storage and the
+    scale-out tests each take a bucket prefix of their own in it."""
+    from tests.s3gateway import Gateway
+
+    started = Gateway(tmp_path_factory.mktemp("weed")).start()
+    yield started
+    started.stop()
 
 
 def index_url_for(request: pytest.FixtureRequest, backend: str) -> str:

@@ -1,6 +1,6 @@
-"""Fixtures of the scale-out tests: one PostgreSQL cluster (tests/postgres.py, through the
-session's ``postgres`` fixture) and one SeaweedFS S3 gateway (tests/s3gateway.py) for the
-module, and ``shared``: a fresh database and bucket prefix that several nodes use at once."""
+"""Fixtures of the scale-out tests, on the session's PostgreSQL cluster (``postgres``) and
+SeaweedFS S3 gateway (``gateway``): ``shared``, a fresh database and bucket prefix that several
+nodes use at once."""
 
 from __future__ import annotations
 
@@ -14,13 +14,6 @@ import pytest
 from tests.conftest import ServerProcess, free_port
 from tests.postgres import Cluster
 from tests.s3gateway import Gateway
-
-
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    started = Gateway(tmp_path_factory.mktemp("weed")).start()
-    yield started
-    started.stop()
 
 
 @dataclass

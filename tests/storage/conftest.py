@@ -1,20 +1,13 @@
-"""Fixtures of the storage tests: one SeaweedFS S3 gateway for the session, and a bucket per test."""
+"""Fixtures of the storage tests: a place of its own per test in the session's SeaweedFS S3
+gateway (``gateway``, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from tests.s3gateway import ACCESS_KEY, SECRET_KEY, Gateway
-
-
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    started = Gateway(tmp_path_factory.mktemp("weed")).start()
-    yield started
-    started.stop()
 
 
 @pytest.fixture
