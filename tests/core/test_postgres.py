@@ -17,7 +17,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.conftest import ServerProcess, findscu, free_port, run_tool
+from tests.conftest import ServerProcess, findscu, free_port, run_macpacs, run_tool
 from tests.postgres import Cluster, missing_binaries
 from tests.qr.conftest import macpacs, received, storescp
 from tests.synthetic import write_series
@@ -177,8 +177,9 @@ def test_index_settings_and_their_former_name() -> None:
 
 def test_a_command_says_when_the_database_server_is_down(tmp_path: Path) -> None:
     down = f"postgresql://macpacs:secret@127.0.0.1:{free_port()}/macpacs"
-    proc = macpacs("users", "list", data_dir=tmp_path / "data", check=False,
-                   env={"MACPACS_INDEX_URL": down, "MACPACS_INDEX_CONNECT_TIMEOUT": "2"})  # fmt: skip
+    # In a process of its own: what it logs reaches stderr there, and the password must not be in it.
+    proc = run_macpacs("users", "list", "--data-dir", str(tmp_path / "data"),
+                       env={"MACPACS_INDEX_URL": down, "MACPACS_INDEX_CONNECT_TIMEOUT": "2"})  # fmt: skip
     assert proc.returncode != 0
     assert "the index database (PostgreSQL) is unavailable" in proc.stderr and "Traceback" not in proc.stderr
     assert "secret" not in proc.stderr
