@@ -91,14 +91,21 @@ class WebListener:
         """Build the app, read the TLS files and bind the port; connections wait in its backlog until ``start``."""
         web = self.archive.settings.web
         app = _HeartbeatFirst(create_app(self.archive), self.heartbeat)
+        certfile = keyfile = None
+        if web.tls_cert:
+            # The files checked as on every TLS port (a passphrase would make OpenSSL prompt on a
+            # terminal nobody watches); then uvicorn reads them, by the same expanded paths.
+            cert, key = PemFile("web.tls_cert", web.tls_cert), PemFile("web.tls_key", web.tls_key)
+            tls_files.server_context(cert, key)
+            certfile, keyfile = tls_files.readable(cert), tls_files.readable(key)
         config = uvicorn.Config(
             app,
             # httptools + sendfile for whole-series retrieval (web/zerocopy.py) + read timeouts
             http=TimedProtocol,
             host=web.bind,
             port=web.port,
-            ssl_certfile=web.tls_cert or None,
-            ssl_keyfile=web.tls_key or None,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -110,10 +117,6 @@ class WebListener:
             proxy_headers=bool(web.forwarded_allow_ips),
             forwarded_allow_ips=web.forwarded_allow_ips or None,
         )
-        if web.tls_cert:
-            # The files checked as on every TLS port (a passphrase would make OpenSSL prompt on a
-            # terminal nobody watches); then uvicorn reads them for itself.
-            tls_files.server_context(PemFile("web.tls_cert", web.tls_cert), PemFile("web.tls_key", web.tls_key))
         config.load()
         family = socket.AF_INET6 if ":" in web.bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -112,7 +112,8 @@ def test_debug_fault_switch_absent_by_default(tmp_path):
 
 def test_https_with_configured_certificate_and_clear_error_for_a_bad_one(tmp_path):
     cert, key = self_signed_cert(tmp_path)
-    env = {"MACPACS_WEB_TLS_CERT": str(cert), "MACPACS_WEB_TLS_KEY": str(key)}
+    # Given as ~/ paths: checked and served by the same expanded paths.
+    env = {"HOME": str(tmp_path), "MACPACS_WEB_TLS_CERT": f"~/{cert.name}", "MACPACS_WEB_TLS_KEY": f"~/{key.name}"}
     server = start_server(tmp_path / "data", env=env)
     try:
         r = requests.get(f"https://127.0.0.1:{server.web_port}/testdbalive", verify=str(cert), timeout=10)
