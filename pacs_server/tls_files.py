@@ -27,6 +27,17 @@ class PemFile(NamedTuple):
 
 def server_context(cert: PemFile, key: PemFile) -> ssl.SSLContext:
     """A server-side SSL context with ``cert`` and ``key`` loaded, or a ConfigError saying what is wrong."""
+    return _load(cert, key)[0]
+
+
+def server_files(cert: PemFile, key: PemFile) -> tuple[str, str]:
+    """The certificate's and key's paths (``~`` expanded) once they pass every check of
+    ``server_context``: for a server that reads the files itself (uvicorn)."""
+    _context, cert_path, key_path = _load(cert, key)
+    return cert_path, key_path
+
+
+def _load(cert: PemFile, key: PemFile) -> tuple[ssl.SSLContext, str, str]:
     cert_path, key_path = readable(cert), readable(key)
     _check_validity(cert.setting, cert_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -48,7 +59,7 @@ def server_context(cert: PemFile, key: PemFile) -> ssl.SSLContext:
             f"{cert.setting} {cert_path} / {key.setting} {key_path} cannot be used ({exc.reason or exc}): "
             "both must be PEM files, the certificate first in its file"
         ) from None
-    return context
+    return context, cert_path, key_path
 
 
 def readable(pem: PemFile) -> str:

@@ -95,9 +95,9 @@ class WebListener:
         if web.tls_cert:
             # The files checked as on every TLS port (a passphrase would make OpenSSL prompt on a
             # terminal nobody watches); then uvicorn reads them, by the same expanded paths.
-            cert, key = PemFile("web.tls_cert", web.tls_cert), PemFile("web.tls_key", web.tls_key)
-            tls_files.server_context(cert, key)
-            certfile, keyfile = tls_files.readable(cert), tls_files.readable(key)
+            certfile, keyfile = tls_files.server_files(
+                PemFile("web.tls_cert", web.tls_cert), PemFile("web.tls_key", web.tls_key)
+            )
         config = uvicorn.Config(
             app,
             # httptools + sendfile for whole-series retrieval (web/zerocopy.py) + read timeouts
