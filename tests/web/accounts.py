@@ -6,18 +6,24 @@ import re
 from pathlib import Path
 
 import requests
+from click.testing import Result
 
 from tests.conftest import in_process_macpacs
 
 META_TOKEN = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
 
 
-def users(data_dir: Path, *args: str, password: str | None = None, check: bool = True) -> str:
-    """Run ``macpacs users ARGS`` on the data folder (in this process: the CLI's own code, without
-    a second of imports per call); its standard output and error."""
-    done = in_process_macpacs(
+def run_users(data_dir: Path, *args: str, password: str | None = None) -> Result:
+    """``macpacs users ARGS`` on the data folder, in this process (the CLI's own code, without a
+    second of imports per call); ``password`` is typed on its standard input."""
+    return in_process_macpacs(
         "users", *args, "--data-dir", str(data_dir), input=None if password is None else password + "\n"
     )
+
+
+def users(data_dir: Path, *args: str, password: str | None = None, check: bool = True) -> str:
+    """``run_users``'s standard output and error; with ``check``, an AssertionError if it failed."""
+    done = run_users(data_dir, *args, password=password)
     if check and done.exit_code != 0:
         raise AssertionError(f"macpacs users {' '.join(args)} failed: {done.stderr}")
     return done.stdout + done.stderr

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import requests
-from click.testing import Result
 
-from tests.conftest import in_process_macpacs
-
+from .accounts import run_users
 from .conftest import start_server
-
-
-def users(data_dir, *args: str, password: str | None = None) -> Result:
-    """``macpacs users ARGS``, run by click's runner in this process (tests/conftest.py)."""
-    return in_process_macpacs(
-        "users", *args, "--data-dir", str(data_dir), input=None if password is None else password + "\n"
-    )
 
 
 def test_users_cli_and_http_authentication(tmp_path):
     data = tmp_path / "data"
-    assert users(data, "add", "alice", "--password-stdin", password="correct horse").exit_code == 0
-    dup = users(data, "add", "alice", "--password-stdin", password="correct horse")
+    assert run_users(data, "add", "alice", "--password-stdin", password="correct horse").exit_code == 0
+    dup = run_users(data, "add", "alice", "--password-stdin", password="correct horse")
     assert dup.exit_code != 0 and "exists already" in dup.stderr
-    short = users(data, "add", "bob", "--password-stdin", password="short")
+    short = run_users(data, "add", "bob", "--password-stdin", password="short")
     assert short.exit_code != 0 and "too short" in short.stderr
-    assert users(data, "add", "reader", "--role", "read", "--password-stdin", password="reader pass").exit_code == 0
-    listing = users(data, "list").stdout
+    assert run_users(data, "add", "reader", "--role", "read", "--password-stdin", password="reader pass").exit_code == 0
+    listing = run_users(data, "list").stdout
     assert "alice\tadmin" in listing and "reader\tread" in listing
-    token = users(data, "token", "alice", "--name", "script").stdout.strip()
+    token = run_users(data, "token", "alice", "--name", "script").stdout.strip()
     assert token.startswith("mpt_")
 
     server = start_server(data, env={"MACPACS_WEB_ANONYMOUS_READ": "off"})
@@ -53,18 +44,18 @@ def test_users_cli_and_http_authentication(tmp_path):
         locked = requests.get(f"{base}/api/whoami", auth=("reader", "reader pass"), timeout=10)
         assert locked.status_code == 429 and "too many wrong passwords" in locked.json()["detail"]
         assert int(locked.headers["retry-after"]) >= 1
-        assert "locked for" in users(data, "list").stdout
+        assert "locked for" in run_users(data, "list").stdout
         # an admin resets the password: the lock is lifted
-        assert users(data, "passwd", "reader", "--password-stdin", password="new reader pass").exit_code == 0
+        assert run_users(data, "passwd", "reader", "--password-stdin", password="new reader pass").exit_code == 0
         ok = requests.get(f"{base}/api/whoami", auth=("reader", "new reader pass"), timeout=10)
         assert ok.status_code == 200 and ok.json()["role"] == "read"
 
         # revoking the token and removing a user take effect at once
-        token_id = users(data, "token", "alice", "--list").stdout.split("\t")[0]
-        assert users(data, "token", "alice", "--revoke", token_id).exit_code == 0
+        token_id = run_users(data, "token", "alice", "--list").stdout.split("\t")[0]
+        assert run_users(data, "token", "alice", "--revoke", token_id).exit_code == 0
         assert requests.get(f"{base}/api/whoami", headers=bearer, timeout=10).status_code == 401
-        assert users(data, "remove", "reader").exit_code == 0
-        assert users(data, "remove", "reader").exit_code != 0
+        assert run_users(data, "remove", "reader").exit_code == 0
+        assert run_users(data, "remove", "reader").exit_code != 0
     finally:
         server.stop()
 
