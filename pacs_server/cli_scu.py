@@ -6,6 +6,7 @@ ends with a one-line summary; a failure exits non-zero with a message that says 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -66,7 +67,7 @@ class _Bar:
 
     def __call__(self, progress: Any) -> None:
         if self.bar is None and progress.total:
-            self.bar = click.progressbar(length=progress.total, label=self.label, file=click.get_text_stream("stderr"))
+            self.bar = click.progressbar(length=progress.total, label=self.label, file=sys.stderr)
             self.bar.__enter__()
         if self.bar is not None:
             now = progress.completed + progress.failed + progress.warning

@@ -16,21 +16,18 @@ pynetdicom is right but slow where an archive is busiest, and has no options for
    35. The UIDs are immutable, so every association server's copies are made shallow.
 
 3. **The reactors' clock.** The association reactor sleeps 1 ms between looks at its queue, and
-   the DUL thread 1 ms after each idle loop. Every DIMSE round trip pays for those sleeps, which
-   caps small-instance C-STORE at ~300/s on one association. With 0.1 ms polls,
-   shared/reference/performance.md measured ~440 inst/s for small instances and ~300 for CT; a
-   bare SCP here went from 326 to 524 small inst/s. But with several associations their polling
-   threads fight for the GIL: 4 CT associations fell from 95 to 65 inst/s at 0.1 ms. So the
-   interval grows with the number of open associations (``dicom.reactor_poll_ms`` × open
-   associations, at most pynetdicom's own 1 ms); 0.25 ms measured best for both cases then.
-   Since C-STOREs after an association's first are read off the socket directly (store_scp.py)
-   and associations are served by worker processes (workers.py), the default is back at 1 ms:
-   with 2 workers, 4 associations of small instances stored 286 and 322 inst/s at 1 ms against
-   253 and 259 at 0.25 ms, with less CPU, and 4 simultaneous C-MOVEs ran 2,110 vs 1,785 inst/s;
-   a C-FIND or C-ECHO costs 1 to 3 ms more (35 → 38 ms findscu wall time). Lower values remain
-   available for a site that queries more than it stores. The ``time`` module seen by
-   pynetdicom's association and DUL modules is replaced by a proxy whose ``sleep`` changes
-   exactly that 1 ms poll.
+   the DUL thread 1 ms after each idle loop. Every DIMSE round trip and every step of an
+   association's set-up and release paid for those sleeps: an ``echoscu`` took ~10 ms against a
+   bare pynetdicom server and ~1 ms against DCMTK's ``storescp``. The ``time`` module seen by
+   pynetdicom's association and DUL modules is replaced by a proxy whose 1 ms ``sleep`` ends as
+   soon as there is work: the DUL waits in ``poll`` on the peer's socket and a doorbell rung by
+   ``send_pdu``, the association thread on an Event set after each event the DUL's state
+   machine handles. Neither waits longer than before. The interval is ``dicom.reactor_poll_ms`` ×
+   open associations, at most pynetdicom's 1 ms: with 0.1 ms polls a bare SCP went from 326 to
+   524 small inst/s, but several associations' polling threads then fought for the GIL (4 CT
+   associations fell from 95 to 65 inst/s); since C-STOREs after an association's first are
+   read off the socket directly (store_scp.py) and associations are served by worker processes
+   (workers.py), the default is 1 ms.
 
 4. **Service classes.** Storage SOP classes are served by ``store_scp.FastStorageServiceClass``,
    the Query/Retrieve models by ``subops.RetrieveServiceClass`` and the Modality Worklist model
@@ -55,10 +52,10 @@ pyproject.toml pins the minor release tests/core/test_pynetdicom_ext.py passed o
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.metadata
 import inspect
 import os
+import select
 import socket
 import ssl
 import tempfile
@@ -74,6 +71,7 @@ import pynetdicom.association
 import pynetdicom.dimse_messages
 import pynetdicom.dimse_primitives
 import pynetdicom.dul
+import pynetdicom.fsm
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import (
     BasicWorklistManagementServiceClass,
@@ -93,10 +91,12 @@ _MODULE_ATTRIBUTES = {
     pynetdicom._config: ("STORE_RECV_CHUNKED_DATASET",),
     pynetdicom.association: ("uid_to_service_class", "time"),
     pynetdicom.dul: ("time",),
+    pynetdicom.fsm: ("StateMachine",),
     pynetdicom.dimse_messages: ("NamedTemporaryFile",),
 }
 _CLASS_ATTRIBUTES = {
-    pynetdicom.dul.DULServiceProvider: ("_is_transport_event",),
+    pynetdicom.dul.DULServiceProvider: ("_is_transport_event", "run_reactor", "send_pdu", "assoc"),
+    pynetdicom.fsm.StateMachine: ("do_action",),
     pynetdicom.dimse_primitives.C_STORE: ("_dataset_file",),
     AssociationSocket: ("ready", "send"),
     RequestHandler: ("_create_association",),
@@ -104,7 +104,7 @@ _CLASS_ATTRIBUTES = {
     BasicWorklistManagementServiceClass: ("_c_find_scp",),
 }
 _ASSOCIATION_ATTRIBUTES = ("_accepted_cx", "_reactor_checkpoint", "_is_paused", "_abort_blocking", "dimse.message")
-_DUL_ATTRIBUTES = ("_run_loop_delay", "_idle_timer", "to_provider_queue", "event_queue", "to_user_queue")
+_DUL_ATTRIBUTES = ("_run_loop_delay", "_idle_timer", "to_provider_queue", "event_queue", "to_user_queue", "socket")
 
 
 class PynetdicomMismatch(ConfigError):
@@ -134,6 +134,8 @@ def _missing_attributes() -> list[str]:
         if owner is _MISSING:
             missing.append(f"pynetdicom.association.Association.{path}")
     missing += [f"pynetdicom.dul.DULServiceProvider.{name}" for name in _DUL_ATTRIBUTES if not hasattr(assoc.dul, name)]
+    if getattr(getattr(assoc.dul, "state_machine", None), "dul", None) is not assoc.dul:
+        missing.append("pynetdicom.fsm.StateMachine.dul")
     if not hasattr(pynetdicom.dimse_messages.C_STORE_RQ(), "_data_set_file"):
         missing.append("pynetdicom.dimse_messages.C_STORE_RQ._data_set_file")
     if not hasattr(build_context("1.2.840.10008.1.1"), "_transfer_syntax"):
@@ -234,9 +236,24 @@ class _SharedContext(PresentationContext):
     """A supported context whose per-association copy shares its immutable UIDs."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PresentationContext:
-        clone = copy.copy(self)
+        return self.clone()
+
+    def clone(self) -> PresentationContext:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
         clone._transfer_syntax = list(self._transfer_syntax)
         return clone
+
+
+class _SharedContexts(list):  # type: ignore[type-arg]
+    """A server's supported contexts, copied for each association without ``deepcopy``'s memo walk.
+
+    ``copy.deepcopy`` of the list (pynetdicom's ``_create_association``) still took 0.35 ms of an
+    association's ~2.7 ms set-up for our ~130 contexts; each ``clone`` is a dict copy.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        return [context.clone() for context in self]
 
 
 _original_server_init = AssociationServer.__init__
@@ -246,14 +263,71 @@ def _server_init(self: AssociationServer, *args: Any, **kwargs: Any) -> None:
     _original_server_init(self, *args, **kwargs)
     for context in self.contexts:
         context.__class__ = _SharedContext
+    self.contexts = _SharedContexts(self.contexts)
 
 
 # -- 3. the reactors' clock -------------------------------------------------------------------------
 DEFAULT_POLL = 0.001  # pynetdicom's own interval
 
 
+class _Doorbell:
+    """Wakes one DUL thread out of its poll sleep: a non-blocking pipe, closed when the DUL ends.
+
+    A pipe, not an Event, because the DUL must wake for the peer's socket too, and only one
+    ``poll`` waits on both. ``ring`` and ``close`` share a lock, so a ring after the close never
+    writes into a descriptor number the process has given to another file since.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._lock = threading.Lock()
+        self._poller = select.poll()
+        self._poller.register(self._read, select.POLLIN)
+        self._sock_fd = -1
+
+    def ring(self) -> None:
+        with self._lock:
+            if self._write >= 0:
+                with contextlib.suppress(BlockingIOError):  # full: it is ringing already
+                    os.write(self._write, b"\0")
+
+    def wait(self, sock_fd: int, seconds: float) -> None:
+        """Until the socket (none if -1) is readable, ``ring`` is called, or ``seconds`` have passed."""
+        if sock_fd != self._sock_fd:
+            if self._sock_fd >= 0:
+                self._poller.unregister(self._sock_fd)
+            if sock_fd >= 0:
+                self._poller.register(sock_fd, select.POLLIN)
+            self._sock_fd = sock_fd
+        if self._poller.poll(seconds * 1000):
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._read, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._read)
+            os.close(self._write)
+            self._read = self._write = -1
+
+
 class ReactorClock:
-    """``time`` as pynetdicom's reactors see it, with their 1 ms polling sleep adapted to load."""
+    """``time`` as pynetdicom's reactors see it: their 1 ms polling sleep ends when there is work.
+
+    pynetdicom's DUL thread sleeps 1 ms whenever a loop found nothing to do, and the association
+    thread 1 ms before each look at its DIMSE queue. A message from the peer waited for the DUL's
+    next look at the socket, then for the association's next look at its queue; an answer
+    waited for the DUL's next look at its outgoing queue. An ``echoscu`` crossed six such sleeps
+    (connect to close: bare pynetdicom ~10 ms, DCMTK's ``storescp`` ~1 ms). Here the DUL sleeps
+    in ``poll`` on the peer's socket and a doorbell that ``send_pdu`` rings, and the association
+    thread on an Event that the DUL's state machine sets after each event it handles: each
+    waits at most as long as before, and wakes as soon as there is something to do. Timers
+    (ARTIM, idle) and stop flags are still looked at on the interval.
+
+    The interval itself is ``dicom.reactor_poll_ms`` × open associations, at most pynetdicom's
+    1 ms, as before: with fewer wake-ups for nothing, several associations fight less for the GIL.
+    """
 
     def __init__(self, poll_ms: float) -> None:
         self.poll = poll_ms / 1000.0
@@ -264,9 +338,19 @@ class ReactorClock:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        if seconds == DEFAULT_POLL:
-            seconds = min(DEFAULT_POLL, self.poll * max(1, self.open_associations))
-        time.sleep(seconds)
+        thread = threading.current_thread()
+        if isinstance(thread, pynetdicom.dul.DULServiceProvider) and seconds == thread._run_loop_delay:
+            _dul_sleep(thread, self._interval() if seconds == DEFAULT_POLL else seconds)
+        elif seconds != DEFAULT_POLL:
+            time.sleep(seconds)
+        elif isinstance(thread, pynetdicom.association.Association):
+            _association_wake(thread).wait(self._interval())
+            _association_wake(thread).clear()
+        else:
+            time.sleep(self._interval())
+
+    def _interval(self) -> float:
+        return min(DEFAULT_POLL, self.poll * max(1, self.open_associations))
 
     def opened(self, _event: Any = None) -> None:
         """EVT_CONN_OPEN handler: one more association polls."""
@@ -277,6 +361,81 @@ class ReactorClock:
         """EVT_CONN_CLOSE handler."""
         with self._lock:
             self.open_associations = max(0, self.open_associations - 1)
+
+
+def _association_wake(assoc: Any) -> threading.Event:
+    """The Event an association's reactor sleeps on (made on first use; setdefault is atomic)."""
+    wake = assoc.__dict__.get("_macpacs_wake")
+    return wake if wake is not None else assoc.__dict__.setdefault("_macpacs_wake", threading.Event())
+
+
+def _dul_sleep(dul: Any, seconds: float) -> None:
+    """The DUL's idle sleep: until the peer sends, a primitive is queued to send, or ``seconds``."""
+    sock = dul.socket
+    raw = getattr(sock, "socket", None)
+    bell = dul.__dict__.get("_macpacs_bell")
+    fd = raw.fileno() if raw is not None else -1
+    if bell is None or fd < 0:
+        time.sleep(seconds)  # not connected yet, or closed
+    elif getattr(sock, "direct_reader", False):
+        bell.wait(-1, seconds)  # one of our readers owns the socket: only a primitive to send wakes it
+    elif isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return  # decrypted bytes wait in the TLS buffer, which poll does not see
+    else:
+        bell.wait(fd, seconds)
+
+
+DIRECT_READ_POLL = 0.005  # seconds between DUL loops while one of our readers owns the socket
+
+
+def take_socket(dul: Any) -> None:
+    """Our reader owns the association's socket from now on (``store_scp``, ``subops.Channel``).
+
+    The DUL is told the socket is not ready (``_ready``) and, having nothing to read, wakes every
+    ``DIRECT_READ_POLL`` instead of every millisecond (and at once when a primitive is queued),
+    so that it takes the GIL from our reader less often. The caller makes sure the DUL is not
+    half-way through a PDU (``recv_lock``, or a pause).
+    """
+    dul.socket.direct_reader = True
+    dul.__dict__.setdefault("_macpacs_delay", dul._run_loop_delay)
+    dul._run_loop_delay = DIRECT_READ_POLL
+
+
+def give_back_socket(dul: Any) -> None:
+    """The DUL reads the socket again, from its next loop: it is woken for it."""
+    dul.socket.direct_reader = False
+    dul._run_loop_delay = dul.__dict__.pop("_macpacs_delay", dul._run_loop_delay)
+    bell = dul.__dict__.get("_macpacs_bell")
+    if bell is not None:
+        bell.ring()
+
+
+_original_run_reactor = pynetdicom.dul.DULServiceProvider.run_reactor
+_original_send_pdu = pynetdicom.dul.DULServiceProvider.send_pdu
+_original_do_action = pynetdicom.fsm.StateMachine.do_action
+
+
+def _run_reactor(self: Any) -> None:
+    bell = _Doorbell()
+    self.__dict__["_macpacs_bell"] = bell
+    try:
+        _original_run_reactor(self)
+    finally:
+        bell.close()
+
+
+def _send_pdu(self: Any, primitive: Any) -> None:
+    _original_send_pdu(self, primitive)
+    bell = self.__dict__.get("_macpacs_bell")
+    if bell is not None:
+        bell.ring()
+
+
+def _do_action(self: Any, event: str) -> None:
+    try:
+        _original_do_action(self, event)
+    finally:
+        _association_wake(self.dul.assoc).set()
 
 
 # -- 4. service classes -------------------------------------------------------------------------------
@@ -395,6 +554,9 @@ def apply(poll_ms: float, stage_file: Callable[[], StagedFile] | None = None) ->
             AssociationSocket.send = _socket_send  # type: ignore[method-assign]
             AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
             pynetdicom.dul.DULServiceProvider._is_transport_event = _transport_event  # type: ignore[method-assign]
+            pynetdicom.dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
+            pynetdicom.dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
+            pynetdicom.fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
             AssociationServer.__init__ = _server_init  # type: ignore[method-assign]
             clock = ReactorClock(poll_ms)
             pynetdicom.association.time = clock  # type: ignore[assignment]

@@ -80,7 +80,7 @@ def serve_direct(assoc: Any, store: StoreFunction) -> None:
     with sock.recv_lock:  # the DUL is not half-way through reading a PDU
         if not dul.event_queue.empty() or not dul.to_user_queue.empty():
             return
-        sock.direct_reader = True
+        pynetdicom_ext.take_socket(dul)
     try:
         while assoc.is_established:
             request = _take_store_request(raw, assoc)
@@ -90,7 +90,7 @@ def serve_direct(assoc: Any, store: StoreFunction) -> None:
                 return
             dul._idle_timer.restart()
     finally:
-        sock.direct_reader = False
+        pynetdicom_ext.give_back_socket(dul)
 
 
 class _Request:

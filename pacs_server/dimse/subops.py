@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # presentation contexts in one association (odd IDs 1..255)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-DUL_IDLE_POLL = 0.005  # seconds between DUL loops while a Channel reads and writes the socket itself
 PENDING_EVERY = 0.05  # seconds between two pending responses (they are optional; each costs a message)
 
 
@@ -166,7 +165,6 @@ class Channel:
         self._paused = False
         self._direct = False
         self._socket_timeout: float | None = None
-        self._dul_delay = 0.001
         self.cancel = Cancel()
 
     def open(self, cancel: Cancel | None = None) -> Channel:
@@ -175,12 +173,9 @@ class Channel:
         # Responses are read here, not by pynetdicom's DUL thread, which is told the socket is
         # not ready (see ``pynetdicom_ext._ready``): its PDU, state-machine and pydicom decoding path cost
         # ~0.4 ms per instance. The DUL still sends whatever is queued (C-GET pending responses).
-        assoc.dul.socket.direct_reader = True
+        # The DUL thread now only sends what is queued (C-GET pending responses).
+        pynetdicom_ext.take_socket(assoc.dul)
         self._direct = True
-        # The DUL thread now only sends what is queued (C-GET pending responses): let it poll
-        # less often, so that it takes the GIL from the sender less often.
-        self._dul_delay = assoc.dul._run_loop_delay
-        assoc.dul._run_loop_delay = DUL_IDLE_POLL
         # Waiting for a response is bounded by the DIMSE timeout (the socket had the network one).
         self._socket_timeout = assoc.dul.socket.socket.gettimeout()
         assoc.dul.socket.socket.settimeout(assoc.dimse_timeout or self._socket_timeout)
@@ -206,8 +201,7 @@ class Channel:
         if self._direct:
             if self.assoc.dul.socket.socket is not None:
                 self.assoc.dul.socket.socket.settimeout(self._socket_timeout)
-            self.assoc.dul.socket.direct_reader = False
-            self.assoc.dul._run_loop_delay = self._dul_delay
+            pynetdicom_ext.give_back_socket(self.assoc.dul)
             self.assoc.dul._idle_timer.restart()
             self._direct = False
         if self._paused:
@@ -408,9 +402,10 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
 
         # While the handler runs (in this association's reactor thread) the requestor's side of
         # the association only carries a possible C-CANCEL in, and our responses, written
-        # directly: its DUL thread need not poll every millisecond meanwhile.
+        # directly: its DUL thread need not loop every millisecond meanwhile (it still wakes at
+        # once when the peer sends or a primitive is queued: pynetdicom_ext.ReactorClock).
         dul = self.assoc.dul
-        delay, dul._run_loop_delay = dul._run_loop_delay, DUL_IDLE_POLL
+        delay, dul._run_loop_delay = dul._run_loop_delay, pynetdicom_ext.DIRECT_READ_POLL
         try:
             responses = evt.trigger(
                 self.assoc, event, {"request": req, "context": context.as_tuple, "_is_cancelled": self.is_cancelled}

@@ -10,6 +10,8 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 
 import pynetdicom.association
@@ -21,7 +23,7 @@ from packaging.specifiers import SpecifierSet
 from pynetdicom.transport import AssociationSocket
 
 from macpacs.pacs_server.dimse import pynetdicom_ext
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, wait_for_port
 
 
 def test_check_passes_on_the_installed_pynetdicom():
@@ -111,3 +113,63 @@ def test_serve_refuses_to_start_without_an_internal(tmp_path, workers):
     assert "Error: configuration error: pynetdicom" in proc.stderr, proc.stderr
     assert "pynetdicom.association.Association._abort_blocking" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_reactors_wake_on_work_and_every_doorbell_is_closed(tmp_path):
+    """The wake-on-work clock, end to end with DCMTK on both sides: our acceptor answers 20
+    ``echoscu`` associations and our requestor 20 C-ECHOs to DCMTK's ``storescp``; afterwards no
+    doorbell pipe is left open (each DUL closes its own when it ends)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    pynetdicom_ext.apply(1.0)
+    ae = AE("PROBE")
+    ae.add_supported_context(Verification)
+    ae.add_requested_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    scp_port = free_port()
+    storescp = subprocess.Popen(["/usr/bin/storescp", "-od", str(tmp_path), str(scp_port)])
+    try:
+        wait_for_port(scp_port)
+        before = _open_descriptors()
+        for _ in range(20):
+            subprocess.run(["/usr/bin/echoscu", "-aec", "PROBE", "127.0.0.1", str(port)], check=True, timeout=30)
+            assoc = ae.associate("127.0.0.1", scp_port, ae_title="STORESCP")
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (server.active_associations or _open_descriptors() > before):
+            time.sleep(0.05)
+        assert _open_descriptors() <= before
+    finally:
+        server.shutdown()
+        storescp.kill()
+        storescp.wait()
+
+
+def test_a_doorbell_ends_the_wait_when_rung_or_when_the_peer_sends():
+    """``_Doorbell.wait`` returns at once for either reason, not at the end of its interval."""
+    import socket
+
+    bell = pynetdicom_ext._Doorbell()
+    ours, peer = socket.socketpair()
+    try:
+        threading.Timer(0.05, bell.ring).start()
+        started = time.monotonic()
+        bell.wait(ours.fileno(), 30.0)
+        assert time.monotonic() - started < 10
+        threading.Timer(0.05, peer.send, args=(b"x",)).start()
+        started = time.monotonic()
+        bell.wait(ours.fileno(), 30.0)
+        assert time.monotonic() - started < 10
+    finally:
+        bell.close()
+        bell.ring()  # after the close: a no-op, never a write into a reused descriptor
+        ours.close()
+        peer.close()
