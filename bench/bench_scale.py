@@ -1,8 +1,16 @@
-"""Issue 17: SQLite at 25,000,000 instances: queries, start-up, /health and ingest as the index grows.
+"""Issue 17: the index at 25,000,000 instances: queries, start-up, /health and ingest as it grows.
 
 Run (other work shares the machine: keep it at the lowest priority):
     nice -n 19 .venv/bin/python bench/bench_scale.py [--sizes 1000000,5000000,25000000]
         [--data bench/data/scale] [--out bench/results/scale.json] [--skip-ingest] [--skip-orthanc]
+    nice -n 19 .venv/bin/python bench/bench_scale.py --index postgresql [--sizes 1000000,25000000]
+
+With ``--index postgresql`` the same rows go into a PostgreSQL database (Debian's server, a
+durable cluster kept in ``<data>/postgresql`` between runs, with ``shared_buffers`` and
+``effective_cache_size`` set for this 24 GB machine as a site would; the schema migrated by
+``Index.migrate``; rows written with ``COPY``), and the same queries are measured in process
+and through ``macpacs serve`` with ``index.url`` on it. Ingest next to Orthanc's PostgreSQL
+plugin is ``bench/bench_postgres.py``'s; this one measures the queries only.
 
 One index is filled on the way up and measured at each size (a checkpoint):
 - in process, each common query through ``Index.find_all`` (the matcher's SQL, no network),
@@ -63,6 +71,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import text
 
 from bench.common import DATA, Macpacs, Orthanc, ct_series, send_parallel, small_instances, split
 from macpacs.pacs_server.index import Index, Query
@@ -127,6 +137,11 @@ COLUMNS = {
     "study_stable": "study_uid seen_updated_at generation state fired_at",
 }
 COLUMNS_OF = {table: names.split() for table, names in COLUMNS.items()}
+TABLES = ("patient", "study", "series", "instance", "instance_metadata", "study_stable")  # insert order
+PATIENT_COUNTS = (
+    "UPDATE patient SET num_studies = num_studies + %s, num_series = num_series + %s,"
+    " num_instances = num_instances + %s WHERE pk = %s"
+)
 
 
 def check_columns() -> None:
@@ -170,12 +185,14 @@ class Filler:
             table: f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
             for table, names in COLUMNS_OF.items()
         }
-        one = self.con.execute
-        self.studies = one("SELECT count(*) FROM study").fetchone()[0]
-        self.patients = one("SELECT count(*) FROM patient").fetchone()[0]
-        self.series_pk = one("SELECT coalesce(max(pk), 0) FROM series").fetchone()[0]
-        self.instance_pk = one("SELECT coalesce(max(pk), 0) FROM instance").fetchone()[0]
-        self.instances = one("SELECT count(*) FROM instance").fetchone()[0]
+        self._resume(lambda sql: self.con.execute(sql).fetchone()[0])
+
+    def _resume(self, scalar: Callable[[str], int]) -> None:
+        self.studies = scalar("SELECT count(*) FROM study")
+        self.patients = scalar("SELECT count(*) FROM patient")
+        self.series_pk = scalar("SELECT coalesce(max(pk), 0) FROM series")
+        self.instance_pk = scalar("SELECT coalesce(max(pk), 0) FROM instance")
+        self.instances = scalar("SELECT count(*) FROM instance")
 
     def close(self) -> None:
         self.con.execute("PRAGMA journal_mode=WAL")  # what the server runs in
@@ -186,18 +203,16 @@ class Filler:
         while self.instances < target:
             if shutil.disk_usage(self.path.parent).free < MIN_FREE_BYTES:
                 raise SystemExit(f"bench_scale: less than {MIN_FREE_BYTES >> 30} GB free: fill stopped")
-            rows = self._batch(target)
-            self.con.execute("BEGIN")
-            for table in ("patient", "study", "series", "instance", "instance_metadata", "study_stable"):
-                self.con.executemany(self.inserts[table], rows[table])
-            self.con.executemany(
-                "UPDATE patient SET num_studies = num_studies + ?, num_series = num_series + ?,"
-                " num_instances = num_instances + ? WHERE pk = ?",
-                rows["patient_counts"],
-            )
-            self.con.execute("COMMIT")
+            self._write(self._batch(target))
             rate = (self.instances - first) / (time.perf_counter() - start)
             print(f"  fill: {self.instances:,} instances, {self.studies:,} studies, {rate:,.0f} inst/s", flush=True)
+
+    def _write(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        self.con.execute("BEGIN")
+        for table in TABLES:
+            self.con.executemany(self.inserts[table], rows[table])
+        self.con.executemany(PATIENT_COUNTS.replace("%s", "?"), rows["patient_counts"])
+        self.con.execute("COMMIT")
 
     def _batch(self, target: int) -> dict[str, list[tuple[Any, ...]]]:
         rows: dict[str, list[tuple[Any, ...]]] = {t: [] for t in (*COLUMNS_OF, "patient_counts")}
@@ -272,6 +287,35 @@ class Filler:
         return total_instances
 
 
+class PostgresFiller(Filler):
+    """The same rows, into a PostgreSQL database with ``COPY``; the pk sequences are moved past them."""
+
+    def __init__(self, url: str, disk: Path) -> None:
+        import psycopg
+
+        self.path = disk / "index"  # fill_to checks the free space of ``path.parent``
+        self.template, self.template_uid = metadata_template()
+        self.con = psycopg.connect(url)
+        self.con.execute("SET synchronous_commit = off")  # this session's commits only: the fill's speed
+        self._resume(lambda sql: self.con.execute(sql).fetchone()[0])
+        self.con.commit()
+
+    def _write(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        with self.con.transaction(), self.con.cursor() as cur:
+            for table in TABLES:
+                with cur.copy(f"COPY {table} ({', '.join(COLUMNS_OF[table])}) FROM STDIN") as copy:
+                    for row in rows[table]:
+                        copy.write_row(row)
+            cur.executemany(PATIENT_COUNTS, rows["patient_counts"])
+
+    def close(self) -> None:
+        with self.con.transaction():
+            for table in ("patient", "study", "series", "instance"):
+                sequence = f"pg_get_serial_sequence('{table}', 'pk')"
+                self.con.execute(f"SELECT setval({sequence}, (SELECT coalesce(max(pk), 1) FROM {table}))")
+        self.con.close()
+
+
 # -- what is measured at each size --------------------------------------------------------------
 def samples(index: Index) -> dict[str, str]:
     """Values the queries look for, taken from the filled index (a patient with several studies...)."""
@@ -283,8 +327,12 @@ def samples(index: Index) -> dict[str, str]:
             "SELECT study_uid, pk FROM study WHERE modalities_in_study = 'CT' AND num_series >= 2"
             " ORDER BY pk DESC LIMIT 1"
         ).one()
-        series_uid = sql("SELECT series_uid FROM series WHERE study_pk = ? ORDER BY pk LIMIT 1", (ct[1],)).scalar()
-        accession = sql("SELECT accession_number FROM study WHERE pk = ?", (ct[1] // 2 + 1,)).scalar()
+        series_uid = conn.execute(
+            text("SELECT series_uid FROM series WHERE study_pk = :pk ORDER BY pk LIMIT 1"), {"pk": ct[1]}
+        ).scalar()
+        accession = conn.execute(
+            text("SELECT accession_number FROM study WHERE pk = :pk"), {"pk": ct[1] // 2 + 1}
+        ).scalar()
     month_end = date(int(last_day[:4]), int(last_day[4:6]), 1) - timedelta(days=1)
     month = f"{month_end.strftime('%Y%m')}01-{month_end.strftime('%Y%m%d')}"
     return {
@@ -340,12 +388,13 @@ def plan(index: Index, query: Query) -> list[str]:
     statement, _ = build(query)
     compiled = statement.compile(dialect=index.engine.dialect)
     params = tuple(compiled.params[k] for k in compiled.positiontup) if compiled.positional else compiled.params
+    explain = "EXPLAIN QUERY PLAN " if index.is_sqlite else "EXPLAIN "
     with index.engine.connect() as conn:
-        return [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params)]
+        return [row[-1] for row in conn.exec_driver_sql(explain + compiled.string, params)]
 
 
-def in_process(path: Path, s: dict[str, str], repeats: int) -> dict[str, Any]:
-    index = Index(f"sqlite:///{path}")
+def in_process(url: str, s: dict[str, str], repeats: int) -> dict[str, Any]:
+    index = Index(url)
     try:
         out: dict[str, Any] = {}
         out["analyze_ms"], out["analyze_cpu_ms"], _ = measure(index.analyze, 1)
@@ -435,8 +484,12 @@ def started(server: Macpacs, fresh: bool) -> float:
             time.sleep(0.05)
 
 
-def served(data_dir: Path, work: Path, s: dict[str, str], repeats: int) -> dict[str, Any]:
-    empty = Macpacs(work / "empty")
+def served(
+    data_dir: Path, work: Path, s: dict[str, str], repeats: int, configs: tuple[Path | None, Path | None] = (None, None)
+) -> dict[str, Any]:
+    """Through ``macpacs serve``: an empty index first (this run's floor), then the filled one.
+    ``configs``: the macpacs.toml of each (their ``index.url``), or None for SQLite in the folder."""
+    empty = Macpacs(work / "empty", config=configs[0])
     out: dict[str, Any] = {"startup_empty_s": started(empty, fresh=True)}
     try:  # the same machine's floor in this run: an association and an answer with nothing to find
         reference = findscu(empty.port, empty.aet, "STUDY", {"PatientID": s["patient_id"]}, repeats)
@@ -446,7 +499,7 @@ def served(data_dir: Path, work: Path, s: dict[str, str], repeats: int) -> dict[
         print(f"  serve: an empty index                   {reference}", flush=True)
     finally:
         empty.stop()
-    server = Macpacs(work / "full", data_dir=data_dir)
+    server = Macpacs(work / "full", data_dir=data_dir, config=configs[1])
     out["startup_s"] = started(server, fresh=False)
     base = f"http://127.0.0.1:{server.web_port}"
     print(f"  serve: up in {out['startup_s']} s (an empty index: {out['startup_empty_s']} s)", flush=True)
@@ -562,11 +615,80 @@ def orthanc(work: Path, macpacs_data: Path, s: dict[str, str], count: int, repea
     return {"instances": count, "orthanc PatientID": found, "orthanc SMITH*": name, "macpacs PatientID": ours}
 
 
+PG_SETTINGS = ("shared_buffers=4GB", "effective_cache_size=16GB", "max_wal_size=8GB", "work_mem=16MB")
+
+
+class Target:
+    """Where the filled index lives (an SQLite file in the server's folder, or a PostgreSQL database),
+    how to fill it, and how to get an empty one of the same kind for the floor."""
+
+    def __init__(self, kind: str, data: Path) -> None:
+        self.kind = kind
+        self.data_dir = data / ("archive" if kind == "sqlite" else "archive-pg")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config: Path | None = None
+        if kind == "sqlite":
+            self.url = f"sqlite:///{self.data_dir / 'index.sqlite'}"
+        else:
+            from tests.postgres import Cluster
+
+            self.cluster = Cluster(durable=True, folder=data / "postgresql", settings=PG_SETTINGS)
+            self.url = self._database("scale", keep=True)
+            self.config = self._config(self.data_dir, self.url)
+        index = Index(self.url)
+        index.migrate()
+        index.close()
+
+    def _database(self, name: str, keep: bool) -> str:
+        import psycopg
+
+        with psycopg.connect(self.cluster.url(), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if exists and not keep:
+                conn.execute(f'DROP DATABASE "{name}"')
+            if not exists or not keep:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return self.cluster.url(name)
+
+    @staticmethod
+    def _config(folder: Path, url: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / "macpacs.toml"
+        config.write_text(f'[index]\nurl = "{url}"\n')
+        return config
+
+    def empty_config(self, work: Path) -> Path | None:
+        """The macpacs.toml of a new, empty index (None: SQLite in the empty server's own folder)."""
+        if self.kind == "sqlite":
+            return None
+        return self._config(work / "empty-config", self._database("scale_empty", keep=False))
+
+    def filler(self) -> Filler:
+        if self.kind == "sqlite":
+            return Filler(self.data_dir / "index.sqlite")
+        return PostgresFiller(self.url, self.cluster.folder)
+
+    def size_bytes(self) -> int:
+        if self.kind == "sqlite":
+            return (self.data_dir / "index.sqlite").stat().st_size
+        index = Index(self.url)
+        try:
+            with index.engine.connect() as conn:
+                return int(conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar())
+        finally:
+            index.close()
+
+    def close(self) -> None:
+        if self.kind == "postgresql":
+            self.cluster.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--sizes", default="1000000,5000000,25000000")
     parser.add_argument("--data", type=Path, default=DATA / "scale")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
+    parser.add_argument("--out", type=Path, help="default: bench/results/scale.json (scale-pg.json for PostgreSQL)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-served", action="store_true", help="only the in-process figures at each size")
@@ -575,45 +697,54 @@ def main() -> None:
     parser.add_argument("--orthanc-count", type=int, default=25_000)
     args = parser.parse_args()
     args.data = args.data.resolve()  # the servers run in folders of their own
+    args.out = args.out or Path(f"bench/results/scale{'-pg' if args.index == 'postgresql' else ''}.json")
     check_columns()
     if args.only_writes:
         path = args.data / "archive" / "index.sqlite"
         print(json.dumps(index_writes(path, args.data / "work", 500)), flush=True)
         return
-    data_dir = args.data / "archive"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "index.sqlite"
-    index = Index(f"sqlite:///{path}")
-    index.migrate()
-    index.close()
+    target = Target(args.index, args.data)
+    try:
+        measure_sizes(target, args)
+    finally:
+        target.close()
+
+
+def measure_sizes(target: Target, args: argparse.Namespace) -> None:
+    """Fill to each size and measure there; then, on SQLite, ingest into the last and Orthanc beside it."""
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     sizes = [int(size) for size in args.sizes.split(",")]
+    work = args.data / "work"
     for size in sizes:
-        filler = Filler(path)
+        filler = target.filler()
         start = time.perf_counter()
         if filler.instances < size:
             filler.fill_to(size)
         filled_s = time.perf_counter() - start
         held = filler.instances
         filler.close()
-        index = Index(f"sqlite:///{path}")
+        index = Index(target.url)
         s = samples(index)
         index.close()
-        print(f"checkpoint {held:,} instances ({path.stat().st_size / 1e9:.1f} GB): {s}", flush=True)
-        entry = {"instances": held, "fill_s": round(filled_s), "index_bytes": path.stat().st_size, "samples": s}
-        entry["in_process"] = in_process(path, s, args.repeats)
+        size_bytes = target.size_bytes()
+        print(f"checkpoint {held:,} instances ({size_bytes / 1e9:.1f} GB): {s}", flush=True)
+        entry = {"instances": held, "fill_s": round(filled_s), "index_bytes": size_bytes, "samples": s}
+        entry["in_process"] = in_process(target.url, s, args.repeats)
         if not args.skip_served:
-            entry["served"] = served(data_dir, args.data / "work", s, args.repeats)
+            entry["served"] = served(target.data_dir, work, s, args.repeats, (target.empty_config(work), target.config))
         results[str(size)] = entry
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        args.out.write_text(json.dumps(results, indent=1, default=int))  # PostgreSQL sums are Decimal
+    if target.kind != "sqlite":
+        return  # PostgreSQL ingest, next to Orthanc's plugin: bench/bench_postgres.py
     last = results[str(sizes[-1])]
+    path = target.data_dir / "index.sqlite"
     if not args.skip_ingest:
-        last["index_writes"] = index_writes(path, args.data / "work", 500)
-        last["ingest_ct"] = ingest(data_dir, args.data / "work")
+        last["index_writes"] = index_writes(path, work, 500)
+        last["ingest_ct"] = ingest(target.data_dir, work)
     if not args.skip_orthanc:
-        last["orthanc"] = orthanc(args.data / "work", data_dir, last["samples"], args.orthanc_count, args.repeats)
-    args.out.write_text(json.dumps(results, indent=1))
+        last["orthanc"] = orthanc(work, target.data_dir, last["samples"], args.orthanc_count, args.repeats)
+    args.out.write_text(json.dumps(results, indent=1, default=int))  # PostgreSQL sums are Decimal
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class DicomSettings:
     case_insensitive_names: bool = True
     # Largest number of matches one C-FIND returns before it stops (0: no limit).
     max_find_results: int = 0
-    # How often pynetdicom's reactors poll, in ms (its default is 1): see dimse/pynetdicom_ext.py.
+    # Longest sleep of pynetdicom's reactor threads, in ms (they wake on work): dimse/pynetdicom_ext.py.
     reactor_poll_ms: float = 1.0
     # Processes serving DICOM associations (pynetdicom serves one process's associations under
     # one GIL): 0 = one per CPU core, at most MAX_AUTO_WORKERS; 1 = inside the main process.

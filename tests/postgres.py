@@ -51,8 +51,18 @@ def _free_port() -> int:
 class Cluster:
     """One running PostgreSQL server; ``stop``/``start`` restart it on the same port and data."""
 
-    def __init__(self, *, durable: bool = False, max_connections: int = 200) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="macpacs-pg-"))
+    def __init__(
+        self,
+        *,
+        durable: bool = False,
+        max_connections: int = 200,
+        folder: Path | None = None,
+        settings: tuple[str, ...] = (),
+    ) -> None:
+        """A new cluster in a temp folder; or, given ``folder``, the one kept there (made on first use:
+        a benchmark's filled index outlives its run). ``settings`` are more ``name=value`` options."""
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="macpacs-pg-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.data = self.folder / "data"
         self.port = _free_port()
         self.log = self.folder / "postgres.log"
@@ -70,9 +80,11 @@ class Cluster:
             "-c",
             f"max_connections={max_connections}",
             *(() if durable else FAST),
+            *(option for setting in settings for option in ("-c", setting)),
         ]
-        locale = ["--locale=en_US.UTF-8"] if _has_locale("en_US.utf8") else []
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", ROLE, "-E", "UTF8", *locale)
+        if not (self.data / "PG_VERSION").exists():
+            locale = ["--locale=en_US.UTF-8"] if _has_locale("en_US.utf8") else []
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", ROLE, "-E", "UTF8", *locale)
         self._databases = 0
         self.start()
 

@@ -248,8 +248,8 @@ class _SharedContext(PresentationContext):
 class _SharedContexts(list):  # type: ignore[type-arg]
     """A server's supported contexts, copied for each association without ``deepcopy``'s memo walk.
 
-    ``copy.deepcopy`` of the list (pynetdicom's ``_create_association``) still took 0.35 ms of an
-    association's ~2.7 ms set-up for our ~130 contexts; each ``clone`` is a dict copy.
+    ``copy.deepcopy`` of the list (pynetdicom's ``_create_association``) walks its memo for each of
+    our ~130 contexts: 0.10 ms an association against 0.06 with a dict copy per context.
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
