@@ -173,7 +173,6 @@ class Channel:
         # Responses are read here, not by pynetdicom's DUL thread, which is told the socket is
         # not ready (see ``pynetdicom_ext._ready``): its PDU, state-machine and pydicom decoding path cost
         # ~0.4 ms per instance. The DUL still sends whatever is queued (C-GET pending responses).
-        # The DUL thread now only sends what is queued (C-GET pending responses).
         pynetdicom_ext.take_socket(assoc.dul)
         self._direct = True
         # Waiting for a response is bounded by the DIMSE timeout (the socket had the network one).
