@@ -12,7 +12,9 @@ Each run starts macpacs fresh twice, alternating which goes first:
   little CPU of this machine, as a remote node takes none.
 DCMTK storescu sends the same small instances (64×64) on 1 and on 4 associations; the figure is
 the ingest rate (instances/s, until storescu has every answer). For the routed server the time
-until the last routed instance left is reported too.
+until the last routed instance left is reported too, and for both the CPU the server's processes
+spent an instance (psutil): the DICOM workers' during the ingest, the main process's (where the
+job runners send) until every routed instance left.
 """
 
 from __future__ import annotations
@@ -30,7 +32,18 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, MACPACS, ROOT, Macpacs, free_port, send_parallel, small_instances, wait_port
+from bench.common import (
+    DATA,
+    MACPACS,
+    ROOT,
+    Macpacs,
+    cpu_seconds,
+    free_port,
+    send_parallel,
+    server_processes,
+    small_instances,
+    wait_port,
+)
 
 WORK = DATA / "work-routing"
 RULE = """
@@ -58,8 +71,11 @@ def _jobs(server: Macpacs) -> dict[str, int]:
     return requests.get(f"http://127.0.0.1:{server.web_port}/health", timeout=30).json()["jobs"]
 
 
-def one_run(kind: type[Macpacs], lists: list[list[str]], dest_port: int, count: int) -> tuple[float, float | None]:
-    """(ingest inst/s, seconds until every routed instance left or None) for one fresh server."""
+def one_run(
+    kind: type[Macpacs], lists: list[list[str]], dest_port: int, count: int
+) -> tuple[float, float | None, dict[str, float]]:
+    """(ingest inst/s, seconds until every routed instance left or None, CPU ms an instance of the
+    workers during the ingest and of the main process until the end) for one fresh server."""
     server = kind(WORK / kind.name.replace("+", "-")).start()
     try:
         wait_port(server.web_port)
@@ -69,8 +85,12 @@ def one_run(kind: type[Macpacs], lists: list[list[str]], dest_port: int, count: 
                  "--data-dir", str(server.data_dir), "--config", str(server.workdir / "macpacs.toml")],
                 check=True, capture_output=True,
             )  # fmt: skip
+        assert server.proc is not None
+        processes = server_processes(server.proc.pid)
+        cpu_before = cpu_seconds(processes)
         start = time.perf_counter()
         elapsed = send_parallel(server.port, server.aet, lists)
+        cpu_ingest = cpu_seconds(processes)
         routed = None
         if kind is Routed:
             while True:
@@ -79,7 +99,12 @@ def one_run(kind: type[Macpacs], lists: list[list[str]], dest_port: int, count: 
                     break
                 time.sleep(0.05)
             routed = time.perf_counter() - start
-        return count / elapsed, routed
+        cpu_end = cpu_seconds(processes)
+        cpu = {
+            "workers_ms": round((sum(cpu_ingest[1:]) - sum(cpu_before[1:])) * 1000 / count, 3),
+            "main_ms": round((cpu_end[0] - cpu_before[0]) * 1000 / count, 3),
+        }
+        return count / elapsed, routed, cpu
     finally:
         server.stop()
 
@@ -105,16 +130,23 @@ def main() -> None:
         for associations in args.associations:
             lists = [files[i::associations] for i in range(associations)]
             label = f"{args.count} small, {associations} assoc"
-            rates = results.setdefault(label, {"plain": [], "routed": [], "routed_done_s": []})
+            rates = results.setdefault(
+                label,
+                {"plain": [], "routed": [], "routed_done_s": [], "plain_cpu_ms": [], "routed_cpu_ms": []},
+            )
             for run in range(args.runs):
                 order = [Macpacs, Routed] if run % 2 == 0 else [Routed, Macpacs]
                 for kind in order:
-                    rate, routed = one_run(kind, lists, dest_port, args.count)
-                    rates["routed" if kind is Routed else "plain"].append(rate)
+                    rate, routed, cpu = one_run(kind, lists, dest_port, args.count)
+                    which = "routed" if kind is Routed else "plain"
+                    rates[which].append(rate)
+                    rates[f"{which}_cpu_ms"].append(cpu)
                     if routed is not None:
                         rates["routed_done_s"].append(routed)
                     print(f"{label} run {run + 1} {kind.name}: {rate:.0f} inst/s"
-                          + (f", all routed after {routed:.1f} s" if routed else ""), flush=True)  # fmt: skip
+                          + (f", all routed after {routed:.1f} s" if routed else "")
+                          + f"; CPU an instance: workers {cpu['workers_ms']:.2f} ms, main {cpu['main_ms']:.2f} ms",
+                          flush=True)  # fmt: skip
     finally:
         bare.terminate()
         bare.wait(10)

@@ -252,3 +252,17 @@ def timed(func: Callable[[], object]) -> float:
     start = time.perf_counter()
     func()
     return time.perf_counter() - start
+
+
+def server_processes(main_pid: int) -> list[Any]:
+    """``macpacs serve`` and its DICOM workers, as psutil processes (spawned workers: their command
+    line names multiprocessing's spawn, unlike its resource tracker's)."""
+    import psutil
+
+    main = psutil.Process(main_pid)
+    return [main, *(c for c in main.children() if "multiprocessing.spawn" in " ".join(c.cmdline()))]
+
+
+def cpu_seconds(processes: list[Any]) -> list[float]:
+    """User + system CPU seconds of each process so far."""
+    return [sum(process.cpu_times()[:2]) for process in processes]

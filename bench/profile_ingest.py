@@ -26,20 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Macpacs, ct_series, send_parallel, small_instances, split
+from bench.common import Macpacs, ct_series, send_parallel, server_processes, small_instances, split
 
 SAMPLE_HZ = 250
-
-
-def _processes(main_pid: int) -> list[psutil.Process]:
-    """The server and its DICOM workers (spawned: their command line names multiprocessing's
-    spawn, unlike its resource tracker's)."""
-    main = psutil.Process(main_pid)
-    return [main, *(c for c in main.children() if "multiprocessing.spawn" in " ".join(c.cmdline()))]
 
 
 def _profile(files: list[Path], instances: int, top: int) -> None:
@@ -79,7 +70,7 @@ def main() -> None:
     try:
         send_parallel(receiver.port, receiver.aet, [part[:50] for part in lists])  # warm-up, not timed
         assert receiver.proc is not None
-        processes = _processes(receiver.proc.pid)
+        processes = server_processes(receiver.proc.pid)
         if args.py_spy:
             spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             for n, process in enumerate(processes):
