@@ -17,19 +17,19 @@ pynetdicom is right but slow where an archive is busiest, and has no options for
 
 3. **The reactors' clock.** The association reactor sleeps 1 ms between looks at its queue, and
    the DUL thread 1 ms after each idle loop. Every DIMSE round trip and every step of an
-   association's set-up and release paid for those sleeps: an ``echoscu`` took ~10 ms against a
-   bare pynetdicom server and ~1 ms against DCMTK's ``storescp``. The ``time`` module seen by
-   pynetdicom's association and DUL modules is replaced by a proxy whose 1 ms ``sleep`` ends as
-   soon as there is work: the DUL waits in ``poll`` on the peer's socket and a doorbell rung by
-   ``send_pdu``, the association thread on an Event set after each event the DUL's state
-   machine handles. Neither waits longer than before. While one of our readers owns the socket
-   (``take_socket``), the DUL waits on its doorbell alone, every 5 ms, and is rung when the
-   socket is given back. The interval is ``dicom.reactor_poll_ms`` ×
-   open associations, at most pynetdicom's 1 ms: with 0.1 ms polls a bare SCP went from 326 to
-   524 small inst/s, but several associations' polling threads then fought for the GIL (4 CT
-   associations fell from 95 to 65 inst/s); since C-STOREs after an association's first are
-   read off the socket directly (store_scp.py) and associations are served by worker processes
-   (workers.py), the default is 1 ms.
+   association's set-up and release paid for those sleeps: an ``echoscu`` took ~11 ms against
+   macpacs, ~10 ms against a bare pynetdicom server and ~3 ms against DCMTK's ``storescp``. The
+   ``time`` module seen by pynetdicom's association and DUL modules is replaced by a proxy whose
+   1 ms ``sleep`` ends as soon as there is work (now ~7 ms against macpacs): the DUL waits in
+   ``poll`` on the peer's socket and a doorbell rung by ``send_pdu``, the association thread on
+   an Event set after each event the DUL's state machine handles. Neither waits longer than
+   before. While one of our readers owns the socket (``take_socket``), the DUL waits on its
+   doorbell alone, every 5 ms, and is rung when the socket is given back. The interval is
+   ``dicom.reactor_poll_ms`` × open associations, at most pynetdicom's 1 ms: with 0.1 ms polls a
+   bare SCP went from 326 to 524 small inst/s, but several associations' polling threads then
+   fought for the GIL (4 CT associations fell from 95 to 65 inst/s); since C-STOREs after an
+   association's first are read off the socket directly (store_scp.py) and associations are
+   served by worker processes (workers.py), the default is 1 ms.
 
 4. **Service classes.** Storage SOP classes are served by ``store_scp.FastStorageServiceClass``,
    the Query/Retrieve models by ``subops.RetrieveServiceClass`` and the Modality Worklist model
@@ -321,7 +321,7 @@ class ReactorClock:
     thread 1 ms before each look at its DIMSE queue. A message from the peer waited for the DUL's
     next look at the socket, then for the association's next look at its queue; an answer
     waited for the DUL's next look at its outgoing queue. An ``echoscu`` crossed six such sleeps
-    (connect to close: bare pynetdicom ~10 ms, DCMTK's ``storescp`` ~1 ms). Here the DUL sleeps
+    (connect to exit: macpacs ~11 ms, bare pynetdicom ~10 ms, DCMTK's ``storescp`` ~3 ms). Here the DUL sleeps
     in ``poll`` on the peer's socket and a doorbell that ``send_pdu`` rings, and the association
     thread on an Event that the DUL's state machine sets after each event it handles: each
     waits at most as long as before, and wakes as soon as there is something to do. Timers
