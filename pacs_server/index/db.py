@@ -364,12 +364,22 @@ class Index:
                     if attempt:
                         raise
                 except self._driver_error as exc:  # the driver's cursor, past SQLAlchemy's error hook
-                    if corruption.is_corruption(exc):
-                        raise self.found_corruption(exc) from exc
-                    if postgres.is_unavailable(exc):
-                        raise IndexUnavailable(postgres.describe(exc, self.statement_timeout)) from exc
-                    raise
+                    failure = self.driver_failure(exc)
+                    if failure is exc:
+                        raise
+                    raise failure from exc
         raise AssertionError("unreachable")
+
+    def driver_failure(self, exc: Exception) -> Exception:
+        """What an error of a statement run on the driver's own cursor (past SQLAlchemy's error
+        hook, ``_on_error``) means: IndexUnreadable for corruption, IndexUnavailable for a
+        database server that cannot answer, else the error itself. The write paths that skip
+        SQLAlchemy's per-statement layers (``add_instance``, ``JobTable.insert``) raise these."""
+        if corruption.is_corruption(exc):
+            return self.found_corruption(exc)
+        if postgres.is_unavailable(exc):
+            return IndexUnavailable(postgres.describe(exc, self.statement_timeout))
+        return exc
 
     def _remember(self, series_uid: str, parents: tuple[int, int, int]) -> None:
         self._parents[series_uid] = parents

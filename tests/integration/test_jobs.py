@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,10 +142,15 @@ def test_queued_jobs_survive_a_kill_and_alert_then_stop_after_max_attempts(tmp_p
 
 
 CLAIMER = """
-import json, sys
+import json, pathlib, sys, time
 from macpacs.pacs_server.index import Index
 from macpacs.pacs_server.index.jobs_table import JobTable
 table = JobTable(Index(sys.argv[1]))
+# Start together: the first process ready took every job before the others had imported.
+folder = pathlib.Path(sys.argv[3])
+(folder / ("ready-" + sys.argv[2])).touch()
+while not (folder / "go").exists():
+    time.sleep(0.01)
 taken = []
 while True:
     rows = table.claim(["send"], sys.argv[2], 60.0, 7)
@@ -169,15 +175,21 @@ def test_each_job_is_taken_by_one_of_several_processes(
         pks = archive.jobs.submit_many([("send", f"job {n}", {}, key, None) for n, key in enumerate(batches)])
     finally:
         archive.close()
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(CLAIMER), settings.index_url, f"host:{n}:claimer"],
+            [sys.executable, "-c", textwrap.dedent(CLAIMER), settings.index_url, f"host:{n}:claimer", str(barrier)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
         )
         for n in range(4)
     ]
+    deadline = time.monotonic() + 120
+    while len(list(barrier.glob("ready-*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (barrier / "go").touch()
     taken = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
     every = [pk for one in taken for pk in one]
     assert sorted(every) == sorted(pks), "every job taken, none twice"
@@ -198,3 +210,27 @@ def test_job_runners_run_below_the_server_s_cpu_priority(study_server) -> None:
     )  # fmt: skip
     assert len(niced) >= 2, "one per jobs.workers (2), at nice +19"
     assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == base, "the server's own threads keep theirs"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_taken_dedupe_key_queues_nothing_and_names_the_job_queued_before(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """A hook that runs twice (after a crash) queues nothing twice, alone or in another's
+    transaction (an instance's, as ingest queues its jobs): the first job's id comes back."""
+    index = {"url": index_url_for(request, backend)}
+    settings = load(overrides={"storage": {"data_dir": str(tmp_path / "data")}, "index": index}, environ={})
+    archive = open_archive(settings)
+    try:
+        (first,) = archive.jobs.submit_many([("send", "first", {"n": 1}, "send:DEST:", "route:r:DEST:1.2.3")])
+        again, other = archive.jobs.submit_many(
+            [("send", "again", {"n": 2}, "send:DEST:", "route:r:DEST:1.2.3"), ("send", "other", {}, None, None)]
+        )
+        rows = archive.jobs.prepare([("send", "in a transaction", {}, None, "route:r:DEST:1.2.3")])
+        with archive.index.engine.begin() as conn:
+            (within,) = archive.jobs.insert(rows, conn)
+        assert again == within == first and other != first
+        assert sorted(job.description for job in archive.jobs.list()) == ["first", "other"]
+        assert archive.jobs.get(first).payload == {"n": 1}
+    finally:
+        archive.close()
