@@ -346,8 +346,9 @@ class ReactorClock:
         elif seconds != DEFAULT_POLL:
             time.sleep(seconds)
         elif isinstance(thread, pynetdicom.association.Association):
-            _association_wake(thread).wait(self._interval())
-            _association_wake(thread).clear()
+            wake = _association_wake(thread)
+            wake.wait(self._interval())
+            wake.clear()
         else:
             time.sleep(self._interval())
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import (
     Connection,
@@ -364,22 +364,19 @@ class Index:
                     if attempt:
                         raise
                 except self._driver_error as exc:  # the driver's cursor, past SQLAlchemy's error hook
-                    failure = self.driver_failure(exc)
-                    if failure is exc:
-                        raise
-                    raise failure from exc
+                    self.raise_driver_error(exc)
         raise AssertionError("unreachable")
 
-    def driver_failure(self, exc: Exception) -> Exception:
-        """What an error of a statement run on the driver's own cursor (past SQLAlchemy's error
-        hook, ``_on_error``) means: IndexUnreadable for corruption, IndexUnavailable for a
-        database server that cannot answer, else the error itself. The write paths that skip
-        SQLAlchemy's per-statement layers (``add_instance``, ``JobTable.insert``) raise these."""
+    def raise_driver_error(self, exc: Exception) -> NoReturn:
+        """Raise what an error of a statement run on the driver's own cursor (past SQLAlchemy's
+        error hook, ``_on_error``) means: IndexUnreadable for corruption, IndexUnavailable for a
+        database server that cannot answer, else the error itself. For the write paths that skip
+        SQLAlchemy's per-statement layers (``add_instance``, ``JobTable.insert``)."""
         if corruption.is_corruption(exc):
-            return self.found_corruption(exc)
+            raise self.found_corruption(exc) from exc
         if postgres.is_unavailable(exc):
-            return IndexUnavailable(postgres.describe(exc, self.statement_timeout))
-        return exc
+            raise IndexUnavailable(postgres.describe(exc, self.statement_timeout)) from exc
+        raise exc
 
     def _remember(self, series_uid: str, parents: tuple[int, int, int]) -> None:
         self._parents[series_uid] = parents

@@ -121,10 +121,7 @@ class JobTable:
                 else:
                     pks.append(found[0])
         except self.index._driver_error as exc:
-            failure = self.index.driver_failure(exc)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self.index.raise_driver_error(exc)
         finally:
             cursor.close()
         return pks
