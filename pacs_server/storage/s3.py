@@ -160,9 +160,16 @@ class S3Store(LocalStaging):
     # -- BlobStore -----------------------------------------------------------------------------
     def put(self, staged: str | Path, key: str) -> None:
         name = self._object(key)
-        # upload_file returns once the store answered the last request (the PUT, or the multipart
-        # upload's completion) with success; any other answer raises, after botocore's retries.
-        self._call(f"store {name}", self._transfer.upload_file, filename=str(staged), bucket=self.bucket, key=name)
+        # Either call returns once the store answered with success (the PUT, or the multipart
+        # upload's completion); any other answer raises, after botocore's retries (which rewind
+        # the file). One PUT streamed from the file for all but the largest: S3Transfer hands
+        # even a one-request upload to its threads, which cost 0.6-0.7 ms of CPU an instance
+        # (docs/benchmarks.md, "Two nodes on one PostgreSQL and one S3 store").
+        if os.stat(staged).st_size <= MULTIPART_BYTES:
+            with open(staged, "rb") as body:
+                self._call(f"store {name}", self._client.put_object, Bucket=self.bucket, Key=name, Body=body)
+        else:
+            self._call(f"store {name}", self._transfer.upload_file, filename=str(staged), bucket=self.bucket, key=name)
         # The object is stored: nothing here may fail the store any more (the cache is a bonus).
         try:
             if self._cache is not None:

@@ -4,9 +4,11 @@ read cache shared by processes, multipart uploads."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -160,6 +162,69 @@ def test_a_store_that_does_not_answer_is_a_clear_error(tmp_path: Path, gateway: 
         assert f"the object store at http://127.0.0.1:{port} did not answer" in text, text
         assert SECRET_KEY not in text
     assert time.monotonic() - started < 30
+
+
+class _CuttingProxy:
+    """A TCP relay to the gateway that closes its first ``cuts`` connections once ``after`` bytes of
+    the request have come in (a network that fails mid-upload), and relays the later ones."""
+
+    def __init__(self, target: int, cuts: int, after: int) -> None:
+        self.target, self.cuts, self.after = target, cuts, after
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            cut = self.connections <= self.cuts
+            threading.Thread(target=self._cut if cut else self._relay, args=(client,), daemon=True).start()
+
+    def _cut(self, client: socket.socket) -> None:
+        received = 0
+        while received < self.after:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            received += len(chunk)
+        client.close()
+
+    def _relay(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while chunk := source.recv(65536):
+                    sink.sendall(chunk)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_upload_cut_off_mid_way_is_sent_again_whole(tmp_path: Path, gateway: Gateway, s3_url: str) -> None:
+    """botocore's retry sends the PUT again from the staged file's start: the object is whole."""
+    proxy = _CuttingProxy(int(gateway.endpoint.rsplit(":", 1)[1]), cuts=1, after=100_000)
+    try:
+        settings = s3_settings(gateway, endpoint=f"http://127.0.0.1:{proxy.port}", attempts=3, cache_mb=0)
+        store = open_blob_store(s3_url, tmp_path / "data", settings)  # type: ignore[arg-type]
+        data = os.urandom(600_000)  # larger than a CT slice, sent in several segments before the cut
+        store.put(staged(store, data), key(9))
+        assert proxy.connections >= 2, "the first connection was cut, so the PUT went again"
+        assert store.size(key(9)) == len(data)
+        with store.open(key(9)) as fh:
+            assert fh.read() == data
+    finally:
+        proxy.close()
 
 
 def test_wrong_credentials_are_named_without_the_secret(tmp_path: Path, gateway: Gateway, s3_url: str) -> None:
