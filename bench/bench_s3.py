@@ -21,7 +21,6 @@ clients, so the S3 figures include the gateway's CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -31,13 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pydicom
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, Macpacs, ct_series, send_parallel, small_instances, split
+from bench.common import DATA, Macpacs, ct_series, send_parallel, small_instances, split, tree_cpu_seconds
 from tests.s3gateway import Gateway
 
 WORK = DATA / "work-s3"
@@ -65,18 +63,6 @@ def c_get(server: Macpacs, study: str) -> float:
     return time.perf_counter() - started
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the DICOM workers) so far."""
-    procs = [psutil.Process(pid)]
-    procs += procs[0].children(recursive=True)
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
-
-
 def forget_cache(server: Macpacs) -> None:
     for folder in (server.data_dir / "cache").glob("??"):
         shutil.rmtree(folder)
@@ -93,11 +79,12 @@ def one_run(run: int, store: str, gateway: Gateway, ct: list[str], small: list[s
     assert server.proc is not None and gateway.proc is not None
     try:
         for label, files in (("CT", ct), ("small", small)):
-            before = cpu_seconds(server.proc.pid), cpu_seconds(gateway.proc.pid)
+            before = tree_cpu_seconds(server.proc.pid), tree_cpu_seconds(gateway.proc.pid)
             out[f"C-STORE {label} inst/s"] = len(files) / send_parallel(server.port, server.aet, [files])
-            out[f"C-STORE {label} server CPU ms/inst"] = (cpu_seconds(server.proc.pid) - before[0]) * 1e3 / len(files)
+            spent = tree_cpu_seconds(server.proc.pid) - before[0]
+            out[f"C-STORE {label} server CPU ms/inst"] = spent * 1e3 / len(files)
             if store == "s3":
-                spent = cpu_seconds(gateway.proc.pid) - before[1]
+                spent = tree_cpu_seconds(gateway.proc.pid) - before[1]
                 out[f"C-STORE {label} gateway CPU ms/inst"] = spent * 1e3 / len(files)
         for state in ("warm", "cold") if store == "s3" else ("warm",):
             if state == "cold":

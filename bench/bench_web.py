@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psutil
 import pydicom
 import requests
 from requests.adapters import HTTPAdapter
@@ -41,7 +40,7 @@ from urllib3.util.retry import Retry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, Macpacs, Orthanc, ct_series, free_port, send_parallel, split, wait_port
+from bench.common import DATA, Macpacs, Orthanc, ct_series, free_port, send_parallel, split, tree_cpu_seconds, wait_port
 
 WORK = DATA / "work-web"
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"'
@@ -84,19 +83,6 @@ def frames_concurrent(base: str, study: str, series: str, sops: list[str], clien
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, chunks))
     return len(sops) / (time.perf_counter() - start)
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a server process and its children (web worker processes)."""
-    proc = psutil.Process(pid)
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            times = p.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def metadata_latency(base: str, study: str, series: str, count: int, repeats: int = 7) -> float:
@@ -233,13 +219,13 @@ def main() -> None:
                 r = results[name]
                 assert receiver.proc is not None
                 r["frames_seq"].append(frames_sequential(base, study, series, sops))
-                cpu = cpu_seconds(receiver.proc.pid)
+                cpu = tree_cpu_seconds(receiver.proc.pid)
                 r["frames_8"].append(frames_concurrent(base, study, series, sops))
-                r["frames_8_cpu_ms"].append((cpu_seconds(receiver.proc.pid) - cpu) * 1000 / len(sops))
+                r["frames_8_cpu_ms"].append((tree_cpu_seconds(receiver.proc.pid) - cpu) * 1000 / len(sops))
                 r["metadata_ms"].append(metadata_latency(base, study, series, len(sops)))
-                cpu = cpu_seconds(receiver.proc.pid)
+                cpu = tree_cpu_seconds(receiver.proc.pid)
                 mb_s, size = series_mb_s(base, study, series, args.repeats)
-                r["series_cpu_ms"].append((cpu_seconds(receiver.proc.pid) - cpu) * 1000 / args.repeats)
+                r["series_cpu_ms"].append((tree_cpu_seconds(receiver.proc.pid) - cpu) * 1000 / args.repeats)
                 r["series_mb_s"].append(mb_s)
             results["loopback"]["mb_s"].append(loopback_mb_s(size, args.repeats))
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr)

@@ -6,6 +6,7 @@ because the machine is small and noisy: ratios measured together are what we quo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -104,6 +105,12 @@ def storescu(port: int, aet: str, files: list[str], nodelay: bool = True) -> Non
 
 def send_parallel(port: int, aet: str, lists: list[list[str]], nodelay: bool = True) -> float:
     """Send each list on its own association at once; returns the wall time in seconds."""
+    return send_to([(port, aet, files) for files in lists], nodelay)
+
+
+def send_to(targets: list[tuple[int, str, list[str]]], nodelay: bool = True) -> float:
+    """Send each (port, called AE title, files) on its own association, all at once (to one
+    receiver or several); returns the wall time in seconds until the last one is done."""
     env = {**os.environ, "TCP_NODELAY": "1"} if nodelay else {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
     start = time.perf_counter()
     procs = [
@@ -113,7 +120,7 @@ def send_parallel(port: int, aet: str, lists: list[list[str]], nodelay: bool = T
             stderr=subprocess.PIPE,
             env=env,
         )
-        for files in lists
+        for port, aet, files in targets
     ]
     for proc in procs:
         _out, err = proc.communicate()
@@ -261,6 +268,19 @@ def server_processes(main_pid: int) -> list[Any]:
 
     main = psutil.Process(main_pid)
     return [main, *(c for c in main.children() if "multiprocessing.spawn" in " ".join(c.cmdline()))]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of a process and all its descendants (a server's worker
+    processes, PostgreSQL's backends); one that ends between two readings takes its share with it."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += sum(process.cpu_times()[:2])
+    return total
 
 
 def cpu_seconds(processes: list[Any]) -> list[float]:
