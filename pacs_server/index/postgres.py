@@ -58,6 +58,15 @@ def engine(url: str, *, pool_size: int, statement_timeout: float, connect_timeou
     return created
 
 
+def pipelines_supported() -> bool:
+    """Whether psycopg can send statements without waiting for each answer (pipeline mode: libpq
+    14 or later, which psycopg's binary wheels bundle). Without it the index waits statement by
+    statement, as it does on SQLite."""
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
+
+
 def retryable(created: Engine) -> tuple[type[Exception], ...]:
     """The driver's errors after which the same transaction, run again, may well succeed (a
     deadlock, a serialization failure: SQLSTATE class 40); none for SQLite."""
