@@ -163,7 +163,7 @@ class S3Store(LocalStaging):
         # Either call returns once the store answered with success (the PUT, or the multipart
         # upload's completion); any other answer raises, after botocore's retries (which rewind
         # the file). One PUT streamed from the file for all but the largest: S3Transfer hands
-        # even a one-request upload to its threads, which cost 0.6-0.7 ms of CPU an instance
+        # even a one-request upload to its threads, which cost 0.4-0.7 ms of CPU an instance
         # (docs/benchmarks.md, "Two nodes on one PostgreSQL and one S3 store").
         if os.stat(staged).st_size <= MULTIPART_BYTES:
             with open(staged, "rb") as body:
