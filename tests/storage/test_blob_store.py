@@ -204,8 +204,12 @@ class _CuttingProxy:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
 
-        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+        back.start()
         pump(client, upstream)
+        back.join(10)
+        upstream.close()
+        client.close()
 
     def close(self) -> None:
         self.listener.close()
